@@ -1,0 +1,345 @@
+"""The `dabctl` command line. Exit codes everywhere: 0 success, 1 any error (usage errors included),
+2 only from `plan --detailed-exitcode` when changes are pending."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import ConfigError, load_config
+from agent.docker_engine import DockerEngine, EngineError
+from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
+from agent.records import Records
+from agent.render import plan_output, render_plan, result_line, short_revision
+from agent.statelog.sqlite import SqliteStateLog, StateLogError
+from bundles import DesiredState, InvalidBundles, load_directory, load_paths
+from reconcilers.outcome import Outcome
+from schemas.bundle import Bundle
+from schemas.config import AgentConfig
+from schemas.output import ReplicaRow
+
+F = TypeVar("F", bound=Callable[..., Any])
+STATE_FILE = "state.db"
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit 1."""
+
+
+def _out() -> Console:
+    # Off a terminal (pipes, CI logs) nothing is truncated to a guessed width.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 400)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def config_options(f: F) -> F:
+    """--config and the settings every engine command shares."""
+    f = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Agent config YAML (also DABCTL_CONFIG); flags > DABCTL_* env > file > defaults.",
+    )(f)
+    f = click.option("--state-dir", default=None, help="Embedded state directory [default: /var/lib/dabctl].")(f)
+    f = click.option("--node-name", default=None, help="This node's name [default: the host name].")(f)
+    f = click.option("--docker-host", default=None, help="Docker endpoint [default: DOCKER_HOST or local socket].")(f)
+    return f
+
+
+def source_option(f: F) -> F:
+    return click.option("--source", default=None, help="Directory of bundle files, one stack per file.")(f)
+
+
+def _config(config_path: Path | None, **flags: Any) -> AgentConfig:
+    try:
+        return load_config(config_path, flags)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+@contextmanager
+def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
+    docker = DockerEngine(cfg.docker_host)
+    docker.ping()
+    log = SqliteStateLog(cfg.state_path / STATE_FILE)
+    try:
+        yield Engine(docker, Records(log), cfg.node_name or socket.gethostname(), cfg.parallelism, read_only)
+    finally:
+        log.close()
+        docker.close()
+
+
+def _desired(cfg: AgentConfig) -> DesiredState:
+    if not cfg.source:
+        raise UserError("no source: pass --source DIR (or set source in the config file)")
+    return load_directory(Path(cfg.source))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dabctl")
+def cli() -> None:
+    """dabctl: converge Docker hosts to Distributed Application Bundles kept in git.
+
+    Each bundle file (.dab, .json, .yaml) is one stack named after the file. `plan` shows what would
+    change, `reconcile --once` applies it, `ps` lists what runs.
+    """
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Agent config YAML.")
+def validate(paths: tuple[Path, ...], config_path: Path | None) -> None:
+    """Check bundle files or directories; print every problem, one line each.
+
+    Exit 0 when all are valid, 1 otherwise. Nothing is contacted or changed.
+    """
+    _config(config_path)
+    try:
+        state = load_paths(list(paths))
+    except InvalidBundles as exc:
+        for e in exc.errors:
+            click.echo(str(e), err=True)
+        raise UserError(f"{len(exc.errors)} problem(s) found") from None
+    for name, stack in sorted(state.stacks.items()):
+        services = len(stack.bundle.services)
+        click.echo(f"ok  {stack.file}: stack {name}, {services} service(s)")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["bundle", "config"]), default="bundle")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Agent config YAML.")
+def schema(kind: str, config_path: Path | None) -> None:
+    """Print the JSON Schema of a bundle file (default) or of the agent config."""
+    model = Bundle if kind == "bundle" else AgentConfig
+    click.echo(json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True))
+
+
+@cli.command()
+@click.argument("compose_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bundle here (default: standard output).",
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Agent config YAML.")
+def bundle(compose_file: Path, out: Path | None, config_path: Path | None) -> None:
+    """Convert a Compose file to a bundle; report every Compose key it could not carry."""
+    from bundles.compose import convert_compose
+
+    _config(config_path)
+    try:
+        text = compose_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{compose_file}: cannot read: {exc}") from None
+    try:
+        conv = convert_compose(text, str(compose_file))
+    except InvalidBundles as exc:
+        for e in exc.errors:
+            click.echo(str(e), err=True)
+        raise UserError(f"{compose_file}: cannot convert") from None
+    for line in conv.dropped:
+        click.echo(f"warning: {line}", err=True)
+    doc = json.dumps(conv.bundle.model_dump(mode="json", exclude_defaults=True), indent=2) + "\n"
+    if out is None:
+        click.echo(doc, nl=False)
+    else:
+        out.write_text(doc, encoding="utf-8")
+        click.echo(f"wrote {out} ({len(conv.bundle.services)} services)", err=True)
+
+
+@cli.command()
+@source_option
+@config_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
+@click.option("--allow-empty", is_flag=True, default=None, help="Plan the removal of every stack for an empty source.")
+def plan(
+    source: str | None,
+    config_path: Path | None,
+    state_dir: str | None,
+    node_name: str | None,
+    docker_host: str | None,
+    fmt: str,
+    detailed_exitcode: bool,
+    allow_empty: bool | None,
+) -> int:
+    """Show what `reconcile --once` would change, grouped by stack and service.
+
+    `+` create, `~` replace or start (with the fields that changed), `-` remove, `!` cannot converge.
+    """
+    cfg = _config(
+        config_path,
+        source=source,
+        state_dir=state_dir,
+        node_name=node_name,
+        docker_host=docker_host,
+        allow_empty=allow_empty,
+    )
+    desired = _desired(cfg)
+    with _engine(cfg, read_only=True) as engine:
+        p = engine.plan(desired, cfg.allow_empty)
+    if fmt == "json":
+        click.echo(plan_output(p).model_dump_json(indent=2))
+    else:
+        render_plan(p, _out())
+    if p.errors:
+        return 1
+    return 2 if detailed_exitcode and p.changes else 0
+
+
+@cli.command()
+@click.option("--once", is_flag=True, required=True, help="Run one pass and exit (the agent runs continuously).")
+@source_option
+@config_options
+@click.option("--dry-run", is_flag=True, help="Plan only: print the plan, change nothing.")
+@click.option("--allow-empty", is_flag=True, default=None, help="Let an empty source remove every deployed stack.")
+@click.option("--parallelism", type=int, default=None, help="Engine calls in flight at once [default: 8].")
+def reconcile(
+    once: bool,
+    source: str | None,
+    config_path: Path | None,
+    state_dir: str | None,
+    node_name: str | None,
+    docker_host: str | None,
+    dry_run: bool,
+    allow_empty: bool | None,
+    parallelism: int | None,
+) -> int:
+    """Converge this node to the source once; exit 1 if anything failed."""
+    cfg = _config(
+        config_path,
+        source=source,
+        state_dir=state_dir,
+        node_name=node_name,
+        docker_host=docker_host,
+        allow_empty=allow_empty,
+        parallelism=parallelism,
+    )
+    desired = _desired(cfg)
+    out = _out()
+    with _engine(cfg, read_only=dry_run) as engine:
+        p = engine.plan(desired, cfg.allow_empty)
+        if dry_run:
+            render_plan(p, out)
+            return 1 if p.errors else 0
+        report = _apply_with_progress(engine, p, out)
+    for line in report.errors:
+        click.echo(f"error: {line}", err=True)
+    done = {o: report.count(o) for o in Outcome}
+    out.print(
+        f"reconciled {len(desired.stacks)} stack(s): {done[Outcome.CREATED]} created, {done[Outcome.UPDATED]} updated, "
+        f"{done[Outcome.REMOVED]} removed, {done[Outcome.FAILED]} failed"
+        + ("" if report.results else " (nothing to do)")
+    )
+    return 1 if report.failed else 0
+
+
+def _apply_with_progress(engine: Engine, p: PassPlan, out: Console) -> Any:
+    total = p.changes
+    if out.is_terminal and total:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("converging"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=out,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("apply", total=total)
+
+            def tick(result: AnyResult) -> None:
+                progress.advance(task)
+                if result.outcome is Outcome.FAILED:
+                    progress.console.print(result_line(result))
+
+            return engine.apply(p, tick)
+    return engine.apply(p, lambda r: out.print(result_line(r)))
+
+
+@cli.command()
+@click.argument("stack", required=False)
+@config_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def ps(
+    stack: str | None,
+    config_path: Path | None,
+    state_dir: str | None,
+    node_name: str | None,
+    docker_host: str | None,
+    fmt: str,
+) -> None:
+    """List managed containers per slot (all stacks, or STACK) with state and spec revision."""
+    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host)
+    with _engine(cfg, read_only=True) as engine:
+        replicas = engine.services.observe()
+    from reconcilers.services import slot_order
+
+    rows = [
+        ReplicaRow(
+            stack=r.stack,
+            service=r.service,
+            slot=r.slot,
+            container=r.name,
+            id=r.id[:12],
+            state=r.state,
+            health=r.health,
+            exit_code=r.exit_code,
+            spec=r.spec_hash,
+            revision=r.revision,
+        )
+        for r in sorted(replicas, key=lambda r: (r.stack, r.service, slot_order(r.slot), r.name))
+        if stack is None or r.stack == stack
+    ]
+    if stack is not None and not rows:
+        raise UserError(f"no containers of stack {stack!r} on this node; `dabctl ps` lists every stack")
+    if fmt == "json":
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("STACK", "SERVICE", "SLOT", "CONTAINER", "STATE", "SPEC", "REVISION"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        state = (
+            r.state + (f" ({r.exit_code})" if r.exit_code is not None else "") + (f" {r.health}" if r.health else "")
+        )
+        table.add_row(r.stack, r.service, r.slot, r.container, state, r.spec, short_revision(r.revision))
+    _out().print(table)
+
+
+def main() -> None:
+    """Entry point: run the CLI and map every outcome to DESIGN §8's exit codes."""
+    try:
+        rc = cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except InvalidBundles as exc:
+        for e in exc.errors:
+            click.echo(str(e), err=True)
+        click.echo("error: invalid bundles; nothing was changed", err=True)
+        sys.exit(1)
+    except (UserError, EngineError, StateLogError, EmptySourceRefused) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

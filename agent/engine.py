@@ -1,0 +1,247 @@
+"""One reconcile pass: observe (one list call per kind) -> plan (pure) -> apply (ordered phases, bounded
+parallel) -> record. `dabctl plan` stops after planning; `reconcile --once` and the agent apply.
+
+Phase order: replica removals, network removals, network creations, then replica creates/replaces/starts —
+so a network is removed only after its containers and created before the containers that join it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from agent.docker_engine import DockerEngine
+from agent.records import Records
+from agent.scheduler import Assignments, assign
+from bundles.desired import DesiredState, desired_networks, service_targets
+from reconcilers import networks, services
+from reconcilers.networks import NetworkAction, NetworksReconciler
+from reconcilers.outcome import Outcome, Result
+from reconcilers.services import ServiceAction, ServiceDesired, ServicesReconciler
+from schemas.state import PassOutcome, ServiceRecord, StackRecord
+
+Action = ServiceAction | NetworkAction
+AnyResult = Result[ServiceAction] | Result[NetworkAction]
+
+
+class EmptySourceRefused(Exception):
+    """The source has no stacks while stacks are deployed: pruning everything needs --allow-empty."""
+
+
+@dataclass
+class StackPlan:
+    """What one pass would do to one stack; `error` when the stack cannot converge and is left alone."""
+
+    name: str
+    revision: str | None
+    error: str | None = None
+    network_actions: list[NetworkAction] = field(default_factory=list)
+    service_actions: list[ServiceAction] = field(default_factory=list)
+
+    @property
+    def actions(self) -> list[Action]:
+        return [*self.network_actions, *self.service_actions]
+
+
+@dataclass
+class PassPlan:
+    """The plan of one pass, with what it needs to record afterwards."""
+
+    desired: DesiredState
+    stacks: dict[str, StackPlan]
+    assignments: Assignments
+    assignments_changed: dict[tuple[str, str], dict[str, list[str]]]
+    assignments_removed: set[tuple[str, str]]
+    records: dict[str, StackRecord]
+
+    @property
+    def changes(self) -> int:
+        return sum(len(s.actions) for s in self.stacks.values())
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{s.name}: {s.error}" for s in self.stacks.values() if s.error]
+
+
+@dataclass
+class PassReport:
+    """What a pass did."""
+
+    reconcile_id: str
+    results: list[AnyResult]
+    errors: list[str]
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors) or self.count(Outcome.FAILED) > 0
+
+
+def _stack_of(action: Action) -> str:
+    if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
+        return action.stack
+    return action.key[0]
+
+
+class Engine:
+    """Wires the reconcilers to a Docker engine and the state log, and orders their passes."""
+
+    def __init__(
+        self, docker: DockerEngine, records: Records, node: str, parallelism: int = 8, read_only: bool = False
+    ) -> None:
+        self.docker = docker
+        self.records = records
+        self.node = node
+        self.parallelism = parallelism
+        owner = records.owner(create=not read_only)
+        self.owner = owner
+        self.services = ServicesReconciler(docker, owner, node)
+        self.networks = NetworksReconciler(docker, owner)
+
+    def plan(self, desired: DesiredState, allow_empty: bool = False) -> PassPlan:
+        """Observe the engine and plan every stack; pure apart from the two list calls and state reads."""
+        records = self.records.stacks()
+        current_assignments = self.records.assignments()
+        replicas = self.services.observe()
+        observed_networks = self.networks.observe()
+
+        deployed = set(records) | {r.stack for r in replicas}
+        if not desired.stacks and deployed and not allow_empty:
+            raise EmptySourceRefused(
+                f"the source has no stacks but {len(deployed)} stack(s) are deployed ({', '.join(sorted(deployed))}); "
+                "refusing to remove them all — pass --allow-empty if that is what you want"
+            )
+
+        assignments = assign(desired, [self.node])
+        changed = {k: v for k, v in assignments.items() if current_assignments.get(k) != v}
+        removed = set(current_assignments) - set(assignments)
+
+        net_targets = [t for stack in desired.stacks.values() for t in desired_networks(stack)]
+        blocked = networks.conflicts(net_targets, observed_networks, self.owner)
+        stacks = {
+            name: StackPlan(name, desired.stacks[name].revision if name in desired.stacks else None, blocked.get(name))
+            for name in sorted(set(desired.stacks) | deployed)
+        }
+
+        # A blocked stack is left exactly as it is: neither its objects nor its targets enter planning.
+        live_networks = [n for n in observed_networks if not (n.owned_by(self.owner) and n.stack in blocked)]
+        net_actions = networks.plan([t for t in net_targets if t.stack not in blocked], live_networks, self.owner)
+        network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
+
+        wanted: list[ServiceDesired] = []
+        for name, stack in desired.stacks.items():
+            if name in blocked:
+                continue
+            record = records.get(name)
+            for target in service_targets(stack):
+                previous = record.services.get(target.name) if record else None
+                slots = assignments.get((name, target.name), {}).get(self.node, [])
+                wanted.append(
+                    ServiceDesired(
+                        target=target,
+                        slots=tuple(slots),
+                        revision=stack.revision,
+                        previous_spec=previous.spec if previous else None,
+                        previous_hash=previous.spec_hash if previous else None,
+                    )
+                )
+        live_replicas = [r for r in replicas if r.stack not in blocked]
+        svc_actions = services.plan(wanted, live_replicas, network_ids)
+
+        for a in net_actions:
+            stacks[_stack_of(a)].network_actions.append(a)
+        for s in svc_actions:
+            stacks[_stack_of(s)].service_actions.append(s)
+        return PassPlan(desired, stacks, assignments, changed, removed, records)
+
+    def apply(self, plan: PassPlan, on_result: Callable[[AnyResult], None] | None = None) -> PassReport:
+        """Apply a plan in phases, then record each stack whose state changed. Never raises for engine errors."""
+        reconcile_id = uuid.uuid4().hex[:12]
+        self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
+        all_actions = [a for s in plan.stacks.values() for a in s.actions]
+        phases: list[list[Action]] = [
+            [a for a in all_actions if isinstance(a, services.RemoveReplica)],
+            [a for a in all_actions if isinstance(a, networks.RemoveNetwork)],
+            [a for a in all_actions if isinstance(a, networks.CreateNetwork)],
+            [
+                a
+                for a in all_actions
+                if isinstance(a, (services.CreateReplica, services.ReplaceReplica, services.StartReplica))
+            ],
+        ]
+        results: list[AnyResult] = []
+        with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
+            for phase in phases:
+                for result in pool.map(self._apply_one, phase):
+                    results.append(result)
+                    if on_result:
+                        on_result(result)
+        self._record(plan, results, reconcile_id)
+        return PassReport(reconcile_id, results, plan.errors)
+
+    def _apply_one(self, action: Action) -> AnyResult:
+        if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
+            return self.networks.apply(action)
+        return self.services.apply(action)
+
+    def _record(self, plan: PassPlan, results: Sequence[AnyResult], reconcile_id: str) -> None:
+        """Write a stack's record only when something happened to it or its revision moved."""
+        by_stack: dict[str, list[AnyResult]] = {}
+        for r in results:
+            by_stack.setdefault(_stack_of(r.action), []).append(r)
+        now = datetime.now(UTC)
+        for name, sp in plan.stacks.items():
+            stack = plan.desired.stacks.get(name)
+            done = by_stack.get(name, [])
+            failures = [f"{r.action}: {r.error}" for r in done if r.outcome is Outcome.FAILED]
+            if stack is None:
+                if not failures and name in plan.records:
+                    self.records.delete_stack(name)
+                continue
+            if sp.error:
+                continue
+            old = plan.records.get(name)
+            if not done and old is not None and old.revision == stack.revision and old.bundle_hash == stack.bundle_hash:
+                continue
+            targets = service_targets(stack)
+            created = {_service_of(r.action) for r in done if r.outcome in (Outcome.CREATED, Outcome.UPDATED)}
+            svc_records = {}
+            for t in targets:
+                prev = old.services.get(t.name) if old else None
+                image_id = prev.image_id if prev and prev.image == t.service.image else ""
+                if t.name in created or not image_id:
+                    image_id = self.docker.image_id(t.service.image)
+                svc_records[t.name] = ServiceRecord(
+                    spec_hash=t.spec_hash, spec=dict(t.spec), image=t.service.image, image_id=image_id
+                )
+            outcome = PassOutcome(
+                reconcile_id=reconcile_id,
+                at=now,
+                created=sum(1 for r in done if r.outcome is Outcome.CREATED),
+                updated=sum(1 for r in done if r.outcome is Outcome.UPDATED),
+                removed=sum(1 for r in done if r.outcome is Outcome.REMOVED),
+                failed=len(failures),
+                errors=failures,
+            )
+            self.records.put_stack(
+                StackRecord(
+                    stack=name,
+                    revision=stack.revision,
+                    file=stack.file,
+                    bundle_hash=stack.bundle_hash,
+                    content=stack.content,
+                    services=svc_records,
+                    applied_at=now,
+                    outcome=outcome,
+                )
+            )
+
+
+def _service_of(action: object) -> str | None:
+    key = getattr(action, "key", None)
+    return key[1] if key else None

@@ -1,0 +1,37 @@
+"""Errors a bundle can cause: each one line naming the file, the field and the fix.
+
+BundleError            one problem in one place (file, field path, message, fix)
+InvalidBundles         raised by loaders: every BundleError found, reported at once
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BundleError:
+    """One problem: where it is (file, optional line/column, field path) and how to fix it."""
+
+    file: str
+    message: str
+    field: str = ""
+    fix: str = ""
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}" + (f":{self.column}" if self.column is not None else "")
+        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+class InvalidBundles(Exception):
+    """One or more bundle files are invalid; nothing may be applied."""
+
+    def __init__(self, errors: Sequence[BundleError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))

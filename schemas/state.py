@@ -1,0 +1,52 @@
+"""Records the agent keeps in the state log (internal JSON, snake_case)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PassOutcome(Record):
+    """What the last pass that changed something did to a stack."""
+
+    reconcile_id: str
+    at: datetime
+    created: int = 0
+    updated: int = 0
+    removed: int = 0
+    failed: int = 0
+    errors: list[str] = []
+
+
+class ServiceRecord(Record):
+    """The spec a service was last applied with and the image ID its reference resolved to."""
+
+    spec_hash: str
+    spec: dict[str, Any]
+    image: str
+    image_id: str = ""
+
+
+class StackRecord(Record):
+    """A stack as this state last applied it: revision, bundle hash and content (for rollback), outcome."""
+
+    stack: str
+    revision: str
+    file: str
+    bundle_hash: str
+    content: str
+    services: dict[str, ServiceRecord] = {}
+    applied_at: datetime
+    outcome: PassOutcome
+
+
+class Assignment(Record):
+    """Replica slots of one service by node, written by the scheduler (the only reader of Replicas)."""
+
+    nodes: dict[str, list[str]]
