@@ -467,9 +467,10 @@ class _Converter:
 
     def service(self, svc: _Service) -> dict[str, Any]:
         self.origins[svc.loc] = (svc.path, False)
-        if svc.raw.get("image") is None:
-            message = "has build but no image" if "build" in svc.raw else "has no image"
-            self.error(svc.path, message, f"add image: ({_BUILD})")
+        if svc.raw.get("image") is None and "build" in svc.raw:
+            self.error(svc.path, "has build but no image", f"add image: ({_BUILD})")
+        elif svc.raw.get("image") is None:
+            self.error(svc.path, "has no image", "add image: the image to run, e.g. image: nginx:1.27")
         for key, value in svc.raw.items():
             p = _key(svc.path, key)
             if key.startswith("x-"):

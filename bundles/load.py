@@ -52,7 +52,23 @@ def parse_bundle(text: str, file: str, suffix: str) -> Bundle:
     try:
         return Bundle.model_validate(data)
     except ValidationError as exc:
-        raise InvalidBundles([_translate(file, err) for err in exc.errors()]) from None
+        raise InvalidBundles([_translate(file, err) for err in _without_echoes(exc.errors())]) from None
+
+
+def _without_echoes(errors: list[Any]) -> list[Any]:
+    """Drop "missing X" where an unknown field beside it is a misspelling of X: one mistake, one line."""
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
+    return [
+        err
+        for err in errors
+        if not (
+            err["type"] == "missing"
+            and difflib.get_close_matches(str(err["loc"][-1]), unknown.get(tuple(err["loc"][:-1]), []), n=1, cutoff=0.6)
+        )
+    ]
 
 
 def load_bundle_file(path: Path, display: str | None = None) -> StackBundle:
