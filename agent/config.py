@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,40 +14,52 @@ from pydantic import ValidationError
 from schemas.config import AgentConfig
 
 ENV_PREFIX = "DABCTL_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the file or variable, the field and the fix."""
 
 
-def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _env_value(name: str, key: str, raw: str) -> Any:
+    """Convert an environment string to the field's type; text fields stay text (`DABCTL_NODE_NAME=0042`)."""
+    kinds = set(typing.get_args(AgentConfig.model_fields[name].annotation)) or {
+        AgentConfig.model_fields[name].annotation
+    }
+    if bool in kinds:
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"environment variable {key}: {raw!r} is not true or false")
+    if int in kinds:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {key}: {raw!r} is not a whole number") from None
+    return raw
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    out: dict[str, tuple[str, Any]] = {}
     fields = AgentConfig.model_fields
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "DABCTL_CONFIG":
             continue
-        path = key.removeprefix(ENV_PREFIX).lower().split("__")
-        if path[0] not in fields:
-            raise ConfigError(
-                f"environment variable {key}: no such setting; valid: "
-                + ", ".join(ENV_PREFIX + f.upper() for f in fields)
-            )
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+        name = key.removeprefix(ENV_PREFIX).lower()
+        if name not in fields:
+            valid = ", ".join(ENV_PREFIX + f.upper() for f in fields)
+            raise ConfigError(f"environment variable {key}: no such setting; valid: {valid}")
+        out[name] = (f"environment variable {key}", _env_value(name, key, raw))
     return out
 
 
 def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """The effective configuration; raise ConfigError with one clear line when it is invalid."""
+    """The effective configuration; raise ConfigError with one line naming where a bad value came from."""
     environ = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
-    where = "configuration"
+    layers: dict[str, tuple[str, Any]] = {}
     if path is None and environ.get("DABCTL_CONFIG"):
         path = Path(environ["DABCTL_CONFIG"])
     if path is not None:
-        where = str(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -55,14 +68,15 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
             raise ConfigError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-        data.update(loaded or {})
-    data.update(_from_env(environ))
-    data.update({k: v for k, v in flags.items() if v is not None})
+        layers.update({str(k): (str(path), v) for k, v in (loaded or {}).items()})
+    layers.update(_from_env(environ))
+    layers.update({k: (f"--{k.replace('_', '-')}", v) for k, v in flags.items() if v is not None})
     try:
-        return AgentConfig.model_validate(data)
+        return AgentConfig.model_validate({k: v for k, (_, v) in layers.items()})
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        where = layers.get(str(err["loc"][0]), ("configuration", None))[0] if err["loc"] else "configuration"
         msg = str(err["msg"]).removeprefix("Value error, ")
         fix = "remove it" if err["type"] == "extra_forbidden" else "see `dabctl schema config`"
         raise ConfigError(f"{where}: {field}: {msg}; {fix}") from None

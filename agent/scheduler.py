@@ -22,7 +22,7 @@ def assign(desired: DesiredState, nodes: Sequence[str]) -> Assignments:
             if service.deploy.mode == "global":
                 for node in nodes:
                     per_node[node].append(node)
-            else:
+            elif nodes:
                 for i in range(service.deploy.replica_count):
                     per_node[nodes[i % len(nodes)]].append(str(i + 1))
             out[(stack_name, service_name)] = per_node

@@ -73,6 +73,17 @@ _PASSTHROUGH = {
 }
 _UPDATE_KEYS = ("parallelism", "delay", "failure_action", "monitor", "max_failure_ratio", "order")
 _RESTART = {"no": "none", "always": "any", "unless-stopped": "any", "on-failure": "on-failure"}
+# Compose key -> (the deploy setting that overrides it, where it lands in the bundle)
+_SWARM_EQUIVALENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "restart": (("deploy", "restart_policy"), ("Deploy", "RestartPolicy", "Condition")),
+    "scale": (("deploy", "replicas"), ("Deploy", "Replicas")),
+    "cpus": (("deploy", "resources", "limits", "cpus"), ("Deploy", "Resources", "Limits", "Cpus")),
+    "mem_limit": (("deploy", "resources", "limits", "memory"), ("Deploy", "Resources", "Limits", "Memory")),
+    "mem_reservation": (
+        ("deploy", "resources", "reservations", "memory"),
+        ("Deploy", "Resources", "Reservations", "Memory"),
+    ),
+}
 _PULL = {"always": "always", "never": "never", "missing": "if-not-present", "if_not_present": "if-not-present"}
 _VOLUME_OPTION_REASONS = {
     "nocopy": "Docker copies the image's files into a new volume",
@@ -114,7 +125,9 @@ _ComposeLoader.add_implicit_resolver(
 )
 _ComposeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -153,7 +166,9 @@ def _read_compose_yaml(text: str, file: str) -> Any:
         raise InvalidBundles([BundleError(file, f"invalid YAML: {exc}", fix="write it out plainly")]) from None
     except RecursionError:
         raise InvalidBundles([BundleError(file, "YAML nested too deeply", fix="flatten the document")]) from None
-    if len(docs) != 1:
+    if not docs:
+        raise InvalidBundles([BundleError(file, "the file is empty", fix="add services:")])
+    if len(docs) > 1:
         raise InvalidBundles([BundleError(file, f"{len(docs)} YAML documents", fix="convert one document at a time")])
     return docs[0]
 
@@ -243,8 +258,10 @@ class _Converter:
         self.errors.append(BundleError(self.file, message, field=path, fix=fix))
 
     def drop(self, path: str, why: str, what: str = "") -> None:
+        """Report `what` at path (the whole key when empty) as not carried."""
         self.dropped.append(f"{path}: {what + ' ' if what else ''}not carried ({why})")
-        self.skipped.append(path)
+        if not what:
+            self.skipped.append(path)
 
     def note(self, path: str, text: str) -> None:
         self.dropped.append(f"{path}: {text}")
@@ -388,7 +405,7 @@ class _Converter:
                     self.drop(kp, why, "driver overlay")
                 elif key in ("driver", "internal"):
                     net[to_pascal(key)] = v
-                elif key == "labels":
+                elif key == "labels" and v:
                     net["Labels"] = self.labels(v, kp)
                 elif key == "external":
                     if external:
@@ -412,13 +429,13 @@ class _Converter:
         if ext is None or ext is False:
             return name, False
         if ext is True:
-            real = spec.get("name", name)
+            real, where = spec.get("name", name), _key(path, "name")
         elif isinstance(ext, dict):
-            real = ext.get("name", spec.get("name", name))
+            real, where = ext.get("name", spec.get("name", name)), _key(path, "external.name")
         else:
             self.error(_key(path, "external"), f"expected true or false, got {_describe(ext)}", "write true or false")
             return name, False
-        return (real, True) if self.text(real, _key(path, "name")) is not None else (name, True)
+        return (real, True) if self.text(real, where) is not None else (name, True)
 
     def top_volumes(self, value: Any, path: str) -> None:
         vols = self.mapping(value, path)
@@ -504,7 +521,7 @@ class _Converter:
                 self.pull_policy(svc, value, p)
             elif key == "deploy":
                 self.deploy(svc, value, p)
-            elif key in ("restart", "scale", "cpus", "mem_limit", "mem_reservation"):
+            elif key in _SWARM_EQUIVALENTS:
                 self.swarm_equivalent(svc, key, value, p)
             else:
                 self.drop(p, _SERVICE_DROP_REASONS.get(key, _NO_EQUIVALENT))
@@ -630,7 +647,7 @@ class _Converter:
             self.error(
                 path,
                 f"published ports {published} do not pair with container ports {target}",
-                "give one published port per container port, e.g. \"8080-8081:80-81\"",
+                'give one published port per container port, e.g. "8080-8081:80-81"',
             )
             return []
         out: list[dict[str, Any]] = []
@@ -685,7 +702,10 @@ class _Converter:
         """Mount fields for a source: an absolute host path binds, a name is a volume, a relative path is lost."""
         if source.startswith("/"):
             return {"Type": "bind", "Source": source}
-        if source.startswith((".", "~")) or "/" in source or "$" in source:
+        if "$" in source:
+            self.drop(path, f"host path {source} needs interpolation, which dabctl does not perform; {_RESOLVE_FIRST}")
+            return None
+        if source.startswith((".", "~")) or "/" in source:
             self.drop(
                 path,
                 f"host path {source} is relative to where Compose runs, which dabctl cannot resolve on each node; "
@@ -794,7 +814,7 @@ class _Converter:
         self.put(svc, ("Healthcheck",), out, path, mirrors=True)
 
     def pull_policy(self, svc: _Service, value: Any, path: str) -> None:
-        if value in _PULL:
+        if isinstance(value, str) and value in _PULL:
             self.put(svc, ("PullPolicy",), _PULL[value], path)
         elif value == "build":
             self.drop(path, f"{_BUILD}; dabctl pulls it when missing")
@@ -860,17 +880,7 @@ class _Converter:
 
     def swarm_equivalent(self, svc: _Service, key: str, value: Any, path: str) -> None:
         """Compose's single-host spellings of deploy settings; deploy wins when both are set, as in Swarm."""
-        target: dict[str, tuple[tuple[str, ...], Loc]] = {
-            "restart": (("deploy", "restart_policy"), ("Deploy", "RestartPolicy", "Condition")),
-            "scale": (("deploy", "replicas"), ("Deploy", "Replicas")),
-            "cpus": (("deploy", "resources", "limits", "cpus"), ("Deploy", "Resources", "Limits", "Cpus")),
-            "mem_limit": (("deploy", "resources", "limits", "memory"), ("Deploy", "Resources", "Limits", "Memory")),
-            "mem_reservation": (
-                ("deploy", "resources", "reservations", "memory"),
-                ("Deploy", "Resources", "Reservations", "Memory"),
-            ),
-        }
-        compose_keys, loc = target[key]
+        compose_keys, loc = _SWARM_EQUIVALENTS[key]
         if svc.sets(*compose_keys):
             self.drop(path, f"{'.'.join(compose_keys)} is set and takes precedence")
         elif key == "restart":

@@ -219,12 +219,13 @@ def plan(
                 continue
             keep, extras = reps[0], reps[1:]
             removes.extend(RemoveReplica(x, "duplicate in slot") for x in extras)
-            if keep.spec_hash != t.spec_hash:
-                old = d.previous_spec if keep.spec_hash == d.previous_hash else None
-                others.append(ReplaceReplica(keep, t, d.revision, changed_fields(old, t.spec)))
-            elif keep.state == "dead" or _stale_networks(keep, t, network_ids):
+            if keep.state == "dead" or _stale_networks(keep, t, network_ids):
+                # Removed in the first phase: a network this pass removes must lose its containers first.
                 removes.append(RemoveReplica(keep, "network gone or changed" if keep.state != "dead" else "dead"))
                 others.append(CreateReplica(t, slot, d.revision, "recreated"))
+            elif keep.spec_hash != t.spec_hash:
+                old = d.previous_spec if keep.spec_hash == d.previous_hash else None
+                others.append(ReplaceReplica(keep, t, d.revision, changed_fields(old, t.spec)))
             elif (why := restart_reason(keep, condition)) is not None:
                 others.append(StartReplica(keep, why))
 

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _UNITS_US = {"ns": 0.001, "us": 1.0, "µs": 1.0, "μs": 1.0, "ms": 1000.0, "s": 1e6, "m": 60e6, "h": 3600e6}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_MAX_US = 10 * 365 * 24 * 3_600_000_000  # ten years: far beyond any timeout, far below overflow
 PATTERN = r"^(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$"
 
 
@@ -31,6 +32,8 @@ def parse_duration(text: str) -> timedelta:
             )
         micros += float(m.group(1)) * _UNITS_US[m.group(2)]
         pos = m.end()
+    if micros > _MAX_US:
+        raise ValueError(f"duration {text!r} is too long: at most {_MAX_US // 3_600_000_000} hours")
     return timedelta(microseconds=round(micros))
 
 

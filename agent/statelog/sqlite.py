@@ -86,10 +86,10 @@ class SqliteStateLog:
                 ops = then_ops if ok else else_ops
                 rev = int(cur.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
                 if ops:
-                    rev += 1
-                    for op in ops:
-                        self._apply(cur, op, rev)
-                    cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+                    changed = [self._apply(cur, op, rev + 1) for op in ops]
+                    if any(changed):  # as in etcd, a txn that changes nothing makes no revision
+                        rev += 1
+                        cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -113,7 +113,8 @@ class SqliteStateLog:
             return left < right  # type: ignore[operator]
         return left > right  # type: ignore[operator]
 
-    def _apply(self, cur: sqlite3.Cursor, op: Op, rev: int) -> None:
+    def _apply(self, cur: sqlite3.Cursor, op: Op, rev: int) -> bool:
+        """Apply one operation; whether it changed anything."""
         if isinstance(op, Put):
             cur.execute(
                 "INSERT INTO kv (key, value, create_revision, mod_revision, version) VALUES (?, ?, ?, ?, 1) "
@@ -121,8 +122,9 @@ class SqliteStateLog:
                 "version=kv.version+1",
                 (op.key, op.value, rev, rev),
             )
-        elif isinstance(op, Delete):
-            if op.prefix:
-                cur.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (op.key, op.key + "\U0010ffff"))
-            else:
-                cur.execute("DELETE FROM kv WHERE key=?", (op.key,))
+            return True
+        if op.prefix:
+            cur.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (op.key, op.key + "\U0010ffff"))
+        else:
+            cur.execute("DELETE FROM kv WHERE key=?", (op.key,))
+        return cur.rowcount > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -40,7 +41,7 @@ def docker_api() -> Iterator[docker.APIClient]:
     api = docker.APIClient(base_url="unix:///var/run/docker.sock", version="1.41", timeout=120)
     try:
         api.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"integration tests need a running Docker engine (bash .ci/setup starts one): {exc}")
     api.inspect_image(IMAGE)
     yield api
@@ -96,14 +97,16 @@ class Workspace:
         """Managed containers of one of this workspace's stacks (or all of them)."""
         rows = self.api.containers(all=True, filters={"label": "dabctl.stack", **filters})
         return [
-            r for r in rows
+            r
+            for r in rows
             if r["Labels"]["dabctl.stack"].startswith(self.prefix)
             and (stack is None or r["Labels"]["dabctl.stack"] == self.stack(stack))
         ]
 
     def running(self, stack: str, service: str | None = None) -> list[dict[str, Any]]:
         return [
-            c for c in self.containers(stack)
+            c
+            for c in self.containers(stack)
             if c["State"] == "running" and (service is None or c["Labels"]["dabctl.service"] == service)
         ]
 
@@ -115,10 +118,8 @@ class Workspace:
             if any(n.lstrip("/").startswith(self.prefix) for n in c["Names"]):
                 self.api.remove_container(c["Id"], force=True, v=True)
         for n in self.networks().values():
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 self.api.remove_network(n["Id"])
-            except docker.errors.NotFound:
-                pass
         for v in (self.api.volumes() or {}).get("Volumes") or []:
             if v["Name"].startswith(self.prefix):
                 self.api.remove_volume(v["Name"], force=True)

@@ -128,8 +128,13 @@ def test_foreign_objects_are_never_touched(ws: Workspace, docker_api: docker.API
         IMAGE,
         name=f"{stack}_web.2.def",
         command=SLEEPER,
-        labels={"dabctl.stack": stack, "dabctl.service": "web", "dabctl.slot": "2",
-                "dabctl.owner": "someone-else", "dabctl.spec": "v1-0"},
+        labels={
+            "dabctl.stack": stack,
+            "dabctl.service": "web",
+            "dabctl.slot": "2",
+            "dabctl.owner": "someone-else",
+            "dabctl.spec": "v1-0",
+        },
     )["Id"]
     docker_api.start(other_owner)
     foreign_net = docker_api.create_network(f"{stack}_old")["Id"]
@@ -147,7 +152,9 @@ def test_foreign_objects_are_never_touched(ws: Workspace, docker_api: docker.API
     )
 
 
-def test_foreign_network_with_a_managed_name_blocks_only_that_stack(ws: Workspace, docker_api: docker.APIClient) -> None:
+def test_foreign_network_with_a_managed_name_blocks_only_that_stack(
+    ws: Workspace, docker_api: docker.APIClient
+) -> None:
     squatter = docker_api.create_network(f"{ws.stack('blocked')}_default")["Id"]
     ws.write("blocked", {"Services": {"s": service()}})
     ws.write("fine", {"Services": {"s": service()}})
@@ -168,7 +175,9 @@ def test_invalid_bundle_changes_nothing(ws: Workspace) -> None:
         result = ws.reconcile(docker_host=proxy.url)
         mutating = proxy.mutating()
     assert result.returncode == 1
-    assert f"{ws.stack('broken')}.dab: Services.s.Deploy.Replcas: unknown field; did you mean 'Replicas'?" in result.stderr
+    assert (
+        f"{ws.stack('broken')}.dab: Services.s.Deploy.Replcas: unknown field; did you mean 'Replicas'?" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert mutating == []
     assert len(ws.running("shop", "web")) == 1

@@ -197,9 +197,7 @@ def test_streaming_responses(proxy: DockerProxy, client: docker.APIClient, conta
     logs = b"".join(client.logs(cid, stream=True, follow=True))
     assert logs == b"one\ntwo\n"
 
-    events = list(
-        client.events(since=since, until=f"{time.time():.9f}", decode=True, filters={"container": cid})
-    )
+    events = list(client.events(since=since, until=f"{time.time():.9f}", decode=True, filters={"container": cid}))
     assert {"create", "start"} <= {e["Action"] for e in events}
     assert [c.status for c in proxy.calls if c.endpoint in ("GET /containers/{id}/logs", "GET /events")] == [
         200,

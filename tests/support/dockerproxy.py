@@ -375,9 +375,7 @@ class _Connection:
                 self._pipe_raw(reader, upstream)
                 return
 
-    def _forward_body(
-        self, reader: _Reader, request: _Request, sink: Callable[[bytes], object] | None
-    ) -> None:
+    def _forward_body(self, reader: _Reader, request: _Request, sink: Callable[[bytes], object] | None) -> None:
         """Read the request body from the client, passing its exact bytes to `sink` (None: discard)."""
 
         def emit(data: bytes) -> None:
