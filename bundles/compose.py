@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_pascal, to_snake
 
 from bundles.errors import BundleError, InvalidBundles
-from bundles.load import _describe, _LimitedSafeLoader, _translate
+from bundles.load import _describe, _LimitedSafeLoader, _read_yaml, _translate
 from schemas.bundle import OBJECT_NAME_PATTERN, Bundle
 
 Loc = tuple[str | int, ...]
@@ -142,35 +142,8 @@ class Conversion:
 
 def convert_compose(text: str, file: str) -> Conversion:
     """Convert a Compose file's text to a bundle; raise InvalidBundles (file/field/fix lines) when it cannot."""
-    return _Converter(file).convert(_read_compose_yaml(text, file))
-
-
-def _read_compose_yaml(text: str, file: str) -> Any:
-    # Mirrors bundles.load._read_yaml, which cannot take another loader: YAML 1.1 would read `- 22:22` as 1342.
-    try:
-        docs = list(yaml.load_all(text, Loader=_ComposeLoader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise InvalidBundles(
-            [
-                BundleError(
-                    file,
-                    f"invalid YAML: {exc.problem or exc.context or 'invalid YAML'}",
-                    fix="fix the syntax there (only plain YAML is accepted: no tags)",
-                    line=mark.line + 1 if mark else None,
-                    column=mark.column + 1 if mark else None,
-                )
-            ]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise InvalidBundles([BundleError(file, f"invalid YAML: {exc}", fix="write it out plainly")]) from None
-    except RecursionError:
-        raise InvalidBundles([BundleError(file, "YAML nested too deeply", fix="flatten the document")]) from None
-    if not docs:
-        raise InvalidBundles([BundleError(file, "the file is empty", fix="add services:")])
-    if len(docs) > 1:
-        raise InvalidBundles([BundleError(file, f"{len(docs)} YAML documents", fix="convert one document at a time")])
-    return docs[0]
+    # The bundle loader's reader with Compose's plain-value rules (YAML 1.1 would read `- 22:22` as 1342).
+    return _Converter(file).convert(_read_yaml(text, file, _ComposeLoader))
 
 
 def _key(path: str, key: object) -> str:

@@ -280,9 +280,10 @@ def _check_yaml_size(root: yaml.Node) -> None:
                 stack.append((c, False))
 
 
-def _read_yaml(text: str, file: str) -> Any:
+def _read_yaml(text: str, file: str, loader: type[_LimitedSafeLoader] | None = None) -> Any:
+    """The one document in a YAML text, loaded safely (`loader`: a _LimitedSafeLoader subclass)."""
     try:
-        docs = list(yaml.load_all(text, Loader=_LimitedSafeLoader))
+        docs = list(yaml.load_all(text, Loader=loader or _LimitedSafeLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
@@ -305,8 +306,12 @@ def _read_yaml(text: str, file: str) -> Any:
         raise InvalidBundles(
             [BundleError(file, "YAML nested too deeply", fix="a bundle is a few levels deep")]
         ) from None
-    if len(docs) != 1:
-        raise InvalidBundles([BundleError(file, f"{len(docs)} YAML documents", fix="put exactly one bundle in a file")])
+    if not docs:
+        raise InvalidBundles([BundleError(file, "the file is empty", fix="write one document in it")])
+    if len(docs) > 1:
+        raise InvalidBundles(
+            [BundleError(file, f"{len(docs)} YAML documents", fix="put exactly one document in a file")]
+        )
     return docs[0]
 
 

@@ -561,7 +561,7 @@ def test_errors_name_the_compose_field(text: str, field: str, part: str) -> None
         ("services:\n  web:\n    image: a\n    image: b\n", f"{FILE}:4:5:", "key 'image' appears twice"),
         ("services:\n  web: !!python/object:os.system {}\n", f"{FILE}:2:8:", "no tags"),
         ("services: {}\n---\nservices: {}\n", f"{FILE}:", "2 YAML documents"),
-        ("# nothing\n", f"{FILE}:", "the file is empty; add services:"),
+        ("# nothing\n", f"{FILE}:", "the file is empty"),
     ],
     ids=["syntax", "duplicate key", "tag", "two documents", "empty"],
 )
