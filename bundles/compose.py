@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +249,17 @@ class _Converter:
         node[str(keys[-1])] = value
         self.origins[svc.loc + keys] = (path, mirrors)
 
+    def entries(self, value: Any, path: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(name, path, mapping) of each named entry; `x-` extension keys are skipped, as Compose defines."""
+        for name, raw in (self.mapping(value, path) or {}).items():
+            p = _key(path, name)
+            if name.startswith("x-"):
+                self.ignore(p)
+                continue
+            spec = self.mapping(raw, p)
+            if spec is not None:
+                yield name, p, spec
+
     def mapping(self, value: Any, path: str) -> dict[str, Any] | None:
         """The value as a mapping with string keys (null is empty); None after reporting anything else."""
         if value is None:
@@ -359,16 +370,8 @@ class _Converter:
     # --- top-level definitions ----------------------------------------------------------------------------
 
     def top_networks(self, value: Any, path: str) -> dict[str, Any]:
-        nets = self.mapping(value, path)
         out: dict[str, Any] = {}
-        for name, raw in (nets or {}).items():
-            p = _key(path, name)
-            if name.startswith("x-"):
-                self.ignore(p)
-                continue
-            spec = self.mapping(raw, p)
-            if spec is None:
-                continue
+        for name, p, spec in self.entries(value, path):
             real, external = self.external_name(spec, name, p)
             net: dict[str, Any] = {}
             for key, v in spec.items():
@@ -411,15 +414,7 @@ class _Converter:
         return (real, True) if self.text(real, where) is not None else (name, True)
 
     def top_volumes(self, value: Any, path: str) -> None:
-        vols = self.mapping(value, path)
-        for name, raw in (vols or {}).items():
-            p = _key(path, name)
-            if name.startswith("x-"):
-                self.ignore(p)
-                continue
-            spec = self.mapping(raw, p)
-            if spec is None:
-                continue
+        for name, p, spec in self.entries(value, path):
             for key, v in spec.items():
                 kp = _key(p, key)
                 if key == "name" and self.text(v, kp) is not None:
@@ -445,13 +440,8 @@ class _Converter:
         out: dict[str, Any] = {}
         if raw is not None and not raw:
             self.error(path, "no services", "add at least one service under services:")
-        for name, spec in (raw or {}).items():
-            p = _key(path, name)
-            if name.startswith("x-"):
-                self.ignore(p)
-                continue
-            svc = self.mapping(spec, p)
-            if svc is not None and self.name(name, p, "service name"):
+        for name, p, svc in self.entries(raw, path):
+            if self.name(name, p, "service name"):
                 out[name] = self.service(_Service(name, p, svc))
         return out
 
