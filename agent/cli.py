@@ -20,15 +20,16 @@ from agent.docker_engine import DockerEngine, EngineError
 from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
 from agent.records import Records
 from agent.render import plan_output, render_plan, result_line, short_revision
-from agent.statelog.sqlite import SqliteStateLog, StateLogError
+from agent.statelog import StateLogError
+from agent.statelog.backends import open_log
 from bundles import DesiredState, InvalidBundles, load_directory, load_paths
 from reconcilers.outcome import Outcome
+from reconcilers.services import slot_order
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
 from schemas.output import ReplicaRow
 
 F = TypeVar("F", bound=Callable[..., Any])
-STATE_FILE = "state.db"
 
 
 class UserError(Exception):
@@ -55,6 +56,9 @@ def config_options(f: F) -> F:
     f = click.option("--state-dir", default=None, help="Embedded state directory [default: /var/lib/dabctl].")(f)
     f = click.option("--node-name", default=None, help="This node's name [default: the host name].")(f)
     f = click.option("--docker-host", default=None, help="Docker endpoint [default: DOCKER_HOST or local socket].")(f)
+    f = click.option(
+        "--state", default=None, help="State log: embedded (SQLite in --state-dir) or etcd://host:2379[,host:2379]."
+    )(f)
     return f
 
 
@@ -70,14 +74,22 @@ def _config(config_path: Path | None, **flags: Any) -> AgentConfig:
 
 
 @contextmanager
-def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
-    docker = DockerEngine(cfg.docker_host)
-    docker.ping()
-    log = SqliteStateLog(cfg.state_path / STATE_FILE)
+def _records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
+    log = open_log(cfg, writer=writer)
     try:
-        yield Engine(docker, Records(log), cfg.node_name or socket.gethostname(), cfg.parallelism, read_only)
+        yield Records(log, cfg.history_limit, cfg.audit_limit)
     finally:
         log.close()
+
+
+@contextmanager
+def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
+    docker = DockerEngine(cfg.docker_host)
+    try:
+        docker.ping()
+        with _records(cfg, writer=not read_only) as records:
+            yield Engine(docker, records, cfg.node_name or socket.gethostname(), cfg.parallelism, read_only)
+    finally:
         docker.close()
 
 
@@ -173,6 +185,7 @@ def plan(
     state_dir: str | None,
     node_name: str | None,
     docker_host: str | None,
+    state: str | None,
     fmt: str,
     detailed_exitcode: bool,
     allow_empty: bool | None,
@@ -187,6 +200,7 @@ def plan(
         state_dir=state_dir,
         node_name=node_name,
         docker_host=docker_host,
+        state=state,
         allow_empty=allow_empty,
     )
     desired = _desired(cfg)
@@ -215,6 +229,7 @@ def reconcile(
     state_dir: str | None,
     node_name: str | None,
     docker_host: str | None,
+    state: str | None,
     dry_run: bool,
     allow_empty: bool | None,
     parallelism: int | None,
@@ -226,6 +241,7 @@ def reconcile(
         state_dir=state_dir,
         node_name=node_name,
         docker_host=docker_host,
+        state=state,
         allow_empty=allow_empty,
         parallelism=parallelism,
     )
@@ -282,13 +298,13 @@ def ps(
     state_dir: str | None,
     node_name: str | None,
     docker_host: str | None,
+    state: str | None,
     fmt: str,
 ) -> None:
     """List managed containers per slot (all stacks, or STACK) with state and spec revision."""
-    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host)
+    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host, state=state)
     with _engine(cfg, read_only=True) as engine:
         replicas = engine.services.observe()
-    from reconcilers.services import slot_order
 
     rows = [
         ReplicaRow(
@@ -319,6 +335,46 @@ def ps(
             r.state + (f" ({r.exit_code})" if r.exit_code is not None else "") + (f" {r.health}" if r.health else "")
         )
         table.add_row(r.stack, r.service, r.slot, r.container, state, r.spec, short_revision(r.revision))
+    _out().print(table)
+
+
+@cli.command()
+@click.argument("stack")
+@config_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def history(
+    stack: str,
+    config_path: Path | None,
+    state_dir: str | None,
+    node_name: str | None,
+    docker_host: str | None,
+    state: str | None,
+    fmt: str,
+) -> None:
+    """Applied revisions of STACK, newest first, with what each pass did (kept: history_limit, default 10)."""
+    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host, state=state)
+    with _records(cfg, writer=False) as records:
+        entries = records.history(stack)
+    if not entries:
+        raise UserError(f"no history for stack {stack!r} in this state; `dabctl ps` lists deployed stacks")
+    if fmt == "json":
+        click.echo(json.dumps([e.model_dump(mode="json", exclude={"content"}) for e in entries], indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("APPLIED", "REVISION", "BUNDLE", "CREATED", "UPDATED", "REMOVED", "FAILED", "PASS"):
+        table.add_column(col, no_wrap=True)
+    for e in entries:
+        o = e.outcome
+        table.add_row(
+            e.applied_at.strftime("%Y-%m-%d %H:%M:%S"),
+            short_revision(e.revision),
+            e.bundle_hash.removeprefix("sha256:")[:12],
+            str(o.created),
+            str(o.updated),
+            str(o.removed),
+            str(o.failed),
+            o.reconcile_id,
+        )
     _out().print(table)
 
 

@@ -21,7 +21,7 @@ from reconcilers import networks, services
 from reconcilers.networks import NetworkAction, NetworksReconciler
 from reconcilers.outcome import Outcome, Result
 from reconcilers.services import ServiceAction, ServiceDesired, ServicesReconciler
-from schemas.state import PassOutcome, ServiceRecord, StackRecord
+from schemas.state import AuditAction, AuditEntry, PassOutcome, ServiceRecord, StackRecord
 
 Action = ServiceAction | NetworkAction
 AnyResult = Result[ServiceAction] | Result[NetworkAction]
@@ -195,13 +195,16 @@ class Engine:
         for r in results:
             by_stack.setdefault(_stack_of(r.action), []).append(r)
         now = datetime.now(UTC)
+        records: list[StackRecord] = []
+        new_revisions: list[StackRecord] = []
+        pruned: list[str] = []
         for name, sp in plan.stacks.items():
             stack = plan.desired.stacks.get(name)
             done = by_stack.get(name, [])
             failures = [f"{r.action}: {r.error}" for r in done if r.outcome is Outcome.FAILED]
             if stack is None:
                 if not failures and name in plan.records:
-                    self.records.delete_stack(name)
+                    pruned.append(name)
                 continue
             if sp.error:
                 continue
@@ -228,18 +231,31 @@ class Engine:
                 failed=len(failures),
                 errors=failures,
             )
-            self.records.put_stack(
-                StackRecord(
-                    stack=name,
-                    revision=stack.revision,
-                    file=stack.file,
-                    bundle_hash=stack.bundle_hash,
-                    content=stack.content,
-                    services=svc_records,
-                    applied_at=now,
-                    outcome=outcome,
-                )
+            record = StackRecord(
+                stack=name,
+                revision=stack.revision,
+                file=stack.file,
+                bundle_hash=stack.bundle_hash,
+                content=stack.content,
+                services=svc_records,
+                applied_at=now,
+                outcome=outcome,
             )
+            records.append(record)
+            if old is None or old.revision != stack.revision or old.bundle_hash != stack.bundle_hash:
+                new_revisions.append(record)
+        audit = None
+        if results:
+            audit = AuditEntry(
+                reconcile_id=reconcile_id,
+                at=now,
+                node=self.node,
+                actions=[
+                    AuditAction(stack=_stack_of(r.action), action=str(r.action), outcome=r.outcome.value, error=r.error)
+                    for r in results
+                ],
+            )
+        self.records.commit_pass(records, new_revisions, pruned, audit)
 
 
 def _service_of(action: object) -> str | None:

@@ -1,23 +1,35 @@
-"""Typed access to what the agent keeps in the state log: owner id, stack records, slot assignments."""
+"""Typed access to what the agent keeps in the state log: owner id, stack records, slot assignments, history
+of applied revisions per stack, and the audit trail of passes."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Sequence
 
-from agent.statelog import Compare, Delete, Put, StateLog
-from schemas.state import Assignment, StackRecord
+from agent.statelog import Compare, Delete, Op, Put, StateLog
+from schemas.state import Assignment, AuditEntry, StackRecord
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
 ASSIGNMENTS = "/assignments/"
+HISTORY = "/history/"
+AUDIT = "/audit/"
+
+
+def _stamp() -> str:
+    # Fixed width, so that keys sort in time order.
+    return f"{time.time_ns():020d}"
 
 
 class Records:
     """The agent's records on a StateLog; writes happen only when a value actually changes."""
 
-    def __init__(self, log: StateLog) -> None:
+    def __init__(self, log: StateLog, history_limit: int = 10, audit_limit: int = 500) -> None:
         self.log = log
+        self.history_limit = history_limit
+        self.audit_limit = audit_limit
         self._owner: str | None = None
 
     def owner(self, create: bool = True) -> str:
@@ -43,11 +55,36 @@ class Records:
             out[rec.stack] = rec
         return out
 
-    def put_stack(self, record: StackRecord) -> None:
-        self.log.put(STACKS + record.stack, record.model_dump_json().encode())
+    def history(self, stack: str) -> list[StackRecord]:
+        """Applied revisions of a stack, newest first."""
+        return [StackRecord.model_validate_json(kv.value) for kv in reversed(self.log.range(f"{HISTORY}{stack}/"))]
 
-    def delete_stack(self, stack: str) -> None:
-        self.log.txn([], [Delete(STACKS + stack), Delete(f"{ASSIGNMENTS}{stack}/", prefix=True)])
+    def audit(self) -> list[AuditEntry]:
+        """Passes that changed something, newest first."""
+        return [AuditEntry.model_validate_json(kv.value) for kv in reversed(self.log.range(AUDIT))]
+
+    def commit_pass(
+        self,
+        records: Sequence[StackRecord],
+        new_revisions: Sequence[StackRecord],
+        pruned: Sequence[str],
+        audit: AuditEntry | None,
+    ) -> None:
+        """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
+        pruned stacks' records and assignments, and the audit entry. Nothing when there is nothing."""
+        ops: list[Op] = [Put(STACKS + r.stack, r.model_dump_json().encode()) for r in records]
+        for r in new_revisions:
+            ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", r.model_dump_json().encode()))
+            old = self.log.range(f"{HISTORY}{r.stack}/")
+            ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.history_limit)])
+        for stack in pruned:
+            ops += [Delete(STACKS + stack), Delete(f"{ASSIGNMENTS}{stack}/", prefix=True)]
+        if audit is not None:
+            ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
+            old = self.log.range(AUDIT)
+            ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
+        if ops:
+            self.log.txn([], ops)
 
     def assignments(self) -> dict[tuple[str, str], dict[str, list[str]]]:
         out = {}
@@ -60,7 +97,7 @@ class Records:
         self, changed: dict[tuple[str, str], dict[str, list[str]]], removed: set[tuple[str, str]]
     ) -> None:
         """Write changed and delete removed assignments in one transaction (nothing when both are empty)."""
-        ops: list[Put | Delete] = [
+        ops: list[Op] = [
             Put(f"{ASSIGNMENTS}{stack}/{service}", json.dumps({"nodes": nodes}, sort_keys=True).encode())
             for (stack, service), nodes in sorted(changed.items())
         ]

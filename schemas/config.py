@@ -20,6 +20,15 @@ class AgentConfig(BaseModel):
     node_name: str | None = Field(None, description="This node's name (default: the host name)")
     docker_host: str | None = Field(None, description="Docker endpoint (default: DOCKER_HOST or the local socket)")
     parallelism: Annotated[int, Field(ge=1, le=64)] = Field(8, description="Engine calls in flight at once")
+    state: Annotated[str, Field(pattern=r"^(embedded|etcd://[^/\s]+(,[^/\s]+)*)$")] = Field(
+        "embedded", description="State log: embedded (SQLite in state_dir) or etcd://host:2379[,host2:2379]"
+    )
+    etcd_prefix: str = Field("/dabctl", description="Key prefix of this deployment's state in etcd")
+    etcd_ca_file: str | None = Field(None, description="CA bundle for etcd over TLS (switches to https)")
+    etcd_cert_file: str | None = Field(None, description="Client certificate for etcd")
+    etcd_key_file: str | None = Field(None, description="Client key for etcd")
+    history_limit: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="Applied revisions kept per stack")
+    audit_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(500, description="Passes kept in the audit trail")
     allow_empty: bool = Field(False, description="Allow a source with no stacks to prune every deployed stack")
 
     @property

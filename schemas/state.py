@@ -50,3 +50,21 @@ class Assignment(Record):
     """Replica slots of one service by node, written by the scheduler (the only reader of Replicas)."""
 
     nodes: dict[str, list[str]]
+
+
+class AuditAction(Record):
+    """One applied action of a pass."""
+
+    stack: str
+    action: str
+    outcome: str
+    error: str = ""
+
+
+class AuditEntry(Record):
+    """What one pass that changed something did, for the audit trail."""
+
+    reconcile_id: str
+    at: datetime
+    node: str
+    actions: list[AuditAction]

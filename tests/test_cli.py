@@ -12,7 +12,7 @@ import pytest
 
 DABCTL = str(Path(sys.executable).parent / "dabctl")
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "schema", "bundle", "plan", "reconcile", "ps"]
+COMMANDS = ["validate", "schema", "bundle", "plan", "reconcile", "ps", "history"]
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,13 +1,41 @@
-"""The embedded state log: SQLite in WAL mode under the state directory, one node, zero setup."""
+"""The embedded state log: SQLite in WAL mode under the state directory — one node, zero setup.
+
+One process holds the state for writing (an exclusive lock file naming the holder); readers open it without
+the lock and are never blocked (WAL). Every acknowledged write is on disk (synchronous=FULL), so `kill -9`
+loses nothing acknowledged. Watches are served within the process from the event history table.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import socket
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.statelog import Compare, Delete, KeyValue, Op, Put, TxnResult
+from agent.statelog import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    KeyValue,
+    LeaseNotFound,
+    Op,
+    Put,
+    ReadOnly,
+    StateLocked,
+    StateLogError,
+    TxnResult,
+    Watch,
+    compare_holds,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -15,116 +43,300 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     create_revision INTEGER NOT NULL,
     mod_revision INTEGER NOT NULL,
-    version INTEGER NOT NULL
+    version INTEGER NOT NULL,
+    lease INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    create_revision INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (revision, seq)
+);
+CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_revision', 0);
 """
+_KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
+_PREFIX_END = "\U0010ffff"
+REAPER_INTERVAL = 0.2
 
 
-class StateLogError(Exception):
-    """The state log cannot be opened or used."""
+def _kv(row: Sequence[object]) -> KeyValue:
+    return KeyValue(str(row[0]), bytes(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))  # type: ignore[call-overload]
 
 
 class SqliteStateLog:
-    """StateLog on one SQLite file; writes are serialised, each acknowledged write is on disk."""
+    """StateLog on one SQLite file. `writer=True` takes the exclusive write lock; `writer=False` only reads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: bool = True, retention: int = 10_000) -> None:
         self.path = path
+        self.writer = writer
+        self.retention = retention
+        self._lock_file: int | None = None
+        self._closed = threading.Event()
+        self._changed = threading.Condition()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            if writer:
+                self._take_lock()
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            if writer or not self._has_schema():
+                self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            self._release_lock()
             raise StateLogError(
                 f"cannot open the state log {path}: {exc}; check --state-dir and its permissions"
             ) from None
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
+        self._watches: list[Watch] = []
+        if writer:
+            threading.Thread(target=self._reap_leases, name="lease-reaper", daemon=True).start()
+
+    # --- exclusivity ------------------------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateLocked(
+                f"the state {self.path.parent} is held for writing by {holder}; stop it, or send changes "
+                "through the running agent"
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._lock_file = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_file, 0)
+            os.close(self._lock_file)  # closing the descriptor drops the flock
+            self._lock_file = None
+
+    def _has_schema(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None
 
     def close(self) -> None:
-        with self._lock:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for w in self._watches:
+            w.cancel()
+        with self._changed:
+            self._changed.notify_all()
+        with self._mutex:
             self._db.close()
+        self._release_lock()
+
+    # --- reads ------------------------------------------------------------------------------------------------
+
+    def _meta(self, name: str) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()[0])
 
     def revision(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+        with self._mutex:
+            return self._meta("revision")
 
     def get(self, key: str) -> KeyValue | None:
-        with self._lock:
+        with self._mutex:
             return self._get(key)
 
     def _get(self, key: str) -> KeyValue | None:
-        row = self._db.execute(
-            "SELECT key, value, create_revision, mod_revision, version FROM kv WHERE key=?", (key,)
-        ).fetchone()
-        return KeyValue(row[0], bytes(row[1]), row[2], row[3], row[4]) if row else None
+        row = self._db.execute(f"{_KV} WHERE key=?", (key,)).fetchone()
+        return _kv(row) if row else None
 
     def range(self, prefix: str) -> list[KeyValue]:
-        with self._lock:
+        with self._mutex:
             rows = self._db.execute(
-                "SELECT key, value, create_revision, mod_revision, version FROM kv "
-                "WHERE key >= ? AND key < ? ORDER BY key",
-                (prefix, prefix + "\U0010ffff"),
+                f"{_KV} WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + _PREFIX_END)
             ).fetchall()
-        return [KeyValue(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in rows]
+        return [_kv(r) for r in rows]
 
-    def put(self, key: str, value: bytes) -> int:
-        return self.txn([], [Put(key, value)]).revision
+    # --- writes -----------------------------------------------------------------------------------------------
+
+    def _check_writer(self) -> None:
+        if not self.writer:
+            raise ReadOnly(f"the state {self.path.parent} was opened for reading; this command cannot change it")
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        return self.txn([], [Put(key, value, lease)]).revision
 
     def delete(self, key: str, prefix: bool = False) -> int:
         return self.txn([], [Delete(key, prefix)]).revision
 
     def txn(self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = ()) -> TxnResult:
         """Check every compare and run then_ops (or else_ops) in one SQLite transaction."""
-        with self._lock:
+        self._check_writer()
+        with self._mutex:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                ok = all(self._holds(c) for c in compares)
+                ok = all(compare_holds(c, self._get(c.key)) for c in compares)
                 ops = then_ops if ok else else_ops
-                rev = int(cur.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
-                if ops:
-                    changed = [self._apply(cur, op, rev + 1) for op in ops]
-                    if any(changed):  # as in etcd, a txn that changes nothing makes no revision
-                        rev += 1
-                        cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+                rev = self._meta("revision")
+                events: list[Event] = []
+                for op in ops:
+                    events.extend(self._apply(cur, op, rev + 1))
+                if events:  # as in etcd, a txn that changes nothing makes no revision
+                    rev += 1
+                    cur.executemany(
+                        "INSERT INTO events (revision, seq, type, key, value, create_revision, version) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(rev, i, e.type, e.key, e.value, e.create_revision, e.version) for i, e in enumerate(events)],
+                    )
+                    cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+                    self._auto_compact(cur, rev)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        if events:
+            with self._changed:
+                self._changed.notify_all()
         return TxnResult(ok, rev)
 
-    def _holds(self, c: Compare) -> bool:
-        kv = self._get(c.key)
-        if c.target == "value":
-            if kv is None:
-                return c.op == "!="
-            left: bytes | int = kv.value
-        else:
-            left = getattr(kv, c.target) if kv else 0
-        right = c.operand
-        if c.op == "==":
-            return left == right
-        if c.op == "!=":
-            return left != right
-        if c.op == "<":
-            return left < right  # type: ignore[operator]
-        return left > right  # type: ignore[operator]
-
-    def _apply(self, cur: sqlite3.Cursor, op: Op, rev: int) -> bool:
-        """Apply one operation; whether it changed anything."""
+    def _apply(self, cur: sqlite3.Cursor, op: Op, rev: int) -> list[Event]:
         if isinstance(op, Put):
+            if op.lease and cur.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone() is None:
+                raise LeaseNotFound(f"lease {op.lease} expired or was revoked; grant a new one")
+            old = self._get(op.key)
+            create = old.create_revision if old else rev
+            version = old.version + 1 if old else 1
             cur.execute(
-                "INSERT INTO kv (key, value, create_revision, mod_revision, version) VALUES (?, ?, ?, ?, 1) "
+                "INSERT INTO kv (key, value, create_revision, mod_revision, version, lease) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value, mod_revision=excluded.mod_revision, "
-                "version=kv.version+1",
-                (op.key, op.value, rev, rev),
+                "version=excluded.version, lease=excluded.lease",
+                (op.key, op.value, create, rev, version, op.lease),
             )
-            return True
+            return [Event("put", op.key, op.value, rev, create, version)]
         if op.prefix:
-            cur.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (op.key, op.key + "\U0010ffff"))
+            keys = [
+                r[0]
+                for r in cur.execute("SELECT key FROM kv WHERE key >= ? AND key < ?", (op.key, op.key + _PREFIX_END))
+            ]
         else:
-            cur.execute("DELETE FROM kv WHERE key=?", (op.key,))
-        return cur.rowcount > 0
+            keys = [r[0] for r in cur.execute("SELECT key FROM kv WHERE key = ?", (op.key,))]
+        cur.executemany("DELETE FROM kv WHERE key=?", [(k,) for k in keys])
+        return [Event("delete", k, b"", rev) for k in keys]
+
+    # --- compaction -------------------------------------------------------------------------------------------
+
+    def compact(self, revision: int) -> None:
+        """Drop event history before `revision`; watches from earlier revisions then fail with Compacted."""
+        self._check_writer()
+        with self._mutex:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                current = self._meta("revision")
+                if revision > current:
+                    raise StateLogError(f"cannot compact to revision {revision}: the log is at {current}")
+                self._compact(cur, revision)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def _compact(self, cur: sqlite3.Cursor, revision: int) -> None:
+        if revision > self._meta("compact_revision"):
+            cur.execute("DELETE FROM events WHERE revision < ?", (revision,))
+            cur.execute("UPDATE meta SET value=? WHERE name='compact_revision'", (revision,))
+
+    def _auto_compact(self, cur: sqlite3.Cursor, rev: int) -> None:
+        # Compact in steps of `retention`, so that the history table stays between one and two retentions.
+        if rev - self._meta("compact_revision") > 2 * self.retention:
+            self._compact(cur, rev - self.retention)
+
+    # --- watches ----------------------------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int = 0) -> Watch:
+        """Every change under `prefix` from `start_revision` (0: from the next revision), in order."""
+        w = Watch()
+        self._watches.append(w)
+        with self._mutex:
+            next_rev = start_revision or self._meta("revision") + 1
+        threading.Thread(target=self._serve_watch, args=(w, prefix, next_rev), name="watch", daemon=True).start()
+        return w
+
+    def _serve_watch(self, w: Watch, prefix: str, next_rev: int) -> None:
+        while not w.cancelled and not self._closed.is_set():
+            with self._changed:
+                try:
+                    with self._mutex:
+                        if next_rev < self._meta("compact_revision"):
+                            w._deliver(Compacted(self._meta("compact_revision")))
+                            return
+                        rows = self._db.execute(
+                            "SELECT revision, type, key, value, create_revision, version FROM events "
+                            "WHERE revision >= ? AND key >= ? AND key < ? ORDER BY revision, seq",
+                            (next_rev, prefix, prefix + _PREFIX_END),
+                        ).fetchall()
+                        last = self._meta("revision")
+                except sqlite3.ProgrammingError:  # closed underneath us
+                    return
+                for r in rows:
+                    w._deliver(Event(r[1], r[2], bytes(r[3]), r[0], r[4], r[5]))
+                next_rev = max(next_rev, last + 1)
+                self._changed.wait(timeout=1.0)
+
+    # --- leases -----------------------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; keys put with it are deleted when it is not kept alive."""
+        self._check_writer()
+        lease = secrets.randbits(62) + 1
+        with self._mutex:
+            self._db.execute(
+                "INSERT INTO leases (id, ttl, expires_at) VALUES (?, ?, ?)", (lease, ttl, time.time() + ttl)
+            )
+        return lease
+
+    def keepalive(self, lease: int) -> int:
+        """Renew a lease; its TTL, or 0 when it is gone."""
+        self._check_writer()
+        with self._mutex:
+            row = self._db.execute("SELECT ttl FROM leases WHERE id=?", (lease,)).fetchone()
+            if row is None:
+                return 0
+            self._db.execute("UPDATE leases SET expires_at=? WHERE id=?", (time.time() + row[0], lease))
+            return int(row[0])
+
+    def revoke(self, lease: int) -> None:
+        """End a lease now, deleting its keys."""
+        self._check_writer()
+        with self._mutex:
+            if self._db.execute("SELECT 1 FROM leases WHERE id=?", (lease,)).fetchone() is None:
+                raise LeaseNotFound(f"lease {lease} expired or was revoked")
+            keys = [r[0] for r in self._db.execute("SELECT key FROM kv WHERE lease=?", (lease,))]
+        self.txn([], [Delete(k) for k in keys])
+        with self._mutex:
+            self._db.execute("DELETE FROM leases WHERE id=?", (lease,))
+
+    def _reap_leases(self) -> None:
+        while not self._closed.wait(REAPER_INTERVAL):
+            try:
+                with self._mutex:
+                    expired = [
+                        r[0] for r in self._db.execute("SELECT id FROM leases WHERE expires_at < ?", (time.time(),))
+                    ]
+                for lease in expired:
+                    with contextlib.suppress(LeaseNotFound):
+                        self.revoke(lease)
+            except (sqlite3.Error, StateLogError):
+                if self._closed.is_set():
+                    return

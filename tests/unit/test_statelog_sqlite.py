@@ -121,7 +121,7 @@ def seeded(log: SqliteStateLog) -> None:
         (Compare("/missing", "version", "==", 0), True),
         (Compare("/missing", "version", ">", 0), False),
         (Compare("/missing", "value", "==", b""), False),
-        (Compare("/missing", "value", "!=", b"x"), True),
+        (Compare("/missing", "value", "!=", b"x"), False),  # as in etcd: no value to compare
     ],
     ids=lambda v: repr(v) if not isinstance(v, Compare) else f"{v.key}.{v.target}{v.op}{v.operand!r}",
 )
@@ -274,5 +274,5 @@ def test_write_assignments_is_one_transaction(log: SqliteStateLog) -> None:
 def test_delete_stack_removes_its_assignments_only(log: SqliteStateLog) -> None:
     records = Records(log)
     records.write_assignments({("shop", "web"): {"n1": ["1"]}, ("shop2", "web"): {"n1": ["1"]}}, set())
-    records.delete_stack("shop")
+    records.commit_pass([], [], ["shop"], None)
     assert records.assignments() == {("shop2", "web"): {"n1": ["1"]}}

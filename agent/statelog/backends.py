@@ -1,0 +1,30 @@
+"""Choose and open the state log the configuration names: embedded SQLite or etcd."""
+
+from __future__ import annotations
+
+from agent.statelog import StateLog
+from agent.statelog.etcd import EtcdStateLog
+from agent.statelog.sqlite import SqliteStateLog
+from schemas.config import AgentConfig
+
+STATE_FILE = "state.db"
+
+
+def etcd_endpoints(state: str, tls: bool) -> list[str]:
+    """`etcd://h1:2379,h2:2379` -> endpoint URLs (https when TLS files are configured)."""
+    scheme = "https" if tls else "http"
+    return [f"{scheme}://{host}" for host in state.removeprefix("etcd://").split(",") if host]
+
+
+def open_log(cfg: AgentConfig, writer: bool) -> StateLog:
+    """The configured state log; `writer` takes the embedded state's exclusive write lock."""
+    if cfg.state.startswith("etcd://"):
+        tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
+        return EtcdStateLog(
+            etcd_endpoints(cfg.state, tls),
+            prefix=cfg.etcd_prefix,
+            ca_file=cfg.etcd_ca_file,
+            cert_file=cfg.etcd_cert_file,
+            key_file=cfg.etcd_key_file,
+        )
+    return SqliteStateLog(cfg.state_path / STATE_FILE, writer=writer)
