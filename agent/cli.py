@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,19 +16,22 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from agent.client import AgentUnreachable, call, get_status, running_agent
 from agent.config import ConfigError, load_config
 from agent.docker_engine import DockerEngine, EngineError
 from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
 from agent.records import Records
 from agent.render import plan_output, render_plan, result_line, short_revision
-from agent.statelog import StateLogError
+from agent.sources import open_source
+from agent.statelog import StateLocked, StateLogError
 from agent.statelog.backends import open_log
-from bundles import DesiredState, InvalidBundles, load_directory, load_paths
+from agent.status import stack_statuses
+from bundles import DesiredState, InvalidBundles, load_paths
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
-from schemas.output import ReplicaRow
+from schemas.output import ReplicaRow, StatusOutput
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,34 +45,45 @@ def _out() -> Console:
     return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 400)
 
 
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def config_options(f: F) -> F:
-    """--config and the settings every engine command shares."""
-    f = click.option(
+def config_option(f: F) -> F:
+    return click.option(
         "--config",
         "config_path",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Agent config YAML (also DABCTL_CONFIG); flags > DABCTL_* env > file > defaults.",
     )(f)
-    f = click.option("--state-dir", default=None, help="Embedded state directory [default: /var/lib/dabctl].")(f)
-    f = click.option("--node-name", default=None, help="This node's name [default: the host name].")(f)
-    f = click.option("--docker-host", default=None, help="Docker endpoint [default: DOCKER_HOST or local socket].")(f)
-    f = click.option(
-        "--state", default=None, help="State log: embedded (SQLite in --state-dir) or etcd://host:2379[,host:2379]."
-    )(f)
+
+
+def engine_options(f: F) -> F:
+    """--config and the settings every engine command shares."""
+    for opt in reversed(
+        [
+            click.option("--state-dir", default=None, help="Embedded state directory [default: /var/lib/dabctl]."),
+            click.option("--state", default=None, help="State log: embedded, or etcd://host:2379[,host:2379]."),
+            click.option("--node-name", default=None, help="This node's name [default: the host name]."),
+            click.option("--docker-host", default=None, help="Docker endpoint [default: DOCKER_HOST or the socket]."),
+        ]
+    ):
+        f = opt(f)
+    return config_option(f)
+
+
+def source_options(f: F) -> F:
+    for opt in reversed(
+        [
+            click.option("--source", default=None, help="Directory of bundle files, or a git URL / repository path."),
+            click.option("--ref", default=None, help="Git branch, tag or commit SHA (a git source; default main)."),
+            click.option("--path", default=None, help="Subdirectory of the repository holding the bundles."),
+        ]
+    ):
+        f = opt(f)
     return f
 
 
-def source_option(f: F) -> F:
-    return click.option("--source", default=None, help="Directory of bundle files, one stack per file.")(f)
-
-
-def _config(config_path: Path | None, **flags: Any) -> AgentConfig:
+def _config(config_path: Path | None = None, **flags: Any) -> AgentConfig:
+    known = AgentConfig.model_fields
     try:
-        return load_config(config_path, flags)
+        return load_config(config_path, {k: v for k, v in flags.items() if k in known})
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
@@ -94,9 +109,14 @@ def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
 
 
 def _desired(cfg: AgentConfig) -> DesiredState:
-    if not cfg.source:
-        raise UserError("no source: pass --source DIR (or set source in the config file)")
-    return load_directory(Path(cfg.source))
+    try:
+        source = open_source(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return source.load()
+    finally:
+        source.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -174,35 +194,17 @@ def bundle(compose_file: Path, out: Path | None, config_path: Path | None) -> No
 
 
 @cli.command()
-@source_option
-@config_options
+@source_options
+@engine_options
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
 @click.option("--allow-empty", is_flag=True, default=None, help="Plan the removal of every stack for an empty source.")
-def plan(
-    source: str | None,
-    config_path: Path | None,
-    state_dir: str | None,
-    node_name: str | None,
-    docker_host: str | None,
-    state: str | None,
-    fmt: str,
-    detailed_exitcode: bool,
-    allow_empty: bool | None,
-) -> int:
+def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, **opts: Any) -> int:
     """Show what `reconcile --once` would change, grouped by stack and service.
 
     `+` create, `~` replace or start (with the fields that changed), `-` remove, `!` cannot converge.
     """
-    cfg = _config(
-        config_path,
-        source=source,
-        state_dir=state_dir,
-        node_name=node_name,
-        docker_host=docker_host,
-        state=state,
-        allow_empty=allow_empty,
-    )
+    cfg = _config(config_path, **opts)
     desired = _desired(cfg)
     with _engine(cfg, read_only=True) as engine:
         p = engine.plan(desired, cfg.allow_empty)
@@ -216,43 +218,36 @@ def plan(
 
 
 @cli.command()
-@click.option("--once", is_flag=True, required=True, help="Run one pass and exit (the agent runs continuously).")
-@source_option
-@config_options
+@click.option("--once", is_flag=True, required=True, help="Run one pass and exit (`dabctl agent` runs continuously).")
+@source_options
+@engine_options
 @click.option("--dry-run", is_flag=True, help="Plan only: print the plan, change nothing.")
 @click.option("--allow-empty", is_flag=True, default=None, help="Let an empty source remove every deployed stack.")
 @click.option("--parallelism", type=int, default=None, help="Engine calls in flight at once [default: 8].")
-def reconcile(
-    once: bool,
-    source: str | None,
-    config_path: Path | None,
-    state_dir: str | None,
-    node_name: str | None,
-    docker_host: str | None,
-    state: str | None,
-    dry_run: bool,
-    allow_empty: bool | None,
-    parallelism: int | None,
-) -> int:
-    """Converge this node to the source once; exit 1 if anything failed."""
-    cfg = _config(
-        config_path,
-        source=source,
-        state_dir=state_dir,
-        node_name=node_name,
-        docker_host=docker_host,
-        state=state,
-        allow_empty=allow_empty,
-        parallelism=parallelism,
-    )
-    desired = _desired(cfg)
+def reconcile(once: bool, config_path: Path | None, dry_run: bool, **opts: Any) -> int:
+    """Converge this node to the source once; exit 1 if anything failed.
+
+    A source is a directory of bundle files, or a git repository (a URL, or a path with --ref/--path).
+    While `dabctl agent` runs on this state, the pass is run by the agent and this command waits for it.
+    """
+    cfg = _config(config_path, **opts)
     out = _out()
-    with _engine(cfg, read_only=dry_run) as engine:
-        p = engine.plan(desired, cfg.allow_empty)
-        if dry_run:
-            render_plan(p, out)
-            return 1 if p.errors else 0
-        report = _apply_with_progress(engine, p, out)
+    api = running_agent(cfg) if not dry_run else None
+    if api:
+        return _reconcile_through_agent(api, out)
+    desired = _desired(cfg)
+    try:
+        with _engine(cfg, read_only=dry_run) as engine:
+            p = engine.plan(desired, cfg.allow_empty)
+            if dry_run:
+                render_plan(p, out)
+                return 1 if p.errors else 0
+            report = _apply_with_progress(engine, p, out)
+    except StateLocked:
+        api = running_agent(cfg)
+        if not api:
+            raise
+        return _reconcile_through_agent(api, out)
     for line in report.errors:
         click.echo(f"error: {line}", err=True)
     done = {o: report.count(o) for o in Outcome}
@@ -264,18 +259,25 @@ def reconcile(
     return 1 if report.failed else 0
 
 
+def _reconcile_through_agent(api: str, out: Console) -> int:
+    click.echo(f"an agent holds this state: the pass runs in it ({api})", err=True)
+    doc = call(api, "reconcile", {})
+    for line in doc.get("errors", []):
+        click.echo(f"error: {line}", err=True)
+    out.print(
+        f"reconciled by the agent: {doc.get('created', 0)} created, {doc.get('updated', 0)} updated, "
+        f"{doc.get('removed', 0)} removed, {doc.get('failed', 0)} failed"
+    )
+    return 0 if doc.get("ok") else 1
+
+
 def _apply_with_progress(engine: Engine, p: PassPlan, out: Console) -> Any:
     total = p.changes
     if out.is_terminal and total:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(
-            TextColumn("converging"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=out,
-            transient=False,
+            TextColumn("converging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=out
         ) as progress:
             task = progress.add_task("apply", total=total)
 
@@ -290,22 +292,13 @@ def _apply_with_progress(engine: Engine, p: PassPlan, out: Console) -> Any:
 
 @cli.command()
 @click.argument("stack", required=False)
-@config_options
+@engine_options
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
-def ps(
-    stack: str | None,
-    config_path: Path | None,
-    state_dir: str | None,
-    node_name: str | None,
-    docker_host: str | None,
-    state: str | None,
-    fmt: str,
-) -> None:
+def ps(stack: str | None, config_path: Path | None, fmt: str, **opts: Any) -> None:
     """List managed containers per slot (all stacks, or STACK) with state and spec revision."""
-    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host, state=state)
+    cfg = _config(config_path, **opts)
     with _engine(cfg, read_only=True) as engine:
         replicas = engine.services.observe()
-
     rows = [
         ReplicaRow(
             stack=r.stack,
@@ -340,19 +333,11 @@ def ps(
 
 @cli.command()
 @click.argument("stack")
-@config_options
+@engine_options
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
-def history(
-    stack: str,
-    config_path: Path | None,
-    state_dir: str | None,
-    node_name: str | None,
-    docker_host: str | None,
-    state: str | None,
-    fmt: str,
-) -> None:
+def history(stack: str, config_path: Path | None, fmt: str, **opts: Any) -> None:
     """Applied revisions of STACK, newest first, with what each pass did (kept: history_limit, default 10)."""
-    cfg = _config(config_path, state_dir=state_dir, node_name=node_name, docker_host=docker_host, state=state)
+    cfg = _config(config_path, **opts)
     with _records(cfg, writer=False) as records:
         entries = records.history(stack)
     if not entries:
@@ -378,6 +363,159 @@ def history(
     _out().print(table)
 
 
+@cli.command()
+@source_options
+@engine_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
+    """Stacks and services like `docker service ls`: replicas running/desired, image, ports, revision, sync.
+
+    Asks the running agent when there is one; otherwise reads the state and the engine (and the source, when
+    --source is given, to tell Synced from OutOfSync).
+    """
+    cfg = _config(config_path, **opts)
+    api = running_agent(cfg)
+    if api:
+        result = StatusOutput.model_validate(get_status(api))
+    else:
+        desired = _desired(cfg) if cfg.source else None
+        node = cfg.node_name or socket.gethostname()
+        with _engine(cfg, read_only=True) as engine:
+            records = engine.records
+            stacks = stack_statuses(
+                desired,
+                records.stacks(),
+                engine.services.observe(),
+                records.assignments(),
+                node,
+                {},
+                records.suspended(),
+            )
+        result = StatusOutput(node=node, ready=True, stacks=stacks)
+    if fmt == "json":
+        click.echo(result.model_dump_json(indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("STACK", "SERVICE", "MODE", "REPLICAS", "IMAGE", "PORTS", "REVISION", "SYNC"):
+        table.add_column(col, no_wrap=True)
+    for st in result.stacks:
+        sync = st.sync.status + (" (suspended)" if st.suspended else "")
+        rev = short_revision(st.sync.revision) if st.sync.revision else "-"
+        if not st.health.services:
+            table.add_row(st.stack, "-", "-", "-", "-", "-", rev, sync)
+        for s in st.health.services:
+            table.add_row(
+                st.stack, s.service, s.mode, f"{s.running}/{s.desired}", s.image, ",".join(s.ports) or "-", rev, sync
+            )
+    out = _out()
+    out.print(table)
+    for st in result.stacks:
+        if st.sync.error:
+            out.print(f"{st.stack}: {st.sync.error}", markup=False)
+
+
+@cli.command()
+@click.argument("stack")
+@click.argument("service")
+@engine_options
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new output.")
+@click.option("--tail", default="all", help="Lines from the end of each replica's log [default: all].")
+def logs(stack: str, service: str, config_path: Path | None, follow: bool, tail: str, **opts: Any) -> None:
+    """Output of every replica of STACK's SERVICE, each line prefixed by its slot."""
+    cfg = _config(config_path, **opts)
+    with _engine(cfg, read_only=True) as engine:
+        replicas = [r for r in engine.services.observe() if r.stack == stack and r.service == service]
+        if not replicas:
+            raise UserError(f"no containers of {stack}_{service} on this node; `dabctl ps {stack}` lists them")
+        width = max(len(r.slot) for r in replicas)
+        lock = threading.Lock()
+
+        def stream(slot: str, container: str) -> None:
+            buffered = b""
+            count: Any = int(tail) if tail.isdigit() else "all"
+            for chunk in engine.docker.api.logs(container, stream=True, follow=follow, tail=count):
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                with lock:
+                    for line in lines:
+                        click.echo(f"{stack}_{service}.{slot:<{width}} | {line.decode(errors='replace')}")
+            if buffered:
+                with lock:
+                    click.echo(f"{stack}_{service}.{slot:<{width}} | {buffered.decode(errors='replace')}")
+
+        threads = [
+            threading.Thread(target=stream, args=(r.slot, r.id), daemon=True)
+            for r in sorted(replicas, key=lambda r: slot_order(r.slot))
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            pass
+
+
+def _suspension(stack: str, config_path: Path | None, suspend: bool, opts: dict[str, Any]) -> None:
+    cfg = _config(config_path, **opts)
+    name = "suspend" if suspend else "resume"
+    api = running_agent(cfg)
+    if api:
+        changed = bool(call(api, name, {"stack": stack}).get("changed"))
+    else:
+        try:
+            with _records(cfg, writer=True) as records:
+                changed = records.set_suspended(stack, suspend)
+        except StateLocked:
+            api = running_agent(cfg)
+            if not api:
+                raise
+            changed = bool(call(api, name, {"stack": stack}).get("changed"))
+    verb = "suspended" if suspend else "resumed"
+    click.echo(f"{stack}: {verb}" if changed else f"{stack}: already {verb}")
+
+
+@cli.command()
+@click.argument("stack")
+@engine_options
+def suspend(stack: str, config_path: Path | None, **opts: Any) -> None:
+    """Leave STACK exactly as it is: no pass changes it until `dabctl resume STACK`."""
+    _suspension(stack, config_path, True, opts)
+
+
+@cli.command()
+@click.argument("stack")
+@engine_options
+def resume(stack: str, config_path: Path | None, **opts: Any) -> None:
+    """Let passes converge STACK again (at once, when an agent runs)."""
+    _suspension(stack, config_path, False, opts)
+
+
+@cli.command()
+@source_options
+@engine_options
+@click.option("--listen", default=None, help="Agent HTTP address [default: 127.0.0.1:9420].")
+@click.option("--poll-interval", type=float, default=None, help="Seconds between git polls [default: 60; 0 off].")
+@click.option("--resync-interval", type=float, default=None, help="Seconds between full resyncs [default: 300; 0 off].")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None, help="Log format.")
+@click.option("--allow-empty", is_flag=True, default=None, help="Let an empty source remove every deployed stack.")
+def agent(config_path: Path | None, **opts: Any) -> int:
+    """Run continuously: follow the source (git polls, webhook, directory changes), Docker events and a
+    periodic resync, and keep this node converged. Serves /healthz /readyz /metrics /status on --listen.
+
+    SIGTERM finishes the actions in flight, records them and exits; workloads keep running.
+    """
+    from agent.logs import setup_logging
+    from agent.loop import run_agent
+
+    cfg = _config(config_path, **opts)
+    if not cfg.source:
+        raise UserError("no source: pass --source DIR or a git URL (or set source in the config file)")
+    setup_logging(cfg.log_format)
+    return run_agent(cfg)
+
+
 def main() -> None:
     """Entry point: run the CLI and map every outcome to DESIGN §8's exit codes."""
     try:
@@ -395,7 +533,7 @@ def main() -> None:
             click.echo(str(e), err=True)
         click.echo("error: invalid bundles; nothing was changed", err=True)
         sys.exit(1)
-    except (UserError, EngineError, StateLogError, EmptySourceRefused) as exc:
+    except (UserError, EngineError, StateLogError, EmptySourceRefused, AgentUnreachable) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -7,8 +7,9 @@ so a network is removed only after its containers and created before the contain
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,8 @@ class PassPlan:
     assignments_changed: dict[tuple[str, str], dict[str, list[str]]]
     assignments_removed: set[tuple[str, str]]
     records: dict[str, StackRecord]
+    suspended: list[str] = field(default_factory=list)
+    replicas: list[services.Replica] = field(default_factory=list)
 
     @property
     def changes(self) -> int:
@@ -82,7 +85,7 @@ class PassReport:
         return bool(self.errors) or self.count(Outcome.FAILED) > 0
 
 
-def _stack_of(action: Action) -> str:
+def stack_of(action: Action) -> str:
     if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
         return action.stack
     return action.key[0]
@@ -103,9 +106,11 @@ class Engine:
         self.services = ServicesReconciler(docker, owner, node)
         self.networks = NetworksReconciler(docker, owner)
 
-    def plan(self, desired: DesiredState, allow_empty: bool = False) -> PassPlan:
-        """Observe the engine and plan every stack; pure apart from the two list calls and state reads."""
+    def plan(self, desired: DesiredState, allow_empty: bool = False, only: Collection[str] | None = None) -> PassPlan:
+        """Observe the engine and plan the stacks in `only` (default: all); pure apart from the two list calls
+        and state reads. Suspended stacks and stacks outside `only` are left exactly as they are."""
         records = self.records.stacks()
+        suspended = self.records.suspended()
         current_assignments = self.records.assignments()
         replicas = self.services.observe()
         observed_networks = self.networks.observe()
@@ -117,25 +122,28 @@ class Engine:
                 "refusing to remove them all — pass --allow-empty if that is what you want"
             )
 
-        assignments = assign(desired, [self.node])
-        changed = {k: v for k, v in assignments.items() if current_assignments.get(k) != v}
-        removed = set(current_assignments) - set(assignments)
-
+        names = set(desired.stacks) | deployed
+        in_scope = {n for n in names if (only is None or n in only) and n not in suspended}
         net_targets = [t for stack in desired.stacks.values() for t in desired_networks(stack)]
         blocked = networks.conflicts(net_targets, observed_networks, self.owner)
+        held = (names - in_scope) | set(blocked)
         stacks = {
             name: StackPlan(name, desired.stacks[name].revision if name in desired.stacks else None, blocked.get(name))
-            for name in sorted(set(desired.stacks) | deployed)
+            for name in sorted(in_scope)
         }
 
+        assignments = assign(desired, [self.node])
+        changed = {k: v for k, v in assignments.items() if current_assignments.get(k) != v and k[0] not in held}
+        removed = {k for k in set(current_assignments) - set(assignments) if k[0] not in held}
+
         # A blocked stack is left exactly as it is: neither its objects nor its targets enter planning.
-        live_networks = [n for n in observed_networks if not (n.owned_by(self.owner) and n.stack in blocked)]
-        net_actions = networks.plan([t for t in net_targets if t.stack not in blocked], live_networks, self.owner)
+        live_networks = [n for n in observed_networks if not (n.owned_by(self.owner) and n.stack in held)]
+        net_actions = networks.plan([t for t in net_targets if t.stack not in held], live_networks, self.owner)
         network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
 
         wanted: list[ServiceDesired] = []
         for name, stack in desired.stacks.items():
-            if name in blocked:
+            if name in held:
                 continue
             record = records.get(name)
             for target in service_targets(stack):
@@ -150,17 +158,25 @@ class Engine:
                         previous_hash=previous.spec_hash if previous else None,
                     )
                 )
-        live_replicas = [r for r in replicas if r.stack not in blocked]
+        live_replicas = [r for r in replicas if r.stack not in held]
         svc_actions = services.plan(wanted, live_replicas, network_ids)
 
         for a in net_actions:
-            stacks[_stack_of(a)].network_actions.append(a)
+            stacks[stack_of(a)].network_actions.append(a)
         for s in svc_actions:
-            stacks[_stack_of(s)].service_actions.append(s)
-        return PassPlan(desired, stacks, assignments, changed, removed, records)
+            stacks[stack_of(s)].service_actions.append(s)
+        return PassPlan(desired, stacks, assignments, changed, removed, records, sorted(suspended & names), replicas)
 
-    def apply(self, plan: PassPlan, on_result: Callable[[AnyResult], None] | None = None) -> PassReport:
-        """Apply a plan in phases, then record each stack whose state changed. Never raises for engine errors."""
+    def apply(
+        self,
+        plan: PassPlan,
+        on_result: Callable[[AnyResult], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> PassReport:
+        """Apply a plan in phases, then record each stack whose state changed. Never raises for engine errors.
+
+        Once `stop` is set, actions not yet started are skipped (the next pass plans them again); those
+        in flight finish and everything done is recorded."""
         reconcile_id = uuid.uuid4().hex[:12]
         self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
         all_actions = [a for s in plan.stacks.values() for a in s.actions]
@@ -177,7 +193,9 @@ class Engine:
         results: list[AnyResult] = []
         with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
             for phase in phases:
-                for result in pool.map(self._apply_one, phase):
+                for result in pool.map(lambda a: None if stop and stop.is_set() else self._apply_one(a), phase):
+                    if result is None:
+                        continue
                     results.append(result)
                     if on_result:
                         on_result(result)
@@ -193,7 +211,7 @@ class Engine:
         """Write a stack's record only when something happened to it or its revision moved."""
         by_stack: dict[str, list[AnyResult]] = {}
         for r in results:
-            by_stack.setdefault(_stack_of(r.action), []).append(r)
+            by_stack.setdefault(stack_of(r.action), []).append(r)
         now = datetime.now(UTC)
         records: list[StackRecord] = []
         new_revisions: list[StackRecord] = []
@@ -251,7 +269,7 @@ class Engine:
                 at=now,
                 node=self.node,
                 actions=[
-                    AuditAction(stack=_stack_of(r.action), action=str(r.action), outcome=r.outcome.value, error=r.error)
+                    AuditAction(stack=stack_of(r.action), action=str(r.action), outcome=r.outcome.value, error=r.error)
                     for r in results
                 ],
             )

@@ -16,6 +16,7 @@ STACKS = "/stacks/"
 ASSIGNMENTS = "/assignments/"
 HISTORY = "/history/"
 AUDIT = "/audit/"
+SUSPENDED = "/suspended/"
 
 
 def _stamp() -> str:
@@ -85,6 +86,17 @@ class Records:
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
         if ops:
             self.log.txn([], ops)
+
+    def suspended(self) -> set[str]:
+        """Stacks an operator suspended: the agent leaves them exactly as they are."""
+        return {kv.key.removeprefix(SUSPENDED) for kv in self.log.range(SUSPENDED)}
+
+    def set_suspended(self, stack: str, suspended: bool) -> bool:
+        """Suspend or resume a stack; whether anything changed."""
+        key = SUSPENDED + stack
+        if suspended:
+            return self.log.txn([Compare(key, "create_revision", "==", 0)], [Put(key, b"1")]).succeeded
+        return self.log.txn([Compare(key, "create_revision", ">", 0)], [Delete(key)]).succeeded
 
     def assignments(self) -> dict[tuple[str, str], dict[str, list[str]]]:
         out = {}

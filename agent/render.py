@@ -37,6 +37,10 @@ def render_plan(plan: PassPlan, out: Console) -> None:
             out.print(f"  service {escape(service)}")
             for s in actions:
                 out.print(_styled(f"    {s}"))
+    for name in plan.suspended:
+        out.print(
+            f"[bold]stack {escape(name)}[/]  [dim](suspended: left alone until `dabctl resume {escape(name)}`)[/]"
+        )
     counts = {"+": 0, "~": 0, "-": 0}
     for sp in plan.stacks.values():
         for action in sp.actions:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,21 @@ class AgentConfig(BaseModel):
     etcd_ca_file: str | None = Field(None, description="CA bundle for etcd over TLS (switches to https)")
     etcd_cert_file: str | None = Field(None, description="Client certificate for etcd")
     etcd_key_file: str | None = Field(None, description="Client key for etcd")
+    ref: str | None = Field(None, description="Git branch, tag or commit SHA (default main for a git source)")
+    path: str | None = Field(None, description="Subdirectory of the repository holding the bundles")
+    git_token_file: str | None = Field(None, description="File holding an HTTP(S) token for the repository")
+    git_token_env: str | None = Field(None, description="Environment variable holding that token")
+    git_username: str | None = Field(None, description="User name sent with the token (default x-access-token)")
+    git_ssh_key_file: str | None = Field(None, description="Private key for ssh:// repositories")
+    git_known_hosts_file: str | None = Field(None, description="known_hosts checked for ssh:// host keys")
+    poll_interval: Annotated[float, Field(ge=0)] = Field(60.0, description="Seconds between git polls (0: off)")
+    resync_interval: Annotated[float, Field(ge=0)] = Field(300.0, description="Seconds between full resyncs (0: off)")
+    listen: str = Field("127.0.0.1:9420", description="Agent HTTP: /healthz /readyz /metrics /status and the CLI API")
+    webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
+    webhook_secret_file: str | None = Field(None, description="GitHub HMAC secret or GitLab token, from a file")
+    webhook_secret_env: str | None = Field(None, description="... or from an environment variable")
+    log_format: Literal["console", "json"] = Field("console", description="Agent log format")
+    backoff_max: Annotated[float, Field(ge=1)] = Field(300.0, description="Longest retry delay for a failing stack")
     history_limit: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="Applied revisions kept per stack")
     audit_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(500, description="Passes kept in the audit trail")
     allow_empty: bool = Field(False, description="Allow a source with no stacks to prune every deployed stack")

@@ -48,3 +48,66 @@ class ReplicaRow(BaseModel):
     exit_code: int | None
     spec: str
     revision: str
+
+
+class SyncStatus(BaseModel):
+    """Whether the node matches the stack's bundle; `error` is the last failure, naming file and field."""
+
+    status: Literal["Synced", "OutOfSync", "Failed"]
+    revision: str | None = None
+    error: str | None = None
+    at: str | None = None
+
+
+class ServiceHealth(BaseModel):
+    """Replicas running (and healthy, where a healthcheck exists) against those desired on this node."""
+
+    service: str
+    mode: str
+    image: str
+    ports: list[str] = []
+    running: int
+    desired: int
+    status: Literal["Healthy", "Progressing", "Degraded"]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["Healthy", "Progressing", "Degraded"]
+    services: list[ServiceHealth] = []
+
+
+class RolloutStatus(BaseModel):
+    state: Literal["idle", "updating", "paused", "rolling-back"] = "idle"
+    reason: str | None = None
+
+
+class StackStatus(BaseModel):
+    """DESIGN §8: separate fields for sync, health, rollout and pin."""
+
+    stack: str
+    sync: SyncStatus
+    health: HealthStatus
+    rollout: RolloutStatus = RolloutStatus()
+    pinned: str | None = None
+    suspended: bool = False
+
+
+class SourceStatus(BaseModel):
+    """Where bundles come from and how the last fetch went (no credentials, ever)."""
+
+    kind: Literal["directory", "git"]
+    location: str
+    ref: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    last_fetch_at: str | None = None
+    last_fetch_error: str | None = None
+
+
+class StatusOutput(BaseModel):
+    """`dabctl status --output json` and the agent's `/status`."""
+
+    node: str
+    ready: bool
+    source: SourceStatus | None = None
+    stacks: list[StackStatus] = []

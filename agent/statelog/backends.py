@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from agent.statelog import StateLog
 from agent.statelog.etcd import EtcdStateLog
 from agent.statelog.sqlite import SqliteStateLog
@@ -16,7 +18,7 @@ def etcd_endpoints(state: str, tls: bool) -> list[str]:
     return [f"{scheme}://{host}" for host in state.removeprefix("etcd://").split(",") if host]
 
 
-def open_log(cfg: AgentConfig, writer: bool) -> StateLog:
+def open_log(cfg: AgentConfig, writer: bool, holder: Mapping[str, str] | None = None) -> StateLog:
     """The configured state log; `writer` takes the embedded state's exclusive write lock."""
     if cfg.state.startswith("etcd://"):
         tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
@@ -27,4 +29,4 @@ def open_log(cfg: AgentConfig, writer: bool) -> StateLog:
             cert_file=cfg.etcd_cert_file,
             key_file=cfg.etcd_key_file,
         )
-    return SqliteStateLog(cfg.state_path / STATE_FILE, writer=writer)
+    return SqliteStateLog(cfg.state_path / STATE_FILE, writer=writer, holder=holder)

@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent.statelog import (
@@ -73,8 +73,11 @@ def _kv(row: Sequence[object]) -> KeyValue:
 class SqliteStateLog:
     """StateLog on one SQLite file. `writer=True` takes the exclusive write lock; `writer=False` only reads."""
 
-    def __init__(self, path: Path, writer: bool = True, retention: int = 10_000) -> None:
+    def __init__(
+        self, path: Path, writer: bool = True, retention: int = 10_000, holder: Mapping[str, str] | None = None
+    ) -> None:
         self.path = path
+        self.holder = dict(holder or {})
         self.writer = writer
         self.retention = retention
         self._lock_file: int | None = None
@@ -116,7 +119,7 @@ class SqliteStateLog:
                 f"the state {self.path.parent} is held for writing by {holder}; stop it, or send changes "
                 "through the running agent"
             ) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3])}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]), **self.holder}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._lock_file = fd
@@ -127,6 +130,27 @@ class SqliteStateLog:
                 os.ftruncate(self._lock_file, 0)
             os.close(self._lock_file)  # closing the descriptor drops the flock
             self._lock_file = None
+
+    @staticmethod
+    def holder_of(path: Path) -> dict[str, str] | None:
+        """Who holds the state at `path` for writing (pid, command, api), or None when nobody does."""
+        lock = path.with_name(path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    info = {}
+                return {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {}
+            return None
+        finally:
+            os.close(fd)
 
     def _has_schema(self) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None

@@ -1,0 +1,447 @@
+"""`dabctl agent`: keep this node converged as commits, webhooks and container events arrive.
+
+Triggers only enqueue stack keys (DESIGN §3): the source poller (git: one ls-remote per poll; directory:
+watchdog events and a cheap fingerprint), the webhook, Docker's event stream and a periodic full resync. One
+worker runs one pass at a time over the keys that are ready; a failing stack is retried with backoff and never
+blocks the others. The last valid desired state keeps running when a broken bundle arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from agent.docker_engine import DockerEngine, EngineError
+from agent.engine import EmptySourceRefused, Engine, PassReport, stack_of
+from agent.http import AgentHttp, WebhookAuth
+from agent.metrics import Metrics
+from agent.records import Records
+from agent.sources import DirectorySource, Source, _secret, open_source
+from agent.statelog import StateLogError
+from agent.statelog.backends import open_log
+from agent.status import stack_statuses
+from agent.workqueue import WorkQueue
+from bundles import DesiredState, InvalidBundles
+from reconcilers.outcome import Outcome
+from schemas.config import AgentConfig
+from schemas.output import SourceStatus, StatusOutput
+
+log = logging.getLogger("dabctl.agent")
+CONTAINER_TRIGGERS = ("die", "kill", "oom", "destroy", "stop")
+EVENT_DEBOUNCE = 0.1
+
+
+def _split_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _stack_of_file(file: str) -> str:
+    return Path(file.rsplit(":", 1)[-1]).stem
+
+
+class Agent:
+    """The node agent: sources, triggers, the work queue and the HTTP endpoints around one Engine."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name or socket.gethostname()
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.queue = WorkQueue(max_delay=cfg.backoff_max)
+        self.metrics = Metrics()
+        self.desired: DesiredState | None = None
+        self.fingerprint: str | None = None
+        self.load_errors: dict[str, str] = {}
+        self.pass_errors: dict[str, str] = {}
+        self.source_error: str | None = None
+        self.last_fetch_at: str | None = None
+        self._wake = threading.Event()
+        self._pass_lock = threading.Lock()
+        self._source_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._events_stream: Any = None
+        self._source_changed: set[str] = set()  # their next pass applies a change, not a drift correction
+
+        host, port = _split_listen(cfg.listen)
+        self.api_url = f"http://{host}:{port}"
+        self.docker = DockerEngine(cfg.docker_host)
+        self.docker.ping()
+        self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
+        self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
+        self.engine = Engine(self.docker, self.records, self.node, cfg.parallelism)
+        self.source: Source = open_source(cfg)
+        secret = _secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
+        webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
+        self.http = AgentHttp(
+            host,
+            port,
+            status=self.status,
+            ready=self.ready.is_set,
+            metrics=self.metrics,
+            on_webhook=self.on_webhook,
+            webhook=webhook,
+            api=self.api,
+        )
+        self.webhook_http = None
+        if cfg.webhook_listen:
+            wh, wp = _split_listen(cfg.webhook_listen)
+            self.webhook_http = AgentHttp(
+                wh,
+                wp,
+                status=self.status,
+                ready=self.ready.is_set,
+                metrics=self.metrics,
+                on_webhook=self.on_webhook,
+                webhook=webhook,
+                webhook_only=True,
+            )
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; never stops workloads because it is stopping."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.shutdown())
+        self.http.start()
+        if self.webhook_http:
+            self.webhook_http.start()
+        log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
+        self._spawn(self._poll_source, "source")
+        self._spawn(self._follow_events, "events")
+        if self.cfg.resync_interval:
+            self._spawn(self._resync, "resync")
+        observer = self._watch_directory()
+        try:
+            self._work()
+        finally:
+            self.shutdown()
+            if observer is not None:
+                observer.stop()
+            self._close()
+        log.info("agent stopped")
+        return 0
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.queue.close()
+        self._wake.set()
+        stream = self._events_stream
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def _close(self) -> None:
+        self.http.stop()
+        if self.webhook_http:
+            self.webhook_http.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.source.close()
+        self.log.close()
+        self.docker.close()
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # --- the source -----------------------------------------------------------------------------------------------
+
+    def refresh_source(self) -> bool:
+        """Load the source if it changed; enqueue the stacks it changed. False when the source is unreachable."""
+        with self._source_lock:
+            try:
+                fp = self.source.fingerprint()
+                if self.source_error is not None:
+                    log.info("source reachable again")
+                    self.source_error = None
+                if fp == self.fingerprint and self.desired is not None:
+                    return True
+                new = self.source.load()
+            except InvalidBundles as exc:
+                self._broken_bundles(exc)
+                self.fingerprint = fp
+                return True
+            except Exception as exc:
+                self.source_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.metrics.git_fetch_failures.inc()
+                log.warning("source unreachable; workloads untouched", extra={"error": self.source_error})
+                return False
+            self.last_fetch_at = datetime.now(UTC).isoformat()
+            self.source_error = None
+            old = self.desired
+            changed = {
+                name
+                for name in set(new.stacks) | set(old.stacks if old else {})
+                if old is None
+                or name not in old.stacks
+                or name not in new.stacks
+                or (old.stacks[name].revision, old.stacks[name].bundle_hash)
+                != (new.stacks[name].revision, new.stacks[name].bundle_hash)
+            }
+            if old is None:
+                changed |= set(self.records.stacks())
+            self.desired, self.fingerprint = new, fp
+            for stack in list(self.load_errors):
+                self.metrics.set_stack_error(stack, None)
+            self.load_errors = {}
+            if changed:
+                log.info("source changed", extra={"stacks": ",".join(sorted(changed))})
+                self._source_changed |= changed
+                self.queue.add(changed, urgent=True)
+            return True
+
+    def _broken_bundles(self, exc: InvalidBundles) -> None:
+        errors: dict[str, str] = {}
+        for e in exc.errors:
+            errors.setdefault(_stack_of_file(e.file), str(e))
+        self.load_errors = errors
+        for stack, error in errors.items():
+            self.metrics.set_stack_error(stack, error)
+        log.error(
+            "invalid bundles: the last good state keeps running",
+            extra={"errors": " | ".join(str(e) for e in exc.errors[:5])},
+        )
+
+    def _poll_source(self) -> None:
+        backoff = 1.0
+        while not self.stop.is_set():
+            ok = self.refresh_source()
+            interval = self.cfg.poll_interval
+            if ok:
+                backoff = 1.0
+                wait = interval * random.uniform(0.9, 1.1) if interval else None
+            else:
+                wait = min(backoff, interval) if interval else backoff
+                backoff = min(backoff * 2, max(interval, 1.0) if interval else 60.0)
+            self._wake.wait(wait)
+            self._wake.clear()
+            if isinstance(self.source, DirectorySource):
+                time.sleep(0.2)  # debounce editors that write a file in several steps
+
+    def _watch_directory(self) -> Any:
+        if not isinstance(self.source, DirectorySource):
+            return None
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake = self._wake
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                wake.set()
+
+        observer = Observer()
+        observer.schedule(Handler(), str(self.source.directory), recursive=False)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def on_webhook(self) -> None:
+        log.info("webhook received: fetching now")
+        self._wake.set()
+
+    # --- other triggers -------------------------------------------------------------------------------------------
+
+    def all_keys(self) -> set[str]:
+        keys = set(self.desired.stacks) if self.desired else set()
+        return keys | set(self.records.stacks())
+
+    def _resync(self) -> None:
+        while not self.stop.wait(self.cfg.resync_interval):
+            self.queue.add(self.all_keys())
+
+    def _follow_events(self) -> None:
+        """Docker's event stream -> stack keys; after a dropped stream, reconnect with `since` and resync all."""
+        api = docker.APIClient(base_url=self.docker.url, version="1.41", timeout=None)  # type: ignore[arg-type]
+        since = int(time.time())
+        first = True
+        while not self.stop.is_set():
+            try:
+                stream = api.events(since=since, decode=True, filters={"type": ["container", "network"]})
+                self._events_stream = stream
+                if not first:
+                    self.queue.add(self.all_keys())
+                first = False
+                for ev in stream:
+                    since = int(ev.get("time", since))
+                    self._on_event(ev)
+            except Exception as exc:
+                if self.stop.is_set():
+                    break
+                log.warning("docker event stream dropped; reconnecting", extra={"error": str(exc)[:200]})
+                first = False
+                self.stop.wait(1.0)
+        api.close()
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        action = str(ev.get("Action") or ev.get("status") or "")
+        attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+        if ev.get("Type") == "container":
+            if attrs.get("dabctl.owner") != self.engine.owner:
+                return
+            if action in CONTAINER_TRIGGERS or action.startswith("health_status"):
+                self.queue.add([attrs.get("dabctl.stack", "")], after=EVENT_DEBOUNCE)
+        elif ev.get("Type") == "network" and action == "destroy":
+            stack = str(attrs.get("name", "")).split("_", 1)[0]
+            if stack in self.all_keys():
+                self.queue.add([stack], after=EVENT_DEBOUNCE)
+
+    # --- the worker -----------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        self.queue.add(self.all_keys())
+        while not self.stop.is_set():
+            keys = self.queue.next_batch(timeout=1.0)
+            if keys and not self.stop.is_set():
+                try:
+                    self.run_pass(keys)
+                except Exception:
+                    # A bug must not stop the agent (nor, ever, the workloads): log it and retry later.
+                    log.exception("pass crashed", extra={"stacks": ",".join(sorted(keys))})
+                    for k in keys:
+                        self.queue.retry(k)
+
+    def run_pass(self, keys: Iterable[str]) -> PassReport | None:
+        """One pass over `keys` (one at a time across the agent); failures requeue with backoff."""
+        keys = set(keys)
+        with self._pass_lock:
+            if self.desired is None and not self.refresh_source():
+                for k in keys:
+                    self.queue.retry(k)
+                return None
+            desired = self.desired
+            assert desired is not None
+            started = time.monotonic()
+            try:
+                plan = self.engine.plan(desired, self.cfg.allow_empty, only=keys)
+                report = self.engine.apply(plan, stop=self.stop)
+            except (EmptySourceRefused, EngineError, StateLogError, docker.errors.DockerException, OSError) as exc:
+                for k in keys:
+                    self.pass_errors[k] = str(exc)
+                    self.queue.retry(k)
+                self.metrics.passes.labels(result="failure").inc()
+                log.error("pass failed", extra={"error": str(exc)[:300], "stacks": ",".join(sorted(keys))})
+                return None
+            self.metrics.reconcile_duration.observe(time.monotonic() - started)
+            failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
+            for r in report.results:
+                if r.outcome is Outcome.FAILED:
+                    stack = stack_of(r.action)
+                    failed.setdefault(stack, f"{r.action}: {r.error}")
+            for k in keys:
+                if k in failed:
+                    self.pass_errors[k] = failed[k]
+                    self.metrics.set_stack_error(k, failed[k])
+                    delay = self.queue.retry(k)
+                    log.warning(
+                        "stack failed; retrying", extra={"stack": k, "retry_in": delay, "error": failed[k][:300]}
+                    )
+                else:
+                    self.pass_errors.pop(k, None)
+                    if k not in self.load_errors:
+                        self.metrics.set_stack_error(k, None)
+                    self.queue.forget(k)
+                    if k in desired.stacks:
+                        self.metrics.set_applied_revision(k, desired.stacks[k].revision)
+            for r in report.results:
+                stack = stack_of(r.action)
+                if r.outcome is not Outcome.FAILED and stack not in self._source_changed:
+                    self.metrics.drift_corrections.labels(stack=stack).inc()
+            self._source_changed -= keys
+            self.metrics.passes.labels(result="failure" if failed else ("success" if report.results else "noop")).inc()
+            counts: dict[tuple[str, str, str], int] = {}
+            for rep in plan.replicas:
+                counts[(rep.stack, rep.service, rep.state)] = counts.get((rep.stack, rep.service, rep.state), 0) + 1
+            self.metrics.set_containers(counts)
+            if report.results or failed:
+                log.info(
+                    "pass done",
+                    extra={
+                        "reconcile_id": report.reconcile_id,
+                        "stacks": ",".join(sorted(keys)),
+                        "n_created": report.count(Outcome.CREATED),
+                        "n_updated": report.count(Outcome.UPDATED),
+                        "n_removed": report.count(Outcome.REMOVED),
+                        "n_failed": report.count(Outcome.FAILED),
+                    },
+                )
+            if not failed and not self.load_errors:
+                self.ready.set()
+            return report
+
+    # --- status and the CLI's API ---------------------------------------------------------------------------------
+
+    def status(self) -> StatusOutput:
+        errors = {**self.pass_errors, **self.load_errors}
+        stacks = stack_statuses(
+            self.desired,
+            self.records.stacks(),
+            self.docker.list_replicas(self.engine.owner),
+            self.records.assignments(),
+            self.node,
+            errors,
+            self.records.suspended(),
+        )
+        revision = None
+        if self.source.kind == "git" and self.fingerprint:
+            revision = f"{self.source.ref}@sha1:{self.fingerprint}"
+        source = SourceStatus(
+            kind=self.source.kind,  # type: ignore[arg-type]
+            location=self.source.location,
+            ref=self.source.ref,
+            path=self.source.path,
+            revision=revision,
+            last_fetch_at=self.last_fetch_at,
+            last_fetch_error=self.source_error,
+        )
+        return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+
+    def api(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The CLI's changing commands, applied through this loop."""
+        if name == "reconcile":
+            self.refresh_source()
+            keys = self.all_keys()
+            report = self.run_pass(keys)
+            if report is None:
+                return 200, {"ok": False, "errors": [f"{k}: {e}" for k, e in sorted(self.pass_errors.items())]}
+            errors = [f"{k}: {e}" for k, e in sorted({**self.pass_errors, **self.load_errors}.items()) if k in keys]
+            return 200, {
+                "ok": not report.failed and not self.load_errors,
+                "reconcile_id": report.reconcile_id,
+                "created": report.count(Outcome.CREATED),
+                "updated": report.count(Outcome.UPDATED),
+                "removed": report.count(Outcome.REMOVED),
+                "failed": report.count(Outcome.FAILED),
+                "errors": errors,
+            }
+        if name in ("suspend", "resume"):
+            stack = str(body.get("stack") or "")
+            if not stack:
+                return 400, {"error": "name a stack"}
+            changed = self.records.set_suspended(stack, name == "suspend")
+            if name == "resume":
+                self.queue.add([stack], urgent=True)
+            return 200, {"stack": stack, "changed": changed}
+        return 404, {"error": f"no such API call {name!r}"}
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    """Entry point of `dabctl agent`."""
+    agent = Agent(cfg)
+    log.debug("agent pid", extra={"pid": os.getpid(), "run": uuid.uuid4().hex[:8]})
+    return agent.run()

@@ -1,0 +1,111 @@
+"""The agent's Prometheus metrics, served at /metrics (DESIGN §8).
+
+Everything lives on the instance's own CollectorRegistry, never the process-global one, so two agents (or two
+tests) in one process do not collide and nothing a library registers globally leaks into /metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# A converged pass takes milliseconds (two list calls); a cold converge with pulls can take a minute.
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ERROR_LABEL_MAX = 200
+PASS_RESULTS = ("success", "failure", "noop")
+
+
+class Metrics:
+    """The agent's Prometheus metrics on its own CollectorRegistry (never the global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconcile_duration = Histogram(
+            "dabctl_reconcile_duration_seconds",
+            "Duration of one reconcile pass.",
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.passes = Counter(
+            "dabctl_reconcile_passes_total",
+            "Reconcile passes by result (success, failure, noop).",
+            ["result"],
+            registry=self.registry,
+        )
+        # Every result exists from the start, so rate() and alerts see a 0 rather than an absent series.
+        for result in PASS_RESULTS:
+            self.passes.labels(result=result)
+        self.drift_corrections = Counter(
+            "dabctl_drift_corrections_total",
+            "Changes applied to make live state match the bundle, by stack.",
+            ["stack"],
+            registry=self.registry,
+        )
+        self.git_fetch_failures = Counter(
+            "dabctl_git_fetch_failures_total",
+            "Failed fetches of the bundle repository.",
+            registry=self.registry,
+        )
+        self.stack_errors = Gauge(
+            "dabctl_stack_error",
+            "1 while the stack's last pass failed; the error (first 200 characters) is a label.",
+            ["stack", "error"],
+            registry=self.registry,
+        )
+        self.applied_revision = Gauge(
+            "dabctl_applied_revision_info",
+            "The revision last applied to the stack (value always 1).",
+            ["stack", "revision"],
+            registry=self.registry,
+        )
+        self.managed_containers = Gauge(
+            "dabctl_managed_containers",
+            "Containers the agent manages, by stack, service and state.",
+            ["stack", "service", "state"],
+            registry=self.registry,
+        )
+        # The replace-a-series setters are read-modify-write across two calls; one lock keeps them whole.
+        self._lock = threading.Lock()
+        self._stack_error_labels: dict[str, str] = {}
+        self._revision_labels: dict[str, str] = {}
+        self._container_keys: set[tuple[str, str, str]] = set()
+
+    def set_stack_error(self, stack: str, error: str | None) -> None:
+        """Mark `stack` failed with `error` (replacing its previous error series), or clear it with None."""
+        label = None if error is None else error_label(error)
+        with self._lock:
+            old = self._stack_error_labels.pop(stack, None)
+            if old is not None and old != label:
+                self.stack_errors.remove(stack, old)
+            if label is not None:
+                self.stack_errors.labels(stack=stack, error=label).set(1)
+                self._stack_error_labels[stack] = label
+
+    def set_applied_revision(self, stack: str, revision: str | None) -> None:
+        """Record `revision` as applied to `stack`, removing the old series; None forgets the stack."""
+        with self._lock:
+            old = self._revision_labels.pop(stack, None)
+            if old is not None and old != revision:
+                self.applied_revision.remove(stack, old)
+            if revision is not None:
+                self.applied_revision.labels(stack=stack, revision=revision).set(1)
+                self._revision_labels[stack] = revision
+
+    def set_containers(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """Replace every managed-container series with `counts`, keyed (stack, service, state)."""
+        with self._lock:
+            for key in self._container_keys - counts.keys():
+                self.managed_containers.remove(*key)
+            for (stack, service, state), count in counts.items():
+                self.managed_containers.labels(stack=stack, service=service, state=state).set(count)
+            self._container_keys = set(counts)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def error_label(error: str) -> str:
+    """An error as a label value: whitespace runs (newlines too) folded to one space, at most 200 characters."""
+    return " ".join(error.split())[:_ERROR_LABEL_MAX]

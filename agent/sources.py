@@ -1,0 +1,118 @@
+"""Where bundles come from: a directory, or a git repository read through bundles.git.
+
+Each source has a cheap `fingerprint()` (directory: names, sizes and mtimes; git: one ls-remote) so that an
+unchanged source costs no loading, and `load()` for the full desired state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+from bundles import DesiredState, load_directory
+from bundles.load import BUNDLE_SUFFIXES
+from schemas.config import AgentConfig
+
+GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
+
+
+class Source(Protocol):
+    kind: str
+    location: str
+    ref: str | None
+    path: str | None
+
+    def fingerprint(self) -> str: ...
+
+    def load(self) -> DesiredState: ...
+
+    def close(self) -> None: ...
+
+
+class DirectorySource:
+    """Bundle files directly in one directory."""
+
+    kind = "directory"
+    ref: str | None = None
+    path: str | None = None
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.location = str(directory)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        try:
+            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
+        except OSError as exc:
+            return f"error:{exc.strerror}"
+        for e in entries:
+            if e.is_file() and e.name.lower().endswith(BUNDLE_SUFFIXES):
+                st = e.stat()
+                h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def load(self) -> DesiredState:
+        return load_directory(self.directory)
+
+    def close(self) -> None:
+        pass
+
+
+class GitRepoSource:
+    """A ref and subdirectory of a git repository, fetched into a cache under the state directory."""
+
+    kind = "git"
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        from bundles.git import GitAuth, GitSource
+
+        assert cfg.source is not None
+        token = _secret(cfg.git_token_file, cfg.git_token_env)
+        auth = GitAuth(
+            token=token,
+            username=cfg.git_username,
+            ssh_key_file=cfg.git_ssh_key_file,
+            known_hosts_file=cfg.git_known_hosts_file,
+        )
+        cache = cfg.state_path / "git" / hashlib.sha256(cfg.source.encode()).hexdigest()[:16]
+        self.ref: str | None = cfg.ref or "main"
+        self.path: str | None = cfg.path or ""
+        self.git = GitSource(cfg.source, ref=self.ref, path=self.path, cache_dir=cache, auth=auth)
+        self.location = self.git.location
+
+    def fingerprint(self) -> str:
+        head: str = self.git.remote_head()
+        return head
+
+    def load(self) -> DesiredState:
+        state: DesiredState = self.git.load(self.git.fetch())
+        return state
+
+    def close(self) -> None:
+        self.git.close()
+
+
+def _secret(file: str | None, env: str | None) -> str | None:
+    """A credential from a file (trailing newline dropped) or an environment variable; never logged."""
+    if file:
+        return Path(file).read_text(encoding="utf-8").strip()
+    if env:
+        return os.environ.get(env)
+    return None
+
+
+def is_git(cfg: AgentConfig) -> bool:
+    """A git source: a URL, or a local path together with --ref or --path."""
+    source = cfg.source or ""
+    return source.startswith(GIT_SCHEMES) or cfg.ref is not None or cfg.path is not None
+
+
+def open_source(cfg: AgentConfig) -> Source:
+    if not cfg.source:
+        raise ValueError("no source: pass --source DIR or a git URL (or set source in the config file)")
+    if is_git(cfg):
+        return GitRepoSource(cfg)
+    return DirectorySource(Path(cfg.source))

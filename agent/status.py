@@ -1,0 +1,96 @@
+"""Stack status (DESIGN §8) from what the state log recorded and what the engine shows: a pure function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from bundles.desired import DesiredState, service_targets
+from reconcilers.services import Replica
+from schemas.output import HealthStatus, ServiceHealth, StackStatus, SyncStatus
+from schemas.state import StackRecord
+
+
+def _ports(service: object) -> list[str]:
+    out = []
+    for p in getattr(service, "ports", None) or []:
+        published = f"{p.published_port}:" if p.published_port else ""
+        out.append(f"{published}{p.port}/{p.protocol}")
+    return out
+
+
+def stack_statuses(
+    desired: DesiredState | None,
+    records: Mapping[str, StackRecord],
+    replicas: Sequence[Replica],
+    assignments: Mapping[tuple[str, str], Mapping[str, list[str]]],
+    node: str,
+    errors: Mapping[str, str],
+    suspended: set[str],
+) -> list[StackStatus]:
+    """One status per stack known to the source, the state or the engine.
+
+    sync: Failed when the stack has an error (load or pass), Synced when the recorded revision is the desired
+    one and every assigned slot runs the current spec, OutOfSync otherwise. health: per service, running
+    replicas of the current spec that are not unhealthy or starting, against the slots assigned to this node.
+    """
+    by_service: dict[tuple[str, str], list[Replica]] = {}
+    for r in replicas:
+        by_service.setdefault((r.stack, r.service), []).append(r)
+    names = set(records) | {r.stack for r in replicas} | set(errors) | set(desired.stacks if desired else {})
+    out = []
+    for name in sorted(names):
+        stack = desired.stacks.get(name) if desired else None
+        record = records.get(name)
+        services: list[ServiceHealth] = []
+        converged = True
+        if stack is not None:
+            for t in service_targets(stack):
+                want = len(assignments.get((name, t.name), {}).get(node, []))
+                current = [r for r in by_service.get((name, t.name), []) if r.spec_hash == t.spec_hash]
+                running = [r for r in current if r.state == "running" and r.health not in ("unhealthy", "starting")]
+                starting = [r for r in current if r.state == "running" and r.health == "starting"]
+                if len(running) >= want:
+                    health = "Healthy"
+                elif starting:
+                    health = "Progressing"
+                else:
+                    health = "Degraded"
+                converged &= len(current) >= want and len(by_service.get((name, t.name), [])) == want
+                services.append(
+                    ServiceHealth(
+                        service=t.name,
+                        mode=t.service.deploy.mode,
+                        image=t.service.image,
+                        ports=_ports(t.service),
+                        running=len(running),
+                        desired=want,
+                        status=health,  # type: ignore[arg-type]
+                    )
+                )
+        else:
+            converged = False  # deployed but gone from the source: pruned by the next pass
+        if name in errors:
+            sync = SyncStatus(status="Failed", revision=record.revision if record else None, error=errors[name])
+        elif record is not None and record.outcome.failed:
+            sync = SyncStatus(status="Failed", revision=record.revision, error="; ".join(record.outcome.errors[:3]))
+        elif stack is not None and record is not None and record.revision == stack.revision and converged:
+            sync = SyncStatus(status="Synced", revision=record.revision)
+        else:
+            sync = SyncStatus(status="OutOfSync", revision=record.revision if record else None)
+        if record is not None:
+            sync.at = record.applied_at.isoformat()
+        worst = "Healthy"
+        for s in services:
+            if s.status == "Degraded":
+                worst = "Degraded"
+            elif s.status == "Progressing" and worst == "Healthy":
+                worst = "Progressing"
+        out.append(
+            StackStatus(
+                stack=name,
+                sync=sync,
+                health=HealthStatus(status=worst, services=services),  # type: ignore[arg-type]
+                suspended=name in suspended,
+            )
+        )
+    return out

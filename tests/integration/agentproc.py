@@ -1,0 +1,93 @@
+"""Run `dabctl agent` as a real process for tests: start, wait until it answers, stop with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.integration.conftest import DABCTL, wait_for
+from tests.support.etcd import free_port
+
+
+class AgentProcess:
+    """One agent on a free loopback port; its log goes to a file the test can show on failure."""
+
+    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state.parent / f"agent-{self.port}.log"
+        state.mkdir(parents=True, exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
+        self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
+        self.env = {**base, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: bool = True) -> AgentProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self.healthy, timeout=30)
+        if ready:
+            wait_for(lambda: self.get("/readyz").status_code == 200, timeout=60)
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+        try:
+            return self.get("/healthz").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=10)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kw)
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.get("/status").json()
+        return doc
+
+    def stack(self, name: str) -> dict[str, Any] | None:
+        return next((s for s in self.status()["stacks"] if s["stack"] == name), None)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"agent ignored SIGTERM for {timeout}s:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def eventually(condition: Any, agent: AgentProcess, timeout: float = 30) -> Any:
+    """wait_for, showing the agent's log when it times out."""
+    try:
+        return wait_for(condition, timeout=timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"condition not met within {timeout}s; agent log:\n{agent.log()[-4000:]}") from None
+
+
+def since(t0: float) -> float:
+    return time.monotonic() - t0
