@@ -22,11 +22,12 @@ from agent.docker_engine import DockerEngine, EngineError
 from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
 from agent.records import Records
 from agent.render import plan_output, render_plan, result_line, short_revision
-from agent.sources import open_source
+from agent.sources import SourceConfigError, open_source
 from agent.statelog import StateLocked, StateLogError
 from agent.statelog.backends import open_log
 from agent.status import stack_statuses
 from bundles import DesiredState, InvalidBundles, load_paths
+from bundles.git import SourceError
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
 from schemas.bundle import Bundle
@@ -109,10 +110,7 @@ def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
 
 
 def _desired(cfg: AgentConfig) -> DesiredState:
-    try:
-        source = open_source(cfg)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    source = open_source(cfg)
     try:
         return source.load()
     finally:
@@ -533,7 +531,15 @@ def main() -> None:
             click.echo(str(e), err=True)
         click.echo("error: invalid bundles; nothing was changed", err=True)
         sys.exit(1)
-    except (UserError, EngineError, StateLogError, EmptySourceRefused, AgentUnreachable) as exc:
+    except (
+        UserError,
+        EngineError,
+        StateLogError,
+        EmptySourceRefused,
+        AgentUnreachable,
+        SourceError,
+        SourceConfigError,
+    ) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

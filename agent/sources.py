@@ -18,6 +18,10 @@ from schemas.config import AgentConfig
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
 
 
+class SourceConfigError(Exception):
+    """The source settings cannot be used (no source, an unreadable secret file)."""
+
+
 class Source(Protocol):
     kind: str
     location: str
@@ -98,7 +102,10 @@ class GitRepoSource:
 def _secret(file: str | None, env: str | None) -> str | None:
     """A credential from a file (trailing newline dropped) or an environment variable; never logged."""
     if file:
-        return Path(file).read_text(encoding="utf-8").strip()
+        try:
+            return Path(file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceConfigError(f"cannot read the secret file {file}: {getattr(exc, 'strerror', exc)}") from None
     if env:
         return os.environ.get(env)
     return None
@@ -112,7 +119,7 @@ def is_git(cfg: AgentConfig) -> bool:
 
 def open_source(cfg: AgentConfig) -> Source:
     if not cfg.source:
-        raise ValueError("no source: pass --source DIR or a git URL (or set source in the config file)")
+        raise SourceConfigError("no source: pass --source DIR or a git URL (or set source in the config file)")
     if is_git(cfg):
         return GitRepoSource(cfg)
     return DirectorySource(Path(cfg.source))

@@ -147,3 +147,22 @@ def test_reconcile_once_from_a_git_url_as_a_ci_step(ws: Workspace, server: GitSe
     failed = ws.run("reconcile", "--once", *args)
     assert failed.returncode == 1 and "main:stacks/" in failed.stderr and "did you mean 'Image'" in failed.stderr
     assert broken and revisions(ws, "app") == {f"main@sha1:{head}"}
+
+
+def test_token_from_a_file_reaches_a_protected_repository(ws: Workspace, repo: Path, tmp_path: Path) -> None:
+    commit(repo, {f"stacks/{ws.stack('app')}.dab": bundle(1)}, "one")
+    token = tmp_path / "token"
+    token.write_text("t0ken-value\n")
+    with GitServer(repo, token="t0ken-value") as protected:
+        args = ("--source", protected.url, "--path", "stacks")
+        denied = ws.run("plan", *args)
+        assert denied.returncode == 1 and "t0ken" not in denied.stderr
+        ok = ws.run("reconcile", "--once", *args, "--config", str(_config(tmp_path, token)), check=True)
+        assert "created" in ok.stdout and "t0ken" not in ok.stdout + ok.stderr
+    assert len(ws.running("app")) == 1
+
+
+def _config(tmp_path: Path, token: Path) -> Path:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"git_token_file: {token}\n")
+    return cfg

@@ -241,3 +241,19 @@ def test_samples_converge(ws: Workspace) -> None:
     ps = ws.run("ps", ws.stack("web-shop"), check=True)
     assert ps.stdout.count("running") == 4
     assert ws.plan("--detailed-exitcode").returncode == 0
+
+
+def test_logs_prefix_every_line_with_its_slot(ws: Workspace) -> None:
+    talker = service(2, Args=["echo hello from $(hostname); trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"])
+    ws.write("talk", {"Services": {"s": talker}})
+    ws.reconcile(check=True)
+
+    def both_spoke() -> str | None:
+        out = ws.run("logs", ws.stack("talk"), "s").stdout
+        return out if out.count("hello from") == 2 else None
+
+    out = wait_for(both_spoke, timeout=20)
+    assert {line.split(" | ")[0].strip() for line in out.splitlines()} == {
+        f"{ws.stack('talk')}_s.1",
+        f"{ws.stack('talk')}_s.2",
+    }
