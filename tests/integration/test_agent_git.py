@@ -73,6 +73,26 @@ def test_commits_converge_and_containers_carry_the_revision(ws: Workspace, serve
 
         commit(repo, {f"stacks/{ws.stack('other')}.dab": None}, "remove other")
         eventually(lambda: ws.containers("other") == [], agent)
+
+        running = {c["Id"] for c in ws.running("app")}
+        commit(repo, {f"stacks/{ws.stack('app')}.dab": '{"Services": {"web": {"Image": 7}}}'}, "broken")
+
+        def failed() -> str | None:
+            sync = (agent.stack(ws.stack("app")) or {}).get("sync", {})
+            return sync.get("error") if sync.get("status") == "Failed" else None
+
+        error = eventually(failed, agent)
+        assert f"main:stacks/{ws.stack('app')}.dab" in error and "Services.web.Image" in error
+        assert "Services.web.Image" in agent.get("/metrics").text
+        assert {c["Id"] for c in ws.running("app")} == running, "the last good state keeps running"
+        fixed = commit(repo, {f"stacks/{ws.stack('app')}.dab": bundle(1, Env=["V=2"])}, "fixed")
+        eventually(
+            lambda: (
+                (agent.stack(ws.stack("app")) or {}).get("sync", {}).get("revision") == f"main@sha1:{fixed}"
+                and len(ws.running("app")) == 1
+            ),
+            agent,
+        )
     finally:
         agent.kill()
 
