@@ -7,6 +7,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
+from schemas.durations import parse_duration
 from schemas.output import ReplicaRow, StatusOutput
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -222,12 +224,20 @@ def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, **opts: An
 @click.option("--dry-run", is_flag=True, help="Plan only: print the plan, change nothing.")
 @click.option("--allow-empty", is_flag=True, default=None, help="Let an empty source remove every deployed stack.")
 @click.option("--parallelism", type=int, default=None, help="Engine calls in flight at once [default: 8].")
-def reconcile(once: bool, config_path: Path | None, dry_run: bool, **opts: Any) -> int:
-    """Converge this node to the source once; exit 1 if anything failed.
+@click.option("--wait", is_flag=True, help="Also wait until every service runs all its replicas, healthy.")
+@click.option("--timeout", default="5m", show_default=True, help="Longest a rolling update or --wait may take.")
+def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, timeout: str, **opts: Any) -> int:
+    """Converge this node to the source; exit 1 if anything failed.
 
     A source is a directory of bundle files, or a git repository (a URL, or a path with --ref/--path).
-    While `dabctl agent` runs on this state, the pass is run by the agent and this command waits for it.
+    Rolling updates run to the end (health-gated, per UpdateConfig) or until one pauses. With --wait the
+    command returns only when every service runs its replicas healthy, and exits 1 naming the services that
+    do not within --timeout. While `dabctl agent` runs on this state, the pass is run by the agent.
     """
+    try:
+        limit = parse_duration(timeout).total_seconds()
+    except ValueError as exc:
+        raise UserError(f"--timeout: {exc}") from None
     cfg = _config(config_path, **opts)
     out = _out()
     api = running_agent(cfg) if not dry_run else None
@@ -236,25 +246,72 @@ def reconcile(once: bool, config_path: Path | None, dry_run: bool, **opts: Any) 
     desired = _desired(cfg)
     try:
         with _engine(cfg, read_only=dry_run) as engine:
-            p = engine.plan(desired, cfg.allow_empty)
             if dry_run:
+                p = engine.plan(desired, cfg.allow_empty)
                 render_plan(p, out)
                 return 1 if p.errors else 0
-            report = _apply_with_progress(engine, p, out)
+            return _converge(engine, desired, cfg, out, wait, time.monotonic() + limit)
     except StateLocked:
         api = running_agent(cfg)
         if not api:
             raise
         return _reconcile_through_agent(api, out)
-    for line in report.errors:
-        click.echo(f"error: {line}", err=True)
-    done = {o: report.count(o) for o in Outcome}
+
+
+def _converge(
+    engine: Engine, desired: DesiredState, cfg: AgentConfig, out: Console, wait: bool, deadline: float
+) -> int:
+    """Passes until nothing is left to roll (and, with `wait`, every service is healthy) or the deadline."""
+    done = dict.fromkeys(Outcome, 0)
+    errors: list[str] = []
+    notes: list[str] = []
+    while True:
+        p = engine.plan(desired, cfg.allow_empty)
+        report = _apply_with_progress(engine, p, out)
+        for o in Outcome:
+            done[o] += report.count(o)
+        errors = report.errors + [f"{r.action}: {r.error}" for r in report.results if r.outcome is Outcome.FAILED]
+        notes = [f"{name}: {n}" for name, sp in p.stacks.items() for n in sp.notes]
+        paused = [n for n in notes if "paused" in n]
+        if errors or paused:
+            break
+        unhealthy = _unhealthy(engine, desired) if wait else []
+        if not p.rolling and not unhealthy:
+            break
+        if time.monotonic() > deadline:
+            names = ", ".join(unhealthy) or "a rolling update"
+            errors.append(f"timed out waiting for {names}")
+            break
+        time.sleep(max(0.2, min(p.recheck_in or 1.0, 2.0, deadline - time.monotonic())))
+    for line in errors + notes:
+        click.echo(f"error: {line}" if line in errors else f"note: {line}", err=True)
     out.print(
         f"reconciled {len(desired.stacks)} stack(s): {done[Outcome.CREATED]} created, {done[Outcome.UPDATED]} updated, "
         f"{done[Outcome.REMOVED]} removed, {done[Outcome.FAILED]} failed"
-        + ("" if report.results else " (nothing to do)")
+        + ("" if any(done.values()) else " (nothing to do)")
     )
-    return 1 if report.failed else 0
+    paused = [n for n in notes if "paused" in n]
+    return 1 if errors or paused else 0
+
+
+def _unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
+    """Services that do not run all their replicas healthy, as `stack_service (running/desired)`."""
+    statuses = stack_statuses(
+        desired,
+        engine.records.stacks(),
+        engine.services.observe(),
+        engine.records.assignments(),
+        engine.node,
+        {},
+        engine.records.suspended(),
+    )
+    return [
+        f"{st.stack}_{s.service} ({s.running}/{s.desired} {s.status.lower()})"
+        for st in statuses
+        if not st.suspended
+        for s in st.health.services
+        if s.status != "Healthy"
+    ]
 
 
 def _reconcile_through_agent(api: str, out: Console) -> int:
@@ -388,6 +445,8 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 node,
                 {},
                 records.suspended(),
+                records.rollouts(),
+                records.pins(),
             )
         result = StatusOutput(node=node, ready=True, stacks=stacks)
     if fmt == "json":
@@ -410,6 +469,13 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
     for st in result.stacks:
         if st.sync.error:
             out.print(f"{st.stack}: {st.sync.error}", markup=False)
+        if st.rollout.state != "idle":
+            out.print(f"{st.stack}: rollout {st.rollout.state}: {st.rollout.reason}", markup=False)
+        if st.pinned:
+            out.print(
+                f"{st.stack}: pinned to {st.pinned} (dabctl rollback --unpin {st.stack} to follow the source)",
+                markup=False,
+            )
 
 
 @cli.command()

@@ -71,6 +71,8 @@ class DockerEngine:
         try:
             cid = self._create(kwargs)
         except docker.errors.ImageNotFound:
+            if request.target.image_id:  # the recorded image is gone: resolve the reference again
+                kwargs["image"] = request.target.service.image
             self.ensure_image(request.target.service.image, request.target.service.pull_policy or "if-not-present")
             cid = self._create(kwargs)
         aliases = [request.target.name]
@@ -112,7 +114,7 @@ class DockerEngine:
             }
             healthcheck = {k: v for k, v in healthcheck.items() if v is not None}
         return {
-            "image": svc.image,
+            "image": request.target.image_id or svc.image,
             "name": request.name,
             "entrypoint": svc.command,
             "command": svc.args,

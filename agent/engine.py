@@ -8,21 +8,25 @@ so a network is removed only after its containers and created before the contain
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent.docker_engine import DockerEngine
 from agent.records import Records
 from agent.scheduler import Assignments, assign
-from bundles.desired import DesiredState, desired_networks, service_targets
+from bundles import InvalidBundles, parse_bundle
+from bundles.desired import DesiredState, StackBundle, desired_networks, service_targets
 from reconcilers import networks, services
 from reconcilers.networks import NetworkAction, NetworksReconciler
 from reconcilers.outcome import Outcome, Result
+from reconcilers.restarts import RestartRecord
+from reconcilers.rollout import Rollout
 from reconcilers.services import ServiceAction, ServiceDesired, ServicesReconciler
-from schemas.state import AuditAction, AuditEntry, PassOutcome, ServiceRecord, StackRecord
+from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
 
 Action = ServiceAction | NetworkAction
 AnyResult = Result[ServiceAction] | Result[NetworkAction]
@@ -41,6 +45,7 @@ class StackPlan:
     error: str | None = None
     network_actions: list[NetworkAction] = field(default_factory=list)
     service_actions: list[ServiceAction] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
@@ -59,6 +64,11 @@ class PassPlan:
     records: dict[str, StackRecord]
     suspended: list[str] = field(default_factory=list)
     replicas: list[services.Replica] = field(default_factory=list)
+    rollouts: dict[tuple[str, str], Rollout] = field(default_factory=dict)
+    restarts: dict[tuple[str, str, str], RestartRecord] = field(default_factory=dict)
+    pins: dict[str, Pin | None] = field(default_factory=dict)
+    recheck_in: float | None = None
+    rolling: bool = False  # a rollout (or rollback) is still moving: another pass will continue it
 
     @property
     def changes(self) -> int:
@@ -95,8 +105,16 @@ class Engine:
     """Wires the reconcilers to a Docker engine and the state log, and orders their passes."""
 
     def __init__(
-        self, docker: DockerEngine, records: Records, node: str, parallelism: int = 8, read_only: bool = False
+        self,
+        docker: DockerEngine,
+        records: Records,
+        node: str,
+        parallelism: int = 8,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock
+        self._pinned: set[str] = set()
         self.docker = docker
         self.records = records
         self.node = node
@@ -111,6 +129,8 @@ class Engine:
         and state reads. Suspended stacks and stacks outside `only` are left exactly as they are."""
         records = self.records.stacks()
         suspended = self.records.suspended()
+        now = self.clock()
+        desired, pins_changed, pin_errors = self._apply_pins(desired, self.records.pins())
         current_assignments = self.records.assignments()
         replicas = self.services.observe()
         observed_networks = self.networks.observe()
@@ -127,10 +147,13 @@ class Engine:
         net_targets = [t for stack in desired.stacks.values() for t in desired_networks(stack)]
         blocked = networks.conflicts(net_targets, observed_networks, self.owner)
         held = (names - in_scope) | set(blocked)
+        blocked.update({k: v for k, v in pin_errors.items() if k in in_scope})
+        held |= set(pin_errors)
         stacks = {
             name: StackPlan(name, desired.stacks[name].revision if name in desired.stacks else None, blocked.get(name))
             for name in sorted(in_scope)
         }
+        pinned = set(self._pinned)
 
         assignments = assign(desired, [self.node])
         changed = {k: v for k, v in assignments.items() if current_assignments.get(k) != v and k[0] not in held}
@@ -156,16 +179,90 @@ class Engine:
                         revision=stack.revision,
                         previous_spec=previous.spec if previous else None,
                         previous_hash=previous.spec_hash if previous else None,
+                        rollback=name in pinned,
                     )
                 )
         live_replicas = [r for r in replicas if r.stack not in held]
-        svc_actions = services.plan(wanted, live_replicas, network_ids)
-
+        sp = services.plan_pass(
+            wanted, live_replicas, network_ids, now, self.records.rollouts(), self.records.restarts()
+        )
         for a in net_actions:
             stacks[stack_of(a)].network_actions.append(a)
-        for s in svc_actions:
+        for s in sp.actions:
             stacks[stack_of(s)].service_actions.append(s)
-        return PassPlan(desired, stacks, assignments, changed, removed, records, sorted(suspended & names), replicas)
+        for (stack_name, service), note in sp.notes.items():
+            stacks[stack_name].notes.append(f"{service}: {note}")
+        rollouts = dict(sp.rollouts)
+        for (stack_name, service), ro in sp.rollouts.items():
+            if ro.state == "rolling-back" and not ro.rollback and stack_name not in pinned:
+                pin = self._rollback_pin(stack_name, desired, ro.reason, now)
+                if pin is None:
+                    rollouts[(stack_name, service)] = replace(
+                        ro,
+                        state="paused",
+                        reason=ro.reason.replace("rolling back", "paused (no earlier revision to roll back to)"),
+                    )
+                else:
+                    pins_changed[stack_name] = pin
+                    sp.recheck(0.0)
+        return PassPlan(
+            desired,
+            stacks,
+            assignments,
+            changed,
+            removed,
+            records,
+            sorted(suspended & names),
+            replicas,
+            rollouts,
+            sp.restarts,
+            pins_changed,
+            sp.recheck_in,
+            bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
+        )
+
+    def _apply_pins(
+        self, desired: DesiredState, pins: dict[str, Pin]
+    ) -> tuple[DesiredState, dict[str, Pin | None], dict[str, str]]:
+        """The desired state with pinned stacks at their pinned revisions (bundle content and image IDs from
+        history); pins whose stack's source revision moved on are lifted."""
+        stacks = dict(desired.stacks)
+        lifted: dict[str, Pin | None] = {}
+        errors: dict[str, str] = {}
+        self._pinned = set()
+        for name, pin in pins.items():
+            source = desired.stacks.get(name)
+            if source is None or source.revision != pin.source_revision:
+                lifted[name] = None  # a commit changed (or removed) this stack's bundle: it leads again
+                continue
+            entry = next((h for h in self.records.history(name) if h.revision == pin.revision), None)
+            if entry is None:
+                errors[name] = (
+                    f"pinned to {pin.revision}, which is no longer in the history; dabctl rollback --unpin {name}"
+                )
+                continue
+            try:
+                stacks[name] = stack_from_record(entry)
+            except InvalidBundles as exc:
+                errors[name] = f"pinned revision {pin.revision} no longer loads: {exc.errors[0]}"
+                continue
+            self._pinned.add(name)
+        return DesiredState(stacks=stacks), lifted, errors
+
+    def _rollback_pin(self, stack: str, desired: DesiredState, reason: str, now: float) -> Pin | None:
+        """A pin to the revision applied before the current one, or None when there is none."""
+        current = desired.stacks[stack].revision
+        earlier = next((h for h in self.records.history(stack) if h.revision != current), None)
+        if earlier is None:
+            return None
+        return Pin(
+            stack=stack,
+            revision=earlier.revision,
+            reason=f"automatic rollback of {current}: {reason}",
+            automatic=True,
+            source_revision=current,
+            at=datetime.fromtimestamp(now, UTC),
+        )
 
     def apply(
         self,
@@ -273,7 +370,22 @@ class Engine:
                     for r in results
                 ],
             )
-        self.records.commit_pass(records, new_revisions, pruned, audit)
+        self.records.commit_pass(records, new_revisions, pruned, audit, plan.rollouts, plan.restarts, plan.pins)
+
+
+def stack_from_record(record: StackRecord) -> StackBundle:
+    """A recorded revision as a stack again: its stored bundle content and the image IDs it ran."""
+    suffix = "." + record.file.rsplit(".", 1)[-1] if "." in record.file else ".dab"
+    bundle = parse_bundle(record.content, record.file, suffix.lower())
+    return StackBundle(
+        name=record.stack,
+        file=record.file,
+        bundle=bundle,
+        content=record.content,
+        revision=record.revision,
+        bundle_hash=record.bundle_hash,
+        image_ids={name: s.image_id for name, s in record.services.items() if s.image_id},
+    )
 
 
 def _service_of(action: object) -> str | None:

@@ -330,6 +330,8 @@ class Agent:
             try:
                 plan = self.engine.plan(desired, self.cfg.allow_empty, only=keys)
                 report = self.engine.apply(plan, stop=self.stop)
+                if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
+                    self.queue.add(keys, after=plan.recheck_in)
             except (EmptySourceRefused, EngineError, StateLogError, docker.errors.DockerException, OSError) as exc:
                 for k in keys:
                     self.pass_errors[k] = str(exc)
@@ -396,6 +398,8 @@ class Agent:
             self.node,
             errors,
             self.records.suspended(),
+            self.records.rollouts(),
+            self.records.pins(),
         )
         revision = None
         if self.source.kind == "git" and self.fingerprint:

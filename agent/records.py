@@ -3,13 +3,16 @@ of applied revisions per stack, and the audit trail of passes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from agent.statelog import Compare, Delete, Op, Put, StateLog
-from schemas.state import Assignment, AuditEntry, StackRecord
+from reconcilers.restarts import RestartRecord
+from reconcilers.rollout import Rollout
+from schemas.state import Assignment, AuditEntry, Pin, StackRecord
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -17,6 +20,9 @@ ASSIGNMENTS = "/assignments/"
 HISTORY = "/history/"
 AUDIT = "/audit/"
 SUSPENDED = "/suspended/"
+ROLLOUTS = "/rollouts/"
+RESTARTS = "/restarts/"
+PINS = "/pins/"
 
 
 def _stamp() -> str:
@@ -64,22 +70,63 @@ class Records:
         """Passes that changed something, newest first."""
         return [AuditEntry.model_validate_json(kv.value) for kv in reversed(self.log.range(AUDIT))]
 
+    def rollouts(self) -> dict[tuple[str, str], Rollout]:
+        out = {}
+        for kv in self.log.range(ROLLOUTS):
+            stack, _, service = kv.key.removeprefix(ROLLOUTS).partition("/")
+            doc = json.loads(kv.value)
+            out[(stack, service)] = Rollout(**{**doc, "batch": tuple(doc["batch"]), "failed": tuple(doc["failed"])})
+        return out
+
+    def restarts(self) -> dict[tuple[str, str, str], RestartRecord]:
+        out = {}
+        for kv in self.log.range(RESTARTS):
+            stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
+            doc = json.loads(kv.value)
+            out[(stack, service, slot)] = RestartRecord(tuple(doc["attempts"]), doc["last_start"])
+        return out
+
+    def pins(self) -> dict[str, Pin]:
+        return {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in self.log.range(PINS)}
+
+    def set_pin(self, pin: Pin | None, stack: str) -> None:
+        if pin is None:
+            self.log.delete(PINS + stack)
+        else:
+            self.log.put(PINS + stack, pin.model_dump_json().encode())
+
     def commit_pass(
         self,
         records: Sequence[StackRecord],
         new_revisions: Sequence[StackRecord],
         pruned: Sequence[str],
         audit: AuditEntry | None,
+        rollouts: Mapping[tuple[str, str], Rollout] | None = None,
+        restarts: Mapping[tuple[str, str, str], RestartRecord] | None = None,
+        pins: Mapping[str, Pin | None] | None = None,
     ) -> None:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
-        pruned stacks' records and assignments, and the audit entry. Nothing when there is nothing."""
+        pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
+        set or lifted, and the audit entry. Nothing when there is nothing."""
         ops: list[Op] = [Put(STACKS + r.stack, r.model_dump_json().encode()) for r in records]
+        for (stack, service), ro in (rollouts or {}).items():
+            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", json.dumps(dataclasses.asdict(ro)).encode()))
+        for (stack, service, slot), rr in (restarts or {}).items():
+            ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", json.dumps(dataclasses.asdict(rr)).encode()))
+        for stack, pin in (pins or {}).items():
+            ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
         for r in new_revisions:
             ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", r.model_dump_json().encode()))
             old = self.log.range(f"{HISTORY}{r.stack}/")
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.history_limit)])
         for stack in pruned:
-            ops += [Delete(STACKS + stack), Delete(f"{ASSIGNMENTS}{stack}/", prefix=True)]
+            ops += [
+                Delete(STACKS + stack),
+                Delete(f"{ASSIGNMENTS}{stack}/", prefix=True),
+                Delete(f"{ROLLOUTS}{stack}/", prefix=True),
+                Delete(f"{RESTARTS}{stack}/", prefix=True),
+                Delete(PINS + stack),
+            ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)

@@ -20,7 +20,7 @@ def _styled(text: str) -> str:
 def render_plan(plan: PassPlan, out: Console) -> None:
     """Print the plan grouped by stack and service, then a one-line summary."""
     for name, sp in plan.stacks.items():
-        if not sp.actions and not sp.error:
+        if not sp.actions and not sp.error and not sp.notes:
             continue
         out.print(
             f"[bold]stack {escape(name)}[/]"
@@ -28,6 +28,8 @@ def render_plan(plan: PassPlan, out: Console) -> None:
         )
         if sp.error:
             out.print(_styled(f"  ! {sp.error}"))
+        for note in sp.notes:
+            out.print(_styled(f"  ! {note}"))
         for a in sp.network_actions:
             out.print(_styled(f"  {a}"))
         by_service: dict[str, list[services.ServiceAction]] = {}

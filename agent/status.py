@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bundles.desired import DesiredState, service_targets
+from reconcilers.rollout import Rollout
 from reconcilers.services import Replica
-from schemas.output import HealthStatus, ServiceHealth, StackStatus, SyncStatus
-from schemas.state import StackRecord
+from schemas.output import HealthStatus, RolloutStatus, ServiceHealth, StackStatus, SyncStatus
+from schemas.state import Pin, StackRecord
 
 
 def _ports(service: object) -> list[str]:
@@ -18,6 +19,16 @@ def _ports(service: object) -> list[str]:
     return out
 
 
+def _rollout(stack: str, rollouts: Mapping[tuple[str, str], Rollout]) -> RolloutStatus:
+    """The stack's rollout: paused beats rolling-back beats updating; the reason names service and replica."""
+    mine = {svc: r for (st, svc), r in rollouts.items() if st == stack and r.state != "completed"}
+    for state in ("paused", "rolling-back", "updating"):
+        for svc, r in sorted(mine.items()):
+            if r.state == state:
+                return RolloutStatus(state=state, reason=f"{svc}: {r.reason}" if r.reason else f"{svc}: {state}")
+    return RolloutStatus()
+
+
 def stack_statuses(
     desired: DesiredState | None,
     records: Mapping[str, StackRecord],
@@ -26,6 +37,8 @@ def stack_statuses(
     node: str,
     errors: Mapping[str, str],
     suspended: set[str],
+    rollouts: Mapping[tuple[str, str], Rollout] | None = None,
+    pins: Mapping[str, Pin] | None = None,
 ) -> list[StackStatus]:
     """One status per stack known to the source, the state or the engine.
 
@@ -85,11 +98,14 @@ def stack_statuses(
                 worst = "Degraded"
             elif s.status == "Progressing" and worst == "Healthy":
                 worst = "Progressing"
+        pin = (pins or {}).get(name)
         out.append(
             StackStatus(
                 stack=name,
                 sync=sync,
                 health=HealthStatus(status=worst, services=services),  # type: ignore[arg-type]
+                rollout=_rollout(name, rollouts or {}),
+                pinned=pin.revision if pin else None,
                 suspended=name in suspended,
             )
         )

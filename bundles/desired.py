@@ -40,6 +40,7 @@ class StackBundle:
     content: str
     revision: str
     bundle_hash: str
+    image_ids: Mapping[str, str] = field(default_factory=dict)  # service -> image ID to run (a pinned revision)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class ServiceTarget:
     networks: tuple[str, ...]
     spec: Mapping[str, Any]
     spec_hash: str
+    image_id: str = ""  # a recorded image ID to run instead of resolving the reference (rollback); not hashed
 
     @property
     def full_name(self) -> str:
@@ -142,6 +144,7 @@ def service_targets(stack: StackBundle) -> list[ServiceTarget]:
                 networks=tuple(spec["Networks"]),
                 spec=spec,
                 spec_hash=spec_hash(spec),
+                image_id=stack.image_ids.get(name, ""),
             )
         )
     return out

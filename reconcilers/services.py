@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from bundles.desired import ServiceTarget
+from reconcilers import restarts, rollout
 from reconcilers.outcome import Outcome, Result
 
 STARTABLE_STATES = ("created", "exited")
@@ -50,6 +51,7 @@ class ServiceDesired:
     revision: str
     previous_spec: Mapping[str, Any] | None = None
     previous_hash: str | None = None
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> tup
 
 
 def restart_reason(replica: Replica, condition: str) -> str | None:
-    """Why an idle container of the current spec should start again, or None to leave it down."""
+    """Why an idle container of the current spec should start again, or None to leave it down (no backoff)."""
     if replica.state == "created":
         return "never started"
     if replica.state != "exited":
@@ -185,49 +187,155 @@ def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mappin
     return any(network_ids.get(name) != nid for name, nid in replica.networks.items())
 
 
-def _preference(replica: Replica, spec_hash: str) -> tuple[int, int, int]:
-    # Keep the container most likely to be serving: current spec, then running, then newest.
-    return (replica.spec_hash != spec_hash, replica.state != "running", -replica.created)
+def _preference(replica: Replica) -> tuple[int, int]:
+    # Keep the container most likely to be serving: running, then newest.
+    return (replica.state != "running", -replica.created)
+
+
+def _view(r: Replica | None) -> rollout.Container | None:
+    if r is None:
+        return None
+    return rollout.Container(r.id, r.state, r.health, float(r.created), r.exit_code)
+
+
+ServiceKey = tuple[str, str]
+SlotKey = tuple[str, str, str]
+
+
+@dataclass
+class ServicesPlan:
+    """Actions, plus what the pass must remember: rollouts and restart records that changed, per-service notes
+    (a paused rollout, a slot given up on), and when to look again for time-based progress."""
+
+    actions: list[ServiceAction]
+    rollouts: dict[ServiceKey, rollout.Rollout] = field(default_factory=dict)
+    restarts: dict[SlotKey, restarts.RestartRecord] = field(default_factory=dict)
+    notes: dict[ServiceKey, str] = field(default_factory=dict)
+    recheck_in: float | None = None
+    rolling: set[ServiceKey] = field(default_factory=set)  # services with a rollout still moving
+
+    def recheck(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.recheck_in = seconds if self.recheck_in is None else min(self.recheck_in, seconds)
 
 
 def plan(
     desired: Sequence[ServiceDesired],
     actual: Sequence[Replica],
     network_ids: Mapping[str, str],
+    now: float = 0.0,
+    rollouts: Mapping[ServiceKey, rollout.Rollout] | None = None,
+    restart_records: Mapping[SlotKey, restarts.RestartRecord] | None = None,
 ) -> list[ServiceAction]:
-    """Actions that take `actual` to `desired` (pure).
+    """Actions that take `actual` to `desired` (pure); see plan_pass for the state it also carries."""
+    return plan_pass(desired, actual, network_ids, now, rollouts, restart_records).actions
+
+
+def plan_pass(
+    desired: Sequence[ServiceDesired],
+    actual: Sequence[Replica],
+    network_ids: Mapping[str, str],
+    now: float = 0.0,
+    rollouts: Mapping[ServiceKey, rollout.Rollout] | None = None,
+    restart_records: Mapping[SlotKey, restarts.RestartRecord] | None = None,
+) -> ServicesPlan:
+    """One pass's plan (pure).
 
     `desired` lists every service of every stack this node keeps; a replica of any other stack, service or slot
     in `actual` is removed. `network_ids` maps network names to the ids that survive this pass: a replica
-    attached anywhere else is recreated.
+    attached anywhere else is recreated. Replicas of an older spec are replaced in rolling batches
+    (reconcilers.rollout) and exited ones restarted with backoff (reconcilers.restarts), both as of `now`.
     """
-    by_slot: dict[tuple[str, str, str], list[Replica]] = {}
+    rollouts = rollouts or {}
+    restart_records = restart_records or {}
+    by_slot: dict[SlotKey, list[Replica]] = {}
     for r in actual:
         by_slot.setdefault((r.stack, r.service, r.slot), []).append(r)
     wanted_services = {(d.target.stack, d.target.name): d for d in desired}
     wanted_stacks = {d.target.stack for d in desired}
 
+    out = ServicesPlan(actions=[])
     removes: list[RemoveReplica] = []
     others: list[ServiceAction] = []
     for d in desired:
         t = d.target
-        condition = t.service.deploy.restart_policy.condition
+        key = (t.stack, t.name)
+        policy = t.service.deploy.restart_policy
+        cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
+        current = rollouts.get(key)
+        batch = set(current.batch) if current is not None and current.target == t.spec_hash else set()
+        views: list[rollout.SlotView] = []
+        olds: dict[str, Replica] = {}
+        given_up: list[str] = []
         for slot in sorted(d.slots, key=slot_order):
-            reps = sorted(by_slot.pop((t.stack, t.name, slot), []), key=lambda r: _preference(r, t.spec_hash))
-            if not reps:
+            reps = by_slot.pop((t.stack, t.name, slot), [])
+            news = sorted((r for r in reps if r.spec_hash == t.spec_hash), key=_preference)
+            older = sorted((r for r in reps if r.spec_hash != t.spec_hash), key=_preference)
+            removes.extend(RemoveReplica(x, "duplicate in slot") for x in news[1:] + older[1:])
+            new = news[0] if news else None
+            old = older[0] if older else None
+            if new is not None and (new.state == "dead" or _stale_networks(new, t, network_ids)):
+                # Removed in the first phase: a network this pass removes must lose its containers first.
+                removes.append(RemoveReplica(new, "dead" if new.state == "dead" else "network gone or changed"))
+                new = None
+                if old is None:
+                    others.append(CreateReplica(t, slot, d.revision, "recreated"))
+                    continue
+            if old is not None and new is None and _stale_networks(old, t, network_ids):
+                removes.append(RemoveReplica(old, "network gone or changed"))
+                others.append(CreateReplica(t, slot, d.revision, "recreated"))
+                continue
+            if new is None and old is None:
                 others.append(CreateReplica(t, slot, d.revision))
                 continue
-            keep, extras = reps[0], reps[1:]
-            removes.extend(RemoveReplica(x, "duplicate in slot") for x in extras)
-            if keep.state == "dead" or _stale_networks(keep, t, network_ids):
-                # Removed in the first phase: a network this pass removes must lose its containers first.
-                removes.append(RemoveReplica(keep, "network gone or changed" if keep.state != "dead" else "dead"))
-                others.append(CreateReplica(t, slot, d.revision, "recreated"))
-            elif keep.spec_hash != t.spec_hash:
-                old = d.previous_spec if keep.spec_hash == d.previous_hash else None
-                others.append(ReplaceReplica(keep, t, d.revision, changed_fields(old, t.spec)))
-            elif (why := restart_reason(keep, condition)) is not None:
-                others.append(StartReplica(keep, why))
+            if old is not None or slot in batch:
+                views.append(rollout.SlotView(slot, _view(old), _view(new)))
+                if old is not None:
+                    olds[slot] = old
+                # A failed successor outside the current batch follows the restart policy; the old one stays
+                # until its successor is healthy.
+                if new is None or slot in batch or new.state not in ("exited", "created"):
+                    continue
+            assert new is not None
+            decision = restarts.decide(
+                new.state,
+                new.exit_code,
+                policy,
+                restart_records.get((t.stack, t.name, slot), restarts.RestartRecord()),
+                now,
+            )
+            if decision.verdict == "start":
+                others.append(StartReplica(new, decision.reason))
+                assert decision.record is not None
+                out.restarts[(t.stack, t.name, slot)] = decision.record
+            elif decision.verdict == "wait":
+                out.recheck(decision.seconds)
+            elif decision.verdict == "give-up":
+                given_up.append(f"slot {slot} failed: {decision.reason}")
+        if given_up:
+            out.notes[key] = "; ".join(given_up)
+        if views:
+            s = rollout.step(views, t.spec_hash, cfg, current, now, rollback=d.rollback)
+            changes = {
+                slot: changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
+                for slot, old in olds.items()
+            }
+            for slot in s.replace:
+                others.append(ReplaceReplica(olds[slot], t, d.revision, changes[slot]))
+            for slot in s.start_beside:
+                why = f"start-first update ({', '.join(changes[slot])} changed)"
+                others.append(CreateReplica(t, slot, d.revision, why))
+            for slot in s.remove_old:
+                removes.append(RemoveReplica(olds[slot], "replaced: its successor is healthy"))
+            if s.rollout is not None and s.rollout != current:
+                out.rollouts[key] = s.rollout
+            if s.rollout is not None and s.rollout.state in ("paused", "rolling-back"):
+                out.notes[key] = s.rollout.reason
+            if s.rollout is not None and s.rollout.state in ("updating", "rolling-back"):
+                out.rolling.add(key)
+            out.recheck(s.recheck_in)
+        elif current is not None and current.state != "completed" and current.target == t.spec_hash:
+            out.rollouts[key] = replace(current, state="completed", batch=())
 
     leftovers = sorted(
         (r for reps in by_slot.values() for r in reps),
@@ -242,7 +350,8 @@ def plan(
         else:
             reason = "slot not assigned to this node"
         removes.append(RemoveReplica(r, reason))
-    return [*removes, *others]
+    out.actions = [*removes, *others]
+    return out
 
 
 def replica_labels(target: ServiceTarget, slot: str, owner: str, node: str, revision: str) -> dict[str, str]:

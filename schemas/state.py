@@ -68,3 +68,15 @@ class AuditEntry(Record):
     at: datetime
     node: str
     actions: list[AuditAction]
+
+
+class Pin(Record):
+    """A stack held at a recorded revision (dabctl rollback, or an update's rollback FailureAction) until a commit
+    changes the stack's bundle (its source revision moves past `source_revision`) or `rollback --unpin`."""
+
+    stack: str
+    revision: str
+    reason: str
+    automatic: bool = False
+    source_revision: str | None = None
+    at: datetime

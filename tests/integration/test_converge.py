@@ -100,6 +100,8 @@ def test_spec_change_replaces_and_plan_names_the_fields(ws: Workspace) -> None:
     before = {c["Id"] for c in ws.running("shop", "web")}
     changed = shop(2)
     changed["Services"]["web"]["Env"] = ["COLOR=green"]  # type: ignore[index]
+    # Both slots in one batch, and a short health gate (UpdateConfig is not in the spec hash: nothing else moves).
+    changed["Services"]["web"]["Deploy"]["UpdateConfig"] = {"Parallelism": 2, "Monitor": "1s"}  # type: ignore[index]
     ws.write("shop", changed)
     plan = ws.plan("--output", "json")
     doc = json.loads(plan.stdout)

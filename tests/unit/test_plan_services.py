@@ -194,10 +194,8 @@ CASES: dict[str, Case] = {
     "two-in-a-slot-keeps-current-spec": (
         [want(WEB, "1")],
         [rep(WEB, "1", spec_hash="v1-old", cid="old"), rep(WEB, "1", "exited", exit_code=0, cid="new")],
-        [
-            RemoveReplica(rep(WEB, "1", spec_hash="v1-old", cid="old"), "duplicate in slot"),
-            StartReplica(rep(WEB, "1", "exited", exit_code=0, cid="new"), "exited (0); restart condition any"),
-        ],
+        # A start-first successor that is down: restarted per policy; the old one serves until it is healthy.
+        [StartReplica(rep(WEB, "1", "exited", exit_code=0, cid="new"), "exited (0); restart condition any")],
     ),
     "two-in-a-slot-keeps-newest": (
         [want(WEB, "1")],
@@ -285,9 +283,9 @@ def test_removes_come_before_everything_else() -> None:
         "RemoveReplica",
         "RemoveReplica",
         "RemoveReplica",
-        "ReplaceReplica",
         "CreateReplica",
         "CreateReplica",
+        "ReplaceReplica",  # rolling updates are planned after the slot-by-slot creates
         "StartReplica",
     ]
     first_other = next(i for i, a in enumerate(actions) if not isinstance(a, RemoveReplica))

@@ -1,0 +1,62 @@
+"""Restart policy as a pure function (Swarm's RestartPolicy, enforced by the agent rather than Docker).
+
+The first restart of a slot happens at once, then each waits Delay * 2^(n-1), capped at 5 minutes; a replica
+that ran 10 minutes starts over. With MaxAttempts, more restarts than that within Window (or ever, without a
+Window) mark the slot failed instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.bundle import RestartPolicy
+
+MAX_DELAY = 300.0
+RESET_AFTER = 600.0
+
+
+@dataclass(frozen=True)
+class RestartRecord:
+    """When a slot was restarted (epoch seconds), kept between passes."""
+
+    attempts: tuple[float, ...] = ()
+    last_start: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """start now (with the record to keep), wait `seconds`, give up (with the reason), or leave it down."""
+
+    verdict: Literal["start", "wait", "give-up", "leave"]
+    record: RestartRecord | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def decide(state: str, exit_code: int | None, policy: RestartPolicy, record: RestartRecord, now: float) -> Decision:
+    """What to do with an exited container of the current spec."""
+    if state == "created":
+        return Decision("start", RestartRecord(record.attempts, now), reason="never started")
+    if state != "exited":
+        return Decision("leave")
+    if policy.condition == "none" or (policy.condition == "on-failure" and exit_code == 0):
+        return Decision("leave")
+    attempts = record.attempts
+    if record.last_start is not None and now - record.last_start >= RESET_AFTER:
+        attempts = ()
+    window = policy.window.total_seconds() if policy.window else None
+    counted = [a for a in attempts if window is None or now - a <= window]
+    if policy.max_attempts and len(counted) >= policy.max_attempts:
+        within = f" within {policy.window}" if policy.window else ""
+        return Decision("give-up", reason=f"exited ({exit_code}) after {len(counted)} restarts{within}; not restarted")
+    if attempts:
+        delay = min(MAX_DELAY, policy.delay.total_seconds() * 2 ** (len(attempts) - 1))
+        due = attempts[-1] + delay
+        if now < due:
+            return Decision("wait", seconds=due - now, reason=f"restart in {due - now:.1f}s (backoff)")
+    return Decision(
+        "start",
+        RestartRecord((*attempts[-50:], now), now),
+        reason=f"exited ({exit_code}); restart condition {policy.condition}",
+    )
