@@ -23,6 +23,7 @@ from agent.docker_engine import DockerEngine, EngineError
 from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
 from agent.records import Records
 from agent.render import plan_output, render_plan, result_line, short_revision
+from agent.rollback import RollbackError, pin_stack, unpin_stack
 from agent.sources import SourceConfigError, open_source
 from agent.statelog import StateLocked, StateLogError
 from agent.statelog.backends import open_log
@@ -538,6 +539,44 @@ def _suspension(stack: str, config_path: Path | None, suspend: bool, opts: dict[
             changed = bool(call(api, name, {"stack": stack}).get("changed"))
     verb = "suspended" if suspend else "resumed"
     click.echo(f"{stack}: {verb}" if changed else f"{stack}: already {verb}")
+
+
+@cli.command()
+@click.argument("stack")
+@source_options
+@engine_options
+@click.option(
+    "--to", "to", default=None, help="Revision to restore (as `dabctl history` shows it; a digest prefix works)."
+)
+@click.option("--unpin", is_flag=True, help="Lift the pin: follow the source again.")
+@click.option("--timeout", default="5m", show_default=True, help="Longest the rollback's rolling update may take.")
+def rollback(stack: str, config_path: Path | None, to: str | None, unpin: bool, timeout: str, **opts: Any) -> int:
+    """Re-apply a recorded revision of STACK (default: the one before the current) from the stored bundle and
+    image IDs, and pin the stack there until a commit changes its bundle or `rollback --unpin`.
+
+    Works after the git history that held the revision is gone. Runs through the agent when one runs.
+    """
+    cfg = _config(config_path, **opts)
+    out = _out()
+    api = running_agent(cfg)
+    if api:
+        doc = call(api, "rollback", {"stack": stack, "to": to, "unpin": unpin})
+        for line in doc.get("errors", []):
+            click.echo(f"error: {line}", err=True)
+        out.print(doc.get("message", ""), markup=False)
+        return 0 if doc.get("ok") else 1
+    desired = _desired(cfg)
+    with _engine(cfg) as engine:
+        try:
+            if unpin:
+                lifted = unpin_stack(engine.records, stack)
+                out.print(f"{stack}: " + ("unpinned: following the source" if lifted else "was not pinned"))
+            else:
+                pin = pin_stack(engine.records, stack, to)
+                out.print(f"{stack}: pinned to {pin.revision}")
+        except RollbackError as exc:
+            raise UserError(str(exc)) from None
+        return _converge(engine, desired, cfg, out, False, time.monotonic() + parse_duration(timeout).total_seconds())
 
 
 @cli.command()

@@ -29,6 +29,7 @@ from agent.engine import EmptySourceRefused, Engine, PassReport, stack_of
 from agent.http import AgentHttp, WebhookAuth
 from agent.metrics import Metrics
 from agent.records import Records
+from agent.rollback import RollbackError, pin_stack, unpin_stack
 from agent.sources import DirectorySource, Source, _secret, open_source
 from agent.statelog import StateLogError
 from agent.statelog.backends import open_log
@@ -341,6 +342,10 @@ class Agent:
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
+            for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
+                for note in sp.notes:
+                    if "paused" in note or "failed" in note:
+                        failed.setdefault(s, note)
             for r in report.results:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
@@ -432,6 +437,24 @@ class Agent:
                 "removed": report.count(Outcome.REMOVED),
                 "failed": report.count(Outcome.FAILED),
                 "errors": errors,
+            }
+        if name == "rollback":
+            stack = str(body.get("stack") or "")
+            try:
+                if body.get("unpin"):
+                    lifted = unpin_stack(self.records, stack)
+                    message = f"{stack}: " + ("unpinned: following the source" if lifted else "was not pinned")
+                else:
+                    pin = pin_stack(self.records, stack, body.get("to"))
+                    message = f"{stack}: pinned to {pin.revision}"
+            except RollbackError as exc:
+                return 200, {"ok": False, "errors": [str(exc)], "message": ""}
+            report = self.run_pass({stack})
+            failed = report is None or report.failed
+            return 200, {
+                "ok": not failed,
+                "message": message,
+                "errors": [self.pass_errors[stack]] if stack in self.pass_errors else [],
             }
         if name in ("suspend", "resume"):
             stack = str(body.get("stack") or "")

@@ -12,7 +12,21 @@ import pytest
 
 DABCTL = str(Path(sys.executable).parent / "dabctl")
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "schema", "bundle", "plan", "reconcile", "ps", "history"]
+COMMANDS = [
+    "validate",
+    "schema",
+    "bundle",
+    "plan",
+    "reconcile",
+    "ps",
+    "history",
+    "rollback",
+    "status",
+    "logs",
+    "suspend",
+    "resume",
+    "agent",
+]
 
 pytestmark = pytest.mark.timeout(60)
 
