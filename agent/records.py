@@ -83,7 +83,7 @@ class Records:
         for kv in self.log.range(RESTARTS):
             stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
             doc = json.loads(kv.value)
-            out[(stack, service, slot)] = RestartRecord(tuple(doc["attempts"]), doc["last_start"])
+            out[(stack, service, slot)] = RestartRecord(tuple(doc["attempts"]), doc["last_start"], doc.get("total", 0))
         return out
 
     def pins(self) -> dict[str, Pin]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from schemas.bundle import RestartPolicy
+from schemas.durations import format_duration
 
 MAX_DELAY = 300.0
 RESET_AFTER = 600.0
@@ -20,8 +21,9 @@ RESET_AFTER = 600.0
 class RestartRecord:
     """When a slot was restarted (epoch seconds), kept between passes."""
 
-    attempts: tuple[float, ...] = ()
+    attempts: tuple[float, ...] = ()  # the most recent ones (enough for any Window and for the backoff clock)
     last_start: float | None = None
+    total: int = 0  # restarts since the last reset: the backoff exponent, and the count without a Window
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,22 @@ def decide(state: str, exit_code: int | None, policy: RestartPolicy, record: Res
         return Decision("leave")
     if policy.condition == "none" or (policy.condition == "on-failure" and exit_code == 0):
         return Decision("leave")
-    attempts = record.attempts
+    attempts, total = record.attempts, max(record.total, len(record.attempts))
     if record.last_start is not None and now - record.last_start >= RESET_AFTER:
-        attempts = ()
+        attempts, total = (), 0
     window = policy.window.total_seconds() if policy.window else None
-    counted = [a for a in attempts if window is None or now - a <= window]
-    if policy.max_attempts and len(counted) >= policy.max_attempts:
-        within = f" within {policy.window}" if policy.window else ""
-        return Decision("give-up", reason=f"exited ({exit_code}) after {len(counted)} restarts{within}; not restarted")
+    counted = total if window is None else sum(1 for a in attempts if now - a <= window)
+    if policy.max_attempts and counted >= policy.max_attempts:
+        within = f" within {format_duration(policy.window)}" if policy.window else ""
+        return Decision("give-up", reason=f"exited ({exit_code}) after {counted} restarts{within}; not restarted")
     if attempts:
-        delay = min(MAX_DELAY, policy.delay.total_seconds() * 2 ** (len(attempts) - 1))
+        delay = min(MAX_DELAY, policy.delay.total_seconds() * 2 ** (total - 1))
         due = attempts[-1] + delay
         if now < due:
             return Decision("wait", seconds=due - now, reason=f"restart in {due - now:.1f}s (backoff)")
+    # The last 100 attempts serve any sensible MaxAttempts within a Window; `total` counts the rest.
     return Decision(
         "start",
-        RestartRecord((*attempts[-50:], now), now),
+        RestartRecord((*attempts[-99:], now), now, total + 1),
         reason=f"exited ({exit_code}); restart condition {policy.condition}",
     )

@@ -99,8 +99,10 @@ def step(
     rollout: Rollout | None,
     now: float,
     rollback: bool = False,
+    replicas: int | None = None,
 ) -> Step:
-    """The next step of rolling `slots` to `target` (pure)."""
+    """The next step of rolling `slots` to `target` (pure); `replicas` (default: len(slots)) is the service's
+    whole count, against which MaxFailureRatio is measured."""
     if rollout is None or rollout.target != target:
         rollout = Rollout(target=target, rollback=rollback)
     if rollout.state == "paused":
@@ -118,7 +120,11 @@ def step(
         ):
             failed.append(_failure_text(v))
     rollout = replace(rollout, failed=tuple(failed))
-    if failed and len(failed) / max(1, len(slots)) > cfg.max_failure_ratio and cfg.failure_action != "continue":
+    if (
+        failed
+        and len(failed) / max(1, replicas or len(slots)) > cfg.max_failure_ratio
+        and cfg.failure_action != "continue"
+    ):
         if cfg.failure_action == "rollback" and not rollout.rollback:
             state: State = "rolling-back"
             why = f"rolling back: {failed[0]}"
@@ -134,10 +140,6 @@ def step(
 
     if rollout.batch:  # the batch is through: its clock for Delay starts now
         rollout = replace(rollout, batch=(), batch_done_at=now)
-    delay = cfg.delay.total_seconds()
-    if rollout.batch_done_at is not None and now < rollout.batch_done_at + delay:
-        return Step(remove_old=remove_old, rollout=rollout, recheck_in=rollout.batch_done_at + delay - now)
-
     failed_slots = {f.split(":", 1)[0].removeprefix("slot ") for f in rollout.failed}
     candidates = sorted(
         (v for v in slots if v.old is not None and v.new is None and v.slot not in failed_slots),
@@ -146,6 +148,9 @@ def step(
     if not candidates:
         done = not any(v.old is not None and v.slot not in remove_old for v in slots)
         return Step(remove_old=remove_old, rollout=replace(rollout, state="completed" if done else rollout.state))
+    delay = cfg.delay.total_seconds()
+    if rollout.batch_done_at is not None and now < rollout.batch_done_at + delay:
+        return Step(remove_old=remove_old, rollout=rollout, recheck_in=rollout.batch_done_at + delay - now)
     batch = tuple(v.slot for v in candidates[: cfg.parallelism or len(candidates)])
     rollout = replace(rollout, batch=batch, state="rolling-back" if rollout.rollback else "updating")
     if cfg.order == "start-first":

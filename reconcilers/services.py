@@ -315,7 +315,7 @@ def plan_pass(
         if given_up:
             out.notes[key] = "; ".join(given_up)
         if views:
-            s = rollout.step(views, t.spec_hash, cfg, current, now, rollback=d.rollback)
+            s = rollout.step(views, t.spec_hash, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
             changes = {
                 slot: changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
                 for slot, old in olds.items()
