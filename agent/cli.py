@@ -30,6 +30,7 @@ from agent.statelog.backends import open_log
 from agent.status import stack_statuses
 from bundles import DesiredState, InvalidBundles, load_paths
 from bundles.git import SourceError
+from bundles.policy import Policy, enforce
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
 from schemas.bundle import Bundle
@@ -138,9 +139,9 @@ def validate(paths: tuple[Path, ...], config_path: Path | None) -> None:
 
     Exit 0 when all are valid, 1 otherwise. Nothing is contacted or changed.
     """
-    _config(config_path)
+    cfg = _config(config_path)
     try:
-        state = load_paths(list(paths))
+        state = enforce(load_paths(list(paths)), Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network))
     except InvalidBundles as exc:
         for e in exc.errors:
             click.echo(str(e), err=True)

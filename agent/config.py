@@ -31,6 +31,8 @@ def _env_value(name: str, key: str, raw: str) -> Any:
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE
         raise ConfigError(f"environment variable {key}: {raw!r} is not true or false")
+    if any(typing.get_origin(k) is list for k in kinds):
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if int in kinds:
         try:
             return int(raw)

@@ -30,7 +30,7 @@ from agent.http import AgentHttp, WebhookAuth
 from agent.metrics import Metrics
 from agent.records import Records
 from agent.rollback import RollbackError, pin_stack, unpin_stack
-from agent.sources import DirectorySource, Source, _secret, open_source
+from agent.sources import Source, _secret, open_source
 from agent.statelog import StateLogError
 from agent.statelog.backends import open_log
 from agent.status import stack_statuses
@@ -231,11 +231,12 @@ class Agent:
                 backoff = min(backoff * 2, max(interval, 1.0) if interval else 60.0)
             self._wake.wait(wait)
             self._wake.clear()
-            if isinstance(self.source, DirectorySource):
+            if self.source.kind == "directory":
                 time.sleep(0.2)  # debounce editors that write a file in several steps
 
     def _watch_directory(self) -> Any:
-        if not isinstance(self.source, DirectorySource):
+        directory = getattr(self.source, "directory", None)
+        if self.source.kind != "directory" or directory is None:
             return None
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
@@ -247,7 +248,7 @@ class Agent:
                 wake.set()
 
         observer = Observer()
-        observer.schedule(Handler(), str(self.source.directory), recursive=False)
+        observer.schedule(Handler(), str(directory), recursive=False)
         observer.daemon = True
         observer.start()
         return observer

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
+from bundles.policy import Policy, enforce
 from schemas.config import AgentConfig
 
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
@@ -111,6 +112,31 @@ def _secret(file: str | None, env: str | None) -> str | None:
     return None
 
 
+class Checked:
+    """A source whose every load is held to the agent config's policy (bundles.policy)."""
+
+    def __init__(self, inner: Source, policy: Policy) -> None:
+        self.inner = inner
+        self.policy = policy
+        self.kind = inner.kind
+        self.location = inner.location
+        self.ref = inner.ref
+        self.path = inner.path
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def load(self) -> DesiredState:
+        return enforce(self.inner.load(), self.policy)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def directory(self) -> Path | None:
+        return getattr(self.inner, "directory", None)
+
+
 def is_git(cfg: AgentConfig) -> bool:
     """A git source: a URL, or a local path together with --ref or --path."""
     source = cfg.source or ""
@@ -120,6 +146,6 @@ def is_git(cfg: AgentConfig) -> bool:
 def open_source(cfg: AgentConfig) -> Source:
     if not cfg.source:
         raise SourceConfigError("no source: pass --source DIR or a git URL (or set source in the config file)")
-    if is_git(cfg):
-        return GitRepoSource(cfg)
-    return DirectorySource(Path(cfg.source))
+    policy = Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network)
+    inner: Source = GitRepoSource(cfg) if is_git(cfg) else DirectorySource(Path(cfg.source))
+    return Checked(inner, policy)

@@ -42,6 +42,10 @@ class AgentConfig(BaseModel):
     webhook_secret_env: str | None = Field(None, description="... or from an environment variable")
     log_format: Literal["console", "json"] = Field("console", description="Agent log format")
     backoff_max: Annotated[float, Field(ge=1)] = Field(300.0, description="Longest retry delay for a failing stack")
+    allow_bind_mounts: list[str] = Field(
+        default_factory=list, description="Bind-mount sources allowed despite the policy (Docker socket, /, ...)"
+    )
+    allow_host_network: bool = Field(False, description="Let bundles join the host's network (External: host)")
     history_limit: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="Applied revisions kept per stack")
     audit_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(500, description="Passes kept in the audit trail")
     allow_empty: bool = Field(False, description="Allow a source with no stacks to prune every deployed stack")
