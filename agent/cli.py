@@ -67,6 +67,13 @@ def engine_options(f: F) -> F:
             click.option("--state", default=None, help="State log: embedded, or etcd://host:2379[,host:2379]."),
             click.option("--node-name", default=None, help="This node's name [default: the host name]."),
             click.option("--docker-host", default=None, help="Docker endpoint [default: DOCKER_HOST or the socket]."),
+            click.option("--docker-config", default=None, help="Directory with a Docker config.json (credentials)."),
+            click.option(
+                "--pull-policy",
+                type=click.Choice(["if-not-present", "always", "never"]),
+                default=None,
+                help="Pull policy of services that set none [default: if-not-present].",
+            ),
         ]
     ):
         f = opt(f)
@@ -104,11 +111,12 @@ def _records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
 
 @contextmanager
 def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
-    docker = DockerEngine(cfg.docker_host)
+    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
     try:
         docker.ping()
         with _records(cfg, writer=not read_only) as records:
-            yield Engine(docker, records, cfg.node_name or socket.gethostname(), cfg.parallelism, read_only)
+            node = cfg.node_name or socket.gethostname()
+            yield Engine(docker, records, node, cfg.parallelism, read_only, pull_policy=cfg.pull_policy)
     finally:
         docker.close()
 
@@ -274,7 +282,7 @@ def _converge(
             done[o] += report.count(o)
         errors = report.errors + [f"{r.action}: {r.error}" for r in report.results if r.outcome is Outcome.FAILED]
         notes = [f"{name}: {n}" for name, sp in p.stacks.items() for n in sp.notes]
-        paused = [n for n in notes if "paused" in n]
+        paused = [n for n in notes if "paused" in n or "failed" in n]
         if errors or paused:
             break
         unhealthy = _unhealthy(engine, desired) if wait else []
@@ -292,7 +300,7 @@ def _converge(
         f"{done[Outcome.REMOVED]} removed, {done[Outcome.FAILED]} failed"
         + ("" if any(done.values()) else " (nothing to do)")
     )
-    paused = [n for n in notes if "paused" in n]
+    paused = [n for n in notes if "paused" in n or "failed" in n]
     return 1 if errors or paused else 0
 
 

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import docker
+import docker.auth
 import docker.errors
 import docker.types
 
+from bundles.desired import ServiceTarget
 from reconcilers.networks import NetworkRequest, ObservedNetwork
 from reconcilers.services import Replica, ReplicaRequest
 from schemas.bundle import memory_bytes, nano_cpus
@@ -41,10 +43,16 @@ def _nanos(seconds: float | None) -> int | None:
 class DockerEngine:
     """ContainerRuntime and NetworkRuntime on a Docker engine."""
 
-    def __init__(self, base_url: str | None = None, timeout: int = 120) -> None:
+    def __init__(self, base_url: str | None = None, timeout: int = 120, docker_config: str | None = None) -> None:
         url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.url = url
         self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout)
+        if docker_config:
+            # Registry credentials (and credential helpers) from the Docker client config; they are sent to the
+            # engine with each pull and never stored by dabctl.
+            path = os.path.join(docker_config, "config.json")
+            self.api._auth_configs = docker.auth.load_config(config_path=path)  # type: ignore[attr-defined]
+        self.default_pull_policy = "if-not-present"
         self._pull_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -71,9 +79,7 @@ class DockerEngine:
         try:
             cid = self._create(kwargs)
         except docker.errors.ImageNotFound:
-            if request.target.image_id:  # the recorded image is gone: resolve the reference again
-                kwargs["image"] = request.target.service.image
-            self.ensure_image(request.target.service.image, request.target.service.pull_policy or "if-not-present")
+            kwargs["image"] = self.prepare_image(request.target)
             cid = self._create(kwargs)
         aliases = [request.target.name]
         for network in request.target.networks[1:]:
@@ -142,6 +148,48 @@ class DockerEngine:
             pass
 
     # --- images ----------------------------------------------------------------------------------------------
+
+    def prepare_image(self, target: ServiceTarget) -> str:
+        """Make the image `target` runs present (pulling per its policy); the reference to create with.
+
+        A recorded image ID that is gone falls back to the bundle's reference; a `repo@sha256:` reference (a tag's
+        new digest) is pulled by digest."""
+        svc = target.service
+        policy = svc.pull_policy or self.default_pull_policy
+        wanted = target.image_id or svc.image
+        if self._present(wanted):
+            return wanted
+        if wanted.startswith("sha256:"):
+            wanted = svc.image
+        self.ensure_image(wanted, policy)
+        return wanted
+
+    def _present(self, ref: str) -> bool:
+        try:
+            self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    def registry_digest(self, ref: str) -> str:
+        """The digest the registry serves for `ref` now (a read: GET /distribution/<ref>/json)."""
+        try:
+            info = self.api.inspect_distribution(ref)  # type: ignore[no-untyped-call]
+            return str(info["Descriptor"]["digest"])
+        except docker.errors.APIError as exc:
+            raise ImageUnavailable(
+                f"checking {ref} at its registry failed: {_first_line(exc.explanation or exc)}"
+            ) from None
+
+    def image_identity(self, ref: str) -> tuple[str, str]:
+        """(image ID, repository digest) of a local image; empty strings when absent or never pulled."""
+        try:
+            info = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return "", ""
+        repo = _split_ref(ref)[0].split("@", 1)[0]
+        digests = [d.split("@", 1)[1] for d in info.get("RepoDigests") or [] if d.split("@", 1)[0] == repo]
+        return str(info["Id"]), digests[0] if digests else ""
 
     def ensure_image(self, ref: str, policy: str) -> None:
         """Pull a missing image once, however many replicas ask for it at the same time."""

@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from agent.docker_engine import DockerEngine
+from agent.docker_engine import DockerEngine, ImageUnavailable
 from agent.records import Records
 from agent.scheduler import Assignments, assign
 from bundles import InvalidBundles, parse_bundle
-from bundles.desired import DesiredState, StackBundle, desired_networks, service_targets
+from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
 from reconcilers import networks, services
 from reconcilers.networks import NetworkAction, NetworksReconciler
 from reconcilers.outcome import Outcome, Result
@@ -69,6 +69,7 @@ class PassPlan:
     pins: dict[str, Pin | None] = field(default_factory=dict)
     recheck_in: float | None = None
     rolling: bool = False  # a rollout (or rollback) is still moving: another pass will continue it
+    images: dict[tuple[str, str], str] = field(default_factory=dict)  # the image reference each service runs
 
     @property
     def changes(self) -> int:
@@ -112,7 +113,10 @@ class Engine:
         parallelism: int = 8,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
+        pull_policy: str = "if-not-present",
     ) -> None:
+        self.pull_policy = pull_policy
+        docker.default_pull_policy = pull_policy
         self.clock = clock
         self._pinned: set[str] = set()
         self.docker = docker
@@ -165,6 +169,7 @@ class Engine:
         network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
 
         wanted: list[ServiceDesired] = []
+        images: dict[tuple[str, str], str] = {}
         for name, stack in desired.stacks.items():
             if name in held:
                 continue
@@ -172,9 +177,15 @@ class Engine:
             for target in service_targets(stack):
                 previous = record.services.get(target.name) if record else None
                 slots = assignments.get((name, target.name), {}).get(self.node, [])
+                target, expected, change, note = self._resolve_image(target, previous)
+                if note:
+                    stacks[name].notes.append(note)
+                images[(name, target.name)] = target.image_id or target.service.image
                 wanted.append(
                     ServiceDesired(
                         target=target,
+                        image_id=expected,
+                        image_change=change,
                         slots=tuple(slots),
                         revision=stack.revision,
                         previous_spec=previous.spec if previous else None,
@@ -219,7 +230,37 @@ class Engine:
             pins_changed,
             sp.recheck_in,
             bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
+            images,
         )
+
+    def _resolve_image(
+        self, target: ServiceTarget, previous: ServiceRecord | None
+    ) -> tuple[ServiceTarget, str | None, str | None, str | None]:
+        """(target with the image to run, the image ID replicas must have, why it moved, an error note).
+
+        The image enters the spec hash as written; the state records the ID (and digest) it resolved to. Under
+        `always` the registry is asked for the tag's digest (a read); a new digest replaces replicas, rolling.
+        A digest-pinned reference is used as it is and never checked again once present."""
+        svc = target.service
+        known = previous if previous is not None and previous.image == svc.image and previous.image_id else None
+        if target.image_id:  # a pinned revision runs the image IDs it recorded
+            return target, None, None, None
+        policy = svc.pull_policy or self.pull_policy
+        if policy == "always" and "@" not in svc.image:
+            try:
+                digest = self.docker.registry_digest(svc.image)
+            except ImageUnavailable as exc:
+                pinned = replace(target, image_id=known.image_id) if known else target
+                return pinned, known.image_id if known else None, None, f"{target.name}: image check failed: {exc}"
+            if known is None or digest != known.repo_digest:
+                ref = f"{svc.image.rsplit(':', 1)[0] if ':' in svc.image.rsplit('/', 1)[-1] else svc.image}@{digest}"
+                why = None
+                if known is not None:
+                    why = f"Image digest {_short(known.repo_digest)} → {_short(digest)}"
+                return replace(target, image_id=ref), f"pending:{digest}" if known else None, why, None
+        if known is None:
+            return target, None, None, None
+        return replace(target, image_id=known.image_id), known.image_id, None, None
 
     def _apply_pins(
         self, desired: DesiredState, pins: dict[str, Pin]
@@ -331,11 +372,22 @@ class Engine:
             svc_records = {}
             for t in targets:
                 prev = old.services.get(t.name) if old else None
-                image_id = prev.image_id if prev and prev.image == t.service.image else ""
-                if t.name in created or not image_id:
-                    image_id = self.docker.image_id(t.service.image)
+                image_id, digest = (
+                    (prev.image_id, prev.repo_digest) if prev and prev.image == t.service.image else ("", "")
+                )
+                used = plan.images.get((name, t.name), t.service.image)
+                if used.startswith("sha256:"):  # ran the recorded image ID: identity unchanged
+                    image_id = used
+                elif t.name in created or not image_id:
+                    image_id, digest = self.docker.image_identity(used)
+                    if "@sha256:" in used:
+                        digest = used.rsplit("@", 1)[1]
                 svc_records[t.name] = ServiceRecord(
-                    spec_hash=t.spec_hash, spec=dict(t.spec), image=t.service.image, image_id=image_id
+                    spec_hash=t.spec_hash,
+                    spec=dict(t.spec),
+                    image=t.service.image,
+                    image_id=image_id,
+                    repo_digest=digest,
                 )
             outcome = PassOutcome(
                 reconcile_id=reconcile_id,
@@ -371,6 +423,10 @@ class Engine:
                 ],
             )
         self.records.commit_pass(records, new_revisions, pruned, audit, plan.rollouts, plan.restarts, plan.pins)
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12] or "none"
 
 
 def stack_from_record(record: StackRecord) -> StackBundle:

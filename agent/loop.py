@@ -79,11 +79,11 @@ class Agent:
 
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
-        self.docker = DockerEngine(cfg.docker_host)
+        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
         self.docker.ping()
         self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
-        self.engine = Engine(self.docker, self.records, self.node, cfg.parallelism)
+        self.engine = Engine(self.docker, self.records, self.node, cfg.parallelism, pull_policy=cfg.pull_policy)
         self.source: Source = open_source(cfg)
         secret = _secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
         webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None

@@ -52,6 +52,8 @@ class ServiceDesired:
     previous_spec: Mapping[str, Any] | None = None
     previous_hash: str | None = None
     rollback: bool = False
+    image_id: str | None = None  # the image ID replicas must run (None: any); others are replaced
+    image_change: str | None = None  # why the image moved (e.g. a tag's new digest), for the plan
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class ContainerRuntime(Protocol):
     def create_replica(self, request: ReplicaRequest) -> str: ...
 
     def start_replica(self, container_id: str) -> None: ...
+
+    def prepare_image(self, target: ServiceTarget) -> str: ...
 
     def remove_replica(self, replica: Replica) -> None: ...
 
@@ -129,7 +133,8 @@ class ReplaceReplica:
         return (self.replica.stack, self.replica.service, self.replica.slot)
 
     def __str__(self) -> str:
-        return f"~ {self.replica.label} replace ({', '.join(self.changes)} changed)"
+        what = ", ".join(self.changes)
+        return f"~ {self.replica.label} replace ({what if 'digest' in what else what + ' changed'})"
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,11 @@ def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mappin
     if set(replica.networks) != wanted:
         return True
     return any(network_ids.get(name) != nid for name, nid in replica.networks.items())
+
+
+def _current(r: Replica, d: ServiceDesired) -> bool:
+    """Of the target spec and, when the state recorded one, of the expected image."""
+    return r.spec_hash == d.target.spec_hash and (d.image_id is None or r.image_id == d.image_id)
 
 
 def _preference(replica: Replica) -> tuple[int, int]:
@@ -263,14 +273,15 @@ def plan_pass(
         policy = t.service.deploy.restart_policy
         cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
         current = rollouts.get(key)
-        batch = set(current.batch) if current is not None and current.target == t.spec_hash else set()
+        target_id = f"{t.spec_hash}@{d.image_id}" if d.image_id else t.spec_hash
+        batch = set(current.batch) if current is not None and current.target == target_id else set()
         views: list[rollout.SlotView] = []
         olds: dict[str, Replica] = {}
         given_up: list[str] = []
         for slot in sorted(d.slots, key=slot_order):
             reps = by_slot.pop((t.stack, t.name, slot), [])
-            news = sorted((r for r in reps if r.spec_hash == t.spec_hash), key=_preference)
-            older = sorted((r for r in reps if r.spec_hash != t.spec_hash), key=_preference)
+            news = sorted((r for r in reps if _current(r, d)), key=_preference)
+            older = sorted((r for r in reps if not _current(r, d)), key=_preference)
             removes.extend(RemoveReplica(x, "duplicate in slot") for x in news[1:] + older[1:])
             new = news[0] if news else None
             old = older[0] if older else None
@@ -315,9 +326,11 @@ def plan_pass(
         if given_up:
             out.notes[key] = "; ".join(given_up)
         if views:
-            s = rollout.step(views, t.spec_hash, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
+            s = rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
             changes = {
-                slot: changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
+                slot: (d.image_change,)
+                if d.image_change and old.spec_hash == t.spec_hash
+                else changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
                 for slot, old in olds.items()
             }
             for slot in s.replace:
@@ -334,7 +347,7 @@ def plan_pass(
             if s.rollout is not None and s.rollout.state in ("updating", "rolling-back"):
                 out.rolling.add(key)
             out.recheck(s.recheck_in)
-        elif current is not None and current.state != "completed" and current.target == t.spec_hash:
+        elif current is not None and current.state != "completed" and current.target == target_id:
             out.rollouts[key] = replace(current, state="completed", batch=())
 
     leftovers = sorted(
@@ -408,6 +421,8 @@ class ServicesReconciler:
                 self.runtime.start_replica(action.replica.id)
                 return Result(action, Outcome.UPDATED)
             if isinstance(action, ReplaceReplica):
+                # No replica is stopped before its replacement's image is here.
+                self.runtime.prepare_image(action.target)
                 self.runtime.remove_replica(action.replica)
                 self._create(action.target, action.slot, action.revision)
                 return Result(action, Outcome.UPDATED)

@@ -42,6 +42,12 @@ class AgentConfig(BaseModel):
     webhook_secret_env: str | None = Field(None, description="... or from an environment variable")
     log_format: Literal["console", "json"] = Field("console", description="Agent log format")
     backoff_max: Annotated[float, Field(ge=1)] = Field(300.0, description="Longest retry delay for a failing stack")
+    pull_policy: Literal["if-not-present", "always", "never"] = Field(
+        "if-not-present", description="Pull policy of services that set none"
+    )
+    docker_config: str | None = Field(
+        None, description="Directory with a Docker client config.json (registry credentials; default DOCKER_CONFIG)"
+    )
     allow_bind_mounts: list[str] = Field(
         default_factory=list, description="Bind-mount sources allowed despite the policy (Docker socket, /, ...)"
     )

@@ -31,6 +31,7 @@ class ServiceRecord(Record):
     spec: dict[str, Any]
     image: str
     image_id: str = ""
+    repo_digest: str = ""  # the registry digest the reference resolved to when pulled (sha256:...)
 
 
 class StackRecord(Record):
