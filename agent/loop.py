@@ -80,7 +80,11 @@ class Agent:
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
         self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
-        self.docker.ping()
+        try:
+            self.docker.ping()
+        except EngineError as exc:
+            # Not fatal: passes fail and retry with backoff until the engine answers; /readyz says not ready.
+            log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
         self.engine = Engine(self.docker, self.records, self.node, cfg.parallelism, pull_policy=cfg.pull_policy)
@@ -335,11 +339,14 @@ class Agent:
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
             except (EmptySourceRefused, EngineError, StateLogError, docker.errors.DockerException, OSError) as exc:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
+                    why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"
                 for k in keys:
-                    self.pass_errors[k] = str(exc)
+                    self.pass_errors[k] = why
                     self.queue.retry(k)
                 self.metrics.passes.labels(result="failure").inc()
-                log.error("pass failed", extra={"error": str(exc)[:300], "stacks": ",".join(sorted(keys))})
+                log.error("pass failed", extra={"error": why[:300], "stacks": ",".join(sorted(keys))})
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
