@@ -294,7 +294,8 @@ def _converge(
             break
         time.sleep(max(0.2, min(p.recheck_in or 1.0, 2.0, deadline - time.monotonic())))
     for line in errors + notes:
-        click.echo(f"error: {line}" if line in errors else f"note: {line}", err=True)
+        serious = line in errors or "failed" in line or "paused" in line
+        click.echo(f"error: {line}" if serious else f"note: {line}", err=True)
     out.print(
         f"reconciled {len(desired.stacks)} stack(s): {done[Outcome.CREATED]} created, {done[Outcome.UPDATED]} updated, "
         f"{done[Outcome.REMOVED]} removed, {done[Outcome.FAILED]} failed"

@@ -83,7 +83,7 @@ def _planned(action: object) -> PlannedAction:
             name=action.replica.name,
             service=action.replica.service,
             slot=action.slot,
-            reason="spec changed",
+            reason=", ".join(action.changes) if any("digest" in c for c in action.changes) else "spec changed",
             changes=list(action.changes),
         )
     if isinstance(action, services.StartReplica):
