@@ -7,16 +7,18 @@ one list call per kind, and nothing is inspected per object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import docker
 import docker.auth
 import docker.errors
 import docker.types
+import requests
 
 from bundles.desired import ServiceTarget
 from reconcilers.networks import NetworkRequest, ObservedNetwork
@@ -30,6 +32,22 @@ _HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
 class EngineError(Exception):
     """The Docker engine cannot be reached or refused a request."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reachable(method: F) -> F:
+    """Turn a lost connection to the engine into one line that names the engine."""
+
+    @functools.wraps(method)
+    def call(self: DockerEngine, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineError(f"no Docker engine answers at {self.url} ({_first_line(exc)})") from None
+
+    return call  # type: ignore[return-value]
 
 
 class ImageUnavailable(EngineError):
@@ -70,10 +88,12 @@ class DockerEngine:
 
     # --- containers ----------------------------------------------------------------------------------------
 
+    @_reachable
     def list_replicas(self, owner: str) -> list[Replica]:
         rows = self.api.containers(all=True, filters={"label": [f"dabctl.owner={owner}", "dabctl.slot"]})
         return [_replica(row) for row in rows]
 
+    @_reachable
     def create_replica(self, request: ReplicaRequest) -> str:
         kwargs = self._create_kwargs(request)
         try:
@@ -135,9 +155,11 @@ class DockerEngine:
             "networking_config": networking,
         }
 
+    @_reachable
     def start_replica(self, container_id: str) -> None:
         self.api.start(container_id)
 
+    @_reachable
     def remove_replica(self, replica: Replica) -> None:
         """Stop with the container's own signal and grace period, then remove; gone already is fine."""
         try:
@@ -149,6 +171,7 @@ class DockerEngine:
 
     # --- images ----------------------------------------------------------------------------------------------
 
+    @_reachable
     def prepare_image(self, target: ServiceTarget) -> str:
         """Make the image `target` runs present (pulling per its policy); the reference to create with.
 
@@ -171,6 +194,7 @@ class DockerEngine:
         except docker.errors.ImageNotFound:
             return False
 
+    @_reachable
     def registry_digest(self, ref: str) -> str:
         """The digest the registry serves for `ref` now (a read: GET /distribution/<ref>/json)."""
         try:
@@ -181,6 +205,7 @@ class DockerEngine:
                 f"checking {ref} at its registry failed: {_first_line(exc.explanation or exc)}"
             ) from None
 
+    @_reachable
     def image_identity(self, ref: str) -> tuple[str, str]:
         """(image ID, repository digest) of a local image; empty strings when absent or never pulled."""
         try:
@@ -191,6 +216,7 @@ class DockerEngine:
         digests = [d.split("@", 1)[1] for d in info.get("RepoDigests") or [] if d.split("@", 1)[0] == repo]
         return str(info["Id"]), digests[0] if digests else ""
 
+    @_reachable
     def ensure_image(self, ref: str, policy: str) -> None:
         """Pull a missing image once, however many replicas ask for it at the same time."""
         with self._locks_guard:
@@ -214,6 +240,7 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             raise ImageUnavailable(f"pulling {ref} failed: {_first_line(exc.explanation or exc)}") from None
 
+    @_reachable
     def image_id(self, ref: str) -> str:
         """The local image ID a reference resolves to, or "" when it is not present."""
         try:
@@ -224,9 +251,11 @@ class DockerEngine:
 
     # --- networks -----------------------------------------------------------------------------------------
 
+    @_reachable
     def list_networks(self) -> list[ObservedNetwork]:
         return [ObservedNetwork(n["Id"], n["Name"], n.get("Labels") or {}) for n in self.api.networks()]
 
+    @_reachable
     def create_network(self, request: NetworkRequest) -> str:
         result = self.api.create_network(
             request.name,
@@ -237,6 +266,7 @@ class DockerEngine:
         )
         return str(result["Id"])
 
+    @_reachable
     def remove_network(self, network_id: str) -> None:
         with contextlib.suppress(docker.errors.NotFound):
             self.api.remove_network(network_id)

@@ -43,6 +43,7 @@ from schemas.output import SourceStatus, StatusOutput
 log = logging.getLogger("dabctl.agent")
 CONTAINER_TRIGGERS = ("die", "kill", "oom", "destroy", "stop")
 EVENT_DEBOUNCE = 0.1
+EVENT_RECHECKS = (1.5, 5.0)
 
 
 def _split_listen(address: str) -> tuple[str, int]:
@@ -276,10 +277,12 @@ class Agent:
         api = docker.APIClient(base_url=self.docker.url, version="1.41", timeout=None)  # type: ignore[arg-type]
         since = int(time.time())
         first = True
+        backoff = 1.0
         while not self.stop.is_set():
             try:
                 stream = api.events(since=since, decode=True, filters={"type": ["container", "network"]})
                 self._events_stream = stream
+                backoff = 1.0
                 if not first:
                     self.queue.add(self.all_keys())
                 first = False
@@ -289,9 +292,13 @@ class Agent:
             except Exception as exc:
                 if self.stop.is_set():
                     break
-                log.warning("docker event stream dropped; reconnecting", extra={"error": str(exc)[:200]})
+                log.warning(
+                    "docker event stream dropped; reconnecting",
+                    extra={"error": str(exc)[:200], "retry_in": backoff},
+                )
                 first = False
-                self.stop.wait(1.0)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
         api.close()
 
     def _on_event(self, ev: dict[str, Any]) -> None:
@@ -301,7 +308,14 @@ class Agent:
             if attrs.get("dabctl.owner") != self.engine.owner:
                 return
             if action in CONTAINER_TRIGGERS or action.startswith("health_status"):
-                self.queue.add([attrs.get("dabctl.stack", "")], after=EVENT_DEBOUNCE)
+                stack = attrs.get("dabctl.stack", "")
+                self.queue.add([stack], after=EVENT_DEBOUNCE)
+                # Docker emits die/kill before it lists the container as exited (it first disconnects the
+                # container's networks): look again once that has surely happened.
+                for delay in EVENT_RECHECKS:
+                    late = threading.Timer(delay, self.queue.add, args=([stack],))
+                    late.daemon = True
+                    late.start()
         elif ev.get("Type") == "network" and action == "destroy":
             stack = str(attrs.get("name", "")).split("_", 1)[0]
             if stack in self.all_keys():
