@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,21 +26,39 @@ class ConfigError(Exception):
 
 def _env_value(name: str, key: str, raw: str) -> Any:
     """Convert an environment string to the field's type; text fields stay text (`DABCTL_NODE_NAME=0042`)."""
-    kinds = set(typing.get_args(AgentConfig.model_fields[name].annotation)) or {
-        AgentConfig.model_fields[name].annotation
-    }
+    kinds = _kinds(AgentConfig.model_fields[name].annotation)
     if bool in kinds:
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE
         raise ConfigError(f"environment variable {key}: {raw!r} is not true or false")
-    if any(typing.get_origin(k) is list for k in kinds):
+    if list in kinds:
         return [item.strip() for item in raw.split(",") if item.strip()]
     if int in kinds:
         try:
             return int(raw)
         except ValueError:
             raise ConfigError(f"environment variable {key}: {raw!r} is not a whole number") from None
+    if float in kinds:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {key}: {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"environment variable {key}: {raw!r} is not a finite number")
+        return value
     return raw
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types a field accepts: Annotated and Optional unwrapped, list[str] as list."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return {k for a in typing.get_args(annotation) for k in _kinds(a)}
+    if origin is not None:
+        return {origin}
+    return {annotation}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:

@@ -296,7 +296,7 @@ class _Converter:
         return out if len(out) == len(texts) else None
 
     def name(self, name: str, path: str, what: str) -> bool:
-        if re.match(OBJECT_NAME_PATTERN, name):
+        if re.fullmatch(OBJECT_NAME_PATTERN, name):
             return True
         suggestion = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:63] or "my-name"
         self.error(path, f"invalid {what} {name!r} for a bundle", f"rename it: {_NAME_RULE}, e.g. {suggestion!r}")

@@ -471,7 +471,7 @@ def _nested_match(loc: Sequence[int | str], name: str) -> str | None:
 
 
 def _matches(pattern: str, text: str) -> bool:
-    return re.match(pattern, text) is not None
+    return re.fullmatch(pattern, text) is not None
 
 
 def _suggest_stack_name(name: str) -> str:

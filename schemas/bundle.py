@@ -25,6 +25,8 @@ PortNumber = Annotated[int, Field(ge=1, le=65535)]
 
 _MEMORY = re.compile(r"^(\d+)([bkmg]?)b?$", re.IGNORECASE)
 _MEMORY_FACTOR = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MAX_CPUS = 4096
+MAX_MEMORY = 1024**4  # 1 TiB
 _CPUS = re.compile(r"^(\d+(\.\d*)?|\.\d+)$")
 
 
@@ -44,17 +46,23 @@ class Model(BaseModel):
 
 def memory_bytes(text: str) -> int:
     """Bytes in a memory size such as "512M", "1g" or "1048576"."""
-    m = _MEMORY.match(text.strip())
+    m = _MEMORY.fullmatch(text.strip())
     if not m:
         raise ValueError(f'invalid memory size {text!r}: use a number with an optional unit b, k, m, g, e.g. "512M"')
-    return int(m.group(1)) * _MEMORY_FACTOR[m.group(2).lower()]
+    size = int(m.group(1)) * _MEMORY_FACTOR[m.group(2).lower()]
+    if size > MAX_MEMORY:
+        raise ValueError(f"memory size {text!r} is more than any host has: use at most 1024G")
+    return size
 
 
 def nano_cpus(text: str) -> int:
     """Docker's NanoCpus for a CPU count such as "0.5"."""
-    if not _CPUS.match(text.strip()):
+    if not _CPUS.fullmatch(text.strip()):
         raise ValueError(f'invalid CPU count {text!r}: use a decimal number of CPUs, e.g. "0.5"')
-    return round(float(text) * 1e9)
+    cpus = float(text)
+    if not cpus <= MAX_CPUS:
+        raise ValueError(f"CPU count {text!r} is more than any host has: use at most {MAX_CPUS}")
+    return round(cpus * 1e9)
 
 
 class Port(Model):
@@ -194,7 +202,7 @@ class Mount(Model):
         if (
             self.type == "volume"
             and self.source is not None
-            and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.source)
+            and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.source)
         ):
             raise ValueError(f"invalid volume name {self.source!r}: use letters, digits, '_', '.', '-'")
         return self
