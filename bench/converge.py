@@ -14,19 +14,16 @@ reports the end state (N containers with the run's `dabctl.stack` label in statu
 Every object a run creates is named with a `bench-<random>` prefix and removed (containers force-removed, networks
 removed) before the next run starts, also when the run fails.
 
-    .venv/bin/python bench/converge.py [--replicas 10,40] [--runs 3] [--parallelism 8]
+    sudo .venv/bin/python bench/converge.py [--replicas 10,40,100] [--runs 3] [--parallelism 8] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,18 +33,33 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import docker
 import docker.errors
+from common import (
+    DABCTL,
+    IMAGE,
+    TIMEOUT,
+    docker_cli,
+    log,
+    machine,
+    netns_engine,
+    print_table,
+    ratio,
+    remove_by_label,
+    remove_service,
+    stats,
+    swarm,
+    wait_until,
+)
 
-IMAGE = "dabctl/sample:1"
-SOCKET = "unix:///var/run/docker.sock"
-DABCTL = str(Path(sys.executable).parent / "dabctl")
 POLL_INTERVAL = 0.02
-TIMEOUT = 300.0
+URL = ""  # the netns engine's unix:// URL, set in main()
 
 
 def client(pool: int = 10) -> docker.APIClient:
-    return docker.APIClient(base_url=SOCKET, timeout=120, max_pool_size=pool)
+    return docker.APIClient(base_url=URL, version="1.41", timeout=120, max_pool_size=pool)
 
 
 def running(api: docker.APIClient, stack: str) -> int:
@@ -69,15 +81,8 @@ def wait_running(api: docker.APIClient, stack: str, n: int, failed: Callable[[],
 
 
 def cleanup(api: docker.APIClient, prefix: str) -> None:
-    """Force-remove every container and remove every network whose name starts with prefix."""
-    for c in api.containers(all=True):
-        if any(name.lstrip("/").startswith(prefix) for name in c["Names"]):
-            with contextlib.suppress(docker.errors.NotFound):
-                api.remove_container(c["Id"], force=True, v=True)
-    for net in api.networks():
-        if net["Name"].startswith(prefix):
-            with contextlib.suppress(docker.errors.NotFound):
-                api.remove_network(net["Id"])
+    """Remove every container and network of the run (labelled dabctl.stack=prefix)."""
+    remove_by_label(api, f"dabctl.stack={prefix}")
 
 
 def run_dabctl(api: docker.APIClient, n: int, parallelism: int) -> tuple[float, float]:
@@ -92,7 +97,7 @@ def run_dabctl(api: docker.APIClient, n: int, parallelism: int) -> tuple[float, 
     }
     (source / f"{stack}.dab").write_text(json.dumps(bundle, indent=2))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
-    argv = [DABCTL, "reconcile", "--once", "--source", str(source), "--state-dir", str(state)]
+    argv = [DABCTL, "reconcile", "--once", "--source", str(source), "--state-dir", str(state), "--docker-host", URL]
     argv += ["--parallelism", str(parallelism)]
     proc: subprocess.Popen[bytes] | None = None
     exited: list[float] = []
@@ -169,52 +174,73 @@ def run_raw(api: docker.APIClient, poller: docker.APIClient, n: int, parallelism
         cleanup(poller, stack)
 
 
+def run_swarm(engine: object, api: docker.APIClient, n: int) -> float:
+    """`docker service create --replicas N --no-resolve-image --detach`; returns seconds to N running tasks."""
+    name = f"bench-{secrets.token_hex(4)}"
+    label = f"com.docker.swarm.service.name={name}"
+    argv = docker_cli(engine, "service", "create", "--detach", "--no-resolve-image", "--quiet")  # type: ignore[arg-type]
+    argv += ["--name", name, "--replicas", str(n), "--stop-grace-period", "1s", IMAGE]
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def check() -> None:
+            if proc.poll() not in (None, 0):
+                raise RuntimeError(f"docker service create failed: {proc.stderr.read()!r}")  # type: ignore[union-attr]
+
+        t1 = wait_until(
+            lambda: len(api.containers(filters={"label": label, "status": "running"})) >= n,
+            f"swarm {n} running",
+            check=check,
+        )
+        proc.wait()
+        return t1 - t0
+    finally:
+        remove_service(api, name)
+
+
 def main() -> None:
+    global URL
     parser = argparse.ArgumentParser(
         description=(
-            "Measure a cold converge of N replicas of one service: dabctl reconcile --once against raw docker-py "
-            "creates+starts (the engine's limit), interleaved run by run. The clock starts before the command is "
-            "launched and stops when the engine, polled from outside every 20 ms, reports N running."
+            "Cold converge of N replicas of one service: dabctl reconcile --once vs docker service create "
+            "(single-node Swarm) vs raw docker-py creates+starts, interleaved run by run, on one dockerd in its own "
+            "network namespace. Clock: launch -> the engine, polled every 20 ms, reports N running."
         )
     )
-    parser.add_argument("--replicas", default="10,40", help="comma-separated replica counts N (default: 10,40)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per contender and N; median reported (default: 3)")
-    parser.add_argument("--parallelism", type=int, default=8, help="engine calls in flight, both contenders (8)")
+    parser.add_argument("--replicas", default="10,40,100", help="comma-separated replica counts N (10,40,100)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per contender and N; median reported (3)")
+    parser.add_argument("--parallelism", type=int, default=8, help="engine calls in flight, dabctl and raw (8)")
+    parser.add_argument("--quick", action="store_true", help="N = 10,40 only")
     args = parser.parse_args()
-    counts = [int(x) for x in args.replicas.split(",") if x.strip()]
+    counts = [int(x) for x in ("10,40" if args.quick else args.replicas).split(",") if x.strip()]
 
-    api = client()
-    raw_api = client(args.parallelism + 2)
-    api.inspect_image(IMAGE)
-    server = api.version()
-
-    results: dict[int, dict[str, list[float]]] = {}
-    for n in counts:
-        res = results[n] = {"dabctl": [], "dabctl (CLI exit)": [], "raw": []}
-        for i in range(args.runs):
-            conv, exit_s = run_dabctl(api, n, args.parallelism)
-            res["dabctl"].append(conv)
-            res["dabctl (CLI exit)"].append(exit_s)
-            res["raw"].append(run_raw(raw_api, api, n, args.parallelism))
-            print(
-                f"# N={n} run {i + 1}/{args.runs}: dabctl {conv:.3f}s (exit {exit_s:.3f}s), raw {res['raw'][-1]:.3f}s",
-                file=sys.stderr,
-            )
-
-    print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}, Docker server {server.get('Version')}")
-    print(f"parallelism {args.parallelism}, image {IMAGE}, clock: launch -> engine reports N running")
-    header = ("N", "contender", "median s", "min s", "max s", "runs", "dabctl/raw")
-    rows = [header]
+    with netns_engine() as engine, swarm(engine):
+        URL = engine.url
+        api = client()
+        raw_api = client(args.parallelism + 2)
+        results: dict[int, dict[str, list[float]]] = {}
+        for n in counts:
+            res = results[n] = {"dabctl": [], "dabctl (CLI exit)": [], "raw": [], "swarm": []}
+            for i in range(args.runs):
+                conv, exit_s = run_dabctl(api, n, args.parallelism)
+                res["dabctl"].append(conv)
+                res["dabctl (CLI exit)"].append(exit_s)
+                res["raw"].append(run_raw(raw_api, api, n, args.parallelism))
+                res["swarm"].append(run_swarm(engine, api, n))
+                log(
+                    f"N={n} run {i + 1}/{args.runs}: dabctl {conv:.3f}s (exit {exit_s:.3f}s), "
+                    f"raw {res['raw'][-1]:.3f}s, swarm {res['swarm'][-1]:.3f}s"
+                )
+        print(f"machine: {machine(engine)}")
+    print(f"parallelism {args.parallelism} (dabctl and raw), image {IMAGE}, {args.runs} interleaved runs, ")
+    print("clock: launch -> engine reports N running; seconds as median (min-max)")
+    print()
+    rows = []
     for n, res in results.items():
-        raw_median = statistics.median(res["raw"])
         for name, xs in res.items():
-            med = statistics.median(xs)
-            ratio = f"{med / raw_median:.2f}" if name != "raw" else ""
-            rows.append((str(n), name, f"{med:.3f}", f"{min(xs):.3f}", f"{max(xs):.3f}", str(len(xs)), ratio))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        cells = [c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        print("  ".join(cells).rstrip())
+            rows.append((str(n), name, stats(xs), ratio(xs, res["raw"]), ratio(xs, res["swarm"])))
+    print_table(("N", "contender", "seconds", "÷ raw", "÷ swarm"), rows)
 
 
 if __name__ == "__main__":

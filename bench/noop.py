@@ -1,0 +1,224 @@
+"""No-op pass benchmark: a converged node with S services, one more pass that must change nothing.
+
+For each S (services of 1 or 2 replicas, alternating, in one stack) a `dabctl agent` (git polling and periodic
+resync off) converges the stack through a recording DockerProxy; then each run times one pass inside the running
+agent, from the trigger (POST /api/reconcile, what `dabctl reconcile --once` sends to a running agent; the agent
+answers after the pass) to the end of the pass, and records the Docker API calls by endpoint (proxy), the agent's
+CPU time (/proc/PID/stat) and its peak RSS (VmHWM). The agent's own histogram dabctl_reconcile_duration_seconds
+(pass only, without the HTTP round trip) is shown too.
+
+Peer: re-running `docker-compose up -d` (Debian's 1.29) on the equivalent Compose project (same services, `scale`,
+same image) against the same engine through its own recording proxy; the clock runs from launch to exit (the end
+state, everything running, holds throughout). CLI start-up (`dabctl --help`, `docker-compose version`) is timed
+apart. Runs are interleaved.
+
+    sudo .venv/bin/python bench/noop.py [--services 10,100,300] [--runs 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    DABCTL,
+    IMAGE,
+    Agent,
+    dab,
+    log,
+    machine,
+    median,
+    netns_engine,
+    print_table,
+    remove_by_label,
+    running,
+    stats,
+    wait_until,
+)
+
+from tests.support.dockerproxy import DockerProxy
+
+
+def compose_file(s: int) -> str:
+    lines = ['version: "2.4"', "services:"]
+    for i in range(s):
+        lines += [f"  s{i}:", f"    image: {IMAGE}", f"    scale: {1 + i % 2}", "    stop_grace_period: 1s"]
+    return "\n".join(lines) + "\n"
+
+
+def replicas(s: int) -> int:
+    return sum(1 + i % 2 for i in range(s))
+
+
+def cli_startup(argv: list[str], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def calls_summary(counter: Counter[str]) -> str:
+    return ", ".join(f"{n}x {ep}" for ep, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--services", default="10,100,300", help="comma-separated service counts S (10,100,300)")
+    parser.add_argument("--runs", type=int, default=5, help="passes per contender and S; median reported (5)")
+    parser.add_argument("--quick", action="store_true", help="3 runs")
+    parser.add_argument(
+        "--compose-max", type=int, default=10**6, help="run the docker-compose peer only for S up to this (all)"
+    )
+    args = parser.parse_args()
+    runs = 3 if args.quick else args.runs
+    counts = [int(x) for x in args.services.split(",") if x.strip()]
+
+    rows = []
+    calls_rows = []
+    with netns_engine() as engine:
+        api = engine.client
+        agent_proxy = DockerProxy(upstream=str(engine.socket_path)).start()
+        compose_proxy = DockerProxy(upstream=str(engine.socket_path)).start()
+        try:
+            for s in counts:
+                stack, project = f"noop{s}", f"cnoop{s}"
+                work = Path(tempfile.mkdtemp(prefix=f"bench-{stack}-"))
+                agent: Agent | None = None
+                try:
+                    src = work / "stacks"
+                    src.mkdir()
+                    services = {f"s{i}": {"Image": IMAGE, "Deploy": {"Replicas": 1 + i % 2}} for i in range(s)}
+                    for svc in services.values():
+                        svc["StopGracePeriod"] = "1s"
+                    (src / f"{stack}.dab").write_text(dab(services))
+                    (work / "docker-compose.yml").write_text(compose_file(s))
+                    n = replicas(s)
+                    label = f"dabctl.stack={stack}"
+                    agent = Agent(
+                        work,
+                        "--source",
+                        str(src),
+                        "--docker-host",
+                        agent_proxy.url,
+                        "--poll-interval",
+                        "0",
+                        "--resync-interval",
+                        "0",
+                    )
+                    agent.start(timeout=600)
+                    wait_until(
+                        lambda label=label, n=n: len(running(api, label)) >= n, f"{stack}: {n} running", timeout=600
+                    )
+                    agent.post("/api/reconcile", json={})  # settle: the pass after the first converge
+                    cenv = {"DOCKER_HOST": compose_proxy.url, "PATH": "/usr/bin:/bin"}
+                    compose = ["docker-compose", "-p", project, "-f", str(work / "docker-compose.yml"), "up", "-d"]
+                    peer = s <= args.compose_max
+                    if peer:
+                        subprocess.run(compose, env=cenv, check=True, capture_output=True, timeout=900)
+                    clabel = f"com.docker.compose.project={project}"
+                    if peer:
+                        wait_until(
+                            lambda clabel=clabel, n=n: len(running(api, clabel)) >= n,
+                            f"{project}: {n} running",
+                            timeout=600,
+                        )
+                    wall, inner, cpu, dcalls, ccalls, cwall = [], [], [], Counter(), Counter(), []
+                    for i in range(runs):
+                        agent_proxy.reset()
+                        c0, h0 = agent.cpu_seconds(), agent.metric("dabctl_reconcile_duration_seconds_sum")
+                        t0 = time.perf_counter()
+                        doc = agent.post("/api/reconcile", json={}).json()
+                        t1 = time.perf_counter()
+                        c1, h1 = agent.cpu_seconds(), agent.metric("dabctl_reconcile_duration_seconds_sum")
+                        if not doc.get("ok") or any(doc.get(k) for k in ("created", "updated", "removed")):
+                            raise RuntimeError(f"not a no-op pass: {doc}")
+                        calls = Counter(c.endpoint for c in agent_proxy.calls)
+                        wall.append(t1 - t0)
+                        inner.append(h1 - h0)
+                        cpu.append(c1 - c0)
+                        dcalls = calls
+                        if peer:
+                            compose_proxy.reset()
+                            t0 = time.perf_counter()
+                            subprocess.run(compose, env=cenv, check=True, capture_output=True, timeout=900)
+                            cwall.append(time.perf_counter() - t0)
+                            ccalls = Counter(c.endpoint for c in compose_proxy.calls)
+                        log(f"S={s} run {i + 1}/{runs}: dabctl {wall[-1] * 1000:.1f} ms, compose {cwall[-1:]} s")
+                    if len(running(api, label)) != n:
+                        raise RuntimeError(f"{stack}: fewer than {n} running after the passes")
+                    hwm, rss = agent.mem_kb("VmHWM"), agent.mem_kb("VmRSS")
+                    dwrites = sum(v for k, v in dcalls.items() if not k.startswith(("GET", "HEAD")))
+                    cwrites = sum(v for k, v in ccalls.items() if not k.startswith(("GET", "HEAD")))
+                    rows.append(
+                        (
+                            str(s),
+                            str(n),
+                            f"{median(wall) * 1000:.1f} ({min(wall) * 1000:.1f}-{max(wall) * 1000:.1f})",
+                            f"{median(inner) * 1000:.1f}",
+                            f"{median(cpu) * 1000:.0f}",
+                            f"{sum(dcalls.values())} ({dwrites} writes)",
+                            f"{hwm / 1024:.1f} / {rss / 1024:.1f}",
+                            f"{median(cwall) * 1000:.0f} ({min(cwall) * 1000:.0f}-{max(cwall) * 1000:.0f})"
+                            if peer
+                            else "not run (--compose-max)",
+                            f"{sum(ccalls.values())} ({cwrites} writes)" if peer else "-",
+                            f"{median(wall) / median(cwall):.3f}x" if peer else "no peer",
+                        )
+                    )
+                    log(" | ".join(rows[-1]))
+                    calls_rows.append((str(s), "dabctl", calls_summary(dcalls)))
+                    if peer:
+                        calls_rows.append((str(s), "docker-compose", calls_summary(ccalls)))
+                finally:
+                    if agent is not None:
+                        agent.stop()
+                    remove_by_label(api, f"dabctl.stack={stack}")
+                    remove_by_label(api, f"com.docker.compose.project={project}")
+                    shutil.rmtree(work, ignore_errors=True)
+        finally:
+            agent_proxy.stop()
+            compose_proxy.stop()
+        print(f"machine: {machine(engine)}")
+    dab_cli = cli_startup([DABCTL, "--help"], 5)
+    dc_cli = cli_startup(["docker-compose", "version"], 5)
+    print(f"{runs} interleaved runs per S; ms as median (min-max); writes = API calls other than GET/HEAD")
+    print()
+    print_table(
+        (
+            "S",
+            "replicas",
+            "dabctl pass ms (trigger->end)",
+            "pass ms (histogram)",
+            "agent CPU ms",
+            "dabctl API calls",
+            "agent peak / now RSS MiB",
+            "compose up -d ms",
+            "compose API calls",
+            "dabctl/compose",
+        ),
+        rows,
+    )
+    print()
+    print_table(("S", "contender", "Docker API calls in one no-op pass, by endpoint"), calls_rows)
+    print()
+    print_table(
+        ("CLI start-up", "seconds", "ratio"),
+        [
+            ("dabctl --help", stats(dab_cli), f"{median(dab_cli) / median(dc_cli):.2f}x"),
+            ("docker-compose version", stats(dc_cli), "1.00x"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
