@@ -189,7 +189,12 @@ def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mappin
     wanted = set(target.networks)
     if set(replica.networks) != wanted:
         return True
-    return any(network_ids.get(name) != nid for name, nid in replica.networks.items())
+    # The engine lists a never-started container's networks without an ID; it joins them by name when started.
+    return any(
+        network_ids.get(name) != nid
+        for name, nid in replica.networks.items()
+        if nid or replica.state != "created"
+    )
 
 
 def _current(r: Replica, d: ServiceDesired) -> bool:

@@ -252,6 +252,28 @@ CASES: dict[str, Case] = {
         ],
     ),
     "on-the-right-network": ([want(WEB_BACK, "1")], [ON_BACK], []),
+    # The engine lists a never-started container's networks without an ID: started, not taken for a moved network.
+    "never-started-lists-no-network-id": (
+        [want(WEB, "1")],
+        [rep(WEB, "1", "created", networks={"shop_default": ""})],
+        [StartReplica(rep(WEB, "1", "created", networks={"shop_default": ""}), "never started")],
+    ),
+    "never-started-on-the-wrong-networks": (
+        [want(WEB_BACK, "1")],
+        [rep(WEB_BACK, "1", "created", networks={"shop_default": ""})],
+        [
+            RemoveReplica(rep(WEB_BACK, "1", "created", networks={"shop_default": ""}), "network gone or changed"),
+            CreateReplica(WEB_BACK, "1", REV, "recreated"),
+        ],
+    ),
+    "an-exited-replica-without-a-network-id-is-recreated": (
+        [want(WEB, "1")],
+        [rep(WEB, "1", "exited", exit_code=0, networks={"shop_default": ""})],
+        [
+            RemoveReplica(rep(WEB, "1", "exited", exit_code=0, networks={"shop_default": ""}), "network gone or changed"),
+            CreateReplica(WEB, "1", REV, "recreated"),
+        ],
+    ),
 }
 
 
