@@ -116,7 +116,16 @@ def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
         docker.ping()
         with _records(cfg, writer=not read_only) as records:
             node = cfg.node_name or socket.gethostname()
-            yield Engine(docker, records, node, cfg.parallelism, read_only, pull_policy=cfg.pull_policy)
+            yield Engine(
+                docker,
+                records,
+                node,
+                cfg.parallelism,
+                read_only,
+                pull_policy=cfg.pull_policy,
+                balancer=cfg.loadbalancer,
+                port_range=cfg.port_range,
+            )
     finally:
         docker.close()
 
@@ -458,6 +467,7 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 records.suspended(),
                 records.rollouts(),
                 records.pins(),
+                records.ports(),
             )
         result = StatusOutput(node=node, ready=True, stacks=stacks)
     if fmt == "json":

@@ -306,4 +306,5 @@ def _replica(row: Mapping[str, Any]) -> Replica:
         revision=labels.get("dabctl.revision", ""),
         created=int(row.get("Created") or 0),
         networks={name: (n or {}).get("NetworkID", "") for name, n in nets.items()},
+        addresses={name: (n or {}).get("IPAddress", "") for name, n in nets.items()},
     )

@@ -1,8 +1,9 @@
 """One reconcile pass: observe (one list call per kind) -> plan (pure) -> apply (ordered phases, bounded
 parallel) -> record. `dabctl plan` stops after planning; `reconcile --once` and the agent apply.
 
-Phase order: replica removals, network removals, network creations, then replica creates/replaces/starts —
-so a network is removed only after its containers and created before the containers that join it.
+Phase order: the balancer first (replicas about to be stopped leave it: drain), then replica removals, network
+removals, network creations, replica creates/replaces/starts — so a network is removed only after its containers
+and created before the containers that join it — and, when replicas changed, the balancer again with what runs now.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent.docker_engine import DockerEngine, ImageUnavailable
+from agent.mesh import listening_ports, open_balancer
 from agent.records import Records
 from agent.scheduler import Assignments, assign
 from bundles import InvalidBundles, parse_bundle
 from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
-from reconcilers import networks, services
+from reconcilers import loadbalancer, networks, services
+from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
 from reconcilers.networks import NetworkAction, NetworksReconciler
 from reconcilers.outcome import Outcome, Result
 from reconcilers.restarts import RestartRecord
@@ -28,8 +31,8 @@ from reconcilers.rollout import Rollout
 from reconcilers.services import ServiceAction, ServiceDesired, ServicesReconciler
 from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
 
-Action = ServiceAction | NetworkAction
-AnyResult = Result[ServiceAction] | Result[NetworkAction]
+Action = ServiceAction | NetworkAction | BalancerAction
+AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction]
 
 
 class EmptySourceRefused(Exception):
@@ -45,11 +48,12 @@ class StackPlan:
     error: str | None = None
     network_actions: list[NetworkAction] = field(default_factory=list)
     service_actions: list[ServiceAction] = field(default_factory=list)
+    balancer_actions: list[BalancerAction] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
-        return [*self.network_actions, *self.service_actions]
+        return [*self.network_actions, *self.service_actions, *self.balancer_actions]
 
 
 @dataclass
@@ -70,6 +74,11 @@ class PassPlan:
     recheck_in: float | None = None
     rolling: bool = False  # a rollout (or rollback) is still moving: another pass will continue it
     images: dict[tuple[str, str], str] = field(default_factory=dict)  # the image reference each service runs
+    ports: dict[PortKey, int] = field(default_factory=dict)  # published ports of the stacks this pass converges
+    ports_removed: set[PortKey] = field(default_factory=set)
+    balance: dict[loadbalancer.Frontend, tuple[loadbalancer.Backend, ...]] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # stacks left exactly as they are
+    balancer_error: str | None = None  # the balancer cannot be read or written: ports stay as they are
 
     @property
     def changes(self) -> int:
@@ -77,7 +86,8 @@ class PassPlan:
 
     @property
     def errors(self) -> list[str]:
-        return [f"{s.name}: {s.error}" for s in self.stacks.values() if s.error]
+        errors = [f"{s.name}: {s.error}" for s in self.stacks.values() if s.error]
+        return errors + ([f"published ports: {self.balancer_error}"] if self.balancer_error else [])
 
 
 @dataclass
@@ -99,6 +109,8 @@ class PassReport:
 def stack_of(action: Action) -> str:
     if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
         return action.stack
+    if isinstance(action, (loadbalancer.Publish, loadbalancer.Rebalance, loadbalancer.Unpublish)):
+        return action.stack
     return action.key[0]
 
 
@@ -114,7 +126,12 @@ class Engine:
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
         pull_policy: str = "if-not-present",
+        balancer: str = "none",
+        port_range: tuple[int, int] = loadbalancer.PORT_RANGE,
+        listening: Callable[[], set[tuple[str, int]]] = listening_ports,
     ) -> None:
+        self.port_range = port_range
+        self.listening = listening
         self.pull_policy = pull_policy
         docker.default_pull_policy = pull_policy
         self.clock = clock
@@ -127,6 +144,7 @@ class Engine:
         self.owner = owner
         self.services = ServicesReconciler(docker, owner, node)
         self.networks = NetworksReconciler(docker, owner)
+        self.balancer: LoadBalancerReconciler | None = open_balancer(balancer, owner)
 
     def plan(self, desired: DesiredState, allow_empty: bool = False, only: Collection[str] | None = None) -> PassPlan:
         """Observe the engine and plan the stacks in `only` (default: all); pure apart from the two list calls
@@ -153,6 +171,10 @@ class Engine:
         held = (names - in_scope) | set(blocked)
         blocked.update({k: v for k, v in pin_errors.items() if k in in_scope})
         held |= set(pin_errors)
+        balance, balancer_error = self._observe_balancer(desired)
+        allocation = self._allocate(desired, held, balance)
+        blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
+        held |= set(allocation.errors)
         stacks = {
             name: StackPlan(name, desired.stacks[name].revision if name in desired.stacks else None, blocked.get(name))
             for name in sorted(in_scope)
@@ -203,6 +225,13 @@ class Engine:
             stacks[stack_of(s)].service_actions.append(s)
         for (stack_name, service), note in sp.notes.items():
             stacks[stack_name].notes.append(f"{service}: {note}")
+        if self.balancer is not None and balancer_error is None:
+            draining = {
+                a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
+            }
+            wanted_balance = loadbalancer.wanted(allocation.ports, _endpoints(wanted, replicas, draining))
+            for b in loadbalancer.plan(wanted_balance, balance, keep=held):
+                stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
         rollouts = dict(sp.rollouts)
         for (stack_name, service), ro in sp.rollouts.items():
             if ro.state == "rolling-back" and not ro.rollback and stack_name not in pinned:
@@ -231,7 +260,54 @@ class Engine:
             sp.recheck_in,
             bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
             images,
+            allocation.ports,
+            {k for k in self.records.ports() if k.stack not in held and k not in allocation.ports}
+            if self.balancer is not None and balancer_error is None
+            else set(),
+            balance,
+            held,
+            balancer_error,
         )
+
+    def _observe_balancer(
+        self, desired: DesiredState
+    ) -> tuple[dict[loadbalancer.Frontend, tuple[loadbalancer.Backend, ...]], str | None]:
+        """The programmed balance (one ruleset read), or why it cannot be read when a bundle publishes a port."""
+        if self.balancer is None:
+            return {}, None
+        wants = any(t.service.ports for stack in desired.stacks.values() for t in service_targets(stack))
+        if not wants and not self.records.ports():
+            return {}, None  # nothing of this state's is published, nor is anything to be
+        try:
+            return self.balancer.observe(), None
+        except BalancerUnavailable as exc:
+            return {}, str(exc)
+
+    def _allocate(self, desired: DesiredState, held: set[str], balance: Balance) -> loadbalancer.Allocation:
+        """Published ports of the stacks this pass may change; held stacks keep theirs as recorded."""
+        if self.balancer is None:
+            return loadbalancer.Allocation()
+        requests = [
+            loadbalancer.PortRequest(
+                PortKey(name, t.name, p.protocol, p.port),
+                p.published_port,
+                f"{stack.file}: Services.{t.name}.Ports[{i}]",
+            )
+            for name, stack in desired.stacks.items()
+            if name not in held
+            for t in service_targets(stack)
+            for i, p in enumerate(t.service.ports or [])
+        ]
+        recorded = self.records.ports()
+        programmed = {f.address for f in balance}
+        busy = self.listening() - programmed if requests else set()
+        # Ports recorded for held stacks stay theirs: nobody else may take them.
+        keep = {k: p for k, p in recorded.items() if k.stack in held}
+        allocation = loadbalancer.allocate(
+            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.port_range
+        )
+        ports = {k: p for k, p in allocation.ports.items() if k.stack not in held}
+        return loadbalancer.Allocation(ports, allocation.errors)
 
     def _resolve_image(
         self, target: ServiceTarget, previous: ServiceRecord | None
@@ -317,8 +393,9 @@ class Engine:
         in flight finish and everything done is recorded."""
         reconcile_id = uuid.uuid4().hex[:12]
         self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
-        all_actions = [a for s in plan.stacks.values() for a in s.actions]
-        phases: list[list[Action]] = [
+        self.records.write_ports(plan.ports, plan.ports_removed)
+        all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
+        phases: list[list[ServiceAction | NetworkAction]] = [
             [a for a in all_actions if isinstance(a, services.RemoveReplica)],
             [a for a in all_actions if isinstance(a, networks.RemoveNetwork)],
             [a for a in all_actions if isinstance(a, networks.CreateNetwork)],
@@ -329,18 +406,57 @@ class Engine:
             ],
         ]
         results: list[AnyResult] = []
+
+        def report(done: Sequence[AnyResult]) -> None:
+            results.extend(done)
+            for result in done:
+                if on_result:
+                    on_result(result)
+
+        balance = self._apply_balancer(
+            plan.balance, [a for s in plan.stacks.values() for a in s.balancer_actions], report
+        )
         with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
             for phase in phases:
-                for result in pool.map(lambda a: None if stop and stop.is_set() else self._apply_one(a), phase):
-                    if result is None:
-                        continue
-                    results.append(result)
-                    if on_result:
-                        on_result(result)
+                report(
+                    [r for r in pool.map(lambda a: None if stop and stop.is_set() else self._apply_one(a), phase) if r]
+                )
+        if (
+            self.balancer is not None
+            and plan.balancer_error is None
+            and any(isinstance(r.action, services.SERVICE_ACTIONS) and r.outcome is not Outcome.FAILED for r in results)
+        ):
+            self._rebalance(plan, balance, report)
         self._record(plan, results, reconcile_id)
         return PassReport(reconcile_id, results, plan.errors)
 
-    def _apply_one(self, action: Action) -> AnyResult:
+    def _apply_balancer(
+        self, balance: Balance, actions: Sequence[BalancerAction], report: Callable[[Sequence[AnyResult]], None]
+    ) -> Balance:
+        """One ruleset write for all of `actions`; the balance programmed afterwards."""
+        if self.balancer is None or not actions:
+            return balance
+        done = self.balancer.apply(balance, actions)
+        report(done)
+        failed = any(r.outcome is Outcome.FAILED for r in done)
+        return balance if failed else loadbalancer.apply_to(balance, actions)
+
+    def _rebalance(self, plan: PassPlan, balance: Balance, report: Callable[[Sequence[AnyResult]], None]) -> None:
+        """After replicas changed: backends follow what runs now (one more container list)."""
+        wanted = [
+            ServiceDesired(target=t, slots=(), revision="")
+            for name, stack in plan.desired.stacks.items()
+            if name not in plan.held
+            for t in service_targets(stack)
+            if t.service.ports
+        ]
+        endpoints = _endpoints(wanted, self.services.observe(), ())
+        actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
+        for a in actions:
+            plan.stacks.setdefault(a.stack, StackPlan(a.stack, None)).balancer_actions.append(a)
+        self._apply_balancer(balance, actions, report)
+
+    def _apply_one(self, action: ServiceAction | NetworkAction) -> AnyResult:
         if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
             return self.networks.apply(action)
         return self.services.apply(action)
@@ -423,6 +539,21 @@ class Engine:
                 ],
             )
         self.records.commit_pass(records, new_revisions, pruned, audit, plan.rollouts, plan.restarts, plan.pins)
+
+
+def _endpoints(
+    wanted: Sequence[ServiceDesired], replicas: Sequence[services.Replica], draining: Collection[str]
+) -> list[loadbalancer.Endpoint]:
+    """Replicas as balancer endpoints: ready when running (and healthy, if checked) and not about to stop."""
+    first_network = {(d.target.stack, d.target.name): d.target.networks[0] for d in wanted if d.target.networks}
+    out = []
+    for r in replicas:
+        network = first_network.get((r.stack, r.service))
+        address = r.addresses.get(network, "") if network else ""
+        address = address or next((a for a in r.addresses.values() if a), "")
+        ready = r.state == "running" and r.health in (None, "healthy") and r.id not in draining
+        out.append(loadbalancer.Endpoint(r.stack, r.service, address, ready))
+    return out
 
 
 def _short(digest: str) -> str:

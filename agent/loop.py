@@ -88,7 +88,15 @@ class Agent:
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
-        self.engine = Engine(self.docker, self.records, self.node, cfg.parallelism, pull_policy=cfg.pull_policy)
+        self.engine = Engine(
+            self.docker,
+            self.records,
+            self.node,
+            cfg.parallelism,
+            pull_policy=cfg.pull_policy,
+            balancer=cfg.loadbalancer,
+            port_range=cfg.port_range,
+        )
         self.source: Source = open_source(cfg)
         secret = _secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
         webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
@@ -427,6 +435,7 @@ class Agent:
             self.records.suspended(),
             self.records.rollouts(),
             self.records.pins(),
+            self.records.ports(),
         )
         revision = None
         if self.source.kind == "git" and self.fingerprint:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 from agent.statelog import Compare, Delete, Op, Put, StateLog
+from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
 from schemas.state import Assignment, AuditEntry, Pin, StackRecord
@@ -23,6 +24,7 @@ SUSPENDED = "/suspended/"
 ROLLOUTS = "/rollouts/"
 RESTARTS = "/restarts/"
 PINS = "/pins/"
+PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> published port
 
 
 def _stamp() -> str:
@@ -151,6 +153,28 @@ class Records:
             stack, _, service = kv.key.removeprefix(ASSIGNMENTS).partition("/")
             out[(stack, service)] = Assignment.model_validate_json(kv.value).nodes
         return out
+
+    def ports(self) -> dict[PortKey, int]:
+        """Published port per service port: allocated once, kept across passes and restarts."""
+        out = {}
+        for kv in self.log.range(PORTS):
+            stack, service, protocol, target = kv.key.removeprefix(PORTS).split("/")
+            out[PortKey(stack, service, protocol, int(target))] = int(kv.value)
+        return out
+
+    def write_ports(self, ports: Mapping[PortKey, int], removed: set[PortKey]) -> None:
+        """Record changed and forget removed published ports in one transaction (nothing when nothing changed)."""
+        current = self.ports()
+        ops: list[Op] = [
+            Put(f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}", str(p).encode())
+            for k, p in sorted(ports.items())
+            if current.get(k) != p
+        ]
+        ops += [
+            Delete(f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}") for k in sorted(removed) if k in current
+        ]
+        if ops:
+            self.log.txn([], ops)
 
     def write_assignments(
         self, changed: dict[tuple[str, str], dict[str, list[str]]], removed: set[tuple[str, str]]

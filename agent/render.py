@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from rich.console import Console
 from rich.markup import escape
 
 from agent.engine import AnyResult, PassPlan
-from reconcilers import networks, services
+from reconcilers import loadbalancer, networks, services
 from reconcilers.outcome import Outcome
 from schemas.output import PlannedAction, PlanOutput, StackPlan
 
@@ -32,6 +34,8 @@ def render_plan(plan: PassPlan, out: Console) -> None:
             out.print(_styled(f"  ! {note}"))
         for a in sp.network_actions:
             out.print(_styled(f"  {a}"))
+        for b in sp.balancer_actions:
+            out.print(_styled(f"  {b}"))
         by_service: dict[str, list[services.ServiceAction]] = {}
         for s in sp.service_actions:
             by_service.setdefault(s.key[1], []).append(s)
@@ -63,6 +67,16 @@ def short_revision(revision: str) -> str:
 
 
 def _planned(action: object) -> PlannedAction:
+    if isinstance(action, (loadbalancer.Publish, loadbalancer.Rebalance, loadbalancer.Unpublish)):
+        f = action.frontend
+        op: Literal["create", "update", "remove"] = (
+            "create"
+            if isinstance(action, loadbalancer.Publish)
+            else "remove"
+            if isinstance(action, loadbalancer.Unpublish)
+            else "update"
+        )
+        return PlannedAction(op=op, kind="port", name=str(f), service=f.service, reason=str(action)[2:])
     if isinstance(action, networks.CreateNetwork):
         return PlannedAction(op="create", kind="network", name=action.request.name, reason=action.reason)
     if isinstance(action, networks.RemoveNetwork):

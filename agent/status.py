@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bundles.desired import DesiredState, service_targets
+from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
 from reconcilers.services import Replica
 from schemas.output import HealthStatus, RolloutStatus, ServiceHealth, StackStatus, SyncStatus
 from schemas.state import Pin, StackRecord
 
 
-def _ports(service: object) -> list[str]:
+def _ports(stack: str, service: str, spec: object, published: Mapping[PortKey, int]) -> list[str]:
+    """`30000:8080/tcp` per port: the published port (fixed or allocated) and the container's."""
     out = []
-    for p in getattr(service, "ports", None) or []:
-        published = f"{p.published_port}:" if p.published_port else ""
-        out.append(f"{published}{p.port}/{p.protocol}")
+    for p in getattr(spec, "ports", None) or []:
+        port = published.get(PortKey(stack, service, p.protocol, p.port), p.published_port)
+        out.append(f"{port}:{p.port}/{p.protocol}" if port else f"{p.port}/{p.protocol}")
     return out
 
 
@@ -39,6 +41,7 @@ def stack_statuses(
     suspended: set[str],
     rollouts: Mapping[tuple[str, str], Rollout] | None = None,
     pins: Mapping[str, Pin] | None = None,
+    ports: Mapping[PortKey, int] | None = None,
 ) -> list[StackStatus]:
     """One status per stack known to the source, the state or the engine.
 
@@ -74,7 +77,7 @@ def stack_statuses(
                         service=t.name,
                         mode=t.service.deploy.mode,
                         image=t.service.image,
-                        ports=_ports(t.service),
+                        ports=_ports(name, t.name, t.service, ports or {}),
                         running=len(running),
                         desired=want,
                         status=health,  # type: ignore[arg-type]

@@ -35,7 +35,8 @@ class Replica:
     image_id: str = ""
     revision: str = ""
     created: int = 0
-    networks: Mapping[str, str] = field(default_factory=dict)
+    networks: Mapping[str, str] = field(default_factory=dict)  # network name -> network ID
+    addresses: Mapping[str, str] = field(default_factory=dict)  # network name -> this replica's IPv4 address
 
     @property
     def label(self) -> str:
@@ -153,6 +154,7 @@ class RemoveReplica:
 
 
 ServiceAction = CreateReplica | StartReplica | ReplaceReplica | RemoveReplica
+SERVICE_ACTIONS = (CreateReplica, StartReplica, ReplaceReplica, RemoveReplica)
 
 
 # --- planning ----------------------------------------------------------------------------------------------
@@ -191,9 +193,7 @@ def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mappin
         return True
     # The engine lists a never-started container's networks without an ID; it joins them by name when started.
     return any(
-        network_ids.get(name) != nid
-        for name, nid in replica.networks.items()
-        if nid or replica.state != "created"
+        network_ids.get(name) != nid for name, nid in replica.networks.items() if nid or replica.state != "created"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AgentConfig(BaseModel):
@@ -55,6 +55,27 @@ class AgentConfig(BaseModel):
     history_limit: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="Applied revisions kept per stack")
     audit_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(500, description="Passes kept in the audit trail")
     allow_empty: bool = Field(False, description="Allow a source with no stacks to prune every deployed stack")
+    loadbalancer: Literal["auto", "nftables", "ipvs", "none"] = Field(
+        "auto",
+        description="Routing mesh for published ports: auto (IPVS where the kernel has it, else nftables), "
+        "nftables, ipvs, or none (ports are not published)",
+    )
+    published_port_range: Annotated[str, Field(pattern=r"^\d{1,5}-\d{1,5}$")] = Field(
+        "30000-32767", description="Ports allocated to service ports that set no PublishedPort (low-high)"
+    )
+
+    @field_validator("published_port_range")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        low, high = (int(p) for p in value.split("-"))
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"{value!r} is not a range of ports: write low-high with 1 <= low <= high <= 65535")
+        return value
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        low, high = self.published_port_range.split("-")
+        return int(low), int(high)
 
     @property
     def state_path(self) -> Path:

@@ -10,8 +10,8 @@ from pydantic import BaseModel
 class PlannedAction(BaseModel):
     """One planned change: what, on which object, and why."""
 
-    op: Literal["create", "start", "replace", "remove"]
-    kind: Literal["container", "network"]
+    op: Literal["create", "start", "replace", "update", "remove"]
+    kind: Literal["container", "network", "port"]
     name: str
     service: str | None = None
     slot: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ from tests.support.etcd import free_port
 class AgentProcess:
     """One agent on a free loopback port; its log goes to a file the test can show on failure."""
 
-    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None, netns: str | None = None) -> None:
+        self.netns = netns  # run in this network namespace (a node's), and reach its loopback API from there
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = state.parent / f"agent-{self.port}.log"
         state.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
         self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
+        if netns:
+            self.cmd = ["nsenter", f"--net=/var/run/netns/{netns}", *self.cmd]
         self.env = {**base, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,6 +51,8 @@ class AgentProcess:
             return False
 
     def get(self, path: str) -> requests.Response:
+        if self.netns:
+            return _get_in(self.netns, self.url + path)
         return requests.get(self.url + path, timeout=10)
 
     def post(self, path: str, **kw: Any) -> requests.Response:
@@ -91,3 +97,27 @@ def eventually(condition: Any, agent: AgentProcess, timeout: float = 30) -> Any:
 
 def since(t0: float) -> float:
     return time.monotonic() - t0
+
+
+_GET = """
+import sys, urllib.error, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=10)
+    code, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    code, body = e.code, e.read()
+sys.stdout.write(str(code) + "\\n" + body.decode())
+"""
+
+
+def _get_in(netns: str, url: str) -> requests.Response:
+    """GET from inside a network namespace (the agent's loopback listener is only there)."""
+    argv = ["nsenter", f"--net=/var/run/netns/{netns}", sys.executable, "-c", _GET, url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise requests.ConnectionError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no answer")
+    code, _, body = proc.stdout.partition("\n")
+    response = requests.Response()
+    response.status_code = int(code)
+    response._content = body.encode()
+    return response

@@ -55,6 +55,7 @@ class Workspace:
     api: docker.APIClient
     root: Path
     prefix: str
+    wrapper: tuple[str, ...] = ()  # runs dabctl through it, e.g. ("nsenter", "--net=...") for a node namespace
     source: Path = field(init=False)
     state: Path = field(init=False)
 
@@ -82,7 +83,7 @@ class Workspace:
         env["DABCTL_STATE_DIR"] = str(self.state)
         if docker_host:
             env["DOCKER_HOST"] = docker_host
-        proc = subprocess.run([DABCTL, *args], env=env, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run([*self.wrapper, DABCTL, *args], env=env, capture_output=True, text=True, timeout=240)
         if check and proc.returncode != 0:
             raise AssertionError(f"dabctl {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc

@@ -132,7 +132,11 @@ class NetnsDockerd:
         address_pool: str = "base=10.201.0.0/16,size=24",
         source: str = HOST_ENGINE,
         start_timeout: float = 30.0,
+        sysctls: Mapping[str, str] | None = None,
     ) -> None:
+        # Set in the namespace before dockerd first starts. A new namespace copies IPv4 settings from the host's
+        # (net.core.devconf_inherit_init_net=0), so ip_forward is 1 there unless a test says otherwise.
+        self.sysctls = dict(sysctls or {})
         self.images = tuple(images)
         self.extra_args = tuple(extra_args)
         self.env = dict(env or {})
@@ -339,6 +343,12 @@ class NetnsDockerd:
         st = os.stat(self.netns_path)
         self._netns_id = (st.st_dev, st.st_ino)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True, capture_output=True)
+        for key, value in self.sysctls.items():
+            subprocess.run(
+                ["nsenter", f"--net={self.netns_path}", "sysctl", "-q", "-w", f"{key}={value}"],
+                check=True,
+                capture_output=True,
+            )
 
     def _reap_previous(self) -> None:
         """dockerd refuses to start while the pid in its pid file exists, and waits for a containerd whose pid
