@@ -21,6 +21,7 @@ import requests
 from tests.integration.agentproc import AgentProcess, eventually
 from tests.integration.conftest import Workspace, service, wait_for
 from tests.support.dockerd import NetnsDockerd
+from tests.support.dockerproxy import DockerProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -201,6 +202,30 @@ def test_a_killed_replica_restarts_when_the_engine_lists_it_as_exited_late(
 
 def _exists(ws: Workspace, cid: str) -> bool:
     return cid in {c["Id"] for c in ws.containers("app")}
+
+
+def test_a_replica_whose_start_failed_is_started_by_the_next_pass_not_recreated(
+    engine: NetnsDockerd, nws: Workspace
+) -> None:
+    """A pass that dies (or whose start call fails) between create and start leaves a container in state
+    `created`; the planner has a "never started" restart for it. But the engine lists a never-started container's
+    networks without a NetworkID, so it must not be taken for one whose network is gone."""
+    nws.write("app", {"Services": {"web": service(1)}})
+    with DockerProxy(upstream=str(engine.socket_path)) as proxy:
+        proxy.fail_when(lambda c: c.endpoint == "POST /containers/{id}/start", times=1)
+        first = nws.reconcile(docker_host=proxy.url)
+    assert first.returncode == 1, first
+    created = nws.containers("app")
+    assert [c["State"] for c in created] == ["created"], created
+
+    plan = nws.plan(docker_host=engine.url)
+    second = nws.reconcile(docker_host=engine.url)
+    print(f"\n  plan after the failed start:\n{plan.stdout.rstrip()}")
+    assert second.returncode == 0, second
+    running = [c["Id"] for c in nws.running("app", "web")]
+    assert len(running) == 1
+    assert "never started" in plan.stdout and "network gone or changed" not in plan.stdout, plan.stdout
+    assert running == [created[0]["Id"]], "the created container was removed and recreated instead of started"
 
 
 @pytest.mark.parametrize("how", ["stopped", "killed"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -290,3 +291,39 @@ def _port_in_table(node: Node) -> int | None:
 
 def _backends_in_table(node: Node) -> int:
     return sum(line.count(" . 8080") for line in node.table().splitlines() if "dnat" in line)
+
+
+def test_a_rolling_update_drains_each_replica_before_stopping_it(node: Node, mws: Workspace) -> None:
+    """Stop-first, one at a time: each old replica leaves the balancer before it is stopped, so a client that
+    keeps asking during the whole update is never refused."""
+    service = web(3)
+    service["Deploy"]["UpdateConfig"] = {"Parallelism": 1, "Monitor": "300ms"}
+    mws.write("shop", {"Services": {"web": service}})
+    converge(mws, node)
+    url = f"http://{node.peer.node_address}:{published(mws, 'shop', node.engine)}/"
+    before = hostnames(mws, "shop")
+
+    seen: list[str | None] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        # A request sent to a stopped replica stalls (its address is gone or reused only later): with a 1 s
+        # timeout it fails instead of waiting out a SYN retransmission.
+        while not done.is_set():
+            seen.append(node.peer.fetch(url, timeout=1))
+
+    client = threading.Thread(target=keep_asking)
+    client.start()
+    try:
+        service["Env"] = ["REVISION=2"]
+        mws.write("shop", {"Services": {"web": service}})
+        update = converge(mws, node)
+    finally:
+        done.set()
+        client.join()
+    after = hostnames(mws, "shop")
+    assert len(after) == 3 and not after & before, update.stdout
+    print(f"\n  {len(seen)} requests during the update, {seen.count(None)} failed")
+    assert len(seen) >= 10
+    assert None not in seen, seen
+    assert set(seen) <= before | after

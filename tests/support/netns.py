@@ -11,11 +11,39 @@ Python, so nothing is installed in the namespaces.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def entered(netns: str) -> Iterator[None]:
+    """Run this thread (and the processes it starts) in `netns` for the block, then return to its own.
+
+    For code under test that talks to the kernel itself (sysctls under /proc/sys/net, subprocesses): a
+    namespace is per thread, and /proc/sys/net shows the opener's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {netns}")
+        try:
+            yield
+        finally:
+            if libc.setns(home, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the test's own namespace")
+    finally:
+        os.close(target)
+        os.close(home)
 
 
 def run_in(netns: str, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

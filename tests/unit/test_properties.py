@@ -30,7 +30,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from agent.config import ConfigError, load_config
-from bundles import BundleError, InvalidBundles, parse_bundle
+from bundles import BundleError, DesiredState, InvalidBundles, parse_bundle
+from bundles.desired import StackBundle, bundle_hash, desired_networks, service_targets
+from bundles.policy import Policy, violations
 from schemas.bundle import OBJECT_NAME_PATTERN, RESERVED_LABEL_PREFIXES, Bundle
 from schemas.config import AgentConfig
 from schemas.durations import format_duration, parse_duration
@@ -259,7 +261,18 @@ def test_valid_bundles_round_trip(doc: Doc, allow_unicode: bool) -> None:
     dumped = bundle.model_dump(mode="json", exclude_defaults=True)
     assert parse_bundle(json.dumps(dumped, ensure_ascii=False), "g.dab", ".dab") == bundle
     # The same document written as YAML (the pure-Python YAML loader is slow: one YAML parse per example).
-    assert parse_bundle(to_yaml(doc, allow_unicode), "f.yaml", ".yaml") == bundle
+    from_yaml = parse_bundle(to_yaml(doc, allow_unicode), "f.yaml", ".yaml")
+    assert from_yaml == bundle
+    # What validation accepts, the stages after it take without an exception, and the same way from either file.
+    assert _derived(bundle) == _derived(from_yaml)
+
+
+def _derived(bundle: Bundle) -> tuple[Any, ...]:
+    stack = StackBundle("st", "f.dab", bundle, "", "r", bundle_hash(bundle))
+    state = DesiredState({"st": stack})
+    policy = [str(e) for e in violations(state, Policy())]
+    allowed = [str(e) for e in violations(state, Policy(("/",), True))]
+    return bundle_hash(bundle), [t.spec_hash for t in service_targets(stack)], desired_networks(stack), policy, allowed
 
 
 @given(text=durations)
@@ -649,7 +662,7 @@ def test_mutated_bundles_raise_a_validation_error_naming_the_field(case: Case, a
     assert [(e.field, e.message) for e in same] == [(e.field, e.message) for e in errors]
 
 
-# --- found by the properties above: each is one deterministic case ----------------------------------------------
+# --- found by the properties above (fixed in 738eb24): one deterministic case each ---------------------------------
 
 
 def _one_problem(service: Doc) -> BundleError:
@@ -660,13 +673,13 @@ def _one_problem(service: Doc) -> BundleError:
 
 @pytest.mark.parametrize("count", ["9" * 400, "9" * 309, "1" + "0" * 309 + ".5"])
 def test_a_cpu_count_too_large_for_a_float_is_a_validation_error(count: str) -> None:
-    # nano_cpus: round(float("9" * 400) * 1e9) raises OverflowError, which pydantic does not turn into an error.
+    # nano_cpus did round(float("9" * 400) * 1e9): OverflowError, which pydantic does not turn into an error.
     err = _one_problem({"Deploy": {"Resources": {"Limits": {"Cpus": count}}}})
     assert err.field == "Services.s.Deploy.Resources.Limits.Cpus"
 
 
 def test_a_volume_name_with_a_trailing_newline_is_refused() -> None:
-    # Python's `$` matches before a final newline: the volume-name check passes "data\n", Docker gets it.
+    # Python's `$` matches before a final newline: re.match let "data\n" through to Docker.
     err = _one_problem({"Mounts": [{"Type": "volume", "Source": "data\n", "Target": "/d"}]})
     assert err.field == "Services.s.Mounts[0]"
     assert "'data\\n'" in err.message
@@ -683,8 +696,8 @@ def test_a_volume_name_with_a_trailing_newline_is_refused() -> None:
     ],
 )
 def test_number_and_list_settings_can_be_set_from_the_environment(name: str, raw: str, value: Any) -> None:
-    # _env_value converts only bool and int; a float setting stays a string ("Input should be a valid number"),
-    # and the list branch looks at list[str]'s arguments (str), never at `list` itself.
+    # _env_value converted only bool and int: a float setting stayed a string ("Input should be a valid number"),
+    # and the list branch looked at list[str]'s arguments (str), never at `list` itself.
     cfg = load_config(None, {}, environ={"DABCTL_" + name.upper(): raw})
     assert getattr(cfg, name) == value
 
