@@ -295,10 +295,13 @@ def _converge(
         if errors or paused:
             break
         unhealthy = _unhealthy(engine, desired) if wait else []
-        if not p.rolling and not unhealthy:
+        # Published ports lead to healthy replicas only: wait for those still starting, then add them.
+        if not p.rolling and not unhealthy and not p.awaiting_health:
             break
         if time.monotonic() > deadline:
-            names = ", ".join(unhealthy) or "a rolling update"
+            names = ", ".join(unhealthy) or (
+                "a rolling update" if p.rolling else f"{p.awaiting_health} replica(s) to pass their healthcheck"
+            )
             errors.append(f"timed out waiting for {names}")
             break
         time.sleep(max(0.2, min(p.recheck_in or 1.0, 2.0, deadline - time.monotonic())))

@@ -79,6 +79,7 @@ class PassPlan:
     balance: dict[loadbalancer.Frontend, tuple[loadbalancer.Backend, ...]] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # stacks left exactly as they are
     balancer_error: str | None = None  # the balancer cannot be read or written: ports stay as they are
+    awaiting_health: int = 0  # replicas of published services still starting: they join the balancer when healthy
 
     @property
     def changes(self) -> int:
@@ -229,7 +230,8 @@ class Engine:
             draining = {
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
             }
-            wanted_balance = loadbalancer.wanted(allocation.ports, _endpoints(wanted, replicas, draining))
+            endpoints = _endpoints(wanted, replicas, draining)
+            wanted_balance = loadbalancer.wanted(allocation.ports, endpoints)
             for b in loadbalancer.plan(wanted_balance, balance, keep=held):
                 stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
         rollouts = dict(sp.rollouts)
@@ -267,6 +269,7 @@ class Engine:
             balance,
             held,
             balancer_error,
+            _starting(replicas, allocation.ports) if self.balancer is not None and balancer_error is None else 0,
         )
 
     def _observe_balancer(
@@ -450,7 +453,9 @@ class Engine:
             for t in service_targets(stack)
             if t.service.ports
         ]
-        endpoints = _endpoints(wanted, self.services.observe(), ())
+        replicas = self.services.observe()
+        plan.awaiting_health = _starting(replicas, plan.ports)
+        endpoints = _endpoints(wanted, replicas, ())
         actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
         for a in actions:
             plan.stacks.setdefault(a.stack, StackPlan(a.stack, None)).balancer_actions.append(a)
@@ -554,6 +559,12 @@ def _endpoints(
         ready = r.state == "running" and r.health in (None, "healthy") and r.id not in draining
         out.append(loadbalancer.Endpoint(r.stack, r.service, address, ready))
     return out
+
+
+def _starting(replicas: Sequence[services.Replica], ports: Collection[PortKey]) -> int:
+    """Replicas of published services that run but have not passed their healthcheck yet."""
+    published = {(k.stack, k.service) for k in ports}
+    return sum(1 for r in replicas if (r.stack, r.service) in published and r.health == "starting")
 
 
 def _short(digest: str) -> str:

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('compact_revision', 0);
 """
+SCHEMA_VERSION = 1  # PRAGMA user_version: 0 was the first release's (no kv.lease)
 _KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
 _PREFIX_END = "\U0010ffff"
 REAPER_INTERVAL = 0.2
@@ -90,8 +91,10 @@ class SqliteStateLog:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            if writer or not self._has_schema():
-                self._db.executescript(_SCHEMA)
+            self._upgrade(writer)
+        except StateLogError:
+            self._release_lock()
+            raise
         except (OSError, sqlite3.Error) as exc:
             self._release_lock()
             raise StateLogError(
@@ -154,6 +157,28 @@ class SqliteStateLog:
 
     def _has_schema(self) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None
+
+    def _upgrade(self, writer: bool) -> None:
+        """Create the schema, or bring a state written by an earlier dabctl up to this one (writers only)."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StateLogError(
+                f"the state log {self.path} was written by a newer dabctl (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}); upgrade dabctl"
+            )
+        existed = self._has_schema()
+        if existed and version == SCHEMA_VERSION:
+            return
+        if not writer and existed:
+            raise StateLogError(
+                f"the state log {self.path} was written by an earlier dabctl; run a changing command "
+                "(e.g. dabctl reconcile --once) once to upgrade it"
+            )
+        self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(kv)")}
+        if "lease" not in columns:  # schema 0: before leases
+            self._db.execute("ALTER TABLE kv ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         if self._closed.is_set():

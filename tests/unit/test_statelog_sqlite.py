@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,3 +277,42 @@ def test_delete_stack_removes_its_assignments_only(log: SqliteStateLog) -> None:
     records.write_assignments({("shop", "web"): {"n1": ["1"]}, ("shop2", "web"): {"n1": ["1"]}}, set())
     records.commit_pass([], [], ["shop"], None)
     assert records.assignments() == {("shop2", "web"): {"n1": ["1"]}}
+
+
+# --- a state written by an earlier dabctl -------------------------------------------------------------------------
+
+_SCHEMA_0 = """
+CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, create_revision INTEGER NOT NULL,
+                 mod_revision INTEGER NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('revision', 3), ('compact_revision', 0);
+INSERT INTO kv VALUES ('/meta/owner', X'6f6c64', 3, 3, 1);
+"""
+
+
+def test_a_state_of_the_first_schema_is_upgraded_by_a_writer_and_explained_to_a_reader(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_0)
+    db.close()
+    with pytest.raises(StateLogError, match="written by an earlier dabctl; run a changing command"):
+        SqliteStateLog(path, writer=False)
+    writer = SqliteStateLog(path)
+    try:
+        assert writer.get(OWNER_KEY) == KeyValue(OWNER_KEY, b"old", 3, 3, 1)
+        writer.put("/k", b"v")
+        assert writer.revision() == 4
+    finally:
+        writer.close()
+    reader = SqliteStateLog(path, writer=False)
+    reader.close()
+
+
+def test_a_state_of_a_newer_dabctl_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    SqliteStateLog(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StateLogError, match="written by a newer dabctl"):
+        SqliteStateLog(path)
