@@ -143,11 +143,11 @@ def machine(engine: NetnsDockerd | None = None) -> str:
     with contextlib.suppress(OSError, ValueError, IndexError):
         kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
         mem = f"{kb / 1024 / 1024:.1f} GiB"
-    server = engine.client.version().get("Version") if engine is not None else "?"
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.platform()}, Python {platform.python_version()}, "
-        f"Docker {server} (own network namespace, DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1)"
-    )
+    text = f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.platform()}, Python {platform.python_version()}"
+    if engine is None:  # a bench without an engine (bench/loadbalancer.py)
+        return text
+    server = engine.client.version().get("Version")
+    return f"{text}, Docker {server} (own network namespace, DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1)"
 
 
 def median(xs: Sequence[float]) -> float:
