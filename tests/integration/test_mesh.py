@@ -61,7 +61,10 @@ class Node:
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    engine = NetnsDockerd(address_pool="base=10.202.0.0/16,size=24", sysctls={"net.ipv4.ip_forward": "0"})
+    engine = NetnsDockerd(
+        address_pool="base=10.202.0.0/16,size=24",
+        sysctls={"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.route_localnet": "0"},
+    )
     with engine, Peer(engine.netns) as peer:
         n = Node(engine, peer)
         # The case the issue names: dockerd turned ip_forward on itself, so FORWARD drops by default.

@@ -24,6 +24,8 @@ def netns() -> Iterator[str]:
     name = f"dabctl-nft-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
+        # A new namespace copies the host's IPv4 settings: start from the kernel's default whatever the host has.
+        run_in(name, "sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0")
         with entered(name):
             yield name
     finally:
