@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from schemas.quoting import printable
 from tests.integration.conftest import IMAGE, Workspace, service
 from tests.support.dockerproxy import DockerProxy
 
@@ -149,6 +150,7 @@ def test_an_invalid_bundle_makes_no_docker_write(ws: Workspace, proxy: DockerPro
     assert lines[-1] == "error: invalid bundles; nothing was changed", result.stderr
     for line in lines[:-1]:
         assert line.startswith(f"{ws.source}/"), f"not one line per problem: {result.stderr!r}"
-    naming = [line for line in lines if line.startswith(str(path))]
+    shown = printable(str(path))  # a newline in the file name is printed escaped
+    naming = [line for line in lines if line.startswith(shown)]
     assert len(naming) == 1, result.stderr
-    assert case.where.replace("{prefix}", ws.prefix) in naming[0].removeprefix(str(path)), naming[0]
+    assert case.where.replace("{prefix}", ws.prefix) in naming[0].removeprefix(shown), naming[0]
