@@ -10,12 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from bundles.documents import decode, field_path, read_file, read_yaml
+from bundles.errors import InvalidBundles
 from schemas.config import AgentConfig
+from schemas.quoting import printable
 
 ENV_PREFIX = "DABCTL_"
+MAX_CONFIG_BYTES = 1024 * 1024
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -82,14 +85,9 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
     if path is None and environ.get("DABCTL_CONFIG"):
         path = Path(environ["DABCTL_CONFIG"])
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from None
+        loaded = _read_config_file(path)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+            raise ConfigError(printable(f"{path}: expected a mapping of settings at the top level"))
         layers.update({str(k): (str(path), v) for k, v in (loaded or {}).items()})
     layers.update(_from_env(environ))
     layers.update({k: (f"--{k.replace('_', '-')}", v) for k, v in flags.items() if v is not None})
@@ -97,8 +95,20 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
         return AgentConfig.model_validate({k: v for k, (_, v) in layers.items()})
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = field_path(err["loc"])
         where = layers.get(str(err["loc"][0]), ("configuration", None))[0] if err["loc"] else "configuration"
         msg = str(err["msg"]).removeprefix("Value error, ")
         fix = "remove it" if err["type"] == "extra_forbidden" else "see `dabctl schema config`"
-        raise ConfigError(f"{where}: {field}: {msg}; {fix}") from None
+        raise ConfigError(printable(f"{where}: {field}: {msg}; {fix}")) from None
+
+
+def _read_config_file(path: Path) -> Any:
+    """The YAML document in the config file, read as strictly and within the same limits as a bundle."""
+    try:
+        raw = read_file(
+            path, str(path), MAX_CONFIG_BYTES, fix="a config file holds a few settings", what="the config file"
+        )
+        text = decode(raw, str(path))
+        return read_yaml(text, str(path), allow_empty=True)
+    except InvalidBundles as exc:
+        raise ConfigError(str(exc.errors[0])) from None

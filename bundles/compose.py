@@ -18,9 +18,11 @@ import yaml
 from pydantic import ValidationError
 from pydantic.alias_generators import to_pascal, to_snake
 
+from bundles.documents import LimitedSafeLoader, read_yaml
 from bundles.errors import BundleError, InvalidBundles
-from bundles.load import _describe, _LimitedSafeLoader, _read_yaml, _translate
+from bundles.load import _describe, _translate
 from schemas.bundle import OBJECT_NAME_PATTERN, Bundle
+from schemas.quoting import quoted
 
 Loc = tuple[str | int, ...]
 
@@ -96,12 +98,12 @@ _PORT_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _YAML11_SCALARS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
 
 
-class _ComposeLoader(_LimitedSafeLoader):
+class _ComposeLoader(LimitedSafeLoader):
     """The bundle loader's limits, but plain scalars resolved as Compose does (YAML 1.2): `22:22` and `no` stay text."""
 
     yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_SCALARS]
-        for first, resolvers in _LimitedSafeLoader.yaml_implicit_resolvers.items()
+        for first, resolvers in LimitedSafeLoader.yaml_implicit_resolvers.items()
     }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -111,8 +113,12 @@ class _ComposeLoader(_LimitedSafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            if not isinstance(key, Hashable):
+                continue  # SafeConstructor refuses it ("found unhashable key")
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {quoted(key)} appears twice", key_node.start_mark
+                )
             seen.add(key)
         return yaml.SafeLoader.construct_mapping(self, node, deep=deep)
 
@@ -143,7 +149,7 @@ class Conversion:
 def convert_compose(text: str, file: str) -> Conversion:
     """Convert a Compose file's text to a bundle; raise InvalidBundles (file/field/fix lines) when it cannot."""
     # The bundle loader's reader with Compose's plain-value rules (YAML 1.1 would read `- 22:22` as 1342).
-    return _Converter(file).convert(_read_yaml(text, file, _ComposeLoader))
+    return _Converter(file).convert(read_yaml(text, file, _ComposeLoader))
 
 
 def _key(path: str, key: object) -> str:

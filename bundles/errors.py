@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from schemas.quoting import printable
+
 
 @dataclass(frozen=True)
 class BundleError:
-    """One problem: where it is (file, optional line/column, field path) and how to fix it."""
+    """One problem: where it is (file, optional line/column, field path) and how to fix it.
+
+    Its text is one line: a file name or key holding a newline or an escape sequence is printed escaped.
+    """
 
     file: str
     message: str
@@ -26,7 +31,7 @@ class BundleError:
         if self.line is not None:
             where += f":{self.line}" + (f":{self.column}" if self.column is not None else "")
         text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-        return f"{text}; {self.fix}" if self.fix else text
+        return printable(f"{text}; {self.fix}" if self.fix else text)
 
 
 class InvalidBundles(Exception):

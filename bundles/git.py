@@ -49,8 +49,9 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from bundles.desired import DesiredState, StackBundle, bundle_hash
+from bundles.documents import MAX_FILE_BYTES, decode
 from bundles.errors import BundleError, InvalidBundles
-from bundles.load import BUNDLE_SUFFIXES, MAX_FILE_BYTES, _decode, _matches, _suggest_stack_name, parse_bundle
+from bundles.load import BUNDLE_SUFFIXES, _matches, _suggest_stack_name, parse_bundle
 from schemas.bundle import STACK_NAME_PATTERN
 
 __all__ = ["GitAuth", "GitSource", "SourceError", "ssh_command"]
@@ -691,7 +692,7 @@ class GitSource:
                 ]
             )
         try:
-            text = _decode(raw, shown)
+            text = decode(raw, shown)
             bundle = parse_bundle(text, shown, suffix)
         except InvalidBundles as exc:
             raise InvalidBundles(problems + exc.errors) from None

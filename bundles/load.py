@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import re
 import types
 import typing
@@ -12,17 +11,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from bundles.desired import DesiredState, StackBundle, bundle_hash
+from bundles.documents import decode, field_path, read_document, read_file
 from bundles.errors import BundleError, InvalidBundles
 from schemas.bundle import OBJECT_NAME_PATTERN, STACK_NAME_PATTERN, Bundle
+from schemas.quoting import quoted
 
 BUNDLE_SUFFIXES = (".dab", ".json", ".yaml", ".yml")
-MAX_FILE_BYTES = 4 * 1024 * 1024
-MAX_YAML_NODES = 200_000
-MAX_DEPTH = 64
 
 _KEY_RULES = {
     "Services": (
@@ -48,7 +45,7 @@ _TYPE_NAMES = {
 
 def parse_bundle(text: str, file: str, suffix: str) -> Bundle:
     """Parse and validate one bundle document; raise InvalidBundles listing every problem in it."""
-    data = _read_document(text, file, suffix)
+    data = read_document(text, file, suffix)
     try:
         return Bundle.model_validate(data)
     except ValidationError as exc:
@@ -80,13 +77,13 @@ def load_bundle_file(path: Path, display: str | None = None) -> StackBundle:
         problems.append(
             BundleError(
                 file,
-                f"invalid stack name {name!r} (the file name)",
+                f"invalid stack name {quoted(name)} (the file name)",
                 fix="rename the file: lowercase letters, digits and '-', at most 63 characters, e.g. "
                 f"{_suggest_stack_name(name)!r}",
             )
         )
-    raw = _read_bytes(path, file)
-    text = _decode(raw, file)
+    raw = read_file(path, file)
+    text = decode(raw, file)
     try:
         bundle = parse_bundle(text, file, path.suffix.lower())
     except InvalidBundles as exc:
@@ -108,8 +105,8 @@ def load_directory(directory: Path) -> DesiredState:
     """Every bundle file directly in `directory` is one stack; all problems are reported at once."""
     if not directory.is_dir():
         raise InvalidBundles([BundleError(str(directory), "not a directory", fix="pass the folder holding .dab files")])
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in BUNDLE_SUFFIXES)
-    return _load_files(files)
+    files, errors = _bundle_files(directory)
+    return _load_files(files, errors)
 
 
 def load_paths(paths: Sequence[Path]) -> DesiredState:
@@ -118,30 +115,62 @@ def load_paths(paths: Sequence[Path]) -> DesiredState:
     errors: list[BundleError] = []
     for p in paths:
         if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in BUNDLE_SUFFIXES))
+            found, refused = _bundle_files(p)
+            files.extend(found)
+            errors.extend(refused)
         elif p.is_file():
             files.append(p)
         else:
             errors.append(BundleError(str(p), "no such file or directory", fix="check the path"))
-    try:
-        state = _load_files(files)
-    except InvalidBundles as exc:
-        raise InvalidBundles(errors + exc.errors) from None
-    if errors:
-        raise InvalidBundles(errors)
-    return state
+    return _load_files(files, errors)
 
 
-def _load_files(files: Iterable[Path]) -> DesiredState:
+def _bundle_files(directory: Path) -> tuple[list[Path], list[BundleError]]:
+    """The bundle files directly in `directory`, and an error for each symbolic link that is not one of them.
+
+    A link may name another file of the directory. One that leads out of it is refused unread: the agent would read
+    whatever it can read and quote it in errors. A dangling link is an error, not a missing stack: skipping it would
+    prune the stack it held.
+    """
+    files: list[Path] = []
+    errors: list[BundleError] = []
+    home = directory.resolve()
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() not in BUNDLE_SUFFIXES:
+            continue
+        if path.is_symlink():
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python 3.11)
+                errors.append(
+                    BundleError(str(path), "symbolic link to nothing", fix="point it at a bundle file or remove it")
+                )
+                continue
+            if not target.is_relative_to(home):
+                errors.append(
+                    BundleError(
+                        str(path),
+                        f"symbolic link to {target}, outside {home}: not read",
+                        fix="link only to files in the same directory, or copy the file in",
+                    )
+                )
+                continue
+        if path.is_file():  # not a directory, FIFO or device (opening a FIFO would block)
+            files.append(path)
+    return files, errors
+
+
+def _load_files(files: Iterable[Path], errors: list[BundleError]) -> DesiredState:
+    """Load `files` as stacks; raise InvalidBundles with `errors` and every problem found in them."""
     stacks: dict[str, StackBundle] = {}
     origin: dict[str, Path] = {}
-    errors: list[BundleError] = []
+    errors = list(errors)
     for path in files:
         if path.stem in origin:
             errors.append(
                 BundleError(
                     str(path),
-                    f"stack {path.stem!r} is also defined by {origin[path.stem]}",
+                    f"stack {quoted(path.stem)} is also defined by {origin[path.stem]}",
                     fix="keep one file per stack name",
                 )
             )
@@ -156,205 +185,20 @@ def _load_files(files: Iterable[Path]) -> DesiredState:
     return DesiredState(stacks=stacks)
 
 
-# --- reading ------------------------------------------------------------------------------------------
-
-
-def _read_bytes(path: Path, file: str) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise InvalidBundles(
-                [
-                    BundleError(
-                        file,
-                        f"file is {size} bytes, over the {MAX_FILE_BYTES} byte limit",
-                        fix="split the stack",
-                    )
-                ]
-            )
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidBundles(
-            [BundleError(file, f"cannot read: {exc.strerror}", fix="check the path and permissions")]
-        ) from None
-
-
-def _decode(raw: bytes, file: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InvalidBundles(
-            [BundleError(file, f"byte 0x{raw[exc.start]:02x} is not UTF-8", fix="save the file as UTF-8", line=line)]
-        ) from None
-
-
-def _read_document(text: str, file: str, suffix: str) -> Any:
-    if suffix in (".yaml", ".yml"):
-        return _read_yaml(text, file)
-    return _read_json(text, file)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _read_json(text: str, file: str) -> Any:
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise InvalidBundles(
-            [
-                BundleError(
-                    file,
-                    f"invalid JSON: {exc.msg}",
-                    fix="fix the syntax there",
-                    line=exc.lineno,
-                    column=exc.colno,
-                )
-            ]
-        ) from None
-    except _DuplicateKey as exc:
-        raise InvalidBundles([BundleError(file, f"key {exc.key!r} appears twice", fix="keep one")]) from None
-    except RecursionError:
-        raise InvalidBundles(
-            [BundleError(file, "JSON nested too deeply", fix="a bundle is a few levels deep")]
-        ) from None
-    _check_depth(data, file)
-    return data
-
-
-class _LimitedSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and documents whose aliases expand past a node limit."""
-
-    def compose_document(self) -> yaml.Node | None:
-        node: yaml.Node | None = super().compose_document()
-        if node is not None:
-            _check_yaml_size(node)
-        return node
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_yaml_size(root: yaml.Node) -> None:
-    sizes: dict[int, int] = {}
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    depth_of: dict[int, int] = {id(root): 1}
-    while stack:
-        node, done = stack.pop()
-        if id(node) in sizes and not done:
-            continue
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        if done:
-            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
-            if sizes[id(node)] > MAX_YAML_NODES:
-                raise yaml.YAMLError(f"document expands to more than {MAX_YAML_NODES} nodes (alias bomb?)")
-            continue
-        stack.append((node, True))
-        for c in children:
-            depth_of.setdefault(id(c), depth_of[id(node)] + 1)
-            if depth_of[id(c)] > MAX_DEPTH:
-                raise yaml.YAMLError(f"document nested more than {MAX_DEPTH} levels deep")
-            if id(c) not in sizes:
-                stack.append((c, False))
-
-
-def _read_yaml(text: str, file: str, loader: type[_LimitedSafeLoader] | None = None) -> Any:
-    """The one document in a YAML text, loaded safely (`loader`: a _LimitedSafeLoader subclass)."""
-    try:
-        docs = list(yaml.load_all(text, Loader=loader or _LimitedSafeLoader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise InvalidBundles(
-            [
-                BundleError(
-                    file,
-                    f"invalid YAML: {problem}",
-                    fix="fix the syntax there (only plain YAML is accepted: no tags)",
-                    line=mark.line + 1 if mark else None,
-                    column=mark.column + 1 if mark else None,
-                )
-            ]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise InvalidBundles(
-            [BundleError(file, f"invalid YAML: {exc}", fix="write the document out plainly")]
-        ) from None
-    except RecursionError:
-        raise InvalidBundles(
-            [BundleError(file, "YAML nested too deeply", fix="a bundle is a few levels deep")]
-        ) from None
-    if not docs:
-        raise InvalidBundles([BundleError(file, "the file is empty", fix="write one document in it")])
-    if len(docs) > 1:
-        raise InvalidBundles(
-            [BundleError(file, f"{len(docs)} YAML documents", fix="put exactly one document in a file")]
-        )
-    return docs[0]
-
-
-def _check_depth(data: Any, file: str) -> None:
-    todo: list[tuple[Any, int]] = [(data, 1)]
-    while todo:
-        item, depth = todo.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidBundles(
-                [BundleError(file, f"nested more than {MAX_DEPTH} levels", fix="a bundle is a few levels deep")]
-            )
-        if isinstance(item, dict):
-            todo.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            todo.extend((v, depth + 1) for v in item)
-
-
 # --- validation errors -> one line each -------------------------------------------------------------------
-
-
-def _field_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def _translate(file: str, err: Any) -> BundleError:
     loc: tuple[int | str, ...] = tuple(err["loc"])
     kind: str = err["type"]
-    field = _field_path(loc)
+    field = field_path(loc)
     given = err.get("input")
     if kind == "extra_forbidden":
         name = str(loc[-1])
         valid = _valid_names(loc[:-1])
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
         if close:
-            fix = f"did you mean {close[0]!r}?"
+            fix = f"did you mean {quoted(close[0])}?"
         else:
             nested = _nested_match(loc[:-1], name)
             fix = f"did you mean {nested!r}?" if nested else f"valid fields here: {', '.join(valid)}"
@@ -364,13 +208,15 @@ def _translate(file: str, err: Any) -> BundleError:
     if "[key]" in loc:
         parent = str(loc[0]) if len(loc) >= 1 else ""
         what, rule = _KEY_RULES.get(parent, ("name", "use letters, digits, '-' and '_'"))
-        return BundleError(file, f"invalid {what} {loc[-2]!r}", field=_field_path(loc[:-2]), fix=rule)
+        return BundleError(file, f"invalid {what} {quoted(loc[-2])}", field=field_path(loc[:-2]), fix=rule)
     if kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
         ctx = err.get("ctx", {})
         bound = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ctx.items())
         if loc and loc[-1] in ("Port", "PublishedPort"):
-            return BundleError(file, f"{given} is not a valid port", field=field, fix="use a port from 1 to 65535")
-        return BundleError(file, f"{given!r} is out of range", field=field, fix=f"use a value {bound}")
+            return BundleError(
+                file, f"{quoted(given)} is not a valid port", field=field, fix="use a port from 1 to 65535"
+            )
+        return BundleError(file, f"{quoted(given)} is out of range", field=field, fix=f"use a value {bound}")
     if kind in _TYPE_NAMES:
         return BundleError(
             file,
@@ -380,9 +226,9 @@ def _translate(file: str, err: Any) -> BundleError:
         )
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return BundleError(file, f"{given!r} is not allowed", field=field, fix=f"use one of {expected}")
+        return BundleError(file, f"{quoted(given)} is not allowed", field=field, fix=f"use one of {expected}")
     if kind == "string_pattern_mismatch":
-        return BundleError(file, f"{given!r} has an invalid form", field=field, fix=_pattern_fix(loc))
+        return BundleError(file, f"{quoted(given)} has an invalid form", field=field, fix=_pattern_fix(loc))
     if kind in ("too_short", "string_too_short"):
         return BundleError(
             file,
@@ -406,10 +252,10 @@ def _pattern_fix(loc: Sequence[int | str]) -> str:
 
 def _describe(value: Any) -> str:
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {quoted(value)}"
     if value is None:
         return "null"
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{type(value).__name__} {quoted(value)}" if not isinstance(value, (dict, list)) else type(value).__name__
 
 
 def _unwrap(annotation: Any) -> list[Any]:

@@ -1,6 +1,7 @@
 """What a bundle may ask of the host. The agent drives the Docker socket — root on the host — from whatever lands
 in a repository, so by default a bundle may not bind-mount the Docker socket, the host's `/`, or a directory that
-contains either, nor join the host's network. The agent config names exceptions."""
+contains either, nor `/proc` or anything under it (`/proc/1/root` is the host's `/`), nor join the host's network.
+The agent config names exceptions."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from bundles.desired import DesiredState
 from bundles.errors import BundleError, InvalidBundles
 
 DOCKER_SOCKETS = ("/run/docker.sock", "/var/run/docker.sock")
+# What a refused bind mount gives the container, by rule.
+_GIVES = {
+    "no-host-root": "the host's root",
+    "no-docker-socket": "the Docker socket",
+    "no-host-proc": "the host's processes and, through /proc/1/root, the host's root",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,8 @@ def bind_rule(source: str) -> str | None:
     for sock in DOCKER_SOCKETS:
         if _contains(src, sock):
             return "no-docker-socket"
+    if _contains("/proc", src):
+        return "no-host-proc"
     return None
 
 
@@ -54,11 +63,11 @@ def violations(desired: DesiredState, policy: Policy) -> list[BundleError]:
                     continue
                 rule = bind_rule(m.source)
                 if rule and normalise(m.source) not in allowed:
-                    what = "the Docker socket" if rule == "no-docker-socket" else "the host's root"
                     out.append(
                         BundleError(
                             stack.file,
-                            f"bind mount of {m.source} (gives the container {what}) is refused by policy rule {rule!r}",
+                            f"bind mount of {m.source} (gives the container {_GIVES[rule]}) "
+                            f"is refused by policy rule {rule!r}",
                             field=f"Services.{name}.Mounts[{i}].Source",
                             fix=f"mount something narrower, or allow it in the agent config: "
                             f"allow_bind_mounts: [{normalise(m.source)}]",

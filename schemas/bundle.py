@@ -10,10 +10,11 @@ import re
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_pascal
 
 from schemas.durations import Duration
+from schemas.quoting import quoted
 
 STACK_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 OBJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
@@ -48,21 +49,36 @@ def memory_bytes(text: str) -> int:
     """Bytes in a memory size such as "512M", "1g" or "1048576"."""
     m = _MEMORY.fullmatch(text.strip())
     if not m:
-        raise ValueError(f'invalid memory size {text!r}: use a number with an optional unit b, k, m, g, e.g. "512M"')
+        raise ValueError(
+            f'invalid memory size {quoted(text)}: use a number with an optional unit b, k, m, g, e.g. "512M"'
+        )
     size = int(m.group(1)) * _MEMORY_FACTOR[m.group(2).lower()]
     if size > MAX_MEMORY:
-        raise ValueError(f"memory size {text!r} is more than any host has: use at most 1024G")
+        raise ValueError(f"memory size {quoted(text)} is more than any host has: use at most 1024G")
     return size
 
 
 def nano_cpus(text: str) -> int:
     """Docker's NanoCpus for a CPU count such as "0.5"."""
     if not _CPUS.fullmatch(text.strip()):
-        raise ValueError(f'invalid CPU count {text!r}: use a decimal number of CPUs, e.g. "0.5"')
+        raise ValueError(f'invalid CPU count {quoted(text)}: use a decimal number of CPUs, e.g. "0.5"')
     cpus = float(text)
     if not cpus <= MAX_CPUS:
-        raise ValueError(f"CPU count {text!r} is more than any host has: use at most {MAX_CPUS}")
+        raise ValueError(f"CPU count {quoted(text)} is more than any host has: use at most {MAX_CPUS}")
     return round(cpus * 1e9)
+
+
+def _user_labels(labels: dict[str, str]) -> dict[str, str]:
+    """`labels` unchanged, or ValueError for an empty key or one under a prefix dabctl and Docker use."""
+    for key in labels:
+        if not key:
+            raise ValueError("a label needs a non-empty key")
+        if key.startswith(RESERVED_LABEL_PREFIXES):
+            raise ValueError(f"label {quoted(key)} is reserved for dabctl and Docker; choose another key")
+    return labels
+
+
+UserLabels = Annotated[dict[str, str], AfterValidator(_user_labels)]
 
 
 class Port(Model):
@@ -170,11 +186,11 @@ class Healthcheck(Model):
     @classmethod
     def _test_form(cls, v: list[str]) -> list[str]:
         if v[0] not in ("CMD", "CMD-SHELL", "NONE"):
-            raise ValueError(f'Test must start with "CMD", "CMD-SHELL" or "NONE", not {v[0]!r}')
+            raise ValueError(f'Test must start with "CMD", "CMD-SHELL" or "NONE", not {quoted(v[0])}')
         if v[0] == "NONE" and len(v) > 1:
             raise ValueError('Test ["NONE"] takes no arguments')
         if v[0] != "NONE" and len(v) < 2:
-            raise ValueError(f"Test [{v[0]!r}] needs a command after it")
+            raise ValueError(f"Test [{quoted(v[0])}] needs a command after it")
         return v
 
 
@@ -190,7 +206,7 @@ class Mount(Model):
     @classmethod
     def _absolute_target(cls, v: str) -> str:
         if not v.startswith("/"):
-            raise ValueError(f'Target must be an absolute path inside the container, e.g. "/data", not {v!r}')
+            raise ValueError(f'Target must be an absolute path inside the container, e.g. "/data", not {quoted(v)}')
         return v
 
     @model_validator(mode="after")
@@ -204,7 +220,7 @@ class Mount(Model):
             and self.source is not None
             and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.source)
         ):
-            raise ValueError(f"invalid volume name {self.source!r}: use letters, digits, '_', '.', '-'")
+            raise ValueError(f"invalid volume name {quoted(self.source)}: use letters, digits, '_', '.', '-'")
         return self
 
 
@@ -215,7 +231,7 @@ class Service(Model):
     command: list[str] | None = None
     args: list[str] | None = None
     env: list[str] | None = None
-    labels: dict[str, str] | None = None
+    labels: UserLabels | None = None
     ports: list[Port] | None = None
     working_dir: str | None = None
     user: str | None = None
@@ -233,17 +249,7 @@ class Service(Model):
         for entry in v or []:
             name = entry.split("=", 1)[0]
             if not name or any(c.isspace() for c in name):
-                raise ValueError(f'invalid Env entry {entry!r}: write it as "NAME=value"')
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _user_labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        for key in v or {}:
-            if not key:
-                raise ValueError("a label needs a non-empty key")
-            if key.startswith(RESERVED_LABEL_PREFIXES):
-                raise ValueError(f"label {key!r} is reserved for dabctl and Docker; choose another key")
+                raise ValueError(f'invalid Env entry {quoted(entry)}: write it as "NAME=value"')
         return v
 
     @model_validator(mode="after")
@@ -269,7 +275,7 @@ class Network(Model):
 
     driver: str = "bridge"
     internal: bool = False
-    labels: dict[str, str] | None = None
+    labels: UserLabels | None = None
     external: bool = False
 
     @model_validator(mode="after")

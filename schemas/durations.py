@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
+from schemas.quoting import quoted
+
 _UNITS_US = {"ns": 0.001, "us": 1.0, "µs": 1.0, "μs": 1.0, "ms": 1000.0, "s": 1e6, "m": 60e6, "h": 3600e6}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _MAX_US = 10 * 365 * 24 * 3_600_000_000  # ten years: far beyond any timeout, far below overflow
@@ -22,18 +24,18 @@ def parse_duration(text: str) -> timedelta:
     if s == "0":
         return timedelta(0)
     if not s or s.startswith("-"):
-        raise ValueError(f'invalid duration {text!r}: use a non-negative Go duration such as "5s" or "1m30s"')
+        raise ValueError(f'invalid duration {quoted(text)}: use a non-negative Go duration such as "5s" or "1m30s"')
     pos, micros = 0, 0.0
     while pos < len(s):
         m = _PART.match(s, pos)
         if not m:
             raise ValueError(
-                f'invalid duration {text!r}: use a number with a unit (ns, us, ms, s, m, h), e.g. "5s", "1m30s"'
+                f'invalid duration {quoted(text)}: use a number with a unit (ns, us, ms, s, m, h), e.g. "5s", "1m30s"'
             )
         micros += float(m.group(1)) * _UNITS_US[m.group(2)]
         pos = m.end()
     if micros > _MAX_US:
-        raise ValueError(f"duration {text!r} is too long: at most {_MAX_US // 3_600_000_000} hours")
+        raise ValueError(f"duration {quoted(text)} is too long: at most {_MAX_US // 3_600_000_000} hours")
     return timedelta(microseconds=round(micros))
 
 

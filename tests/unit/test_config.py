@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path: Path, text: str, fragment: str
     with pytest.raises(ConfigError) as info:
         load_config(path, NO_FLAGS, environ={})
     message = str(info.value)
-    assert message.startswith(f"{path}: ")
+    assert re.match(re.escape(str(path)) + r"(:\d+){0,2}: ", message), message  # file[:line[:col]]: ...
     assert fragment in message
     assert "\n" not in message
 

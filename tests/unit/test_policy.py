@@ -38,6 +38,11 @@ def mount(source: str) -> DesiredState:
         ("/var/lib/app", "/var/lib/app", None),
         ("/run/user/1000", "/run/user/1000", None),
         ("/var/run-other", "/var/run-other", None),
+        ("/proc", "/proc", "no-host-proc"),
+        ("/proc/1/root", "/proc/1/root", "no-host-proc"),
+        ("/proc/self/../1/root/etc", "/proc/1/root/etc", "no-host-proc"),
+        ("/srv/../proc/sys", "/proc/sys", "no-host-proc"),
+        ("/process", "/process", None),
     ],
 )
 def test_bind_rules_after_normalising(source: str, normal: str, rule: str | None) -> None:
@@ -52,6 +57,15 @@ def test_refusals_name_file_field_rule_and_the_exception_to_write() -> None:
         "socket) is refused by policy rule 'no-docker-socket'; mount something narrower, or allow it in the agent "
         "config: allow_bind_mounts: [/var/run/docker.sock]"
     ]
+
+
+def test_proc_is_refused_naming_the_rule_unless_allowed() -> None:
+    [error] = violations(mount("/proc/1/root"), Policy())
+    assert error.field == "Services.s.Mounts[0].Source"
+    assert "policy rule 'no-host-proc'" in error.message
+    assert error.fix.endswith("allow_bind_mounts: [/proc/1/root]")
+    assert violations(mount("/proc/1/root"), Policy(allow_bind_mounts=("/proc/1/root",))) == []
+    assert violations(mount("/proc/1/root"), Policy(allow_bind_mounts=("/proc",))) != []
 
 
 def test_named_exceptions_allow_exactly_that_path() -> None:

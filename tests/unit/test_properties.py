@@ -36,6 +36,7 @@ from bundles.policy import Policy, violations
 from schemas.bundle import OBJECT_NAME_PATTERN, RESERVED_LABEL_PREFIXES, Bundle
 from schemas.config import AgentConfig
 from schemas.durations import format_duration, parse_duration
+from schemas.quoting import printable
 
 settings.register_profile(
     "ci",
@@ -884,7 +885,8 @@ def mutated_configs(draw: st.DrawFn) -> ConfigCase:
             ).filter(lambda k: k not in AgentConfig.model_fields)
         )
         doc[key] = draw(st.one_of(st.integers(), texts, st.none()))
-        return ConfigCase(to_yaml(doc), f"unknown {key!r}", f": {re.escape(key)}: ")
+        # Printed escaped: a key holding a newline or ESC stays on its line.
+        return ConfigCase(to_yaml(doc), f"unknown {key!r}", f": {re.escape(printable(key))}: ")
     if kind == "not a mapping":
         top = draw(st.one_of(st.lists(st.integers(), min_size=1, max_size=2), st.integers(), st.text(min_size=1)))
         return ConfigCase(to_yaml(top), f"top level {top!r}", "expected a mapping")
@@ -914,5 +916,5 @@ def test_mutated_configs_raise_a_config_error_naming_the_field(config_dir: Path,
         load_config(path, {}, environ={})
     message = str(info.value)
     note(message)
-    assert message.startswith(f"{path}: ")
+    assert re.match(re.escape(str(path)) + r"(:\d+){0,2}: ", message), message  # file[:line[:col]]: ...
     assert re.search(case.expect, message)
