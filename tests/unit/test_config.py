@@ -166,3 +166,26 @@ def test_invalid_environment_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, NO_FLAGS, environ={"DABCTL_PARALLELISM": "0"})
     assert "DABCTL_PARALLELISM" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("32767-30000", "'32767-30000' is not a range of ports: write low-high with 1 <= low <= high <= 65535"),
+        ("0-10", "'0-10' is not a range of ports"),
+        ("30000-70000", "'30000-70000' is not a range of ports"),
+        ("30000", "String should match pattern"),
+    ],
+)
+def test_a_bad_published_port_range_is_one_line_naming_the_setting(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {}, environ={"DABCTL_PUBLISHED_PORT_RANGE": raw})
+    assert "published_port_range" in str(info.value) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_published_port_range_and_balancer_have_defaults_and_overrides() -> None:
+    cfg = load_config(None, {}, environ={})
+    assert (cfg.loadbalancer, cfg.port_range) == ("auto", (30000, 32767))
+    cfg = load_config(None, {}, environ={"DABCTL_LOADBALANCER": "none", "DABCTL_PUBLISHED_PORT_RANGE": "8000-8099"})
+    assert (cfg.loadbalancer, cfg.port_range) == ("none", (8000, 8099))

@@ -710,6 +710,9 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "state": st.one_of(
         st.just("embedded"), st.lists(hosts, min_size=1, max_size=3).map(lambda h: "etcd://" + ",".join(h))
     ),
+    "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
+        lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
+    ),
 }
 
 
