@@ -28,6 +28,7 @@ ip_forward=1, which Docker sets.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -175,22 +176,40 @@ class IpvsNetlink:
         return found
 
     def add_service(self, mark: int, scheduler: str) -> None:
-        self._ipvs().service("add", service=self._service(mark, scheduler))
+        self._send(f"add service fwmark {mark:#010x} ({scheduler})", "service", "add", self._service(mark, scheduler))
 
     def set_service(self, mark: int, scheduler: str) -> None:
-        self._ipvs().service("set", service=self._service(mark, scheduler))
+        self._send(f"set service fwmark {mark:#010x} ({scheduler})", "service", "set", self._service(mark, scheduler))
 
     def del_service(self, mark: int) -> None:
-        self._ipvs().service("del", service=self._service(mark))
+        self._send(f"delete service fwmark {mark:#010x}", "service", "del", self._service(mark))
 
     def add_dest(self, mark: int, dest: Dest) -> None:
-        self._ipvs().dest("add", service=self._service(mark), dest=self._dest(dest))
+        self._send(f"add {dest.address}:{dest.port} to fwmark {mark:#010x}", "dest", "add", self._service(mark), dest)
 
     def set_dest(self, mark: int, dest: Dest) -> None:
-        self._ipvs().dest("set", service=self._service(mark), dest=self._dest(dest))
+        what = f"set weight {dest.weight} of {dest.address}:{dest.port} in fwmark {mark:#010x}"
+        self._send(what, "dest", "set", self._service(mark), dest)
 
     def del_dest(self, mark: int, dest: Dest) -> None:
-        self._ipvs().dest("del", service=self._service(mark), dest=self._dest(dest))
+        self._send(
+            f"remove {dest.address}:{dest.port} from fwmark {mark:#010x}", "dest", "del", self._service(mark), dest
+        )
+
+    def _send(self, what: str, kind: str, command: str, service: Any, dest: Dest | None = None) -> None:
+        ipvs = self._ipvs()
+        try:
+            if kind == "service":
+                ipvs.service(command, service=service)
+            else:
+                ipvs.dest(command, service=service, dest=self._dest(dest) if dest else None)
+        except Exception as exc:
+            code = getattr(exc, "code", None)  # pyroute2's NetlinkError carries the errno
+            raise IpvsError(f"{what}: {os.strerror(code) if isinstance(code, int) else exc}") from None
+
+
+class IpvsError(Exception):
+    """The kernel refused an IPVS change; the message says which."""
 
 
 # --- the nft table: marks ---------------------------------------------------------------------------------------

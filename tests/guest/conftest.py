@@ -96,6 +96,8 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:hypothesispytest",  # its import alone is seconds of emulated CPU; nothing inside uses it
         "-o",
         "addopts=",
         "-q",

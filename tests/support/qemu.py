@@ -1,8 +1,8 @@
 """A qemu guest running a stock Debian kernel (one with IPVS), for tests this host's kernel cannot run.
 
     kernel = find_kernel()                        # None: not provisioned (bash .ci/setup does it)
-    with Guest(kernel, workdir) as guest:         # builds the initramfs, boots; the command runs, then power-off
-        result = guest.run(["/bin/sh", "-c", "..."], cwd=repo, timeout=120)
+    guest = Guest(kernel, workdir)
+    result = guest.run(["/bin/sh", "-c", "..."], cwd=repo, timeout=120)   # boot, run, power off
 
 The guest mounts this host's root read-only over 9p (`hostfs`) and chroots into it, so it runs the project's own
 venv and the host's `nft`, `ip` and `ipvsadm` against its own kernel. Inside the chroot `/proc`, `/sys`, `/dev`,
@@ -28,6 +28,8 @@ __all__ = ["CACHE", "MODULES", "Guest", "GuestResult", "Kernel", "find_kernel", 
 
 CACHE = Path("/var/cache/dabctl-guest")
 QEMU = "qemu-system-x86_64"
+# qemu's minimal firmware: it boots a -kernel image with less emulated work than SeaBIOS.
+QBOOT = Path("/usr/share/qemu/qboot.rom")
 BUSYBOX = "/bin/busybox"
 # Loaded in this order, each with the dependencies `modprobe --show-depends` lists first. IPVS with its round-robin
 # scheduler, veth for backends in network namespaces, virtio + 9p for the host's root, and what dabctl's nft
@@ -210,6 +212,7 @@ class Guest:
             "max",
             "-nographic",
             "-no-reboot",
+            *(["-bios", str(QBOOT)] if QBOOT.is_file() else []),
             "-nic",
             "none",
             "-kernel",

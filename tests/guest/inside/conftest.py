@@ -47,6 +47,12 @@ def sh(*argv: str, check: bool = True) -> str:
     return done.stdout
 
 
+def sh_input(text: str, *argv: str) -> None:
+    done = subprocess.run(argv, input=text + "\n", capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}\n{text}")
+
+
 def in_netns(name: str | None, fn: Callable[[], T]) -> T:
     """fn() on a thread that entered network namespace `name` (None: the node's own)."""
     box: dict[str, Any] = {}
@@ -135,23 +141,27 @@ class Servers:
 @pytest.fixture(scope="session")
 def network() -> Iterator[None]:
     """The namespaces above, their servers, forwarding on and Docker's FORWARD policy."""
+    # One `ip -batch` per namespace and one iptables-restore: every process started costs here.
+    node = []
     for i in (1, 2, 3):
         ns = f"n{i}"
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", f"v{i}", "type", "veth", "peer", "name", f"p{i}", "netns", ns)
-        sh("ip", "addr", "add", f"10.99.{i}.1/24", "dev", f"v{i}")
-        sh("ip", "link", "set", f"v{i}", "up")
-        for address in BACKENDS.get(ns, [f"10.99.{i}.2"]):
-            sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", f"p{i}")
-        sh("ip", "-n", ns, "link", "set", f"p{i}", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "route", "add", "default", "via", f"10.99.{i}.1")
+        node += [
+            f"netns add {ns}",
+            f"link add v{i} type veth peer name p{i} netns {ns}",
+            f"addr add 10.99.{i}.1/24 dev v{i}",
+            f"link set v{i} up",
+        ]
+    sh_input("\n".join(node), "ip", "-batch", "-")
+    for i in (1, 2, 3):
+        ns = f"n{i}"
+        inside = [f"addr add {a}/24 dev p{i}" for a in BACKENDS.get(ns, [f"10.99.{i}.2"])]
+        inside += [f"link set p{i} up", "link set lo up", f"route add default via 10.99.{i}.1"]
+        sh_input("\n".join(inside), "ip", "-n", ns, "-batch", "-")
     # What Docker leaves on a node: forwarding on, FORWARD dropping, DOCKER-USER for rules like dabctl's accept.
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    sh("iptables", "-N", "DOCKER-USER")
-    sh("iptables", "-A", "DOCKER-USER", "-j", "RETURN")
-    sh("iptables", "-I", "FORWARD", "-j", "DOCKER-USER")
-    sh("iptables", "-P", "FORWARD", "DROP")
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1\n")
+    docker = ["*filter", ":FORWARD DROP [0:0]", ":DOCKER-USER - [0:0]", "-A DOCKER-USER -j RETURN"]
+    sh_input("\n".join([*docker, "-I FORWARD -j DOCKER-USER", "COMMIT"]), "iptables-restore", "--noflush")
     servers = Servers()
     for ns, addresses in BACKENDS.items():
         for address in addresses:
