@@ -128,9 +128,10 @@ class IpvsNetlink:
             except ImportError:
                 raise BalancerUnavailable("pyroute2 is not installed; pip install 'pyroute2>=0.9'") from None
             except Exception as exc:
-                raise BalancerUnavailable(
-                    f"IPVS is not available in this kernel ({exc}); use loadbalancer: nftables"
-                ) from None
+                code = getattr(exc, "code", None)  # pyroute2's NetlinkError carries the errno
+                found = os.strerror(code) if isinstance(code, int) else str(exc)
+                why = f"IPVS is not available in this kernel (its netlink family: {found}); use loadbalancer: nftables"
+                raise BalancerUnavailable(why) from None
         return self._socket
 
     def close(self) -> None:
