@@ -277,7 +277,10 @@ class BalancerUnavailable(Exception):
 class Ruleset(Protocol):
     """What a balancing backend (nftables, IPVS) offers this reconciler."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The backend's name, as the agent config spells it."""
+        ...
 
     def read(self) -> dict[Frontend, tuple[Backend, ...]]:
         """What is programmed now (dabctl's own rules only). Raises BalancerUnavailable."""
