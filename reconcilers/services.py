@@ -191,9 +191,7 @@ def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mappin
         return True
     # The engine lists a never-started container's networks without an ID; it joins them by name when started.
     return any(
-        network_ids.get(name) != nid
-        for name, nid in replica.networks.items()
-        if nid or replica.state != "created"
+        network_ids.get(name) != nid for name, nid in replica.networks.items() if nid or replica.state != "created"
     )
 
 

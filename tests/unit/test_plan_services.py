@@ -270,7 +270,9 @@ CASES: dict[str, Case] = {
         [want(WEB, "1")],
         [rep(WEB, "1", "exited", exit_code=0, networks={"shop_default": ""})],
         [
-            RemoveReplica(rep(WEB, "1", "exited", exit_code=0, networks={"shop_default": ""}), "network gone or changed"),
+            RemoveReplica(
+                rep(WEB, "1", "exited", exit_code=0, networks={"shop_default": ""}), "network gone or changed"
+            ),
             CreateReplica(WEB, "1", REV, "recreated"),
         ],
     ),
