@@ -1,7 +1,8 @@
 """The Docker SDK side of the reconcilers' Protocols: containers, networks and images on one engine.
 
 Uses docker-py's low-level APIClient so that every engine call is visible and counted: observing is exactly
-one list call per kind, and nothing is inspected per object.
+one list call per kind, and nothing is inspected per object. (Outside passes, the agent inspects one container
+after its exit event: `container_state`.)
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ class DockerEngine:
     def list_replicas(self, owner: str) -> list[Replica]:
         rows = self.api.containers(all=True, filters={"label": [f"dabctl.owner={owner}", "dabctl.slot"]})
         return [_replica(row) for row in rows]
+
+    @_reachable
+    def container_state(self, container_id: str) -> str:
+        """One container's State.Status ("running", "exited", ...); "removed" when it is gone.
+
+        The engine answers only once it has finished handling a pending exit of that container."""
+        try:
+            return str(self.api.inspect_container(container_id)["State"]["Status"])
+        except docker.errors.NotFound:
+            return "removed"
 
     @_reachable
     def create_replica(self, request: ReplicaRequest) -> str:
