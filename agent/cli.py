@@ -29,7 +29,7 @@ from agent.statelog import StateLocked, StateLogError
 from agent.statelog.backends import open_log
 from agent.status import stack_statuses
 from bundles import DesiredState, InvalidBundles, load_paths
-from bundles.git import SourceError
+from bundles.errors import SourceError
 from bundles.policy import Policy, enforce
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
