@@ -111,7 +111,7 @@ def _records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
 
 @contextmanager
 def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
-    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
+    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
     try:
         docker.ping()
         with _records(cfg, writer=not read_only) as records:

@@ -62,10 +62,18 @@ def _nanos(seconds: float | None) -> int | None:
 class DockerEngine:
     """ContainerRuntime and NetworkRuntime on a Docker engine."""
 
-    def __init__(self, base_url: str | None = None, timeout: int = 120, docker_config: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: int = 120,
+        docker_config: str | None = None,
+        connections: int = 10,
+    ) -> None:
         url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.url = url
-        self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout)
+        # One kept connection per concurrent caller (apply's pool and more): beyond the pool, urllib3 opens and
+        # discards a connection per call and logs a warning each time.
+        self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout, max_pool_size=connections)
         if docker_config:
             # Registry credentials (and credential helpers) from the Docker client config; they are sent to the
             # engine with each pull and never stored by dabctl.

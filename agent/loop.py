@@ -80,7 +80,8 @@ class Agent:
 
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
-        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
+        # apply's pool, the exit watchers (agent/events.py) and the HTTP handlers' status reads
+        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12)
         try:
             self.docker.ping()
         except EngineError as exc:
