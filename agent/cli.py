@@ -29,7 +29,7 @@ from agent.statelog import StateLocked, StateLogError
 from agent.statelog.backends import open_log
 from agent.status import stack_statuses
 from bundles import DesiredState, InvalidBundles, load_paths
-from bundles.git import SourceError
+from bundles.errors import SourceError
 from bundles.policy import Policy, enforce
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
@@ -111,7 +111,7 @@ def _records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
 
 @contextmanager
 def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
-    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
+    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
     try:
         docker.ping()
         with _records(cfg, writer=not read_only) as records:

@@ -1,7 +1,8 @@
 """The Docker SDK side of the reconcilers' Protocols: containers, networks and images on one engine.
 
 Uses docker-py's low-level APIClient so that every engine call is visible and counted: observing is exactly
-one list call per kind, and nothing is inspected per object.
+one list call per kind, and nothing is inspected per object. (Outside passes, the agent inspects one container
+after its exit event: `container_state`.)
 """
 
 from __future__ import annotations
@@ -61,10 +62,18 @@ def _nanos(seconds: float | None) -> int | None:
 class DockerEngine:
     """ContainerRuntime and NetworkRuntime on a Docker engine."""
 
-    def __init__(self, base_url: str | None = None, timeout: int = 120, docker_config: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: int = 120,
+        docker_config: str | None = None,
+        connections: int = 10,
+    ) -> None:
         url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.url = url
-        self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout)
+        # One kept connection per concurrent caller (apply's pool and more): beyond the pool, urllib3 opens and
+        # discards a connection per call and logs a warning each time.
+        self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout, max_pool_size=connections)
         if docker_config:
             # Registry credentials (and credential helpers) from the Docker client config; they are sent to the
             # engine with each pull and never stored by dabctl.
@@ -92,6 +101,16 @@ class DockerEngine:
     def list_replicas(self, owner: str) -> list[Replica]:
         rows = self.api.containers(all=True, filters={"label": [f"dabctl.owner={owner}", "dabctl.slot"]})
         return [_replica(row) for row in rows]
+
+    @_reachable
+    def container_state(self, container_id: str) -> str:
+        """One container's State.Status ("running", "exited", ...); "removed" when it is gone.
+
+        The engine answers only once it has finished handling a pending exit of that container."""
+        try:
+            return str(self.api.inspect_container(container_id)["State"]["Status"])
+        except docker.errors.NotFound:
+            return "removed"
 
     @_reachable
     def create_replica(self, request: ReplicaRequest) -> str:

@@ -26,6 +26,7 @@ import docker
 
 from agent.docker_engine import DockerEngine, EngineError
 from agent.engine import EmptySourceRefused, Engine, PassReport, stack_of
+from agent.events import ExitWatch, event_trigger
 from agent.http import AgentHttp, WebhookAuth
 from agent.metrics import Metrics
 from agent.records import Records
@@ -41,9 +42,8 @@ from schemas.config import AgentConfig
 from schemas.output import SourceStatus, StatusOutput
 
 log = logging.getLogger("dabctl.agent")
-CONTAINER_TRIGGERS = ("die", "kill", "oom", "destroy", "stop")
 EVENT_DEBOUNCE = 0.1
-EVENT_RECHECKS = (1.5, 5.0)
+EXIT_FALLBACK = 5.0  # a pass after an exit event even if waiting for the exit hangs
 
 
 def _split_listen(address: str) -> tuple[str, int]:
@@ -80,7 +80,8 @@ class Agent:
 
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
-        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config)
+        # apply's pool, the exit watchers (agent/events.py) and the HTTP handlers' status reads
+        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12)
         try:
             self.docker.ping()
         except EngineError as exc:
@@ -97,6 +98,7 @@ class Agent:
             balancer=cfg.loadbalancer,
             port_range=cfg.port_range,
         )
+        self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = _secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
         webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
@@ -152,6 +154,7 @@ class Agent:
     def shutdown(self) -> None:
         self.stop.set()
         self.queue.close()
+        self.exits.close()
         self._wake.set()
         stream = self._events_stream
         if stream is not None:
@@ -310,24 +313,16 @@ class Agent:
         api.close()
 
     def _on_event(self, ev: dict[str, Any]) -> None:
-        action = str(ev.get("Action") or ev.get("status") or "")
-        attrs = (ev.get("Actor") or {}).get("Attributes") or {}
-        if ev.get("Type") == "container":
-            if attrs.get("dabctl.owner") != self.engine.owner:
-                return
-            if action in CONTAINER_TRIGGERS or action.startswith("health_status"):
-                stack = attrs.get("dabctl.stack", "")
-                self.queue.add([stack], after=EVENT_DEBOUNCE)
-                # Docker emits die/kill before it lists the container as exited (it first disconnects the
-                # container's networks): look again once that has surely happened.
-                for delay in EVENT_RECHECKS:
-                    late = threading.Timer(delay, self.queue.add, args=([stack],))
-                    late.daemon = True
-                    late.start()
-        elif ev.get("Type") == "network" and action == "destroy":
-            stack = str(attrs.get("name", "")).split("_", 1)[0]
-            if stack in self.all_keys():
-                self.queue.add([stack], after=EVENT_DEBOUNCE)
+        trigger = event_trigger(ev, self.engine.owner)
+        if trigger is None or (trigger.network and trigger.stack not in self.all_keys()):
+            return
+        if trigger.container is None:
+            self.queue.add([trigger.stack], after=EVENT_DEBOUNCE)
+            return
+        # Docker emits die/kill before it lists the container as exited (agent/events.py): the stack is queued
+        # once the engine says the container stopped running, with a late pass in case that wait hangs.
+        self.queue.add([trigger.stack], after=EXIT_FALLBACK)
+        self.exits.watch(trigger.container, trigger.stack)
 
     # --- the worker -----------------------------------------------------------------------------------------------
 

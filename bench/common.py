@@ -44,22 +44,45 @@ def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
+def host_engine_answers() -> bool:
+    try:
+        docker.APIClient(base_url="unix:///var/run/docker.sock", version="1.41", timeout=5).ping()
+        return True
+    except Exception:
+        return False
+
+
 def ensure_bench_image() -> None:
     """Tag dabctl/sample:1 as dabctl/sample:bench2 on the host engine (copied into the netns engine)."""
     subprocess.run(["docker", "tag", IMAGE, IMAGE2], check=True)
 
 
+def build_bench_images(engine: NetnsDockerd) -> None:
+    """Build dabctl/sample:1 in the netns engine itself (samples/image/build.sh) and tag it as bench2."""
+    env = {**os.environ, "DOCKER_HOST": engine.url}
+    subprocess.run(["bash", str(ROOT / "samples" / "image" / "build.sh"), "--force"], env=env, check=True)
+    engine.client.tag(IMAGE, *IMAGE2.split(":"))
+
+
 @contextlib.contextmanager
 def netns_engine() -> Iterator[NetnsDockerd]:
-    """A dockerd in its own network namespace, Swarm-ready (DESIGN §9); removed with everything in it."""
-    ensure_bench_image()
+    """A dockerd in its own network namespace, Swarm-ready (DESIGN §9); removed with everything in it.
+
+    The images come from the host engine; when none answers there, they are built in the netns engine."""
+    from_host = host_engine_answers()
+    if from_host:
+        ensure_bench_image()
+    else:
+        log("no host engine answers: building the sample image in the benchmark engine")
     engine = NetnsDockerd(
-        images=(IMAGE, IMAGE2),
+        images=(IMAGE, IMAGE2) if from_host else (),
         env={"DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
         address_pool="base=10.202.0.0/16,size=20",  # /20 networks: 4094 addresses, room for S=300 (450)
     )
     try:
         engine.start()
+        if not from_host:
+            build_bench_images(engine)
         yield engine
     finally:
         engine.close()

@@ -14,7 +14,10 @@ reports the end state (N containers with the run's `dabctl.stack` label in statu
 Every object a run creates is named with a `bench-<random>` prefix and removed (containers force-removed, networks
 removed) before the next run starts, also when the run fails.
 
-    sudo .venv/bin/python bench/converge.py [--replicas 10,40,100] [--runs 3] [--parallelism 8] [--quick]
+With several `--parallelism` values (e.g. 8,32) dabctl and raw run at each; the order of the contenders is
+shuffled in every round, so that none always runs first after the previous round's clean-up.
+
+    sudo .venv/bin/python bench/converge.py [--replicas 10,40,100] [--runs 3] [--parallelism 8[,32]] [--quick]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import subprocess
@@ -210,37 +214,53 @@ def main() -> None:
     )
     parser.add_argument("--replicas", default="10,40,100", help="comma-separated replica counts N (10,40,100)")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender and N; median reported (3)")
-    parser.add_argument("--parallelism", type=int, default=8, help="engine calls in flight, dabctl and raw (8)")
+    parser.add_argument(
+        "--parallelism", default="8", help="engine calls in flight, dabctl and raw; comma-separated for several (8)"
+    )
     parser.add_argument("--quick", action="store_true", help="N = 10,40 only")
     args = parser.parse_args()
     counts = [int(x) for x in ("10,40" if args.quick else args.replicas).split(",") if x.strip()]
+    pools = [int(x) for x in args.parallelism.split(",") if x.strip()]
+    several = len(pools) > 1
 
+    def tag(name: str, p: int) -> str:
+        return f"{name} p={p}" if several else name
+
+    rng = random.Random(1)
     with netns_engine() as engine, swarm(engine):
         URL = engine.url
         api = client()
-        raw_api = client(args.parallelism + 2)
+        raw_api = client(max(pools) + 2)
         results: dict[int, dict[str, list[float]]] = {}
         for n in counts:
-            res = results[n] = {"dabctl": [], "dabctl (CLI exit)": [], "raw": [], "swarm": []}
+            res = results[n] = {}
+            for p in pools:
+                res.update({tag("dabctl", p): [], tag("dabctl (CLI exit)", p): [], tag("raw", p): []})
+            res["swarm"] = []
             for i in range(args.runs):
-                conv, exit_s = run_dabctl(api, n, args.parallelism)
-                res["dabctl"].append(conv)
-                res["dabctl (CLI exit)"].append(exit_s)
-                res["raw"].append(run_raw(raw_api, api, n, args.parallelism))
-                res["swarm"].append(run_swarm(engine, api, n))
-                log(
-                    f"N={n} run {i + 1}/{args.runs}: dabctl {conv:.3f}s (exit {exit_s:.3f}s), "
-                    f"raw {res['raw'][-1]:.3f}s, swarm {res['swarm'][-1]:.3f}s"
-                )
+                order = [("dabctl", p) for p in pools] + [("raw", p) for p in pools] + [("swarm", 0)]
+                rng.shuffle(order)
+                for kind, p in order:
+                    if kind == "dabctl":
+                        conv, exit_s = run_dabctl(api, n, p)
+                        res[tag("dabctl", p)].append(conv)
+                        res[tag("dabctl (CLI exit)", p)].append(exit_s)
+                    elif kind == "raw":
+                        res[tag("raw", p)].append(run_raw(raw_api, api, n, p))
+                    else:
+                        res["swarm"].append(run_swarm(engine, api, n))
+                log(f"N={n} run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in res.items()))
         print(f"machine: {machine(engine)}")
     print(f"parallelism {args.parallelism} (dabctl and raw), image {IMAGE}, {args.runs} interleaved runs, ")
     print("clock: launch -> engine reports N running; seconds as median (min-max)")
     print()
     rows = []
     for n, res in results.items():
+        base = res[tag("raw", pools[0])]
         for name, xs in res.items():
-            rows.append((str(n), name, stats(xs), ratio(xs, res["raw"]), ratio(xs, res["swarm"])))
-    print_table(("N", "contender", "seconds", "÷ raw", "÷ swarm"), rows)
+            rows.append((str(n), name, stats(xs), ratio(xs, base), ratio(xs, res["swarm"])))
+    raw_col = f"÷ raw p={pools[0]}" if several else "÷ raw"
+    print_table(("N", "contender", "seconds", raw_col, "÷ swarm"), rows)
 
 
 if __name__ == "__main__":

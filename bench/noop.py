@@ -5,7 +5,8 @@ resync off) converges the stack through a recording DockerProxy; then each run t
 agent, from the trigger (POST /api/reconcile, what `dabctl reconcile --once` sends to a running agent; the agent
 answers after the pass) to the end of the pass, and records the Docker API calls by endpoint (proxy), the agent's
 CPU time (/proc/PID/stat) and its peak RSS (VmHWM). The agent's own histogram dabctl_reconcile_duration_seconds
-(pass only, without the HTTP round trip) is shown too.
+(pass only, without the HTTP round trip) is shown too, and so is the engine's floor: the same container list
+(all containers of the stack, label-filtered) timed from the bench process right after each pass.
 
 Peer: re-running `docker-compose up -d` (Debian's 1.29) on the equivalent Compose project (same services, `scale`,
 same image) against the same engine through its own recording proxy; the clock runs from launch to exit (the end
@@ -133,6 +134,7 @@ def main() -> None:
                             timeout=600,
                         )
                     wall, inner, cpu, dcalls, ccalls, cwall = [], [], [], Counter(), Counter(), []
+                    floor = []
                     for i in range(runs):
                         agent_proxy.reset()
                         c0, h0 = agent.cpu_seconds(), agent.metric("dabctl_reconcile_duration_seconds_sum")
@@ -147,6 +149,9 @@ def main() -> None:
                         inner.append(h1 - h0)
                         cpu.append(c1 - c0)
                         dcalls = calls
+                        t0 = time.perf_counter()
+                        api.containers(all=True, filters={"label": [label, "dabctl.slot"]})
+                        floor.append(time.perf_counter() - t0)
                         if peer:
                             compose_proxy.reset()
                             t0 = time.perf_counter()
@@ -165,6 +170,7 @@ def main() -> None:
                             str(n),
                             f"{median(wall) * 1000:.1f} ({min(wall) * 1000:.1f}-{max(wall) * 1000:.1f})",
                             f"{median(inner) * 1000:.1f}",
+                            f"{median(floor) * 1000:.1f}",
                             f"{median(cpu) * 1000:.0f}",
                             f"{sum(dcalls.values())} ({dwrites} writes)",
                             f"{hwm / 1024:.1f} / {rss / 1024:.1f}",
@@ -199,6 +205,7 @@ def main() -> None:
             "replicas",
             "dabctl pass ms (trigger->end)",
             "pass ms (histogram)",
+            "engine list ms",
             "agent CPU ms",
             "dabctl API calls",
             "agent peak / now RSS MiB",

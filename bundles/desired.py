@@ -6,6 +6,7 @@ format version, so that a new optional field never restarts every container on u
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -41,6 +42,12 @@ class StackBundle:
     revision: str
     bundle_hash: str
     image_ids: Mapping[str, str] = field(default_factory=dict)  # service -> image ID to run (a pinned revision)
+
+    @functools.cached_property
+    def _targets(self) -> tuple[ServiceTarget, ...]:
+        # A loaded stack never changes (a new load makes a new StackBundle), and an agent plans the same one pass
+        # after pass: computing every service's spec and hash once saves most of a no-op pass's planning.
+        return tuple(_service_targets(self))
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,11 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
 
 
 def service_targets(stack: StackBundle) -> list[ServiceTarget]:
-    """Every service of a stack with its resolved networks and spec hash, in name order."""
+    """Every service of a stack with its resolved networks and spec hash, in name order (computed once a stack)."""
+    return list(stack._targets)
+
+
+def _service_targets(stack: StackBundle) -> list[ServiceTarget]:
     out = []
     for name in sorted(stack.bundle.services):
         svc = stack.bundle.services[name]

@@ -2,6 +2,8 @@
 
 BundleError            one problem in one place (file, field path, message, fix)
 InvalidBundles         raised by loaders: every BundleError found, reported at once
+SourceError            a git source cannot be reached or read (bundles.git; defined here so that catching it
+                       does not import dulwich)
 """
 
 from __future__ import annotations
@@ -40,3 +42,7 @@ class InvalidBundles(Exception):
     def __init__(self, errors: Sequence[BundleError]) -> None:
         self.errors = list(errors)
         super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class SourceError(Exception):
+    """The repository cannot be reached or read; one line with what and how to fix (never a credential)."""

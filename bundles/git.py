@@ -50,7 +50,7 @@ from dulwich.repo import Repo
 
 from bundles.desired import DesiredState, StackBundle, bundle_hash
 from bundles.documents import MAX_FILE_BYTES, decode
-from bundles.errors import BundleError, InvalidBundles
+from bundles.errors import BundleError, InvalidBundles, SourceError
 from bundles.load import BUNDLE_SUFFIXES, _matches, _suggest_stack_name, parse_bundle
 from schemas.bundle import STACK_NAME_PATTERN
 
@@ -61,10 +61,6 @@ _SCP_LIKE = re.compile(r"^(?P<user>[^@/:\s]+)@(?P<host>[^@/:\s]+):(?P<path>.+)$"
 _PEELED = b"^{}"
 _REGULAR_FILES = (0o100644, 0o100755, 0o100664)
 _TOKEN_USER = "x-access-token"
-
-
-class SourceError(Exception):
-    """The repository cannot be reached or read; one line with what and how to fix (never a credential)."""
 
 
 @dataclass(frozen=True)
