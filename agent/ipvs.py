@@ -1,28 +1,35 @@
 """The IPVS balancer: published ports as IPVS fwmark services, changed over netlink (pyroute2) one difference at a
-time, with the marks set in dabctl's nftables table.
+time, with the marks set in dabctl's nftables table, and `localhost` DNATed by that table to the same backends.
 
 The kernel balances (round robin, masquerade/NAT forwarding); nftables only says which packets are whose:
 
     map frontends      protocol . port -> jump fe_<proto>_<port>   (from prerouting and output, to local addresses
                                                                    other than 127.0.0.0/8)
     chain fe_<p>_<n>   meta mark set <the frontend's mark>, ct mark |= CT_MARK   (every packet, mangle priority)
-    chain postrouting  masquerades marked connections (hairpins, other hosts); its comment names the owner
+    map local          protocol . port -> jump lo_<proto>_<port>   (from output, to 127.0.0.0/8; nat priority)
+    chain lo_<p>_<n>   ct mark |= CT_MARK, then dnat to numgen inc mod N map { i : address . port }
+    chain postrouting  masquerades marked connections (loopback sources, hairpins, other hosts)
+    chain guard        drops 127.0.0.0/8 arriving on other interfaces while route_localnet is on (CVE-2020-8558);
+                       its comment names the owner
+
+Why two ways: IPVS drops a connection from a loopback source to a backend elsewhere whatever route_localnet says
+(seen in the qemu guest on Debian's 6.1 kernel; kube-proxy's IPVS mode has the same limit), so 127.0.0.0/8 is
+left unmarked and balanced the nftables backend's way instead (`nftables.dnat_rule`), over the backends its IPVS
+service takes new connections on.
 
 A frontend's mark is a function of its protocol and port, `0x0DA<proto><port:04x>` (`mark_of`), so the marks need
 no allocation and the range 0x0DA00000-0x0DAFFFFF is dabctl's: IPVS services with other marks, or with virtual
 addresses, are never read, changed or removed. The table is the one the nftables backend owns (`ip dabctl`),
 written whole the same way (one `nft -f`), so either backend replaces the other's layout; stack, service and
-target port live in the mark rules' comments. The table is rewritten only when the set of frontends changes: a
-change of backends is a few netlink messages, and a write that changes nothing sends none.
+target port live in the mark rules' comments. The table is rewritten when its frontends or their localhost
+backends change: a change of backends is a few netlink messages and one `nft -f`, and a write that changes
+nothing sends neither. read() reports a frontend only where its IPVS service and its localhost chain agree.
 
-Node settings: the DOCKER-USER accept, as in the nftables backend, and net.ipv4.vs.conntrack=1, so that IPVS keeps
-conntrack entries and the postrouting masquerade applies to the connections it forwards (kube-proxy's IPVS mode
-does the same; left on, as other IPVS users need it too). Not route_localnet: IPVS drops a connection from a
-loopback source to a backend elsewhere whatever that setting says (seen on Debian's 6.1 kernel; kube-proxy's IPVS
-mode has the same limit), so `localhost:PORT` is not published, and 127.0.0.0/8 is left unmarked for the client
-to get a prompt "connection refused" rather than a hang. A table in the nftables layout had turned it on: taking
-the table over restores the value recorded before dabctl. Clients on other hosts and in containers need
-ip_forward=1, which Docker sets.
+Node settings, exactly while a port is published, as in the nftables backend: net.ipv4.conf.all.route_localnet=1
+(the value found before dabctl, recorded in the guard's comment, comes back with the last port) and the
+DOCKER-USER accept. Besides, net.ipv4.vs.conntrack=1, so that IPVS keeps conntrack entries and the postrouting
+masquerade applies to the connections it forwards (kube-proxy's IPVS mode does the same; left on, as other IPVS
+users need it too). Clients on other hosts and in containers need ip_forward=1, which Docker sets.
 """
 
 from __future__ import annotations
@@ -31,12 +38,24 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.nftables import CT_MARK, ROUTE_LOCALNET, TABLE, Nft, NftError, NftRuleset, Programmed, parse
+from agent.nftables import (
+    CT_MARK,
+    ROUTE_LOCALNET,
+    TABLE,
+    Nft,
+    NftError,
+    NftRuleset,
+    Programmed,
+    dnat_backends,
+    dnat_rule,
+    guard_chain,
+    parse,
+)
 from reconcilers.loadbalancer import Backend, Balance, BalancerAction, BalancerUnavailable, Frontend
 
 MARK_BASE = 0x0DA00000
@@ -213,34 +232,37 @@ class IpvsError(Exception):
     """The kernel refused an IPVS change; the message says which."""
 
 
-# --- the nft table: marks ---------------------------------------------------------------------------------------
+# --- the nft table: marks, and DNAT for localhost ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MarkTable:
-    """dabctl's table as read back: frontends whose chain sets their mark (no backends: those are IPVS's), the
-    owner and route_localnet value recorded, and whether the nftables layout's guard is there (route_localnet on)."""
+    """dabctl's table as read back for the IPVS backend: the frontends whose chain sets their mark, each with the
+    backends its localhost chain balances to; the owner and route_localnet value recorded; whether the guard is
+    there; whether there is a table at all."""
 
     programmed: Programmed
     guarded: bool
+    exists: bool
 
 
-def render_marks(frontends: Iterable[Frontend], owner: str, route_localnet_was: int) -> str:
-    """dabctl's table for the IPVS backend as an `nft -f` script that replaces whatever table was there."""
-    lines = [f"add table ip {TABLE}", f"delete table ip {TABLE}"]
-    chosen = sorted(frontends)
+NO_TABLE = MarkTable(Programmed({}, None, 0), guarded=False, exists=False)
+
+
+def render_marks(balance: Balance, owner: str, route_localnet_was: int, exists: bool = True) -> str:
+    """dabctl's table for the IPVS backend as an `nft -f` script that replaces the table (when it `exists`) in one
+    transaction."""
+    lines = [f"delete table ip {TABLE}"] if exists else []
+    chosen = sorted(balance)
     if not chosen:
         return "\n".join(lines) + "\n"
-    elements = ", ".join(f"{f.protocol} . {f.port} : jump {_chain(f)}" for f in chosen)
     # IPVS looks marks up at local-in (clients elsewhere) and at local-out priority -99 (this node's own clients):
     # they are set before both, at mangle priority, on every packet.
     select = "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @frontends"
     lines += [
         f"table ip {TABLE} {{",
-        "    map frontends {",
-        "        type inet_proto . inet_service : verdict",
-        f"        elements = {{ {elements} }}",
-        "    }",
+        *_verdict_map("frontends", chosen, _chain),
+        *_verdict_map("local", chosen, _local_chain),
         "    chain prerouting {",
         "        type filter hook prerouting priority -150; policy accept;",
         f"        {select}",
@@ -249,11 +271,16 @@ def render_marks(frontends: Iterable[Frontend], owner: str, route_localnet_was: 
         "        type route hook output priority -150; policy accept;",
         f"        {select}",
         "    }",
+        # IPVS cannot forward a loopback source: localhost is DNATed, as the nftables backend does it.
+        "    chain localhost {",
+        "        type nat hook output priority -100; policy accept;",
+        "        ip daddr 127.0.0.0/8 meta l4proto . th dport vmap @local",
+        "    }",
         "    chain postrouting {",
         "        type nat hook postrouting priority 100; policy accept;",
-        f'        ct mark and {CT_MARK:#x} == {CT_MARK:#x} masquerade comment "dabctl owner={owner} '
-        f'route_localnet_was={route_localnet_was}"',
+        f"        ct mark and {CT_MARK:#x} == {CT_MARK:#x} masquerade",
         "    }",
+        *guard_chain(owner, route_localnet_was),
     ]
     for f in chosen:
         lines += [
@@ -261,40 +288,67 @@ def render_marks(frontends: Iterable[Frontend], owner: str, route_localnet_was: 
             f"        meta mark set {mark_of(f.protocol, f.port):#010x} ct mark set ct mark or {CT_MARK:#x} "
             f'comment "dabctl stack={f.stack} service={f.service} target={f.target}"',
             "    }",
+            f"    chain {_local_chain(f)} {{",
+            f"        ct mark set ct mark or {CT_MARK:#x}",
         ]
+        if balance[f]:
+            lines.append(f"        {dnat_rule(f.protocol, balance[f])}")
+        lines.append("    }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _verdict_map(name: str, frontends: Sequence[Frontend], chain: Callable[[Frontend], str]) -> list[str]:
+    elements = ", ".join(f"{f.protocol} . {f.port} : jump {chain(f)}" for f in frontends)
+    return [
+        f"    map {name} {{",
+        "        type inet_proto . inet_service : verdict",
+        f"        elements = {{ {elements} }}",
+        "    }",
+    ]
 
 
 def _chain(f: Frontend) -> str:
     return f"fe_{f.protocol}_{f.port}"
 
 
+def _local_chain(f: Frontend) -> str:
+    return f"lo_{f.protocol}_{f.port}"
+
+
 def marked(listing: Mapping[str, Any]) -> MarkTable:
     """dabctl's table in `nft -j list table ip dabctl` output, read for the IPVS backend: a table in the nftables
     backend's layout (DNAT, no marks) has no frontends here."""
     marks: dict[str, int] = {}
+    local: dict[str, tuple[Backend, ...]] = {}
     guarded = False
     for item in listing.get("nftables", []):
         if item.get("chain", {}).get("name") == "guard":
             guarded = True
         rule = item.get("rule")
-        for expr in rule.get("expr", []) if rule else []:
+        if not rule:
+            continue
+        for expr in rule.get("expr", []):
             mangle = expr.get("mangle") if isinstance(expr, dict) else None
             if mangle and mangle.get("key") == {"meta": {"key": "mark"}} and isinstance(mangle.get("value"), int):
                 marks[rule["chain"]] = mangle["value"]
+        backends = dnat_backends(rule)
+        if backends is not None:
+            local[rule["chain"]] = backends
     table = parse(listing)
-    frontends: dict[Frontend, tuple[Backend, ...]] = {
-        f: () for f in table.balance if f.protocol in PROTOCOLS and marks.get(_chain(f)) == mark_of(f.protocol, f.port)
+    frontends = {
+        f: local.get(_local_chain(f), ())
+        for f in table.balance
+        if f.protocol in PROTOCOLS and marks.get(_chain(f)) == mark_of(f.protocol, f.port)
     }
-    return MarkTable(Programmed(frontends, table.owner, table.route_localnet_was), guarded)
+    return MarkTable(Programmed(frontends, table.owner, table.route_localnet_was), guarded, exists=True)
 
 
 # --- the Ruleset ------------------------------------------------------------------------------------------------
 
 
 class IpvsRuleset(NftRuleset):
-    """The Ruleset protocol on IPVS (over netlink), with the marks in dabctl's nft table.
+    """The Ruleset protocol on IPVS (over netlink), with the marks and the localhost DNAT in dabctl's nft table.
 
     It shares the nftables backend's table and its node settings (owner check, route_localnet, DOCKER-USER accept),
     hence the subclass; programmed() is that backend's reading, table() this one's."""
@@ -312,6 +366,7 @@ class IpvsRuleset(NftRuleset):
         super().__init__(owner, runner, sysctl)
         self.netlink: Netlink = netlink or IpvsNetlink()
         self.vs_conntrack = vs_conntrack
+        self._table: MarkTable | None = None  # the table as last read or written: a write needs no second read
 
     def table(self) -> MarkTable:
         """dabctl's nft table as this backend reads it."""
@@ -319,7 +374,7 @@ class IpvsRuleset(NftRuleset):
             out = self.run.nft("-j", "list", "table", "ip", TABLE)
         except NftError as exc:
             if "No such file or directory" in str(exc):
-                return MarkTable(Programmed({}, None, 0), False)
+                return NO_TABLE
             raise BalancerUnavailable(f"cannot read nftables table ip {TABLE}: {exc}") from None
         return marked(json.loads(out))
 
@@ -333,36 +388,46 @@ class IpvsRuleset(NftRuleset):
             raise BalancerUnavailable(f"cannot read IPVS services: {exc}") from None
 
     def read(self) -> dict[Frontend, tuple[Backend, ...]]:
-        """Frontends marked in the table that have an IPVS service, with the dests taking new connections."""
-        current = self.table().programmed
-        self._check_owner(current)
+        """Frontends marked in the table whose IPVS service takes new connections on the backends their localhost
+        chain balances to: those backends. A frontend where the two disagree (a crash between the steps of a
+        write) is left out, so the plan publishes it again and the write makes them agree."""
+        table = self.table()
+        self._check_owner(table.programmed)
+        self._table = table
         services = self.owned()
         balance: dict[Frontend, tuple[Backend, ...]] = {}
-        for f in current.balance:
+        for f, local in table.programmed.balance.items():
             service = services.get(mark_of(f.protocol, f.port))
-            if service is not None:
-                balance[f] = tuple(sorted(Backend(d.address, d.port) for d in service.dests if d.weight > 0))
+            if service is not None and _taking(service) == local:
+                balance[f] = local
         return balance
 
     def write(self, desired: Balance, actions: Sequence[BalancerAction]) -> None:
-        """Services first, then the marks that lead to them; on the way out, marks first, then services. Only
-        differences are sent: a write that changes nothing changes nothing."""
-        table = self.table()
+        """Services first, then the table that leads to them; on the way out, the table first, then services.
+        Only differences are sent: IPVS gets the changed services and dests, and the table is rewritten when its
+        frontends or their localhost backends change. A write that changes nothing sends nothing."""
+        table = self._table or self.table()
         current = table.programmed
         self._check_owner(current)
+        self._table = None  # until this write is through
         live = self.owned()
         wanted = {mark_of(f.protocol, f.port): backends for f, backends in desired.items()}
+        was = current.route_localnet_was if current.owner else self._route_localnet()
+        want = {f: tuple(sorted(backends)) for f, backends in desired.items()}
+        stale = current.balance != want or current.owner != self.owner or not table.guarded
         try:
             if desired:
                 self._set_vs_conntrack()
             for mark, backends in sorted(wanted.items()):
                 self._converge_service(mark, backends, live.get(mark))
-            if set(current.balance) != set(desired) or current.owner != (self.owner if desired else None):
-                was = current.route_localnet_was if current.owner else self._route_localnet()
-                if table.guarded:
-                    # The nftables layout turned route_localnet on; its guard goes with the table.
-                    self._set_route_localnet(was)
-                self._nft_script(render_marks(desired, self.owner, was))
+            if desired:
+                if stale:
+                    # The guard is in the table before route_localnet is turned on.
+                    self._nft_script(render_marks(want, self.owner, was, table.exists))
+                self._set_route_localnet(1)
+            elif current.owner:
+                self._set_route_localnet(was)
+                self._nft_script(render_marks({}, self.owner, was))
             for mark in sorted(set(live) - set(wanted)):
                 self.netlink.del_service(mark)
         except BalancerUnavailable:
@@ -370,10 +435,17 @@ class IpvsRuleset(NftRuleset):
         except Exception as exc:
             raise BalancerUnavailable(f"IPVS refused a change: {exc}") from None
         self._forward_accept(add=bool(desired))
+        if desired:
+            self._table = MarkTable(Programmed(want, self.owner, was), guarded=True, exists=True)
+        elif current.owner or not table.exists:
+            self._table = NO_TABLE
 
     def drain(self, frontend: Frontend, backends: Iterable[Backend]) -> None:
-        """Give `backends` of `frontend` weight 0: no new connections, established ones go on until the
-        backend goes. read() leaves drained backends out, so the plan puts them back if they are still wanted."""
+        """Give `backends` of `frontend` weight 0 and take them out of its localhost chain: no new connections,
+        established ones go on until the backend goes. read() leaves drained backends out, so the plan puts them
+        back if they are still wanted."""
+        table = self._table or self.table()
+        self._check_owner(table.programmed)
         mark = mark_of(frontend.protocol, frontend.port)
         service = self.owned().get(mark)
         if service is None:
@@ -382,6 +454,15 @@ class IpvsRuleset(NftRuleset):
         for d in service.dests:
             if (d.address, d.port) in doomed and d.weight != 0:
                 self.netlink.set_dest(mark, Dest(d.address, d.port, 0))
+        local = table.programmed.balance.get(frontend)
+        if local is None or not doomed & {(b.address, b.port) for b in local}:
+            return
+        balance = dict(table.programmed.balance)
+        balance[frontend] = tuple(b for b in local if (b.address, b.port) not in doomed)
+        was = table.programmed.route_localnet_was
+        self._table = None
+        self._nft_script(render_marks(balance, self.owner, was, table.exists))
+        self._table = MarkTable(Programmed(balance, self.owner, was), guarded=True, exists=True)
 
     def _converge_service(self, mark: int, backends: tuple[Backend, ...], service: Service | None) -> None:
         want = {(b.address, b.port) for b in backends}
@@ -408,3 +489,8 @@ class IpvsRuleset(NftRuleset):
                 self.vs_conntrack.write_text("1\n")
         except OSError as exc:
             raise BalancerUnavailable(f"cannot set {self.vs_conntrack}: {exc.strerror}") from None
+
+
+def _taking(service: Service) -> tuple[Backend, ...]:
+    """The dests of `service` that take new connections, as backends (sorted)."""
+    return tuple(sorted(Backend(d.address, d.port) for d in service.dests if d.weight > 0))

@@ -105,11 +105,7 @@ def render(balance: Balance, owner: str, route_localnet_was: int, exists: bool =
         "        type nat hook postrouting priority 100; policy accept;",
         f"        ct mark and {CT_MARK:#x} == {CT_MARK:#x} masquerade",
         "    }",
-        "    chain guard {",
-        "        type filter hook prerouting priority -300; policy accept;",
-        f'        iifname != "lo" ip daddr 127.0.0.0/8 drop comment "dabctl owner={owner} '
-        f'route_localnet_was={route_localnet_was}"',
-        "    }",
+        *guard_chain(owner, route_localnet_was),
     ]
     for f in frontends:
         backends = balance[f]
@@ -119,14 +115,28 @@ def render(balance: Balance, owner: str, route_localnet_was: int, exists: bool =
             f'target={f.target}"',
         ]
         if backends:
-            targets = ", ".join(f"{i} : {b.address} . {b.port}" for i, b in enumerate(backends))
-            lines.append(
-                f"        meta l4proto {f.protocol} dnat ip addr . port to numgen inc mod {len(backends)} "
-                f"map {{ {targets} }}"
-            )
+            lines.append(f"        {dnat_rule(f.protocol, backends)}")
         lines.append("    }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def guard_chain(owner: str, route_localnet_was: int) -> list[str]:
+    """The chain that drops 127.0.0.0/8 arriving on other interfaces while route_localnet is on; its rule's
+    comment names the table's owner and the route_localnet value found before dabctl."""
+    return [
+        "    chain guard {",
+        "        type filter hook prerouting priority -300; policy accept;",
+        f'        iifname != "lo" ip daddr 127.0.0.0/8 drop comment "dabctl owner={owner} '
+        f'route_localnet_was={route_localnet_was}"',
+        "    }",
+    ]
+
+
+def dnat_rule(protocol: str, backends: Sequence[Backend]) -> str:
+    """The rule that balances a new connection round robin across `backends` (at least one)."""
+    targets = ", ".join(f"{i} : {b.address} . {b.port}" for i, b in enumerate(backends))
+    return f"meta l4proto {protocol} dnat ip addr . port to numgen inc mod {len(backends)} map {{ {targets} }}"
 
 
 def _chain(f: Frontend) -> str:
@@ -153,19 +163,25 @@ def parse(listing: Mapping[str, Any]) -> Programmed:
             owner, was = m.group(1), int(m.group(2))
         elif m := _IDENTITY.match(comment):
             identity[rule["chain"]] = (m.group(1), m.group(2), int(m.group(3)))
-        for expr in rule.get("expr", []):
-            dnat = expr.get("dnat") if isinstance(expr, dict) else None
-            if dnat and isinstance(dnat.get("addr"), dict) and "map" in dnat["addr"]:
-                pairs = dnat["addr"]["map"]["data"]["set"]
-                backends[rule["chain"]] = tuple(
-                    sorted(Backend(str(v["concat"][0]), int(v["concat"][1])) for _, v in pairs)
-                )
+        found = dnat_backends(rule)
+        if found is not None:
+            backends[rule["chain"]] = found
     balance: dict[Frontend, tuple[Backend, ...]] = {}
     for chain, (proto, port) in frontends.items():
         if chain in identity:
             stack, service, target = identity[chain]
             balance[Frontend(proto, port, stack, service, target)] = backends.get(chain, ())
     return Programmed(balance, owner, was)
+
+
+def dnat_backends(rule: Mapping[str, Any]) -> tuple[Backend, ...] | None:
+    """The backends (sorted) of a `dnat_rule` in `nft -j` output; None when the rule is no such DNAT."""
+    for expr in rule.get("expr", []):
+        dnat = expr.get("dnat") if isinstance(expr, dict) else None
+        if dnat and isinstance(dnat.get("addr"), dict) and "map" in dnat["addr"]:
+            pairs = dnat["addr"]["map"]["data"]["set"]
+            return tuple(sorted(Backend(str(v["concat"][0]), int(v["concat"][1])) for _, v in pairs))
+    return None
 
 
 class NftRuleset:

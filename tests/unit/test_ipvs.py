@@ -1,6 +1,7 @@
 """The IPVS backend over a fake netlink layer that records what it would send, and a fake `nft` that keeps the
-table it was given: desired sets applied, one backend changed, a service removed, a second apply that sends
-nothing, drains, and IPVS services outside dabctl's mark range left alone. The same backend against a real kernel:
+table it was given: desired sets applied, one backend changed (IPVS dests and the localhost chain), a service
+removed, a second apply that sends nothing, drains, IPVS services outside dabctl's mark range left alone, and
+either backend taking the other's table over. The same backend against a real kernel:
 tests/guest."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from agent.ipvs import (
     marked,
     render_marks,
 )
-from agent.nftables import CT_MARK, NftError, render
+from agent.nftables import CT_MARK, NftError, NftRuleset, Programmed, parse, render
 from reconcilers.loadbalancer import (
     Backend,
     BalancerUnavailable,
@@ -91,10 +92,13 @@ class FakeNetlink:
         self._dests(mark, [d for d in self.table[mark].dests if (d.address, d.port) != (dest.address, dest.port)])
 
 
+_MAP = re.compile(r"map (\w+) \{[^}]*elements = \{ ([^}]*) \}")
 _ELEMENT = re.compile(r"(\w+) \. (\d+) : jump (\w+)")
-_MARK_RULE = re.compile(r'chain (fe_\S+) \{\s+meta mark set (0x[0-9a-f]+) .*comment "([^"]+)"')
-_OWNER = re.compile(r'(masquerade|drop) comment "(dabctl owner=[^"]+)"')
-_DNAT = re.compile(r"chain (fe_\S+) \{\s+ct mark set .*comment \"([^\"]+)\"")
+_CHAIN = re.compile(r"chain (\S+) \{\n(.*?)\n    \}", re.S)
+_MARK = re.compile(r"meta mark set (0x[0-9a-f]+)")
+_DNAT = re.compile(r"dnat ip addr \. port to numgen inc mod (\d+) map \{ ([^}]*) \}")
+_TARGET = re.compile(r"(\d+) : ([\d.]+) \. (\d+)")
+_COMMENT = re.compile(r'comment "([^"]+)"')
 
 
 class FakeNft:
@@ -104,6 +108,7 @@ class FakeNft:
     def __init__(self, script: str | None = None) -> None:
         self.script: str | None = None
         self.scripts: list[str] = []
+        self.listed = 0
         self.iptables_calls: list[tuple[str, ...]] = []
         if script:
             self._keep(script)
@@ -111,10 +116,15 @@ class FakeNft:
     def nft(self, *args: str, script: str | None = None) -> str:
         if args[:2] == ("-f", "-"):
             assert script is not None
+            if self.script is None:
+                assert not script.startswith("delete table"), "nft: No such file or directory (delete table)"
+            else:
+                assert script.startswith("delete table"), "nft would add to the table there, not replace it"
             self.scripts.append(script)
             self._keep(script)
             return ""
         assert args == ("-j", "list", "table", "ip", "dabctl"), args
+        self.listed += 1
         if self.script is None:
             raise NftError("Error: No such file or directory; did you mean table 'filter' in family ip?")
         return json.dumps(self.listing(self.script))
@@ -129,21 +139,26 @@ class FakeNft:
     @staticmethod
     def listing(script: str) -> dict[str, Any]:
         items: list[dict[str, Any]] = [{"table": {"family": "ip", "name": "dabctl"}}]
-        elements = [
-            [{"concat": [proto, int(port)]}, {"jump": {"target": chain}}]
-            for proto, port, chain in _ELEMENT.findall(script)
-        ]
-        items.append({"map": {"family": "ip", "name": "frontends", "table": "dabctl", "elem": elements}})
-        for name in re.findall(r"chain (\S+) \{", script):
+        for name, elements in _MAP.findall(script):
+            elem = [
+                [{"concat": [proto, int(port)]}, {"jump": {"target": chain}}]
+                for proto, port, chain in _ELEMENT.findall(elements)
+            ]
+            items.append({"map": {"family": "ip", "name": name, "table": "dabctl", "elem": elem}})
+        for name, body in _CHAIN.findall(script):
             items.append({"chain": {"family": "ip", "table": "dabctl", "name": name}})
-        for kind, comment in _OWNER.findall(script):
-            chain = "postrouting" if kind == "masquerade" else "guard"
-            items.append({"rule": {"chain": chain, "expr": [], "comment": comment}})
-        for chain, mark, comment in _MARK_RULE.findall(script):
-            mangle = {"mangle": {"key": {"meta": {"key": "mark"}}, "value": int(mark, 16)}}
-            items.append({"rule": {"chain": chain, "expr": [mangle], "comment": comment}})
-        for chain, comment in _DNAT.findall(script):
-            items.append({"rule": {"chain": chain, "expr": [], "comment": comment}})
+            for line in body.splitlines()[1 if "hook" in body else 0 :]:
+                expr: list[dict[str, Any]] = []
+                if m := _MARK.search(line):
+                    expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": int(m.group(1), 16)}})
+                if m := _DNAT.search(line):
+                    pairs = [[int(i), {"concat": [a, int(p)]}] for i, a, p in _TARGET.findall(m.group(2))]
+                    numgen = {"numgen": {"mode": "inc", "mod": int(m.group(1)), "offset": 0}}
+                    expr.append({"dnat": {"family": "ip", "addr": {"map": {"key": numgen, "data": {"set": pairs}}}}})
+                rule: dict[str, Any] = {"chain": name, "expr": expr}
+                if m := _COMMENT.search(line):
+                    rule["comment"] = m.group(1)
+                items.append({"rule": rule})
         return {"nftables": items}
 
 
@@ -197,9 +212,11 @@ def test_applying_a_desired_set_adds_services_dests_then_marks(sysctls: dict[str
     ]
     assert len(nft.scripts) == 1
     assert f"meta mark set {web:#010x}" in nft.scripts[0] and f"meta mark set {dns:#010x}" in nft.scripts[0]
+    assert "numgen inc mod 2 map { 0 : 10.0.0.2 . 8080, 1 : 10.0.0.3 . 8080 }" in nft.scripts[0], "localhost"
+    assert not nft.scripts[0].startswith("delete table"), "there was no table to delete"
     assert r.read() == {WEB: (A, B), DNS: (D1,)}
     assert sysctls["vs_conntrack"].read_text().strip() == "1"
-    assert sysctls["sysctl"].read_text().strip() == "0", "IPVS cannot serve loopback clients: route_localnet stays"
+    assert sysctls["sysctl"].read_text().strip() == "1", "localhost is DNATed, as in the nftables backend"
 
 
 def test_a_second_apply_with_nothing_changed_sends_nothing(sysctls: dict[str, Path]) -> None:
@@ -210,9 +227,14 @@ def test_a_second_apply_with_nothing_changed_sends_nothing(sysctls: dict[str, Pa
     r.write({WEB: (A, B)}, [])
     assert netlink.sent == []
     assert len(nft.scripts) == 1
+    # Through the reconciler: observe, then a write with nothing changed, which needs no second read of the table.
+    assert r.read() == {WEB: (A, B)}
+    listed = nft.listed
+    r.write({WEB: (A, B)}, [])
+    assert (netlink.sent, len(nft.scripts), nft.listed) == ([], 1, listed)
 
 
-def test_changing_one_backend_sends_only_that_change(sysctls: dict[str, Path]) -> None:
+def test_changing_one_backend_sends_that_change_and_rewrites_the_localhost_chain(sysctls: dict[str, Path]) -> None:
     netlink, nft = FakeNetlink(), FakeNft()
     r = ruleset(sysctls, netlink, nft)
     r.write({WEB: (A, B), DNS: (D1,)}, [])
@@ -221,7 +243,9 @@ def test_changing_one_backend_sends_only_that_change(sysctls: dict[str, Path]) -
     web = mark_of("tcp", 30080)
     # The new backend is in before the old one goes.
     assert netlink.sent == [("add_dest", web, Dest("10.0.0.4", 8080)), ("del_dest", web, Dest("10.0.0.3", 8080))]
-    assert len(nft.scripts) == 1, "the frontends did not change: the table is not rewritten"
+    assert len(nft.scripts) == 2, "the localhost chain holds the backends: the table is rewritten"
+    assert nft.scripts[1].startswith("delete table ip dabctl\n")
+    assert "0 : 10.0.0.2 . 8080, 1 : 10.0.0.4 . 8080" in nft.scripts[1] and "10.0.0.3" not in nft.scripts[1]
     assert r.read() == {WEB: (A, C), DNS: (D1,)}
 
 
@@ -291,7 +315,7 @@ def test_a_service_in_the_range_that_the_table_does_not_name_is_not_read_and_goe
 
 
 def test_a_marked_frontend_without_its_service_is_not_read(sysctls: dict[str, Path]) -> None:
-    netlink, nft = FakeNetlink(), FakeNft(render_marks([WEB], "own1", 0))
+    netlink, nft = FakeNetlink(), FakeNft(render_marks({WEB: (A,)}, "own1", 0, exists=False))
     r = ruleset(sysctls, netlink, nft)
     assert r.read() == {}
     actions = plan({WEB: (A,)}, r.read())
@@ -308,15 +332,18 @@ def test_drain_is_weight_zero_and_the_next_write_decides(sysctls: dict[str, Path
     r.drain(WEB, [B])
     web = mark_of("tcp", 30080)
     assert netlink.sent == [("set_dest", web, Dest("10.0.0.3", 8080, 0))]
+    assert "10.0.0.3" not in (nft.script or ""), "nor from localhost"
     assert r.read() == {WEB: (A,)}, "a drained backend takes no new connections"
     netlink.sent.clear()
+    scripts = len(nft.scripts)
     r.drain(WEB, [B])
-    assert netlink.sent == [], "draining twice sends nothing"
+    assert (netlink.sent, len(nft.scripts)) == ([], scripts), "draining twice sends nothing"
     # Wanted again: the plan adds it back, and the write restores its weight.
     actions = plan({WEB: (A, B)}, r.read())
     assert actions == [Rebalance(WEB, (A, B), (B,), ())]
     r.write({WEB: (A, B)}, actions)
     assert netlink.sent == [("set_dest", web, Dest("10.0.0.3", 8080, 1))]
+    assert "1 : 10.0.0.3 . 8080" in (nft.script or "")
     # Drained and then not wanted: the write removes it.
     r.drain(WEB, [B])
     netlink.sent.clear()
@@ -362,19 +389,51 @@ def test_observe_plan_apply_converges_through_the_reconciler(sysctls: dict[str, 
 # --- taking over, owners, errors ---------------------------------------------------------------------------------
 
 
-def test_taking_over_the_nftables_layout_restores_route_localnet(sysctls: dict[str, Path]) -> None:
+def test_taking_over_the_nftables_layout_keeps_the_route_localnet_value_it_recorded(sysctls: dict[str, Path]) -> None:
     sysctls["sysctl"].write_text("1\n")  # the nftables backend turned it on, having found 0
-    netlink, nft = FakeNetlink(), FakeNft(render({WEB: (A,)}, "own1", 0))
+    netlink, nft = FakeNetlink(), FakeNft(render({WEB: (A,)}, "own1", 0, exists=False))
     r = ruleset(sysctls, netlink, nft)
     assert r.read() == {}, "DNAT rules are not marks"
     r.write({WEB: (A,)}, [Publish(WEB, (A,))])
-    assert sysctls["sysctl"].read_text().strip() == "0"
-    assert "dnat" not in (nft.script or "") and "chain guard" not in (nft.script or "")
+    assert nft.scripts[0].startswith("delete table ip dabctl\n")
+    assert f"meta mark set {mark_of('tcp', 30080):#010x}" in nft.scripts[0]
+    assert 'drop comment "dabctl owner=own1 route_localnet_was=0"' in nft.scripts[0]
+    assert sysctls["sysctl"].read_text().strip() == "1"
     assert r.read() == {WEB: (A,)}
+    r.write({}, [Unpublish(WEB)])
+    assert sysctls["sysctl"].read_text().strip() == "0", "the value found before either backend"
+    assert nft.script is None
+
+
+def test_an_ipvs_table_without_the_guard_gets_it_before_route_localnet_goes_on(sysctls: dict[str, Path]) -> None:
+    # As an earlier release wrote it: no guard, the owner on the masquerade, route_localnet left alone.
+    unguarded = re.sub(r"    chain guard \{.*?\n    \}\n", "", render_marks({WEB: ()}, "own1", 0), flags=re.S)
+    unguarded = unguarded.replace(" masquerade", ' masquerade comment "dabctl owner=own1 route_localnet_was=0"')
+    netlink, nft = FakeNetlink(), FakeNft(unguarded)
+    r = ruleset(sysctls, netlink, nft)
+    r.write({WEB: ()}, [])
+    assert len(nft.scripts) == 1 and "chain guard" in nft.scripts[0]
+    assert sysctls["sysctl"].read_text().strip() == "1"
+
+
+def test_a_localhost_chain_that_disagrees_with_ipvs_is_not_read_and_the_write_mends_it(
+    sysctls: dict[str, Path],
+) -> None:
+    # A crash after the netlink changes and before the table: IPVS balances to (A, C), localhost still to (A, B).
+    web = mark_of("tcp", 30080)
+    live = Service(web, "rr", (Dest("10.0.0.2", 8080), Dest("10.0.0.4", 8080)))
+    netlink, nft = FakeNetlink([live]), FakeNft(render_marks({WEB: (A, B)}, "own1", 0, exists=False))
+    r = ruleset(sysctls, netlink, nft)
+    actual = r.read()
+    assert actual == {}
+    r.write({WEB: (A, C)}, plan({WEB: (A, C)}, actual))
+    assert netlink.sent == []
+    assert len(nft.scripts) == 1 and "10.0.0.3" not in nft.scripts[0]
+    assert r.read() == {WEB: (A, C)}
 
 
 def test_a_table_of_another_owner_is_refused(sysctls: dict[str, Path]) -> None:
-    netlink, nft = FakeNetlink(), FakeNft(render_marks([WEB], "someone-else", 0))
+    netlink, nft = FakeNetlink(), FakeNft(render_marks({WEB: (A,)}, "someone-else", 0))
     r = ruleset(sysctls, netlink, nft)
     with pytest.raises(BalancerUnavailable, match="another dabctl state"):
         r.read()
@@ -393,20 +452,56 @@ def test_a_netlink_refusal_is_balancer_unavailable_and_fails_the_actions(sysctls
 
 
 def test_the_rendered_table_marks_every_packet_to_local_addresses_but_loopback() -> None:
-    script = render_marks([WEB], "own1", 0)
+    script = render_marks({WEB: (A, B), DNS: ()}, "own1", 0)
+    assert script.startswith("delete table ip dabctl\ntable ip dabctl {"), "no `add table` first: it costs ~10 ms"
     assert script.count("fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @frontends") == 2
     assert "type filter hook prerouting priority -150" in script
     assert "type route hook output priority -150" in script
     assert f"ct mark and {CT_MARK:#x} == {CT_MARK:#x} masquerade" in script
     assert 'comment "dabctl stack=shop service=web target=8080"' in script
-    assert render_marks([], "own1", 0) == "add table ip dabctl\ndelete table ip dabctl\n"
+    assert render_marks({}, "own1", 0) == "delete table ip dabctl\n"
+    assert not render_marks({WEB: (A,)}, "own1", 0, exists=False).startswith("delete")
 
 
-def test_marked_reads_frontends_owner_and_guard_from_a_listing() -> None:
-    table = marked(FakeNft.listing(render_marks([WEB, DNS], "own1", 1)))
-    assert table.programmed.balance == {WEB: (), DNS: ()}
-    assert (table.programmed.owner, table.programmed.route_localnet_was, table.guarded) == ("own1", 1, False)
-    assert marked(FakeNft.listing(render({WEB: (A,)}, "own1", 0))).guarded
+def test_the_rendered_table_dnats_loopback_to_the_same_backends_behind_a_guard() -> None:
+    script = render_marks({WEB: (A, B), DNS: ()}, "own1", 1)
+    chains = dict(_CHAIN.findall(script))
+    assert chains["localhost"].split("\n") == [
+        "        type nat hook output priority -100; policy accept;",
+        "        ip daddr 127.0.0.0/8 meta l4proto . th dport vmap @local",
+    ]
+    assert chains["lo_tcp_30080"].split("\n") == [
+        f"        ct mark set ct mark or {CT_MARK:#x}",
+        "        meta l4proto tcp dnat ip addr . port to numgen inc mod 2 map { 0 : 10.0.0.2 . 8080, 1 : 10.0.0.3 . 8080 }",
+    ]
+    assert chains["lo_udp_30053"].strip() == f"ct mark set ct mark or {CT_MARK:#x}", "no backends, no dnat"
+    assert chains["guard"] == render({WEB: (A,)}, "own1", 1).split("chain guard {\n")[1].split("\n    }")[0]
+    assert "comment" not in chains["lo_tcp_30080"], "identities are the mark rules' alone"
+
+
+def test_marked_reads_frontends_localhost_backends_owner_and_guard_from_a_listing() -> None:
+    table = marked(FakeNft.listing(render_marks({WEB: (A, B), DNS: ()}, "own1", 1)))
+    assert table.programmed.balance == {WEB: (A, B), DNS: ()}
+    assert (table.programmed.owner, table.programmed.route_localnet_was) == ("own1", 1)
+    assert table.guarded and table.exists
+    nft_layout = marked(FakeNft.listing(render({WEB: (A,)}, "own1", 0)))
+    assert nft_layout.programmed.balance == {}, "DNAT without marks is the nftables layout"
+    assert nft_layout.guarded
+
+
+def test_the_nftables_backend_takes_the_ipvs_layout_over(sysctls: dict[str, Path]) -> None:
+    # Its map names the frontends (not the localhost chains), without backends: it rebalances them, which
+    # rewrites the table in its own layout and keeps the route_localnet value recorded before dabctl.
+    sysctls["sysctl"].write_text("1\n")
+    nft = FakeNft(render_marks({WEB: (A, B)}, "own1", 0, exists=False))
+    assert parse(FakeNft.listing(nft.script or "")) == Programmed({WEB: ()}, "own1", 0)
+    back = NftRuleset("own1", runner=nft, sysctl=sysctls["sysctl"])  # type: ignore[arg-type]
+    assert back.read() == {WEB: ()}
+    back.write({WEB: (A, B)}, [])
+    assert "meta mark" not in nft.scripts[0] and "chain lo_" not in nft.scripts[0]
+    assert back.read() == {WEB: (A, B)}
+    back.write({}, [])
+    assert sysctls["sysctl"].read_text().strip() == "0"
 
 
 def test_ipvs_available_follows_the_proc_file(tmp_path: Path) -> None:
