@@ -246,7 +246,7 @@ class MarkTable:
     exists: bool
 
 
-NO_TABLE = MarkTable(Programmed({}, None, 0), guarded=False, exists=False)
+NO_TABLE = MarkTable(Programmed({}, None, 0, exists=False), guarded=False, exists=False)
 
 
 def render_marks(balance: Balance, owner: str, route_localnet_was: int, exists: bool = True) -> str:

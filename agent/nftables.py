@@ -42,6 +42,7 @@ class Programmed:
     balance: dict[Frontend, tuple[Backend, ...]]
     owner: str | None
     route_localnet_was: int
+    exists: bool = True  # the table is there (with no owner recorded, it is not dabctl's)
 
 
 class Nft:
@@ -200,7 +201,7 @@ class NftRuleset:
             out = self.run.nft("-j", "list", "table", "ip", TABLE)
         except NftError as exc:
             if "No such file or directory" in str(exc):
-                return Programmed({}, None, 0)
+                return Programmed({}, None, 0, exists=False)
             raise BalancerUnavailable(f"cannot read nftables table ip {TABLE}: {exc}") from None
         return parse(json.loads(out))
 
@@ -211,6 +212,11 @@ class NftRuleset:
         return current.balance
 
     def _check_owner(self, current: Programmed) -> None:
+        if current.exists and current.owner is None:
+            raise BalancerUnavailable(
+                f"a table ip {TABLE} exists that dabctl did not write (it records no owner); remove it "
+                f"(nft delete table ip {TABLE}) or set loadbalancer: none"
+            )
         if current.owner is not None and current.owner != self.owner:
             raise BalancerUnavailable(
                 f"nftables table ip {TABLE} belongs to another dabctl state (owner {current.owner}); "
@@ -221,7 +227,7 @@ class NftRuleset:
         current = self._seen or self.programmed()
         self._check_owner(current)
         self._seen = None  # until this write is through
-        exists = current.owner is not None
+        exists = current.exists
         if desired:
             was = current.route_localnet_was if exists else self._route_localnet()
             # The guard is in the table before route_localnet is turned on.
@@ -235,7 +241,7 @@ class NftRuleset:
             self._forward_accept(add=False)
             if exists:
                 self._nft_script(render({}, self.owner, 0))
-            self._seen = Programmed({}, None, 0)
+            self._seen = Programmed({}, None, 0, exists=False)
 
     def _nft_script(self, script: str) -> None:
         try:

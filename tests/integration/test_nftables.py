@@ -115,3 +115,14 @@ def test_a_missing_nft_is_one_clear_error(netns: str) -> None:
     rules = NftRuleset("owner-1", Nft(nft="nft-not-installed"))
     with pytest.raises(BalancerUnavailable, match="nft-not-installed not found; install nftables"):
         rules.read()
+
+
+def test_a_table_named_dabctl_that_dabctl_did_not_write_is_refused(netns: str) -> None:
+    sh(netns, "nft", f"add table ip {TABLE}; add chain ip {TABLE} mine {{ type filter hook input priority 0; }}")
+    before = sh(netns, "nft", "list", "ruleset")
+    rules = NftRuleset("owner-1")
+    with pytest.raises(BalancerUnavailable, match="exists that dabctl did not write"):
+        rules.read()
+    with pytest.raises(BalancerUnavailable, match="exists that dabctl did not write"):
+        rules.write({WEB: ()}, [])
+    assert sh(netns, "nft", "list", "ruleset") == before
