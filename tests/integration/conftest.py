@@ -56,6 +56,9 @@ class Workspace:
     root: Path
     prefix: str
     wrapper: tuple[str, ...] = ()  # runs dabctl through it, e.g. ("nsenter", "--net=...") for a node namespace
+    # Tests on the host engine publish no ports: the mesh is tested in node namespaces (test_mesh.py), whose
+    # rules go with the namespace; on the host they would outlive the test, or meet the machine's own table.
+    loadbalancer: str = "none"
     source: Path = field(init=False)
     state: Path = field(init=False)
 
@@ -81,6 +84,7 @@ class Workspace:
         """Run the dabctl CLI with this workspace's state directory."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
         env["DABCTL_STATE_DIR"] = str(self.state)
+        env["DABCTL_LOADBALANCER"] = self.loadbalancer
         if docker_host:
             env["DOCKER_HOST"] = docker_host
         proc = subprocess.run([*self.wrapper, DABCTL, *args], env=env, capture_output=True, text=True, timeout=240)

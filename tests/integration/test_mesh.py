@@ -75,9 +75,8 @@ def node() -> Iterator[Node]:
 @pytest.fixture
 def mws(node: Node, tmp_path: Path) -> Iterator[Workspace]:
     """A workspace whose dabctl runs in the node's namespace, against the node's engine."""
-    ws = Workspace(
-        node.engine.client, tmp_path, "m" + secrets.token_hex(4), ("nsenter", f"--net={node.engine.netns_path}")
-    )
+    wrapper = ("nsenter", f"--net={node.engine.netns_path}")
+    ws = Workspace(node.engine.client, tmp_path, "m" + secrets.token_hex(4), wrapper, loadbalancer="auto")
     try:
         yield ws
     finally:
