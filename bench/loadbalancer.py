@@ -283,7 +283,7 @@ def run_dabctl(shape: Shape, samples: Samples, breakdown: Samples) -> None:
 
     # The bare floor: the same scripts, rendered beforehand, straight into nft.
     reset()
-    first, second = render(before, OWNER, 0), render(after, OWNER, 0)
+    first, second = render(before, OWNER, 0, exists=False), render(after, OWNER, 0)
     record("program", "nft -f (bare)", timed(lambda: run(["nft", "-f", "-"], first)))
     check_nft(ruleset, before, f"nft -f program {shape}")
     record("change one backend", "nft -f (bare)", timed(lambda: run(["nft", "-f", "-"], second)))
