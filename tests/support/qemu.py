@@ -124,6 +124,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostfs 
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
+# The host's root once more, without the tmpfs over /tmp and /run: a project cloned under /tmp is reached there.
+mkdir -p /host/run/hostroot && mount --bind /host /host/run/hostroot
 mkdir -p /host/tmp/out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /host/tmp/out || echo "dabctl-guest: no out share"
 ip link set lo up
@@ -195,6 +197,9 @@ class Guest:
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
         (self.out / "run.sh").write_text(
             f"export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp\n{exports}"
+            # A project under /tmp or /run is hidden by the guest's own tmpfs there: bind it back from the host's root.
+            f"[ -d {shlex.quote(str(cwd))} ] || {{ mkdir -p {shlex.quote(str(cwd))} && "
+            f"mount --bind {shlex.quote('/run/hostroot' + str(cwd))} {shlex.quote(str(cwd))}; }}\n"
             f"cd {shlex.quote(str(cwd))} || exit 125\n{shlex.join(argv)}\n"
             "echo $? > /tmp/out/rc\n"
         )
