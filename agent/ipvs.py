@@ -34,7 +34,6 @@ users need it too). Clients on other hosts and in containers need ip_forward=1, 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -48,7 +47,6 @@ from agent.nftables import (
     ROUTE_LOCALNET,
     TABLE,
     Nft,
-    NftError,
     NftRuleset,
     Programmed,
     dnat_backends,
@@ -370,13 +368,8 @@ class IpvsRuleset(NftRuleset):
 
     def table(self) -> MarkTable:
         """dabctl's nft table as this backend reads it."""
-        try:
-            out = self.run.nft("-j", "list", "table", "ip", TABLE)
-        except NftError as exc:
-            if "No such file or directory" in str(exc):
-                return NO_TABLE
-            raise BalancerUnavailable(f"cannot read nftables table ip {TABLE}: {exc}") from None
-        return marked(json.loads(out))
+        listing = self.listing()
+        return NO_TABLE if listing is None else marked(listing)
 
     def owned(self) -> dict[int, Service]:
         """dabctl's IPVS services (marks in its range), by mark."""

@@ -196,14 +196,20 @@ class NftRuleset:
         self.sysctl = sysctl
         self._seen: Programmed | None = None  # the table as last read or written: a write needs no second read
 
-    def programmed(self) -> Programmed:
+    def listing(self) -> dict[str, Any] | None:
+        """`nft -j list table ip dabctl`, or None when there is no such table."""
         try:
             out = self.run.nft("-j", "list", "table", "ip", TABLE)
         except NftError as exc:
             if "No such file or directory" in str(exc):
-                return Programmed({}, None, 0, exists=False)
+                return None
             raise BalancerUnavailable(f"cannot read nftables table ip {TABLE}: {exc}") from None
-        return parse(json.loads(out))
+        listing: dict[str, Any] = json.loads(out)
+        return listing
+
+    def programmed(self) -> Programmed:
+        listing = self.listing()
+        return Programmed({}, None, 0, exists=False) if listing is None else parse(listing)
 
     def read(self) -> dict[Frontend, tuple[Backend, ...]]:
         current = self.programmed()
