@@ -84,8 +84,9 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     """Boot the guest once and run every inner test in it."""
     reason = qemu.missing()
     if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the IPVS guest tests cannot run on CI: {reason}")
+        if os.environ.get("CI") or os.environ.get("DABCTL_REQUIRE_GUEST"):
+            # The test command (.ci/run) installs what the guest needs: a skip there would hide a broken set-up.
+            pytest.fail(f"the IPVS guest tests cannot run here: {reason}")
         pytest.skip(reason)
     kernel = qemu.find_kernel()
     assert kernel is not None

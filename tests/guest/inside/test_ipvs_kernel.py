@@ -10,6 +10,7 @@ import re
 import pytest
 
 from agent.ipvs import Dest, Service, ipvs_available, mark_of
+from agent.mesh import open_balancer
 from agent.nftables import Nft, NftRuleset
 from reconcilers.loadbalancer import Frontend
 from tests.guest.inside.conftest import B1, B2, B3, NAMES, NODE, OWNER, Rig, ask, proc_ip_vs, services, sh
@@ -23,8 +24,11 @@ def answers(netns: str | None, address: str, frontend: Frontend, n: int = 4) -> 
     return {ask(netns, address, frontend.port, frontend.protocol) for _ in range(n)}
 
 
-def test_the_guest_kernel_has_ipvs() -> None:
+def test_the_guest_kernel_has_ipvs_and_auto_picks_it() -> None:
     assert ipvs_available()
+    # The unit test fakes the kernel probe; here the real one decides.
+    balancer = open_balancer("auto", "own1")
+    assert balancer is not None and balancer.ruleset.name == "ipvs"
 
 
 def test_apply_and_read_back_through_netlink_proc_and_ipvsadm(ipvs: Rig) -> None:
