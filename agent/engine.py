@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -75,6 +75,7 @@ class PassPlan:
     rolling: bool = False  # a rollout (or rollback) is still moving: another pass will continue it
     images: dict[tuple[str, str], str] = field(default_factory=dict)  # the image reference each service runs
     ports: dict[PortKey, int] = field(default_factory=dict)  # published ports of the stacks this pass converges
+    ports_changed: dict[PortKey, int] = field(default_factory=dict)  # of those, the ones the state has not recorded
     ports_removed: set[PortKey] = field(default_factory=set)
     balance: dict[loadbalancer.Frontend, tuple[loadbalancer.Backend, ...]] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # stacks left exactly as they are
@@ -172,8 +173,10 @@ class Engine:
         held = (names - in_scope) | set(blocked)
         blocked.update({k: v for k, v in pin_errors.items() if k in in_scope})
         held |= set(pin_errors)
-        balance, balancer_error = self._observe_balancer(desired)
-        allocation = self._allocate(desired, held, balance)
+        recorded_ports = self.records.ports()
+        balance, balancer_error = self._observe_balancer(desired, recorded_ports)
+        publishing = self.balancer is not None and balancer_error is None
+        allocation = self._allocate(desired, held, balance, recorded_ports)
         blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
         held |= set(allocation.errors)
         stacks = {
@@ -226,11 +229,11 @@ class Engine:
             stacks[stack_of(s)].service_actions.append(s)
         for (stack_name, service), note in sp.notes.items():
             stacks[stack_name].notes.append(f"{service}: {note}")
-        if self.balancer is not None and balancer_error is None:
+        if publishing:
             draining = {
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
             }
-            endpoints = _endpoints(wanted, replicas, draining)
+            endpoints = _endpoints(_first_networks(d.target for d in wanted), replicas, draining)
             wanted_balance = loadbalancer.wanted(allocation.ports, endpoints)
             for b in loadbalancer.plan(wanted_balance, balance, keep=held):
                 stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
@@ -263,30 +266,31 @@ class Engine:
             bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
             images,
             allocation.ports,
-            {k for k in self.records.ports() if k.stack not in held and k not in allocation.ports}
-            if self.balancer is not None and balancer_error is None
-            else set(),
+            {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {},
+            {k for k in recorded_ports if k.stack not in held and k not in allocation.ports} if publishing else set(),
             balance,
             held,
             balancer_error,
-            _starting(replicas, allocation.ports) if self.balancer is not None and balancer_error is None else 0,
+            _starting(replicas, allocation.ports) if publishing else 0,
         )
 
     def _observe_balancer(
-        self, desired: DesiredState
+        self, desired: DesiredState, recorded: Mapping[PortKey, int]
     ) -> tuple[dict[loadbalancer.Frontend, tuple[loadbalancer.Backend, ...]], str | None]:
         """The programmed balance (one ruleset read), or why it cannot be read when a bundle publishes a port."""
         if self.balancer is None:
             return {}, None
         wants = any(t.service.ports for stack in desired.stacks.values() for t in service_targets(stack))
-        if not wants and not self.records.ports():
+        if not wants and not recorded:
             return {}, None  # nothing of this state's is published, nor is anything to be
         try:
             return self.balancer.observe(), None
         except BalancerUnavailable as exc:
             return {}, str(exc)
 
-    def _allocate(self, desired: DesiredState, held: set[str], balance: Balance) -> loadbalancer.Allocation:
+    def _allocate(
+        self, desired: DesiredState, held: set[str], balance: Balance, recorded: Mapping[PortKey, int]
+    ) -> loadbalancer.Allocation:
         """Published ports of the stacks this pass may change; held stacks keep theirs as recorded."""
         if self.balancer is None:
             return loadbalancer.Allocation()
@@ -301,7 +305,6 @@ class Engine:
             for t in service_targets(stack)
             for i, p in enumerate(t.service.ports or [])
         ]
-        recorded = self.records.ports()
         programmed = {f.address for f in balance}
         busy = self.listening() - programmed if requests else set()
         # Ports recorded for held stacks stay theirs: nobody else may take them.
@@ -396,7 +399,7 @@ class Engine:
         in flight finish and everything done is recorded."""
         reconcile_id = uuid.uuid4().hex[:12]
         self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
-        self.records.write_ports(plan.ports, plan.ports_removed)
+        self.records.write_ports(plan.ports_changed, plan.ports_removed)
         all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
         phases: list[list[ServiceAction | NetworkAction]] = [
             [a for a in all_actions if isinstance(a, services.RemoveReplica)],
@@ -446,16 +449,12 @@ class Engine:
 
     def _rebalance(self, plan: PassPlan, balance: Balance, report: Callable[[Sequence[AnyResult]], None]) -> None:
         """After replicas changed: backends follow what runs now (one more container list)."""
-        wanted = [
-            ServiceDesired(target=t, slots=(), revision="")
-            for name, stack in plan.desired.stacks.items()
-            if name not in plan.held
-            for t in service_targets(stack)
-            if t.service.ports
-        ]
+        targets = (
+            t for name, stack in plan.desired.stacks.items() if name not in plan.held for t in service_targets(stack)
+        )
         replicas = self.services.observe()
         plan.awaiting_health = _starting(replicas, plan.ports)
-        endpoints = _endpoints(wanted, replicas, ())
+        endpoints = _endpoints(_first_networks(targets), replicas, ())
         actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
         for a in actions:
             plan.stacks.setdefault(a.stack, StackPlan(a.stack, None)).balancer_actions.append(a)
@@ -546,11 +545,15 @@ class Engine:
         self.records.commit_pass(records, new_revisions, pruned, audit, plan.rollouts, plan.restarts, plan.pins)
 
 
+def _first_networks(targets: Iterable[ServiceTarget]) -> dict[tuple[str, str], str]:
+    """(stack, service) -> the network whose address the balancer sends a replica's traffic to."""
+    return {(t.stack, t.name): t.networks[0] for t in targets if t.networks}
+
+
 def _endpoints(
-    wanted: Sequence[ServiceDesired], replicas: Sequence[services.Replica], draining: Collection[str]
+    first_network: Mapping[tuple[str, str], str], replicas: Sequence[services.Replica], draining: Collection[str]
 ) -> list[loadbalancer.Endpoint]:
     """Replicas as balancer endpoints: ready when running (and healthy, if checked) and not about to stop."""
-    first_network = {(d.target.stack, d.target.name): d.target.networks[0] for d in wanted if d.target.networks}
     out = []
     for r in replicas:
         network = first_network.get((r.stack, r.service))

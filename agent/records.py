@@ -162,17 +162,13 @@ class Records:
             out[PortKey(stack, service, protocol, int(target))] = int(kv.value)
         return out
 
-    def write_ports(self, ports: Mapping[PortKey, int], removed: set[PortKey]) -> None:
-        """Record changed and forget removed published ports in one transaction (nothing when nothing changed)."""
-        current = self.ports()
+    def write_ports(self, changed: Mapping[PortKey, int], removed: set[PortKey]) -> None:
+        """Record changed and forget removed published ports in one transaction (nothing when both are empty)."""
         ops: list[Op] = [
             Put(f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}", str(p).encode())
-            for k, p in sorted(ports.items())
-            if current.get(k) != p
+            for k, p in sorted(changed.items())
         ]
-        ops += [
-            Delete(f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}") for k in sorted(removed) if k in current
-        ]
+        ops += [Delete(f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}") for k in sorted(removed)]
         if ops:
             self.log.txn([], ops)
 
