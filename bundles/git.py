@@ -48,11 +48,9 @@ from dulwich.protocol import Protocol
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
-from bundles.desired import DesiredState, StackBundle, bundle_hash
-from bundles.documents import MAX_FILE_BYTES, decode
+from bundles.desired import DesiredState, StackBundle
 from bundles.errors import BundleError, InvalidBundles, SourceError
-from bundles.load import BUNDLE_SUFFIXES, _matches, _suggest_stack_name, parse_bundle
-from schemas.bundle import STACK_NAME_PATTERN
+from bundles.load import BUNDLE_SUFFIXES, stack_bundle
 
 __all__ = ["GitAuth", "GitSource", "SourceError", "ssh_command"]
 
@@ -185,7 +183,19 @@ class _Responses:
                 response.release_conn()
 
 
-class _PoolManager(urllib3.PoolManager):
+class _Tracked:
+    """Keeps every response it opens (dulwich leaks them unless they are closed explicitly)."""
+
+    responses: _Responses
+
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
+        response: urllib3.BaseHTTPResponse = super().urlopen(method, url, redirect=redirect, **kw)  # type: ignore[misc]
+        self.responses.open.append(response)
+        return response
+
+
+# urlopen has urllib3's own override's signature, which mypy also finds incompatible with RequestMethods'.
+class _PoolManager(_Tracked, urllib3.PoolManager):  # type: ignore[misc]
     """urllib3's pool manager retrying a refused connection twice but never a read that timed out (the default
     retries would make a hung server cost four timeouts), and keeping track of its responses."""
 
@@ -193,29 +203,13 @@ class _PoolManager(urllib3.PoolManager):
         super().__init__(retries=_RETRIES, **kw)
         self.responses = _Responses()
 
-    # The same signature as urllib3's own override (which mypy also finds incompatible with RequestMethods').
-    def urlopen(  # type: ignore[override]
-        self, method: str, url: str, redirect: bool = True, **kw: Any
-    ) -> urllib3.BaseHTTPResponse:
-        response = super().urlopen(method, url, redirect=redirect, **kw)
-        self.responses.open.append(response)
-        return response
 
-
-class _ProxyManager(urllib3.ProxyManager):
+class _ProxyManager(_Tracked, urllib3.ProxyManager):  # type: ignore[misc]
     """The same, through an http(s)_proxy."""
 
     def __init__(self, proxy_url: str, **kw: Any) -> None:
         super().__init__(proxy_url, retries=_RETRIES, **kw)
         self.responses = _Responses()
-
-    # The same signature as urllib3's own override (which mypy also finds incompatible with RequestMethods').
-    def urlopen(  # type: ignore[override]
-        self, method: str, url: str, redirect: bool = True, **kw: Any
-    ) -> urllib3.BaseHTTPResponse:
-        response = super().urlopen(method, url, redirect=redirect, **kw)
-        self.responses.open.append(response)
-        return response
 
 
 class _SSHGitClient(SSHGitClient):
@@ -663,44 +657,11 @@ class GitSource:
 
     def _stack(self, repo: Repo, raw_name: bytes, blob_id: ObjectID, prefix: str, revision: bytes) -> StackBundle:
         name = raw_name.decode("utf-8", "replace")
-        shown = prefix + name
-        stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix.lower()
-        problems: list[BundleError] = []
-        if not _matches(STACK_NAME_PATTERN, stem):
-            problems.append(
-                BundleError(
-                    shown,
-                    f"invalid stack name {stem!r} (the file name)",
-                    fix="rename the file: lowercase letters, digits and '-', at most 63 characters, e.g. "
-                    f"{_suggest_stack_name(stem)!r}",
-                )
-            )
         blob = repo[blob_id]
         assert isinstance(blob, Blob)
-        raw = blob.as_raw_string()
-        if len(raw) > MAX_FILE_BYTES:
-            raise InvalidBundles(
-                [
-                    *problems,
-                    BundleError(
-                        shown, f"file is {len(raw)} bytes, over the {MAX_FILE_BYTES} byte limit", fix="split the stack"
-                    ),
-                ]
-            )
-        try:
-            text = decode(raw, shown)
-            bundle = parse_bundle(text, shown, suffix)
-        except InvalidBundles as exc:
-            raise InvalidBundles(problems + exc.errors) from None
-        if problems:
-            raise InvalidBundles(problems)
-        return StackBundle(
-            name=stem,
-            file=shown,
-            bundle=bundle,
-            content=text,
-            revision=f"{self.ref}@sha1:{revision.decode()}",
-            bundle_hash=bundle_hash(bundle),
+        path = PurePosixPath(name)
+        return stack_bundle(
+            path.stem, prefix + name, blob.as_raw_string(), path.suffix.lower(), f"{self.ref}@sha1:{revision.decode()}"
         )
 
     # --- errors -------------------------------------------------------------------------------------------------

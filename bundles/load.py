@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from bundles.desired import DesiredState, StackBundle, bundle_hash
-from bundles.documents import decode, field_path, read_document, read_file
+from bundles.documents import MAX_FILE_BYTES, decode, field_path, read_document, read_file
 from bundles.errors import BundleError, InvalidBundles
 from schemas.bundle import OBJECT_NAME_PATTERN, STACK_NAME_PATTERN, Bundle
 from schemas.quoting import quoted
@@ -71,8 +71,14 @@ def _without_echoes(errors: list[Any]) -> list[Any]:
 def load_bundle_file(path: Path, display: str | None = None) -> StackBundle:
     """Load one bundle file as a stack named after its stem; the revision is the file's content hash."""
     file = display or str(path)
+    raw = read_file(path, file)
+    return stack_bundle(path.stem, file, raw, path.suffix.lower(), f"dir@sha256:{hashlib.sha256(raw).hexdigest()}")
+
+
+def stack_bundle(name: str, file: str, raw: bytes, suffix: str, revision: str) -> StackBundle:
+    """A file's bytes as the stack `name` at `revision`, every problem (name, size, encoding, content) reported
+    together; the one way directory and git sources turn a file into a stack."""
     problems: list[BundleError] = []
-    name = path.stem
     if not _matches(STACK_NAME_PATTERN, name):
         problems.append(
             BundleError(
@@ -82,22 +88,20 @@ def load_bundle_file(path: Path, display: str | None = None) -> StackBundle:
                 f"{_suggest_stack_name(name)!r}",
             )
         )
-    raw = read_file(path, file)
-    text = decode(raw, file)
+    if len(raw) > MAX_FILE_BYTES:  # a directory's reader refuses before reading; a git blob is read whole
+        size = BundleError(
+            file, f"file is {len(raw)} bytes, over the {MAX_FILE_BYTES} byte limit", fix="split the stack"
+        )
+        raise InvalidBundles([*problems, size])
     try:
-        bundle = parse_bundle(text, file, path.suffix.lower())
+        text = decode(raw, file)
+        bundle = parse_bundle(text, file, suffix)
     except InvalidBundles as exc:
         raise InvalidBundles(problems + exc.errors) from None
     if problems:
         raise InvalidBundles(problems)
-    digest = hashlib.sha256(raw).hexdigest()
     return StackBundle(
-        name=name,
-        file=file,
-        bundle=bundle,
-        content=text,
-        revision=f"dir@sha256:{digest}",
-        bundle_hash=bundle_hash(bundle),
+        name=name, file=file, bundle=bundle, content=text, revision=revision, bundle_hash=bundle_hash(bundle)
     )
 
 
