@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log, machine, median, print_table  # also puts the repo root on sys.path
 
-from agent.nftables import TABLE, Nft, NftRuleset, parse, render
+from agent.drivers.nftables import TABLE, Nft, NftRuleset, parse, render
 from reconcilers.loadbalancer import Backend, Balance, Frontend, plan
 
 CLONE_NEWNET = 0x40000000

@@ -48,9 +48,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/statelog.py from the repo root
 
-from agent.statelog import Compare, Put, StateLog
-from agent.statelog.etcd import EtcdStateLog
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.etcd import EtcdStateLog
+from agent.state.log import Compare, Put, StateLog
+from agent.state.sqlite import SqliteStateLog
 from tests.support.etcd import ETCD, EtcdServer
 
 ETCDCTL = "/usr/bin/etcdctl"

@@ -2,7 +2,7 @@
 
 BundleError            one problem in one place (file, field path, message, fix)
 InvalidBundles         raised by loaders: every BundleError found, reported at once
-SourceError            a git source cannot be reached or read (bundles.git; defined here so that catching it
+SourceError            a git source cannot be reached or read (agent.sources.git; defined here so that catching it
                        does not import dulwich)
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.sqlite import SqliteStateLog
 from tests.integration.conftest import IMAGE, SLEEPER, Workspace, service, wait_for
 from tests.support.dockerproxy import DockerProxy
 

@@ -38,9 +38,9 @@ import docker
 import docker.errors
 import pytest
 
-from agent.records import Records
-from agent.statelog.backends import STATE_FILE
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.backends import STATE_FILE
+from agent.state.records import Records
+from agent.state.sqlite import SqliteStateLog
 from bundles import desired_networks, load_directory, service_targets
 from tests.integration.conftest import DABCTL, Workspace, service
 from tests.support.dockerproxy import DockerProxy

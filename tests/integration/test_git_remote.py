@@ -12,7 +12,7 @@ import pytest
 from dulwich.objects import ObjectID
 from dulwich.repo import Repo
 
-from bundles.git import GitAuth, GitSource, SourceError
+from agent.sources.git import GitAuth, GitSource, SourceError
 from tests.support.gitserver import GitServer, commit, force_push_reset, silent_listener, tag
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -22,8 +22,8 @@ import docker
 import docker.errors
 import pytest
 
-from agent.records import Records
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.records import Records
+from agent.state.sqlite import SqliteStateLog
 from tests.integration.conftest import DABCTL, Workspace, service
 from tests.support.dockerproxy import DockerProxy
 from tests.support.registry import Registry, build_variant

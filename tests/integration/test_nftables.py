@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.nftables import TABLE, Nft, NftRuleset
+from agent.drivers.nftables import TABLE, Nft, NftRuleset
 from reconcilers.loadbalancer import Backend, BalancerUnavailable, Frontend, plan
 from tests.support.netns import entered, run_in
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.records import Records
-from agent.statelog.etcd import EtcdStateLog
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.etcd import EtcdStateLog
+from agent.state.records import Records
+from agent.state.sqlite import SqliteStateLog
 from tests.integration.conftest import DABCTL, Workspace, service
 from tests.support.dockerproxy import DockerProxy
 from tests.support.etcd import EtcdServer

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.statelog import Event, StateLog, Watch
+from agent.state.log import Event, StateLog, Watch
 from tests.support.etcd import EtcdServer
 
 
@@ -27,10 +27,10 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
 
 def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> StateLog:
     if kind == "sqlite":
-        from agent.statelog.sqlite import SqliteStateLog
+        from agent.state.sqlite import SqliteStateLog
 
         return SqliteStateLog(tmp_path / "state.db")
-    from agent.statelog.etcd import EtcdStateLog
+    from agent.state.etcd import EtcdStateLog
 
     server: EtcdServer = request.getfixturevalue("etcd_server")
     return EtcdStateLog([server.url], prefix=f"/test-{secrets.token_hex(6)}")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.statelog import (
+from agent.state.log import (
     Compacted,
     Compare,
     Delete,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.statelog import Event, StateLogError, Unavailable, Watch
-from agent.statelog.etcd import EtcdStateLog
+from agent.state.etcd import EtcdStateLog
+from agent.state.log import Event, StateLogError, Unavailable, Watch
 from tests.statelog.conftest import collect
 from tests.support.etcd import EtcdServer, TlsFiles, free_port, make_tls
 

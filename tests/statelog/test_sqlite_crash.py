@@ -15,8 +15,8 @@ from typing import IO
 
 import pytest
 
-from agent.statelog import ReadOnly, StateLocked
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.log import ReadOnly, StateLocked
+from agent.state.sqlite import SqliteStateLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -27,8 +27,8 @@ WRITER = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from agent.statelog import Put
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.log import Put
+from agent.state.sqlite import SqliteStateLog
 
 log = SqliteStateLog(Path(sys.argv[1]))
 print("ready", os.getpid(), flush=True)

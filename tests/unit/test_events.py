@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.events import ExitWatch, Trigger, event_trigger
+from agent.node.triggers import ExitWatch, Trigger, event_trigger
 
 OWNER = "o1"
 

@@ -16,8 +16,8 @@ from dulwich import porcelain
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
+from agent.sources.git import GitAuth, GitSource, SourceError, ssh_command
 from bundles.errors import InvalidBundles
-from bundles.git import GitAuth, GitSource, SourceError, ssh_command
 from tests.support.gitserver import commit, force_push_reset, init_repo, tag
 
 pytestmark = pytest.mark.timeout(30)

@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client import REGISTRY
 
-from agent.http import MAX_BODY, AgentHttp, WebhookAuth
+from agent.api.server import MAX_BODY, AgentHttp, WebhookAuth
 from agent.metrics import Metrics
 from schemas.output import HealthStatus, StackStatus, StatusOutput, SyncStatus
 

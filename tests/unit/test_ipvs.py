@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.ipvs import (
+from agent.drivers.ipvs import (
     MARK_BASE,
     Dest,
     IpvsRuleset,
@@ -24,7 +24,7 @@ from agent.ipvs import (
     marked,
     render_marks,
 )
-from agent.nftables import CT_MARK, NftError, NftRuleset, Programmed, parse, render
+from agent.drivers.nftables import CT_MARK, NftError, NftRuleset, Programmed, parse, render
 from reconcilers.loadbalancer import (
     Backend,
     BalancerUnavailable,

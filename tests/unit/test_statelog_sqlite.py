@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.records import OWNER_KEY, Records
-from agent.statelog import Compare, Delete, KeyValue, Op, Put
-from agent.statelog.sqlite import SqliteStateLog, StateLogError
+from agent.state.log import Compare, Delete, KeyValue, Op, Put
+from agent.state.records import OWNER_KEY, Records
+from agent.state.sqlite import SqliteStateLog, StateLogError
 
 
 @pytest.fixture

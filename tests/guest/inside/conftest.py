@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.ipvs import Dest, IpvsNetlink, IpvsRuleset, Service
-from agent.nftables import Nft
+from agent.drivers.ipvs import Dest, IpvsNetlink, IpvsRuleset, Service
+from agent.drivers.nftables import Nft
 from reconcilers.loadbalancer import Backend
 
 T = TypeVar("T")

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from agent.ipvs import Dest, Service, ipvs_available, mark_of
-from agent.mesh import open_balancer
-from agent.nftables import Nft, NftRuleset
+from agent.drivers.balancer import open_balancer
+from agent.drivers.ipvs import Dest, Service, ipvs_available, mark_of
+from agent.drivers.nftables import Nft, NftRuleset
 from reconcilers.loadbalancer import Frontend
 from tests.guest.inside.conftest import B1, B2, B3, NAMES, NODE, OWNER, Rig, ask, proc_ip_vs, services, sh
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.nftables import (
+from agent.drivers.nftables import (
     CT_MARK,
     ROUTE_LOCALNET,
     TABLE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from agent.records import Records
+from agent.state.records import Records
 from schemas.state import Pin
 
 

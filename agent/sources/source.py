@@ -1,4 +1,4 @@
-"""Where bundles come from: a directory, or a git repository read through bundles.git.
+"""Where bundles come from: a directory, or a git repository read through agent.sources.git.
 
 Each source has a cheap `fingerprint()` (directory: names, sizes and mtimes; git: one ls-remote) so that an
 unchanged source costs no loading, and `load()` for the full desired state.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
@@ -72,7 +73,7 @@ class GitRepoSource:
     kind = "git"
 
     def __init__(self, cfg: AgentConfig) -> None:
-        from bundles.git import GitAuth, GitSource
+        from agent.sources.git import GitAuth, GitSource
 
         assert cfg.source is not None
         token = _secret(cfg.git_token_file, cfg.git_token_env)
@@ -135,6 +136,22 @@ class Checked:
     @property
     def directory(self) -> Path | None:
         return getattr(self.inner, "directory", None)
+
+
+def watch_directory(directory: Path, on_change: Callable[[], None]) -> Any:
+    """Call `on_change` from a watchdog thread whenever a file directly in `directory` changes; stop() ends it."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            on_change()
+
+    observer = Observer()
+    observer.schedule(Handler(), str(directory), recursive=False)
+    observer.daemon = True
+    observer.start()
+    return observer
 
 
 def is_git(cfg: AgentConfig) -> bool:

@@ -7,7 +7,7 @@ from typing import Literal
 from rich.console import Console
 from rich.markup import escape
 
-from agent.engine import AnyResult, PassPlan
+from agent.node.engine import AnyResult, PassPlan
 from reconcilers import loadbalancer, networks, services
 from reconcilers.outcome import Outcome
 from schemas.output import PlannedAction, PlanOutput, StackPlan

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from agent.statelog import Compare, Delete, Op, Put, StateLog
+from agent.state.log import Compare, Delete, Op, Put, StateLog
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout

@@ -22,20 +22,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import docker
-
-from agent.docker_engine import DockerEngine, EngineError
-from agent.engine import EmptySourceRefused, Engine, PassReport, stack_of
-from agent.events import ExitWatch, event_trigger
-from agent.http import AgentHttp, WebhookAuth
+from agent.api.server import AgentHttp, WebhookAuth
+from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
-from agent.records import Records
-from agent.rollback import RollbackError, pin_stack, unpin_stack
-from agent.sources import Source, _secret, open_source
-from agent.statelog import StateLogError
-from agent.statelog.backends import open_log
-from agent.status import stack_statuses
-from agent.workqueue import WorkQueue
+from agent.node.engine import EmptySourceRefused, Engine, PassReport, stack_of
+from agent.node.rollback import RollbackError, pin_stack, unpin_stack
+from agent.node.status import stack_statuses
+from agent.node.triggers import ExitWatch, event_trigger
+from agent.node.workqueue import WorkQueue
+from agent.sources.source import Source, _secret, open_source, watch_directory
+from agent.state.backends import open_log
+from agent.state.log import StateLogError
+from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.outcome import Outcome
 from schemas.config import AgentConfig
@@ -254,20 +252,7 @@ class Agent:
         directory = getattr(self.source, "directory", None)
         if self.source.kind != "directory" or directory is None:
             return None
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        wake = self._wake
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                wake.set()
-
-        observer = Observer()
-        observer.schedule(Handler(), str(directory), recursive=False)
-        observer.daemon = True
-        observer.start()
-        return observer
+        return watch_directory(directory, self._wake.set)
 
     def on_webhook(self) -> None:
         log.info("webhook received: fetching now")
@@ -285,13 +270,12 @@ class Agent:
 
     def _follow_events(self) -> None:
         """Docker's event stream -> stack keys; after a dropped stream, reconnect with `since` and resync all."""
-        api = docker.APIClient(base_url=self.docker.url, version="1.41", timeout=None)  # type: ignore[arg-type]
         since = int(time.time())
         first = True
         backoff = 1.0
         while not self.stop.is_set():
             try:
-                stream = api.events(since=since, decode=True, filters={"type": ["container", "network"]})
+                stream = self.docker.events(since)
                 self._events_stream = stream
                 backoff = 1.0
                 if not first:
@@ -310,7 +294,8 @@ class Agent:
                 first = False
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-        api.close()
+        if self._events_stream is not None:
+            self._events_stream.close()
 
     def _on_event(self, ev: dict[str, Any]) -> None:
         trigger = event_trigger(ev, self.engine.owner)
@@ -355,7 +340,7 @@ class Agent:
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
-            except (EmptySourceRefused, EngineError, StateLogError, docker.errors.DockerException, OSError) as exc:
+            except (EmptySourceRefused, EngineError, StateLogError, SdkError, OSError) as exc:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
                     why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"

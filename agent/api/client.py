@@ -6,8 +6,8 @@ from typing import Any
 
 import requests
 
-from agent.statelog.backends import STATE_FILE
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.backends import STATE_FILE
+from agent.state.sqlite import SqliteStateLog
 from schemas.config import AgentConfig
 
 

@@ -17,17 +17,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from agent.client import AgentUnreachable, call, get_status, running_agent
+from agent.api.client import AgentUnreachable, call, get_status, running_agent
+from agent.cli.render import plan_output, render_plan, result_line, short_revision
 from agent.config import ConfigError, load_config
-from agent.docker_engine import DockerEngine, EngineError
-from agent.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
-from agent.records import Records
-from agent.render import plan_output, render_plan, result_line, short_revision
-from agent.rollback import RollbackError, pin_stack, unpin_stack
-from agent.sources import SourceConfigError, open_source
-from agent.statelog import StateLocked, StateLogError
-from agent.statelog.backends import open_log
-from agent.status import stack_statuses
+from agent.drivers.docker_engine import DockerEngine, EngineError
+from agent.node.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
+from agent.node.rollback import RollbackError, pin_stack, unpin_stack
+from agent.node.status import stack_statuses
+from agent.sources.source import SourceConfigError, open_source
+from agent.state.backends import open_log
+from agent.state.log import StateLocked, StateLogError
+from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles, load_paths
 from bundles.errors import SourceError
 from bundles.policy import Policy, enforce
@@ -633,7 +633,7 @@ def agent(config_path: Path | None, **opts: Any) -> int:
     SIGTERM finishes the actions in flight, records them and exits; workloads keep running.
     """
     from agent.logs import setup_logging
-    from agent.loop import run_agent
+    from agent.node.loop import run_agent
 
     cfg = _config(config_path, **opts)
     if not cfg.source:

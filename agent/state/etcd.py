@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from agent.statelog import (
+from agent.state.log import (
     Compacted,
     Compare,
     Delete,

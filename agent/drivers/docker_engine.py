@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import docker
@@ -33,6 +33,9 @@ _HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
 class EngineError(Exception):
     """The Docker engine cannot be reached or refused a request."""
+
+
+SdkError = docker.errors.DockerException  # what docker-py raises where no driver method translated it
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +60,22 @@ class ImageUnavailable(EngineError):
 
 def _nanos(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1e9)
+
+
+class EventStream:
+    """An iterator of Docker event documents; close() ends it from another thread."""
+
+    def __init__(self, stream: Any, api: docker.APIClient) -> None:
+        self._stream = stream
+        self._api = api
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._stream)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        self._api.close()
 
 
 class DockerEngine:
@@ -85,6 +104,16 @@ class DockerEngine:
 
     def close(self) -> None:
         self.api.close()
+
+    def events(self, since: int) -> EventStream:
+        """Container and network events from `since` (seconds); on its own connection, with no read timeout."""
+        api = docker.APIClient(base_url=self.url, version=API_VERSION, timeout=None)  # type: ignore[arg-type]
+        try:
+            stream = api.events(since=since, decode=True, filters={"type": ["container", "network"]})
+        except Exception:
+            api.close()
+            raise
+        return EventStream(stream, api)
 
     def ping(self) -> None:
         """Raise EngineError with a fix when no engine answers."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.ipvs import IpvsRuleset, ipvs_available
-from agent.nftables import NftRuleset
+from agent.drivers.ipvs import IpvsRuleset, ipvs_available
+from agent.drivers.nftables import NftRuleset
 from reconcilers.loadbalancer import Backend, Balance, BalancerAction, Frontend, LoadBalancerReconciler, Ruleset
 
 # /proc/net/<file>: the socket state that means "bound and waiting" (TCP LISTEN, UDP unconnected)

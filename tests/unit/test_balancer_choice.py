@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import mesh
-from agent.ipvs import IpvsRuleset
-from agent.nftables import NftRuleset
+from agent.drivers import balancer as choice
+from agent.drivers.ipvs import IpvsRuleset
+from agent.drivers.nftables import NftRuleset
 
 
 @pytest.mark.parametrize(
@@ -24,17 +24,17 @@ def test_the_backend_follows_the_config_and_auto_the_kernel(
     monkeypatch: pytest.MonkeyPatch, kind: str, kernel_has_ipvs: bool, expected: type
 ) -> None:
     probes: list[bool] = []
-    monkeypatch.setattr(mesh, "ipvs_available", lambda: probes.append(True) or kernel_has_ipvs)
-    balancer = mesh.open_balancer(kind, "own1")
+    monkeypatch.setattr(choice, "ipvs_available", lambda: probes.append(True) or kernel_has_ipvs)
+    balancer = choice.open_balancer(kind, "own1")
     assert balancer is not None
     assert probes == []  # nothing is probed (no module loaded) before a port is read or written
-    ruleset = balancer.ruleset.chosen if isinstance(balancer.ruleset, mesh.Auto) else balancer.ruleset
+    ruleset = balancer.ruleset.chosen if isinstance(balancer.ruleset, choice.Auto) else balancer.ruleset
     assert isinstance(ruleset, expected)
     assert balancer.ruleset.name == ("ipvs" if expected is IpvsRuleset else "nftables")
 
 
 def test_none_publishes_nothing() -> None:
-    assert mesh.open_balancer("none", "own1") is None
+    assert choice.open_balancer("none", "own1") is None
 
 
 def test_listening_ports_come_from_every_proc_net_table(tmp_path: Path) -> None:
@@ -49,4 +49,4 @@ def test_listening_ports_come_from_every_proc_net_table(tmp_path: Path) -> None:
     )
     (tmp_path / "udp").write_text(header + "   0: 00000000:0035 00000000:0000 07 00000000:00000000 0 0 0 0 0 4\n")
     # udp6 missing: skipped
-    assert mesh.listening_ports(tmp_path) == {("tcp", 8080), ("tcp", 80), ("udp", 53)}
+    assert choice.listening_ports(tmp_path) == {("tcp", 8080), ("tcp", 80), ("udp", 53)}

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.statelog import (
+from agent.state.log import (
     Compacted,
     Compare,
     Delete,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agent.statelog import StateLog
-from agent.statelog.etcd import EtcdStateLog
-from agent.statelog.sqlite import SqliteStateLog
+from agent.state.etcd import EtcdStateLog
+from agent.state.log import StateLog
+from agent.state.sqlite import SqliteStateLog
 from schemas.config import AgentConfig
 
 STATE_FILE = "state.db"

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from agent.docker_engine import DockerEngine, ImageUnavailable
-from agent.mesh import listening_ports, open_balancer
-from agent.records import Records
-from agent.scheduler import Assignments, assign
+from agent.drivers.balancer import listening_ports, open_balancer
+from agent.drivers.docker_engine import DockerEngine, ImageUnavailable
+from agent.node.scheduler import Assignments, assign
+from agent.state.records import Records
 from bundles import InvalidBundles, parse_bundle
 from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
 from reconcilers import loadbalancer, networks, services
