@@ -340,6 +340,11 @@ class GitSource:
         try:
             mode, tree_id = tree_lookup_path(repo.__getitem__, head.tree, self.path.encode())
         except KeyError:
+            # git keeps no empty directories: deleting the last bundle deletes `path` too. A path the ref's history
+            # held is an emptied source (the engine still refuses to prune everything without --allow-empty); one it
+            # never held is a mistake in --path.
+            if self._held_before(repo, head):
+                return DesiredState(stacks={})
             raise SourceError(f"path {where} does not exist; check --path") from None
         except Exception as exc:  # a file where a directory was expected on the way
             raise SourceError(f"path {where} cannot be read ({exc}); check --path") from None
@@ -609,6 +614,15 @@ class GitSource:
         except Exception:
             return None
         return sha if stat.S_ISDIR(mode) else None
+
+    def _held_before(self, repo: Repo, head: Commit) -> bool:
+        """Whether `path` is a directory in a commit before `head` on its first-parent chain (history held locally)."""
+        commit = self._parent(repo, head)
+        while commit is not None:
+            if self._dir_tree(repo, commit) is not None:
+                return True
+            commit = self._parent(repo, commit)
+        return False
 
     def _revisions(self, repo: Repo, head: Commit, files: Mapping[bytes, ObjectID]) -> dict[bytes, bytes]:
         """For each file, the newest commit on the first-parent chain from `head` whose blob of it differs from its

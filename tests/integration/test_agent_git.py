@@ -169,6 +169,21 @@ def test_reconcile_once_from_a_git_url_as_a_ci_step(ws: Workspace, server: GitSe
     assert broken and revisions(ws, "app") == {f"main@sha1:{head}"}
 
 
+def test_deleting_every_bundle_is_an_empty_source_that_prunes_only_with_allow_empty(
+    ws: Workspace, server: GitServer, repo: Path
+) -> None:
+    args = ("--source", server.url, "--ref", "main", "--path", "stacks")
+    ws.run("reconcile", "--once", *args, check=True)
+    assert len(ws.running("app")) == 2
+    # The last files go, and with them the directory (git keeps no empty directories).
+    commit(repo, {"stacks/README.md": None, f"stacks/{ws.stack('app')}.dab": None}, "every stack removed")
+    refused = ws.run("reconcile", "--once", *args)
+    assert refused.returncode == 1 and "--allow-empty" in refused.stderr and "does not exist" not in refused.stderr
+    assert len(ws.running("app")) == 2
+    ws.run("reconcile", "--once", *args, "--allow-empty", check=True)
+    assert ws.running("app") == []
+
+
 def test_token_from_a_file_reaches_a_protected_repository(ws: Workspace, repo: Path, tmp_path: Path) -> None:
     commit(repo, {f"stacks/{ws.stack('app')}.dab": bundle(1)}, "one")
     token = tmp_path / "token"

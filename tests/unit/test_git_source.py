@@ -288,6 +288,26 @@ def test_a_missing_path_or_a_file_as_path_is_a_source_error(repo: Path, open_sou
         as_file.load(head)
 
 
+def test_deleting_every_bundle_leaves_an_empty_source_not_a_missing_path(repo: Path, open_source: MakeSource) -> None:
+    # git keeps no empty directories: deleting the last bundle deletes `path` with it.
+    commit(repo, {"stacks/web.dab": bundle(), "stacks/api.dab": bundle("api:1"), "README.md": "docs"}, "two stacks")
+    source = open_source(repo)
+    source.fetch()
+    deleted = commit(repo, {"stacks/web.dab": None, "stacks/api.dab": None}, "every stack removed")
+    assert source.fetch() == deleted
+    assert source.load(deleted).stacks == {}
+    later = commit(repo, {"README.md": "more docs"}, "unrelated")
+    assert source.fetch() == later
+    assert source.load(later).stacks == {}
+    # A restarted agent reads the same from its cache.
+    assert open_source(repo, cache_dir=source.cache_dir).load(later).stacks == {}
+    # A path that never held anything stays an error: it is a mistake in --path, not an emptied source.
+    typo = open_source(repo, path="stack")
+    typo.fetch()
+    with pytest.raises(SourceError, match=r"path 'stack' in .* does not exist; check --path"):
+        typo.load(later)
+
+
 def test_an_unknown_commit_a_missing_repository_or_a_bad_cache_is_a_source_error(
     repo: Path, tmp_path: Path, open_source: MakeSource
 ) -> None:
