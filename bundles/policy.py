@@ -6,7 +6,6 @@ The agent config names exceptions."""
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bundles.desired import DesiredState
@@ -92,7 +91,3 @@ def enforce(desired: DesiredState, policy: Policy) -> DesiredState:
     if errors:
         raise InvalidBundles(errors)
     return desired
-
-
-def policy_from(allow_bind_mounts: Iterable[str], allow_host_network: bool) -> Policy:
-    return Policy(tuple(allow_bind_mounts), allow_host_network)

@@ -173,20 +173,6 @@ def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> tup
     return tuple(k for k in keys if old.get(k) != new.get(k)) or ("spec",)
 
 
-def restart_reason(replica: Replica, condition: str) -> str | None:
-    """Why an idle container of the current spec should start again, or None to leave it down (no backoff)."""
-    if replica.state == "created":
-        return "never started"
-    if replica.state != "exited":
-        return None
-    code = replica.exit_code
-    if condition == "any":
-        return f"exited ({code}); restart condition any"
-    if condition == "on-failure" and code != 0:
-        return f"exited ({code}); restart condition on-failure"
-    return None
-
-
 def _stale_networks(replica: Replica, target: ServiceTarget, network_ids: Mapping[str, str]) -> bool:
     wanted = set(target.networks)
     if set(replica.networks) != wanted:

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+Health = Literal["Healthy", "Progressing", "Degraded"]
+SourceKind = Literal["directory", "git"]
+
 
 class PlannedAction(BaseModel):
     """One planned change: what, on which object, and why."""
@@ -68,11 +71,11 @@ class ServiceHealth(BaseModel):
     ports: list[str] = []
     running: int
     desired: int
-    status: Literal["Healthy", "Progressing", "Degraded"]
+    status: Health
 
 
 class HealthStatus(BaseModel):
-    status: Literal["Healthy", "Progressing", "Degraded"]
+    status: Health
     services: list[ServiceHealth] = []
 
 
@@ -95,7 +98,7 @@ class StackStatus(BaseModel):
 class SourceStatus(BaseModel):
     """Where bundles come from and how the last fetch went (no credentials, ever)."""
 
-    kind: Literal["directory", "git"]
+    kind: SourceKind
     location: str
     ref: str | None = None
     path: str | None = None

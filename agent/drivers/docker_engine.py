@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import docker
 import docker.auth
@@ -38,20 +38,21 @@ class EngineError(Exception):
 SdkError = docker.errors.DockerException  # what docker-py raises where no driver method translated it
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _reachable(method: F) -> F:
+def _reachable(method: Callable[Concatenate[DockerEngine, P], R]) -> Callable[Concatenate[DockerEngine, P], R]:
     """Turn a lost connection to the engine into one line that names the engine."""
 
     @functools.wraps(method)
-    def call(self: DockerEngine, *args: Any, **kwargs: Any) -> Any:
+    def call(self: DockerEngine, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
         except requests.exceptions.ConnectionError as exc:
             raise EngineError(f"no Docker engine answers at {self.url} ({_first_line(exc)})") from None
 
-    return call  # type: ignore[return-value]
+    return call
 
 
 class ImageUnavailable(EngineError):
@@ -97,6 +98,7 @@ class DockerEngine:
             # Registry credentials (and credential helpers) from the Docker client config; they are sent to the
             # engine with each pull and never stored by dabctl.
             path = os.path.join(docker_config, "config.json")
+            # docker-py keeps the client config here and has no public way to load another file.
             self.api._auth_configs = docker.auth.load_config(config_path=path)  # type: ignore[attr-defined]
         self.default_pull_policy = "if-not-present"
         self._pull_locks: dict[str, threading.Lock] = {}
@@ -107,6 +109,7 @@ class DockerEngine:
 
     def events(self, since: int) -> EventStream:
         """Container and network events from `since` (seconds); on its own connection, with no read timeout."""
+        # types-docker says int; docker-py hands it to requests, where None means no read timeout.
         api = docker.APIClient(base_url=self.url, version=API_VERSION, timeout=None)  # type: ignore[arg-type]
         try:
             stream = api.events(since=since, decode=True, filters={"type": ["container", "network"]})
@@ -173,6 +176,7 @@ class DockerEngine:
             mem_reservation=memory_bytes(reservations.memory) if reservations and reservations.memory else None,
         )
         first = request.target.networks[0]
+        # types-docker wants one EndpointConfig; the engine (and docker-py) take a mapping network -> config.
         networking = self.api.create_networking_config(
             {first: self.api.create_endpoint_config(aliases=[request.target.name])}  # type: ignore[arg-type]
         )
@@ -237,7 +241,7 @@ class DockerEngine:
 
     def _present(self, ref: str) -> bool:
         try:
-            self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+            self.api.inspect_image(ref)  # type: ignore[no-untyped-call]  # untyped in types-docker
             return True
         except docker.errors.ImageNotFound:
             return False
@@ -246,7 +250,7 @@ class DockerEngine:
     def registry_digest(self, ref: str) -> str:
         """The digest the registry serves for `ref` now (a read: GET /distribution/<ref>/json)."""
         try:
-            info = self.api.inspect_distribution(ref)  # type: ignore[no-untyped-call]
+            info = self.api.inspect_distribution(ref)  # type: ignore[no-untyped-call]  # untyped in types-docker
             return str(info["Descriptor"]["digest"])
         except docker.errors.APIError as exc:
             raise ImageUnavailable(
@@ -257,7 +261,7 @@ class DockerEngine:
     def image_identity(self, ref: str) -> tuple[str, str]:
         """(image ID, repository digest) of a local image; empty strings when absent or never pulled."""
         try:
-            info = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+            info = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]  # untyped in types-docker
         except docker.errors.ImageNotFound:
             return "", ""
         repo = _split_ref(ref)[0].split("@", 1)[0]
@@ -271,7 +275,7 @@ class DockerEngine:
             lock = self._pull_locks.setdefault(ref, threading.Lock())
         with lock:
             try:
-                self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+                self.api.inspect_image(ref)  # type: ignore[no-untyped-call]  # untyped in types-docker
                 return
             except docker.errors.ImageNotFound:
                 pass
@@ -287,15 +291,6 @@ class DockerEngine:
                     raise ImageUnavailable(f"pulling {ref} failed: {event['error']}")
         except docker.errors.APIError as exc:
             raise ImageUnavailable(f"pulling {ref} failed: {_first_line(exc.explanation or exc)}") from None
-
-    @_reachable
-    def image_id(self, ref: str) -> str:
-        """The local image ID a reference resolves to, or "" when it is not present."""
-        try:
-            info = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
-            return str(info["Id"])
-        except docker.errors.ImageNotFound:
-            return ""
 
     # --- networks -----------------------------------------------------------------------------------------
 

@@ -433,6 +433,7 @@ class IpvsRuleset(NftRuleset):
         elif current.owner or not table.exists:
             self._table = NO_TABLE
 
+    # Not called by a pass yet: weight 0 is how a VIP's backends will drain on IPVS.
     def drain(self, frontend: Frontend, backends: Iterable[Backend]) -> None:
         """Give `backends` of `frontend` weight 0 and take them out of its localhost chain: no new connections,
         established ones go on until the backend goes. read() leaves drained backends out, so the plan puts them

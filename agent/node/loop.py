@@ -421,7 +421,7 @@ class Agent:
         if self.source.kind == "git" and self.fingerprint:
             revision = f"{self.source.ref}@sha1:{self.fingerprint}"
         source = SourceStatus(
-            kind=self.source.kind,  # type: ignore[arg-type]
+            kind=self.source.kind,
             location=self.source.location,
             ref=self.source.ref,
             path=self.source.path,

@@ -8,7 +8,7 @@ from bundles.desired import DesiredState, service_targets
 from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
 from reconcilers.services import Replica
-from schemas.output import HealthStatus, RolloutStatus, ServiceHealth, StackStatus, SyncStatus
+from schemas.output import Health, HealthStatus, RolloutStatus, ServiceHealth, StackStatus, SyncStatus
 from schemas.state import Pin, StackRecord
 
 
@@ -65,6 +65,7 @@ def stack_statuses(
                 current = [r for r in by_service.get((name, t.name), []) if r.spec_hash == t.spec_hash]
                 running = [r for r in current if r.state == "running" and r.health not in ("unhealthy", "starting")]
                 starting = [r for r in current if r.state == "running" and r.health == "starting"]
+                health: Health
                 if len(running) >= want:
                     health = "Healthy"
                 elif starting:
@@ -80,7 +81,7 @@ def stack_statuses(
                         ports=_ports(name, t.name, t.service, ports or {}),
                         running=len(running),
                         desired=want,
-                        status=health,  # type: ignore[arg-type]
+                        status=health,
                     )
                 )
         else:
@@ -95,7 +96,7 @@ def stack_statuses(
             sync = SyncStatus(status="OutOfSync", revision=record.revision if record else None)
         if record is not None:
             sync.at = record.applied_at.isoformat()
-        worst = "Healthy"
+        worst: Health = "Healthy"
         for s in services:
             if s.status == "Degraded":
                 worst = "Degraded"
@@ -106,7 +107,7 @@ def stack_statuses(
             StackStatus(
                 stack=name,
                 sync=sync,
-                health=HealthStatus(status=worst, services=services),  # type: ignore[arg-type]
+                health=HealthStatus(status=worst, services=services),
                 rollout=_rollout(name, rollouts or {}),
                 pinned=pin.revision if pin else None,
                 suspended=name in suspended,

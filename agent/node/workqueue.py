@@ -53,10 +53,6 @@ class WorkQueue:
         with self._cond:
             self._failures.pop(key, None)
 
-    def failures(self, key: str) -> int:
-        with self._cond:
-            return self._failures.get(key, 0)
-
     def next_batch(self, timeout: float | None = None) -> set[str]:
         """Every key ready now, waiting up to `timeout` for one; empty on timeout or after close()."""
         deadline = None if timeout is None else self._clock() + timeout
@@ -75,12 +71,6 @@ class WorkQueue:
                         return set()
                 self._cond.wait(timeout=min(waits) if waits else None)
             return set()
-
-    def pending(self) -> dict[str, float]:
-        """Queued keys and the seconds until each is ready."""
-        now = self._clock()
-        with self._cond:
-            return {k: max(0.0, at - now) for k, at in self._ready_at.items()}
 
     def close(self) -> None:
         with self._cond:

@@ -183,19 +183,22 @@ class _Responses:
                 response.release_conn()
 
 
-class _Tracked:
-    """Keeps every response it opens (dulwich leaks them unless they are closed explicitly)."""
+class _Tracked(urllib3.PoolManager):
+    """Keeps every response it opens (dulwich leaks them unless they are closed explicitly). A PoolManager, so that
+    in _ProxyManager it comes before urllib3's ProxyManager and wraps its urlopen."""
 
     responses: _Responses
 
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
-        response: urllib3.BaseHTTPResponse = super().urlopen(method, url, redirect=redirect, **kw)  # type: ignore[misc]
+    # urllib3's own PoolManager.urlopen has this signature, narrower than RequestMethods.urlopen, and the same ignore.
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
+        response = super().urlopen(method, url, redirect=redirect, **kw)
         self.responses.open.append(response)
         return response
 
 
-# urlopen has urllib3's own override's signature, which mypy also finds incompatible with RequestMethods'.
-class _PoolManager(_Tracked, urllib3.PoolManager):  # type: ignore[misc]
+class _PoolManager(_Tracked):
     """urllib3's pool manager retrying a refused connection twice but never a read that timed out (the default
     retries would make a hung server cost four timeouts), and keeping track of its responses."""
 
@@ -204,7 +207,7 @@ class _PoolManager(_Tracked, urllib3.PoolManager):  # type: ignore[misc]
         self.responses = _Responses()
 
 
-class _ProxyManager(_Tracked, urllib3.ProxyManager):  # type: ignore[misc]
+class _ProxyManager(_Tracked, urllib3.ProxyManager):
     """The same, through an http(s)_proxy."""
 
     def __init__(self, proxy_url: str, **kw: Any) -> None:

@@ -16,6 +16,7 @@ from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
 from schemas.config import AgentConfig
+from schemas.output import SourceKind
 
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
 
@@ -25,7 +26,7 @@ class SourceConfigError(Exception):
 
 
 class Source(Protocol):
-    kind: str
+    kind: SourceKind
     location: str
     ref: str | None
     path: str | None
@@ -40,7 +41,7 @@ class Source(Protocol):
 class DirectorySource:
     """Bundle files directly in one directory."""
 
-    kind = "directory"
+    kind: SourceKind = "directory"
     ref: str | None = None
     path: str | None = None
 
@@ -70,7 +71,7 @@ class DirectorySource:
 class GitRepoSource:
     """A ref and subdirectory of a git repository, fetched into a cache under the state directory."""
 
-    kind = "git"
+    kind: SourceKind = "git"
 
     def __init__(self, cfg: AgentConfig) -> None:
         from agent.sources.git import GitAuth, GitSource

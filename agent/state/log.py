@@ -125,9 +125,11 @@ def compare_holds(c: Compare, kv: KeyValue | None) -> bool:
         return left == right
     if c.op == "!=":
         return left != right
-    if c.op == "<":
-        return left < right  # type: ignore[operator]
-    return left > right  # type: ignore[operator]
+    if isinstance(left, bytes) and isinstance(right, bytes):
+        return left < right if c.op == "<" else left > right
+    if isinstance(left, int) and isinstance(right, int):
+        return left < right if c.op == "<" else left > right
+    raise TypeError(f"cannot order {c.target} against {right!r}: compare a value with bytes, a revision with an int")
 
 
 _END = object()

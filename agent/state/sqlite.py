@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.state.log import (
     Compacted,
@@ -67,8 +68,8 @@ _PREFIX_END = "\U0010ffff"
 REAPER_INTERVAL = 0.2
 
 
-def _kv(row: Sequence[object]) -> KeyValue:
-    return KeyValue(str(row[0]), bytes(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))  # type: ignore[call-overload]
+def _kv(row: Sequence[Any]) -> KeyValue:
+    return KeyValue(str(row[0]), bytes(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))
 
 
 class SqliteStateLog:
