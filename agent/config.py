@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 
 from bundles.documents import decode, field_path, read_file, read_yaml
 from bundles.errors import InvalidBundles
+from schemas.annotations import field_types
 from schemas.config import AgentConfig
 from schemas.quoting import printable
 
@@ -53,15 +53,8 @@ def _env_value(name: str, key: str, raw: str) -> Any:
 
 
 def _kinds(annotation: Any) -> set[Any]:
-    """The plain types a field accepts: Annotated and Optional unwrapped, list[str] as list."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _kinds(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return {k for a in typing.get_args(annotation) for k in _kinds(a)}
-    if origin is not None:
-        return {origin}
-    return {annotation}
+    """The plain types a field accepts, list[str] as list."""
+    return {typing.get_origin(t) or t for t in field_types(annotation)}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:

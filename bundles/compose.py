@@ -20,9 +20,9 @@ from pydantic.alias_generators import to_pascal, to_snake
 
 from bundles.documents import LimitedSafeLoader, read_yaml
 from bundles.errors import BundleError, InvalidBundles
-from bundles.load import _describe, _translate
+from bundles.load import translate_error
 from schemas.bundle import OBJECT_NAME_PATTERN, Bundle
-from schemas.quoting import quoted
+from schemas.quoting import describe, quoted
 
 Loc = tuple[str | int, ...]
 
@@ -271,7 +271,7 @@ class _Converter:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.error(path, f"expected a mapping, got {_describe(value)}", "write a mapping")
+            self.error(path, f"expected a mapping, got {describe(value)}", "write a mapping")
             return None
         for k in value:
             if not isinstance(k, str):
@@ -283,14 +283,14 @@ class _Converter:
         if value is None:
             return []
         if not isinstance(value, list):
-            self.error(path, f"expected a list, got {_describe(value)}", "write a list")
+            self.error(path, f"expected a list, got {describe(value)}", "write a list")
             return None
         return value
 
     def text(self, value: Any, path: str) -> str | None:
         if isinstance(value, str):
             return value
-        self.error(path, f"expected a string, got {_describe(value)}", 'quote it in YAML ("...")')
+        self.error(path, f"expected a string, got {describe(value)}", 'quote it in YAML ("...")')
         return None
 
     def strings(self, value: Any, path: str) -> list[str] | None:
@@ -362,7 +362,7 @@ class _Converter:
 
     def translate(self, err: Any) -> BundleError:
         """A pydantic error on the converted bundle, pointed back at the Compose key it came from."""
-        problem = _translate(self.file, err)
+        problem = translate_error(self.file, err)
         loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
         for n in range(len(loc), 0, -1):
             if loc[:n] in self.origins:
@@ -415,7 +415,7 @@ class _Converter:
         elif isinstance(ext, dict):
             real, where = ext.get("name", spec.get("name", name)), _key(path, "external.name")
         else:
-            self.error(_key(path, "external"), f"expected true or false, got {_describe(ext)}", "write true or false")
+            self.error(_key(path, "external"), f"expected true or false, got {describe(ext)}", "write true or false")
             return name, False
         return (real, True) if self.text(real, where) is not None else (name, True)
 
@@ -516,7 +516,7 @@ class _Converter:
                 elif isinstance(v, str | int | float | bool):
                     env.append(f"{name}={_scalar_text(v)}")
                 else:
-                    self.error(p, f"expected a string, got {_describe(v)}", "write a string, number or true/false")
+                    self.error(p, f"expected a string, got {describe(v)}", "write a string, number or true/false")
                     continue
                 self.origins[(*svc.loc, "Env", len(env) - 1)] = (p, False)
         else:
@@ -539,7 +539,7 @@ class _Converter:
                 if v is None or isinstance(v, str | int | float | bool):
                     out[str(k)] = "" if v is None else _scalar_text(v)
                 else:
-                    self.error(_key(path, k), f"expected a string, got {_describe(v)}", "write a string")
+                    self.error(_key(path, k), f"expected a string, got {describe(v)}", "write a string")
         else:
             for entry in self.strings(value, path) or []:
                 k, _, v = entry.partition("=")
@@ -555,7 +555,7 @@ class _Converter:
             elif isinstance(item, str | int) and not isinstance(item, bool):
                 entries = self.port_short(str(item), p)
             else:
-                self.error(p, f"expected a port, got {_describe(item)}", 'write "8080:80" or a mapping with target')
+                self.error(p, f"expected a port, got {describe(item)}", 'write "8080:80" or a mapping with target')
                 continue
             for entry in entries:
                 self.origins[(*svc.loc, "Ports", len(ports))] = (p, False)
@@ -592,7 +592,7 @@ class _Converter:
             self.error(path, "port has no target", "add target: the port the container listens on")
             return []
         if not isinstance(protocol, str):
-            self.error(_key(path, "protocol"), f"expected tcp or udp, got {_describe(protocol)}", "write tcp or udp")
+            self.error(_key(path, "protocol"), f"expected tcp or udp, got {describe(protocol)}", "write tcp or udp")
             return []
         host_ip = spec.get("host_ip") or ""
         published_text = "" if published is None else str(published)
@@ -657,7 +657,7 @@ class _Converter:
             elif isinstance(item, dict):
                 mount = self.volume_long(item, p)
             else:
-                self.error(p, f"expected a volume, got {_describe(item)}", 'write "data:/data" or a mapping with type')
+                self.error(p, f"expected a volume, got {describe(item)}", 'write "data:/data" or a mapping with type')
                 continue
             if mount is not None:
                 self.mount(svc, mount, p)
@@ -760,7 +760,7 @@ class _Converter:
         for key, v in spec.items():
             kp = _key(path, key)
             if key == "disable" and not isinstance(v, bool):
-                self.error(kp, f"expected true or false, got {_describe(v)}", "write true or false")
+                self.error(kp, f"expected true or false, got {describe(v)}", "write true or false")
             elif key.startswith("x-") or key == "disable":
                 self.ignore(kp)
             elif disabled:

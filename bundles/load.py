@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,8 +15,9 @@ from pydantic import BaseModel, ValidationError
 from bundles.desired import DesiredState, StackBundle, bundle_hash
 from bundles.documents import MAX_FILE_BYTES, decode, field_path, read_document, read_file
 from bundles.errors import BundleError, InvalidBundles
+from schemas.annotations import field_types
 from schemas.bundle import OBJECT_NAME_PATTERN, STACK_NAME_PATTERN, Bundle
-from schemas.quoting import quoted
+from schemas.quoting import describe, quoted
 
 BUNDLE_SUFFIXES = (".dab", ".json", ".yaml", ".yml")
 
@@ -49,7 +49,7 @@ def parse_bundle(text: str, file: str, suffix: str) -> Bundle:
     try:
         return Bundle.model_validate(data)
     except ValidationError as exc:
-        raise InvalidBundles([_translate(file, err) for err in _without_echoes(exc.errors())]) from None
+        raise InvalidBundles([translate_error(file, err) for err in _without_echoes(exc.errors())]) from None
 
 
 def _without_echoes(errors: list[Any]) -> list[Any]:
@@ -192,7 +192,8 @@ def _load_files(files: Iterable[Path], errors: list[BundleError]) -> DesiredStat
 # --- validation errors -> one line each -------------------------------------------------------------------
 
 
-def _translate(file: str, err: Any) -> BundleError:
+def translate_error(file: str, err: Any) -> BundleError:
+    """One pydantic validation error (an item of ValidationError.errors()) as one line: what, where, how to fix."""
     loc: tuple[int | str, ...] = tuple(err["loc"])
     kind: str = err["type"]
     field = field_path(loc)
@@ -224,7 +225,7 @@ def _translate(file: str, err: Any) -> BundleError:
     if kind in _TYPE_NAMES:
         return BundleError(
             file,
-            f"expected {_TYPE_NAMES[kind]}, got {_describe(given)}",
+            f"expected {_TYPE_NAMES[kind]}, got {describe(given)}",
             field=field,
             fix='quote it in YAML ("...")' if kind == "string_type" else f"write {_TYPE_NAMES[kind]}",
         )
@@ -254,28 +255,10 @@ def _pattern_fix(loc: Sequence[int | str]) -> str:
     return "see `dabctl schema bundle` for the expected form"
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f"string {quoted(value)}"
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {quoted(value)}" if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _unwrap(annotation: Any) -> list[Any]:
-    """The model classes and containers an annotation can hold."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [t for a in typing.get_args(annotation) for t in _unwrap(a)]
-    return [annotation]
-
-
 def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
     current: Any = Bundle
     for part in loc:
-        candidates = _unwrap(current)
+        candidates = field_types(current)
         nxt: Any = None
         for cand in candidates:
             origin = typing.get_origin(cand)
@@ -290,7 +273,7 @@ def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
         if nxt is None:
             return None
         current = nxt
-    for cand in _unwrap(current):
+    for cand in field_types(current):
         if isinstance(cand, type) and issubclass(cand, BaseModel):
             return cand
     return None
@@ -312,7 +295,7 @@ def _nested_match(loc: Sequence[int | str], name: str) -> str | None:
         return None
     paths: dict[str, str] = {}
     for name1, info in model.model_fields.items():
-        for sub in _unwrap(info.annotation):
+        for sub in field_types(info.annotation):
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 for alias2 in _aliases(sub):
                     paths.setdefault(alias2, f"{info.alias or name1}.{alias2}")

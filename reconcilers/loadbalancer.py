@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from reconcilers.outcome import Outcome, Result
+from reconcilers.outcome import Outcome, Result, one_line
 
 PORT_RANGE = (30000, 32767)  # Swarm's and Kubernetes' node-port range
 
@@ -308,9 +308,7 @@ class LoadBalancerReconciler:
         try:
             self.ruleset.write(apply_to(actual, actions), actions)
         except Exception as exc:
-            text = str(exc).strip().splitlines()
-            why = text[0] if text else type(exc).__name__
-            return [Result(a, Outcome.FAILED, why) for a in actions]
+            return [Result(a, Outcome.FAILED, one_line(exc)) for a in actions]
         return [Result(a, _outcome(a)) for a in actions]
 
 

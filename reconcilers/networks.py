@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bundles.desired import NetworkTarget
-from reconcilers.outcome import Outcome, Result
+from reconcilers.outcome import Outcome, Result, one_line
 
 LABEL_PREFIX = "dabctl."
 
@@ -172,4 +172,4 @@ class NetworksReconciler:
             self.runtime.remove_network(action.network.id)
             return Result(action, Outcome.REMOVED)
         except Exception as exc:
-            return Result(action, Outcome.FAILED, str(exc))
+            return Result(action, Outcome.FAILED, one_line(exc))

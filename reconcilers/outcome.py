@@ -27,3 +27,9 @@ class Result(Generic[A]):
     action: A
     outcome: Outcome
     error: str = ""
+
+
+def one_line(error: object) -> str:
+    """The first line of an error's text (engines and libraries write several), or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

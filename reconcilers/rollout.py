@@ -88,7 +88,8 @@ def _failure_text(view: SlotView) -> str:
     return f"slot {view.slot}: {c.state}" + (f" (exit code {c.exit_code})" if c.exit_code is not None else "")
 
 
-def _order(slot: str) -> tuple[int, int, str]:
+def slot_order(slot: str) -> tuple[int, int, str]:
+    """Numeric slots in number order, named (global) slots after them."""
     return (0, int(slot), "") if slot.isdigit() else (1, 0, slot)
 
 
@@ -143,7 +144,7 @@ def step(
     failed_slots = {f.split(":", 1)[0].removeprefix("slot ") for f in rollout.failed}
     candidates = sorted(
         (v for v in slots if v.old is not None and v.new is None and v.slot not in failed_slots),
-        key=lambda v: (v.old is not None and v.old.state == "running", _order(v.slot)),
+        key=lambda v: (v.old is not None and v.old.state == "running", slot_order(v.slot)),
     )
     if not candidates:
         done = not any(v.old is not None and v.slot not in remove_old for v in slots)

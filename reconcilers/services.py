@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 from bundles.desired import ServiceTarget
 from reconcilers import restarts, rollout
-from reconcilers.outcome import Outcome, Result
+from reconcilers.outcome import Outcome, Result, one_line
+from reconcilers.rollout import slot_order
 
 STARTABLE_STATES = ("created", "exited")
 
@@ -158,11 +159,6 @@ SERVICE_ACTIONS = (CreateReplica, StartReplica, ReplaceReplica, RemoveReplica)
 
 
 # --- planning ----------------------------------------------------------------------------------------------
-
-
-def slot_order(slot: str) -> tuple[int, int, str]:
-    """Numeric slots in number order, named (global) slots after them."""
-    return (0, int(slot), "") if slot.isdigit() else (1, 0, slot)
 
 
 def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> tuple[str, ...]:
@@ -420,9 +416,4 @@ class ServicesReconciler:
             self.runtime.remove_replica(action.replica)
             return Result(action, Outcome.REMOVED)
         except Exception as exc:
-            return Result(action, Outcome.FAILED, _one_line(exc))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+            return Result(action, Outcome.FAILED, one_line(exc))

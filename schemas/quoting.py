@@ -21,3 +21,12 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
         return f"a {type(value).__name__} too long to print"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def describe(value: object) -> str:
+    """A value's kind and, for a scalar, the value: `string 'x'`, `int 5`, `null`, `dict`."""
+    if isinstance(value, str):
+        return f"string {quoted(value)}"
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {quoted(value)}" if not isinstance(value, (dict, list)) else type(value).__name__

@@ -32,7 +32,7 @@ from bundles import DesiredState, InvalidBundles, load_paths
 from bundles.errors import SourceError
 from bundles.policy import Policy, enforce
 from reconcilers.outcome import Outcome
-from reconcilers.services import slot_order
+from reconcilers.rollout import slot_order
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
 from schemas.durations import parse_duration

@@ -23,6 +23,7 @@ import requests
 
 from bundles.desired import ServiceTarget
 from reconcilers.networks import NetworkRequest, ObservedNetwork
+from reconcilers.outcome import one_line
 from reconcilers.services import Replica, ReplicaRequest
 from schemas.bundle import memory_bytes, nano_cpus
 
@@ -50,7 +51,7 @@ def _reachable(method: Callable[Concatenate[DockerEngine, P], R]) -> Callable[Co
         try:
             return method(self, *args, **kwargs)
         except requests.exceptions.ConnectionError as exc:
-            raise EngineError(f"no Docker engine answers at {self.url} ({_first_line(exc)})") from None
+            raise EngineError(f"no Docker engine answers at {self.url} ({one_line(exc)})") from None
 
     return call
 
@@ -124,7 +125,7 @@ class DockerEngine:
             self.api.ping()
         except Exception as exc:
             raise EngineError(
-                f"no Docker engine answers at {self.url} ({_first_line(exc)}); start dockerd or set DOCKER_HOST"
+                f"no Docker engine answers at {self.url} ({one_line(exc)}); start dockerd or set DOCKER_HOST"
             ) from None
 
     # --- containers ----------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class DockerEngine:
             return str(info["Descriptor"]["digest"])
         except docker.errors.APIError as exc:
             raise ImageUnavailable(
-                f"checking {ref} at its registry failed: {_first_line(exc.explanation or exc)}"
+                f"checking {ref} at its registry failed: {one_line(exc.explanation or exc)}"
             ) from None
 
     @_reachable
@@ -290,7 +291,7 @@ class DockerEngine:
                 if "error" in event:
                     raise ImageUnavailable(f"pulling {ref} failed: {event['error']}")
         except docker.errors.APIError as exc:
-            raise ImageUnavailable(f"pulling {ref} failed: {_first_line(exc.explanation or exc)}") from None
+            raise ImageUnavailable(f"pulling {ref} failed: {one_line(exc.explanation or exc)}") from None
 
     # --- networks -----------------------------------------------------------------------------------------
 
@@ -322,11 +323,6 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
     if name and "/" not in tag:
         return name, tag
     return ref, "latest"
-
-
-def _first_line(exc: object) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _replica(row: Mapping[str, Any]) -> Replica:

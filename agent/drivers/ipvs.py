@@ -51,6 +51,7 @@ from agent.drivers.nftables import (
     Programmed,
     dnat_backends,
     dnat_rule,
+    frontend_chain,
     guard_chain,
     parse,
 )
@@ -259,7 +260,7 @@ def render_marks(balance: Balance, owner: str, route_localnet_was: int, exists: 
     select = "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @frontends"
     lines += [
         f"table ip {TABLE} {{",
-        *_verdict_map("frontends", chosen, _chain),
+        *_verdict_map("frontends", chosen, frontend_chain),
         *_verdict_map("local", chosen, _local_chain),
         "    chain prerouting {",
         "        type filter hook prerouting priority -150; policy accept;",
@@ -282,7 +283,7 @@ def render_marks(balance: Balance, owner: str, route_localnet_was: int, exists: 
     ]
     for f in chosen:
         lines += [
-            f"    chain {_chain(f)} {{",
+            f"    chain {frontend_chain(f)} {{",
             f"        meta mark set {mark_of(f.protocol, f.port):#010x} ct mark set ct mark or {CT_MARK:#x} "
             f'comment "dabctl stack={f.stack} service={f.service} target={f.target}"',
             "    }",
@@ -304,10 +305,6 @@ def _verdict_map(name: str, frontends: Sequence[Frontend], chain: Callable[[Fron
         f"        elements = {{ {elements} }}",
         "    }",
     ]
-
-
-def _chain(f: Frontend) -> str:
-    return f"fe_{f.protocol}_{f.port}"
 
 
 def _local_chain(f: Frontend) -> str:
@@ -337,7 +334,7 @@ def marked(listing: Mapping[str, Any]) -> MarkTable:
     frontends = {
         f: local.get(_local_chain(f), ())
         for f in table.balance
-        if f.protocol in PROTOCOLS and marks.get(_chain(f)) == mark_of(f.protocol, f.port)
+        if f.protocol in PROTOCOLS and marks.get(frontend_chain(f)) == mark_of(f.protocol, f.port)
     }
     return MarkTable(Programmed(frontends, table.owner, table.route_localnet_was), guarded, exists=True)
 

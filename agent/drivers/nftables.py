@@ -86,7 +86,7 @@ def render(balance: Balance, owner: str, route_localnet_was: int, exists: bool =
     if not balance:
         return "\n".join(lines) + "\n"
     frontends = sorted(balance)
-    elements = ", ".join(f"{f.protocol} . {f.port} : jump {_chain(f)}" for f in frontends)
+    elements = ", ".join(f"{f.protocol} . {f.port} : jump {frontend_chain(f)}" for f in frontends)
     lines += [
         f"table ip {TABLE} {{",
         "    map frontends {",
@@ -111,7 +111,7 @@ def render(balance: Balance, owner: str, route_localnet_was: int, exists: bool =
     for f in frontends:
         backends = balance[f]
         lines += [
-            f"    chain {_chain(f)} {{",
+            f"    chain {frontend_chain(f)} {{",
             f'        ct mark set ct mark or {CT_MARK:#x} comment "dabctl stack={f.stack} service={f.service} '
             f'target={f.target}"',
         ]
@@ -140,7 +140,8 @@ def dnat_rule(protocol: str, backends: Sequence[Backend]) -> str:
     return f"meta l4proto {protocol} dnat ip addr . port to numgen inc mod {len(backends)} map {{ {targets} }}"
 
 
-def _chain(f: Frontend) -> str:
+def frontend_chain(f: Frontend) -> str:
+    """The chain of dabctl's table that handles one published port (both backends name it so)."""
     return f"fe_{f.protocol}_{f.port}"
 
 

@@ -30,12 +30,12 @@ from agent.node.rollback import RollbackError, pin_stack, unpin_stack
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
-from agent.sources.source import Source, _secret, open_source, watch_directory
+from agent.sources.source import Source, open_source, read_secret, watch_directory
 from agent.state.backends import open_log
 from agent.state.log import StateLogError
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
-from reconcilers.outcome import Outcome
+from reconcilers.outcome import Outcome, one_line
 from schemas.config import AgentConfig
 from schemas.output import SourceStatus, StatusOutput
 
@@ -98,7 +98,7 @@ class Agent:
         )
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
-        secret = _secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
+        secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
         webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
         self.http = AgentHttp(
             host,
@@ -192,7 +192,7 @@ class Agent:
                 self.fingerprint = fp
                 return True
             except Exception as exc:
-                self.source_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.source_error = one_line(exc)
                 self.metrics.git_fetch_failures.inc()
                 log.warning("source unreachable; workloads untouched", extra={"error": self.source_error})
                 return False
@@ -341,7 +341,7 @@ class Agent:
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
             except (EmptySourceRefused, EngineError, StateLogError, SdkError, OSError) as exc:
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                why = one_line(exc)
                 if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
                     why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"
                 for k in keys:

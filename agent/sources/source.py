@@ -77,7 +77,7 @@ class GitRepoSource:
         from agent.sources.git import GitAuth, GitSource
 
         assert cfg.source is not None
-        token = _secret(cfg.git_token_file, cfg.git_token_env)
+        token = read_secret(cfg.git_token_file, cfg.git_token_env)
         auth = GitAuth(
             token=token,
             username=cfg.git_username,
@@ -102,7 +102,7 @@ class GitRepoSource:
         self.git.close()
 
 
-def _secret(file: str | None, env: str | None) -> str | None:
+def read_secret(file: str | None, env: str | None) -> str | None:
     """A credential from a file (trailing newline dropped) or an environment variable; never logged."""
     if file:
         try:

@@ -12,8 +12,9 @@ from typing import Any
 
 import requests
 
-from tests.integration.conftest import DABCTL, wait_for
+from tests.integration.conftest import DABCTL
 from tests.support.etcd import free_port
+from tests.support.polling import wait_for
 
 
 class AgentProcess:

@@ -10,8 +10,9 @@ import docker
 import pytest
 
 from agent.state.sqlite import SqliteStateLog
-from tests.integration.conftest import IMAGE, SLEEPER, Workspace, service, wait_for
+from tests.integration.conftest import IMAGE, SLEEPER, Workspace, service
 from tests.support.dockerproxy import DockerProxy
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]

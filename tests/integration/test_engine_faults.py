@@ -19,9 +19,10 @@ import pytest
 import requests
 
 from tests.integration.agentproc import AgentProcess, eventually
-from tests.integration.conftest import Workspace, service, wait_for
+from tests.integration.conftest import Workspace, service
 from tests.support.dockerd import NetnsDockerd
 from tests.support.dockerproxy import DockerProxy
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

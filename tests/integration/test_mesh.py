@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from tests.integration.agentproc import AgentProcess
-from tests.integration.conftest import IMAGE, Workspace, wait_for
+from tests.integration.conftest import IMAGE, Workspace
 from tests.support.dockerd import NetnsDockerd
 from tests.support.netns import Peer, fetch_in, run_in
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

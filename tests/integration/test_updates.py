@@ -18,8 +18,9 @@ import docker
 import pytest
 
 from tests.integration.agentproc import AgentProcess, eventually
-from tests.integration.conftest import IMAGE, Workspace, wait_for
+from tests.integration.conftest import IMAGE, Workspace
 from tests.support.gitserver import GitServer, commit, force_push_reset, init_repo
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -10,7 +10,6 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -71,15 +70,3 @@ def collect(w: Watch, count: int, timeout: float = 10) -> list[Event]:
             raise AssertionError(f"got {len(events)} of {count} events within {timeout}s: {events}")
         events.append(event)
     return events
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10, interval: float = 0.05) -> Any:
-    """Poll until condition() is truthy; return its value or fail with the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)

@@ -29,7 +29,8 @@ from agent.state.log import (
     TxnResult,
     Watch,
 )
-from tests.statelog.conftest import collect, wait_for
+from tests.statelog.conftest import collect
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

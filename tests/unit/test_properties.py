@@ -16,7 +16,6 @@ import json
 import os
 import re
 import tempfile
-import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from agent.config import ConfigError, load_config
 from bundles import BundleError, DesiredState, InvalidBundles, parse_bundle
 from bundles.desired import StackBundle, bundle_hash, desired_networks, service_targets
 from bundles.policy import Policy, violations
+from schemas.annotations import field_types
 from schemas.bundle import OBJECT_NAME_PATTERN, RESERVED_LABEL_PREFIXES, Bundle
 from schemas.config import AgentConfig
 from schemas.durations import format_duration, parse_duration
@@ -313,18 +313,9 @@ def _nodes(value: Any, path: Path_ = ()) -> Iterator[Path_]:
         yield from _nodes(child, (*path, key))
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [t for a in typing.get_args(annotation) for t in _unwrap(a)]
-    return [annotation]
-
-
 def _models(value: Any, annotation: Any = Bundle, path: Path_ = ()) -> Iterator[tuple[Path_, type[BaseModel]]]:
     """The path of every mapping in the document that is a model (so an unknown key there is an error)."""
-    for cand in _unwrap(annotation):
+    for cand in field_types(annotation):
         origin = typing.get_origin(cand)
         if isinstance(cand, type) and issubclass(cand, BaseModel) and isinstance(value, dict):
             yield path, cand
@@ -730,7 +721,7 @@ def _config_strategy(name: str) -> st.SearchStrategy[Any]:
         raise TypeError(f"{name} has a pattern: give it a strategy in _CONFIG_OVERRIDES")
     low, high = bounds.get("ge", -(10**6)), bounds.get("le", 10**9)
     options: list[st.SearchStrategy[Any]] = []
-    for kind in _unwrap(info.annotation):
+    for kind in field_types(info.annotation):
         origin = typing.get_origin(kind)
         if kind is type(None):
             options.append(st.none())
@@ -814,7 +805,7 @@ _env_item = st.text(
 @st.composite
 def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     name = draw(st.sampled_from(sorted(AgentConfig.model_fields)))
-    kinds = _unwrap(AgentConfig.model_fields[name].annotation)
+    kinds = field_types(AgentConfig.model_fields[name].annotation)
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
     return name, draw(_config_strategy(name).filter(lambda v: v is not None))
@@ -844,7 +835,7 @@ _CONFIG_BAD_VALUES: dict[str, list[Any]] = {
 
 def _config_other_type(draw: st.DrawFn, name: str) -> Any:
     """A value of a type the strict model refuses for this setting."""
-    kinds = _unwrap(AgentConfig.model_fields[name].annotation)
+    kinds = field_types(AgentConfig.model_fields[name].annotation)
     literal = any(typing.get_origin(k) is typing.Literal for k in kinds)
     choices: list[st.SearchStrategy[Any]] = [st.just({"a": 1})]
     if not any(typing.get_origin(k) is list for k in kinds):
