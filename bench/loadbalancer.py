@@ -128,7 +128,9 @@ def balance(shape: Shape, changed: bool = False) -> dict[Frontend, tuple[Backend
         backends = [Backend(f"10.250.{i // 250}.{i % 250 + 1}", PORT) for i in range(j * per, (j + 1) * per)]
         if changed and j == 0:
             backends[0] = CHANGED
-        out[Frontend("tcp", 30000 + j, "bench", f"svc{j:03d}", PORT)] = tuple(sorted(backends))
+        out[Frontend(protocol="tcp", port=30000 + j, stack="bench", service=f"svc{j:03d}", target=PORT)] = tuple(
+            sorted(backends)
+        )
     return out
 
 

@@ -31,7 +31,7 @@ _CONTAINER_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StackBundle:
     """One stack as loaded: its bundle, the file's text and the revision at which that file last changed."""
 
@@ -57,7 +57,7 @@ class DesiredState:
     stacks: Mapping[str, StackBundle] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NetworkTarget:
     """A network a stack needs: managed ones are created by dabctl, external ones must exist."""
 
@@ -68,7 +68,7 @@ class NetworkTarget:
     external: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServiceTarget:
     """One service's container spec, its hash and the canonical document the hash covers."""
 

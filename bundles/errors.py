@@ -9,7 +9,7 @@ SourceError            a git source cannot be reached or read (agent.sources.git
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from schemas.quoting import printable
 
@@ -23,6 +23,7 @@ class BundleError:
 
     file: str
     message: str
+    _: KW_ONLY
     field: str = ""
     fix: str = ""
     line: int | None = None

@@ -115,7 +115,7 @@ def _in(port: int, port_range: tuple[int, int]) -> bool:
 # --- the balancer as data ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, kw_only=True)
 class Frontend:
     """A published port on every local address of the node, and the service it leads to."""
 
@@ -165,7 +165,7 @@ def wanted(ports: Mapping[PortKey, int], endpoints: Iterable[Endpoint]) -> dict[
             by_service.setdefault((e.stack, e.service), set()).add(e.address)
     out: dict[Frontend, tuple[Backend, ...]] = {}
     for key, port in ports.items():
-        frontend = Frontend(key.protocol, port, key.stack, key.service, key.target)
+        frontend = Frontend(protocol=key.protocol, port=port, stack=key.stack, service=key.service, target=key.target)
         addresses = by_service.get((key.stack, key.service), set())
         out[frontend] = tuple(sorted(Backend(a, key.target) for a in addresses))
     return out

@@ -20,7 +20,7 @@ from schemas.bundle import UpdateConfig
 State = Literal["updating", "paused", "rolling-back", "completed"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Container:
     """What the rollout needs to know of one container."""
 
@@ -40,7 +40,7 @@ class SlotView:
     new: Container | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rollout:
     """The progress of rolling one service to `target`; persisted between passes."""
 
@@ -53,7 +53,7 @@ class Rollout:
     rollback: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Step:
     """What to do now: slots to replace (stop-first), to start beside the old one (start-first), old containers
     to remove, the rollout to record, and when to look again (seconds; None when nothing is pending)."""

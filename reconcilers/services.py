@@ -20,7 +20,7 @@ from reconcilers.rollout import slot_order
 STARTABLE_STATES = ("created", "exited")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Replica:
     """A managed container as the engine lists it."""
 
@@ -44,7 +44,7 @@ class Replica:
         return f"{self.stack}_{self.service}.{self.slot}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServiceDesired:
     """A service's target spec, the slots the state log assigns to this node, and the last applied spec."""
 
@@ -192,14 +192,14 @@ def _preference(replica: Replica) -> tuple[int, int]:
 def _view(r: Replica | None) -> rollout.Container | None:
     if r is None:
         return None
-    return rollout.Container(r.id, r.state, r.health, float(r.created), r.exit_code)
+    return rollout.Container(id=r.id, state=r.state, health=r.health, created=float(r.created), exit_code=r.exit_code)
 
 
 ServiceKey = tuple[str, str]
 SlotKey = tuple[str, str, str]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServicesPlan:
     """Actions, plus what the pass must remember: rollouts and restart records that changed, per-service notes
     (a paused rollout, a slot given up on), and when to look again for time-based progress."""

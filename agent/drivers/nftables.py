@@ -172,7 +172,8 @@ def parse(listing: Mapping[str, Any]) -> Programmed:
     for chain, (proto, port) in frontends.items():
         if chain in identity:
             stack, service, target = identity[chain]
-            balance[Frontend(proto, port, stack, service, target)] = backends.get(chain, ())
+            frontend = Frontend(protocol=proto, port=port, stack=stack, service=service, target=target)
+            balance[frontend] = backends.get(chain, ())
     return Programmed(balance, owner, was)
 
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent.drivers.balancer import listening_ports, open_balancer
@@ -45,6 +45,7 @@ class StackPlan:
 
     name: str
     revision: str | None
+    _: KW_ONLY
     error: str | None = None
     network_actions: list[NetworkAction] = field(default_factory=list)
     service_actions: list[ServiceAction] = field(default_factory=list)
@@ -56,7 +57,7 @@ class StackPlan:
         return [*self.network_actions, *self.service_actions, *self.balancer_actions]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PassPlan:
     """The plan of one pass, with what it needs to record afterwards."""
 
@@ -180,7 +181,9 @@ class Engine:
         blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
         held |= set(allocation.errors)
         stacks = {
-            name: StackPlan(name, desired.stacks[name].revision if name in desired.stacks else None, blocked.get(name))
+            name: StackPlan(
+                name, desired.stacks[name].revision if name in desired.stacks else None, error=blocked.get(name)
+            )
             for name in sorted(in_scope)
         }
         pinned = set(self._pinned)
@@ -251,27 +254,33 @@ class Engine:
                     pins_changed[stack_name] = pin
                     sp.recheck(0.0)
         return PassPlan(
-            desired,
-            stacks,
-            assignments,
-            changed,
-            removed,
-            records,
-            sorted(suspended & names),
-            replicas,
-            rollouts,
-            sp.restarts,
-            pins_changed,
-            sp.recheck_in,
-            bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
-            images,
-            allocation.ports,
-            {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {},
-            {k for k in recorded_ports if k.stack not in held and k not in allocation.ports} if publishing else set(),
-            balance,
-            held,
-            balancer_error,
-            _starting(replicas, allocation.ports) if publishing else 0,
+            desired=desired,
+            stacks=stacks,
+            assignments=assignments,
+            assignments_changed=changed,
+            assignments_removed=removed,
+            records=records,
+            suspended=sorted(suspended & names),
+            replicas=replicas,
+            rollouts=rollouts,
+            restarts=sp.restarts,
+            pins=pins_changed,
+            recheck_in=sp.recheck_in,
+            rolling=bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
+            images=images,
+            ports=allocation.ports,
+            ports_changed=(
+                {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {}
+            ),
+            ports_removed=(
+                {k for k in recorded_ports if k.stack not in held and k not in allocation.ports}
+                if publishing
+                else set()
+            ),
+            balance=balance,
+            held=held,
+            balancer_error=balancer_error,
+            awaiting_health=_starting(replicas, allocation.ports) if publishing else 0,
         )
 
     def _observe_balancer(

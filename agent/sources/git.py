@@ -24,7 +24,7 @@ import re
 import shlex
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Any, Self, cast
@@ -118,6 +118,7 @@ class _Remote:
     kind: str  # "local" | "http" | "ssh"
     location: str  # for messages: no credentials
     target: str  # local path, or the URL without credentials (http), or the path on the host (ssh)
+    _: KW_ONLY
     host: str = ""
     port: int | None = None
     user: str | None = field(default=None, repr=False)

@@ -50,7 +50,7 @@ class ReadOnly(StateLogError):
     """The state was opened for reading only."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KeyValue:
     """A stored key with etcd's metadata."""
 
@@ -62,7 +62,7 @@ class KeyValue:
     lease: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Event:
     """One change: a put (with the key's new metadata) or a delete (value empty), at `revision`."""
 

@@ -69,7 +69,14 @@ REAPER_INTERVAL = 0.2
 
 
 def _kv(row: Sequence[Any]) -> KeyValue:
-    return KeyValue(str(row[0]), bytes(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))
+    return KeyValue(
+        key=str(row[0]),
+        value=bytes(row[1]),
+        create_revision=int(row[2]),
+        mod_revision=int(row[3]),
+        version=int(row[4]),
+        lease=int(row[5]),
+    )
 
 
 class SqliteStateLog:
@@ -273,7 +280,9 @@ class SqliteStateLog:
                 "version=excluded.version, lease=excluded.lease",
                 (op.key, op.value, create, rev, version, op.lease),
             )
-            return [Event("put", op.key, op.value, rev, create, version)]
+            return [
+                Event(type="put", key=op.key, value=op.value, revision=rev, create_revision=create, version=version)
+            ]
         if op.prefix:
             keys = [
                 r[0]
@@ -282,7 +291,7 @@ class SqliteStateLog:
         else:
             keys = [r[0] for r in cur.execute("SELECT key FROM kv WHERE key = ?", (op.key,))]
         cur.executemany("DELETE FROM kv WHERE key=?", [(k,) for k in keys])
-        return [Event("delete", k, b"", rev) for k in keys]
+        return [Event(type="delete", key=k, value=b"", revision=rev) for k in keys]
 
     # --- compaction -------------------------------------------------------------------------------------------
 
@@ -340,7 +349,16 @@ class SqliteStateLog:
                 except sqlite3.ProgrammingError:  # closed underneath us
                     return
                 for r in rows:
-                    w._deliver(Event(r[1], r[2], bytes(r[3]), r[0], r[4], r[5]))
+                    w._deliver(
+                        Event(
+                            type=r[1],
+                            key=r[2],
+                            value=bytes(r[3]),
+                            revision=r[0],
+                            create_revision=r[4],
+                            version=r[5],
+                        )
+                    )
                 next_rev = max(next_rev, last + 1)
                 self._changed.wait(timeout=1.0)
 

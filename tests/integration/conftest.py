@@ -9,7 +9,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Workspace:
     api: docker.APIClient
     root: Path
     prefix: str
+    _: KW_ONLY
     wrapper: tuple[str, ...] = ()  # runs dabctl through it, e.g. ("nsenter", "--net=...") for a node namespace
     # Tests on the host engine publish no ports: the mesh is tested in node namespaces (test_mesh.py), whose
     # rules go with the namespace; on the host they would outlive the test, or meet the machine's own table.

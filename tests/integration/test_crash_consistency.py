@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class Kill:
 class Trial:
     mode: str
     kill: Kill
+    _: KW_ONLY
     killed: bool = False
     calls_seen: int = 0  # every call the proxy had seen when the kill fired
     mutating_seen: int = 0

@@ -159,7 +159,7 @@ def test_injected_fault_is_not_forwarded(
     # One-shot: the same keep-alive connection keeps working for later calls.
     client.start(cid)
     assert direct.inspect_container(cid)["State"]["Running"] is True
-    assert proxy.mutating()[-1] == Call("POST", f"/containers/{cid}/start", "", 204)
+    assert proxy.mutating()[-1] == Call("POST", f"/containers/{cid}/start", query="", status=204)
 
 
 @pytest.mark.timeout(60)

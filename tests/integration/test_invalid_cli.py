@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Bad:
     id: str
     content: dict[str, Any] | str | bytes
     where: str
+    _: KW_ONLY
     name: str = "bad"
     suffix: str = ".dab"
 

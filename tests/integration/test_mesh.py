@@ -77,7 +77,7 @@ def node() -> Iterator[Node]:
 def mws(node: Node, tmp_path: Path) -> Iterator[Workspace]:
     """A workspace whose dabctl runs in the node's namespace, against the node's engine."""
     wrapper = ("nsenter", f"--net={node.engine.netns_path}")
-    ws = Workspace(node.engine.client, tmp_path, "m" + secrets.token_hex(4), wrapper, loadbalancer="auto")
+    ws = Workspace(node.engine.client, tmp_path, "m" + secrets.token_hex(4), wrapper=wrapper, loadbalancer="auto")
     try:
         yield ws
     finally:

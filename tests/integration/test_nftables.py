@@ -15,8 +15,8 @@ from tests.support.netns import entered, run_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-WEB = Frontend("tcp", 30000, "shop", "web", 8080)
-DNS = Frontend("udp", 30053, "shop", "dns", 53)
+WEB = Frontend(protocol="tcp", port=30000, stack="shop", service="web", target=8080)
+DNS = Frontend(protocol="udp", port=30053, stack="shop", service="dns", target=53)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def put_event(key: str, value: bytes, revision: int, create_revision: int, version: int) -> Event:
-    return Event("put", key, value, revision, create_revision, version)
+    return Event(type="put", key=key, value=value, revision=revision, create_revision=create_revision, version=version)
 
 
 def brief(events: list[Event]) -> list[tuple[str, str, bytes, int]]:
@@ -79,14 +79,14 @@ def test_a_fresh_log_has_no_keys(log: StateLog) -> None:
 def test_put_advances_the_revision_and_tracks_versions(log: StateLog) -> None:
     r = log.revision()
     assert log.put("/a", b"1") == r + 1
-    assert log.get("/a") == KeyValue("/a", b"1", r + 1, r + 1, 1)
+    assert log.get("/a") == KeyValue(key="/a", value=b"1", create_revision=r + 1, mod_revision=r + 1, version=1)
     assert log.put("/b", b"x") == r + 2
     assert log.put("/a", b"2") == r + 3
-    assert log.get("/a") == KeyValue("/a", b"2", r + 1, r + 3, 2)
+    assert log.get("/a") == KeyValue(key="/a", value=b"2", create_revision=r + 1, mod_revision=r + 3, version=2)
     # Writing the same value again is still a write, as in etcd.
     assert log.put("/a", b"2") == r + 4
-    assert log.get("/a") == KeyValue("/a", b"2", r + 1, r + 4, 3)
-    assert log.get("/b") == KeyValue("/b", b"x", r + 2, r + 2, 1)
+    assert log.get("/a") == KeyValue(key="/a", value=b"2", create_revision=r + 1, mod_revision=r + 4, version=3)
+    assert log.get("/b") == KeyValue(key="/b", value=b"x", create_revision=r + 2, mod_revision=r + 2, version=1)
     assert log.revision() == r + 4
 
 
@@ -98,7 +98,7 @@ def test_delete_then_put_starts_a_new_life(log: StateLog) -> None:
     assert log.get("/a") is None
     assert log.range("/") == []
     assert log.put("/a", b"3") == r + 4
-    assert log.get("/a") == KeyValue("/a", b"3", r + 4, r + 4, 1)
+    assert log.get("/a") == KeyValue(key="/a", value=b"3", create_revision=r + 4, mod_revision=r + 4, version=1)
 
 
 def test_a_delete_that_deletes_nothing_makes_no_revision(log: StateLog) -> None:
@@ -146,9 +146,11 @@ def test_values_and_keys_round_trip_verbatim(log: StateLog) -> None:
     log.put("/blob", blob)
     log.put("/empty", b"")
     log.put("/ключ/ü €", b"\xff\xfe")
-    assert log.get("/blob") == KeyValue("/blob", blob, r + 1, r + 1, 1)
-    assert log.get("/empty") == KeyValue("/empty", b"", r + 2, r + 2, 1)
-    assert log.get("/ключ/ü €") == KeyValue("/ключ/ü €", b"\xff\xfe", r + 3, r + 3, 1)
+    assert log.get("/blob") == KeyValue(key="/blob", value=blob, create_revision=r + 1, mod_revision=r + 1, version=1)
+    assert log.get("/empty") == KeyValue(key="/empty", value=b"", create_revision=r + 2, mod_revision=r + 2, version=1)
+    assert log.get("/ключ/ü €") == KeyValue(
+        key="/ключ/ü €", value=b"\xff\xfe", create_revision=r + 3, mod_revision=r + 3, version=1
+    )
     assert [k.key for k in log.range("/ключ/")] == ["/ключ/ü €"]
 
 
@@ -227,9 +229,9 @@ def test_txn_ops_are_one_revision(log: StateLog) -> None:
     assert (result.succeeded, result.revision) == (True, r + 4)
     assert log.revision() == r + 4
     assert log.range("/") == [
-        KeyValue("/a", b"3", r + 1, r + 4, 3),
-        KeyValue("/x", b"1", r + 4, r + 4, 1),
-        KeyValue("/y", b"2", r + 4, r + 4, 1),
+        KeyValue(key="/a", value=b"3", create_revision=r + 1, mod_revision=r + 4, version=3),
+        KeyValue(key="/x", value=b"1", create_revision=r + 4, mod_revision=r + 4, version=1),
+        KeyValue(key="/y", value=b"2", create_revision=r + 4, mod_revision=r + 4, version=1),
     ]
 
 
@@ -244,7 +246,7 @@ def test_txn_else_branch_and_prefix_delete(log: StateLog) -> None:
     )
     assert (result.succeeded, result.revision) == (False, r + 6)
     assert log.range("/dir/") == []
-    assert log.get("/else") == KeyValue("/else", b"e", r + 6, r + 6, 1)
+    assert log.get("/else") == KeyValue(key="/else", value=b"e", create_revision=r + 6, mod_revision=r + 6, version=1)
     assert log.get("/then") is None
 
 
@@ -256,7 +258,7 @@ def test_a_txn_that_changes_nothing_makes_no_revision(log: StateLog) -> None:
     assert log.txn([Compare("/a", "version", "==", 2)], []) == TxnResult(True, r + 3)
     assert log.txn([], [Delete("/missing"), Delete("/none/", prefix=True)]) == TxnResult(True, r + 3)
     assert log.revision() == r + 3
-    assert log.get("/a") == KeyValue("/a", b"2", r + 1, r + 3, 2)
+    assert log.get("/a") == KeyValue(key="/a", value=b"2", create_revision=r + 1, mod_revision=r + 3, version=2)
 
 
 def test_compare_and_swap_loses_no_update_under_contention(log: StateLog) -> None:
@@ -570,6 +572,6 @@ def test_a_txn_putting_with_an_unknown_lease_raises_and_changes_nothing(log: Sta
     r = log.revision()
     with pytest.raises(LeaseNotFound):
         log.txn([], [Put("/u/a", b"2"), Put("/u/b", b"v", lease=0x1234_5678_9ABD)])
-    assert log.get("/u/a") == KeyValue("/u/a", b"1", r, r, 1)
+    assert log.get("/u/a") == KeyValue(key="/u/a", value=b"1", create_revision=r, mod_revision=r, version=1)
     assert log.get("/u/b") is None
     assert log.revision() == r

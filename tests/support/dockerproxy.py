@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Self
 
 __all__ = ["Call", "DockerProxy", "normalize_endpoint"]
@@ -105,6 +105,7 @@ class Call:
 
     method: str
     path: str
+    _: KW_ONLY
     query: str = ""
     status: int | None = None
     injected: bool = False
@@ -125,6 +126,7 @@ class _Rule:
     """A fault or hook that acts on matching calls after `skip` matches, `times` times (None: forever)."""
 
     predicate: Callable[[Call], bool]
+    _: KW_ONLY
     skip: int
     times: int | None
     fault: tuple[int, str] | None = None
@@ -141,7 +143,7 @@ class ProxyProtocolError(Exception):
     """The client sent something the proxy cannot parse as an HTTP/1.1 request."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Request:
     """A parsed request head plus the framing the proxy needs to forward its body."""
 

@@ -42,7 +42,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TlsFiles:
     """PEM files: a CA, a server certificate for 127.0.0.1/localhost and a client certificate, both CA-signed."""
 
@@ -138,7 +138,9 @@ def make_tls(directory: Path) -> TlsFiles:
     server_usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     server_cert, server_key = issue("etcd-server", server_usages, "server")
     client_cert, client_key = issue("dabctl-client", [ExtendedKeyUsageOID.CLIENT_AUTH], "client")
-    return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key)
+    return TlsFiles(
+        ca=ca_path, server_cert=server_cert, server_key=server_key, client_cert=client_cert, client_key=client_key
+    )
 
 
 class EtcdServer:

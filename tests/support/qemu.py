@@ -165,7 +165,7 @@ def build_initramfs(kernel: Kernel, path: Path, names: tuple[str, ...] = MODULES
     return path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GuestResult:
     """What one guest run left: the command's exit status (None: it never finished), the console, the out dir."""
 
@@ -246,7 +246,7 @@ class Guest:
         boot = None
         if m := re.search(r"dabctl-guest: booted in ([0-9.]+)s", text):
             boot = float(m.group(1))
-        return GuestResult(rc, text, self.out, boot, seconds)
+        return GuestResult(returncode=rc, console=text, out=self.out, boot_seconds=boot, seconds=seconds)
 
 
 if __name__ == "__main__":  # a manual check: python -m tests.support.qemu 'command'

@@ -75,7 +75,7 @@ def sparse(path: Path, size: int) -> Path:
     return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     returncode: int | None  # None: killed after the timeout
     stdout: str
@@ -107,11 +107,11 @@ def dabctl(*args: str, timeout: float = 60, address_space: int = 1 << 30) -> Run
         out.seek(0)
         err.seek(0)
         return Run(
-            None if killed else proc.returncode,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-            seconds,
-            usage.ru_maxrss / 1024,
+            returncode=None if killed else proc.returncode,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+            seconds=seconds,
+            peak_rss_mb=usage.ru_maxrss / 1024,
         )
 
 

@@ -31,7 +31,7 @@ def github_signature(body: bytes, secret: bytes = SECRET) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Fakes:
     """The callables AgentHttp is given; each records its calls, and `fail` makes one raise."""
 

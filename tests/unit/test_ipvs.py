@@ -37,8 +37,8 @@ from reconcilers.loadbalancer import (
 )
 from reconcilers.outcome import Outcome
 
-WEB = Frontend("tcp", 30080, "shop", "web", 8080)
-DNS = Frontend("udp", 30053, "shop", "dns", 53)
+WEB = Frontend(protocol="tcp", port=30080, stack="shop", service="web", target=8080)
+DNS = Frontend(protocol="udp", port=30053, stack="shop", service="dns", target=53)
 A, B, C = Backend("10.0.0.2", 8080), Backend("10.0.0.3", 8080), Backend("10.0.0.4", 8080)
 D1 = Backend("10.0.0.5", 53)
 FOREIGN = 0x00004000  # kube-proxy's kind of mark: not dabctl's
@@ -366,7 +366,7 @@ def test_a_frontend_that_leads_elsewhere_keeps_its_service_and_gets_a_new_identi
     netlink, nft = FakeNetlink(), FakeNft()
     r = ruleset(sysctls, netlink, nft)
     r.write({WEB: (A,)}, [])
-    moved = Frontend("tcp", 30080, "shop", "api", 9090)
+    moved = Frontend(protocol="tcp", port=30080, stack="shop", service="api", target=9090)
     api = Backend("10.0.0.7", 9090)
     netlink.sent.clear()
     r.write({moved: (api,)}, [Unpublish(WEB), Publish(moved, (api,))])

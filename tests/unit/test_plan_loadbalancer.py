@@ -126,8 +126,8 @@ def test_allocation_is_stable_when_a_service_is_added_before_the_others_in_name_
     assert second.ports[API] != first.ports[WEB]
 
 
-FE = Frontend("tcp", 30000, "shop", "web", 8080)
-FE_API = Frontend("tcp", 30001, "shop", "api", 9000)
+FE = Frontend(protocol="tcp", port=30000, stack="shop", service="web", target=8080)
+FE_API = Frontend(protocol="tcp", port=30001, stack="shop", service="api", target=9000)
 B1, B2, B3 = Backend("10.0.0.1", 8080), Backend("10.0.0.2", 8080), Backend("10.0.0.3", 8080)
 
 
@@ -151,10 +151,10 @@ PLANS: dict[str, tuple[Balance, Balance, set[str], list[BalancerAction]]] = {
     "last-backend-drained": ({FE: ()}, {FE: (B1,)}, set(), [Rebalance(FE, (), (), (B1,))]),
     "unpublish": ({}, {FE: (B1,)}, set(), [Unpublish(FE)]),
     "port-now-leads-to-another-service": (
-        {Frontend("tcp", 30000, "shop", "api", 9000): ()},
+        {Frontend(protocol="tcp", port=30000, stack="shop", service="api", target=9000): ()},
         {FE: (B1,)},
         set(),
-        [Unpublish(FE), Publish(Frontend("tcp", 30000, "shop", "api", 9000), ())],
+        [Unpublish(FE), Publish(Frontend(protocol="tcp", port=30000, stack="shop", service="api", target=9000), ())],
     ),
     "held-stack-is-left-as-it-is": ({}, {FE: (B1,)}, {"shop"}, []),
     "held-stack-gets-nothing-new": ({FE: (B1,)}, {}, {"shop"}, []),

@@ -14,7 +14,18 @@ from bundles.policy import Policy, bind_rule, enforce, normalise, violations
 
 def stack(doc: dict[str, object]) -> DesiredState:
     bundle = parse_bundle(json.dumps(doc), "web.dab", ".dab")
-    return DesiredState({"web": StackBundle("web", "web.dab", bundle, "", "dir@sha256:0", bundle_hash(bundle))})
+    return DesiredState(
+        {
+            "web": StackBundle(
+                name="web",
+                file="web.dab",
+                bundle=bundle,
+                content="",
+                revision="dir@sha256:0",
+                bundle_hash=bundle_hash(bundle),
+            )
+        }
+    )
 
 
 def mount(source: str) -> DesiredState:

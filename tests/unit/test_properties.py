@@ -18,7 +18,7 @@ import re
 import tempfile
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,9 @@ def test_valid_bundles_round_trip(doc: Doc, allow_unicode: bool) -> None:
 
 
 def _derived(bundle: Bundle) -> tuple[Any, ...]:
-    stack = StackBundle("st", "f.dab", bundle, "", "r", bundle_hash(bundle))
+    stack = StackBundle(
+        name="st", file="f.dab", bundle=bundle, content="", revision="r", bundle_hash=bundle_hash(bundle)
+    )
     state = DesiredState({"st": stack})
     policy = [str(e) for e in violations(state, Policy())]
     allowed = [str(e) for e in violations(state, Policy(("/",), True))]
@@ -292,6 +294,7 @@ class Case:
     doc: Doc
     what: str
     field: str | None  # the field path an error must name ...
+    _: KW_ONLY
     names: list[str] = field(default_factory=list)  # ... and/or names its message must quote
     text: str | None = None  # the JSON text, when it cannot be made from `doc` (duplicate keys)
 

@@ -31,7 +31,7 @@ def ro(**fields: Any) -> Rollout:
 
 def old(slot: str, state: str = "running") -> SlotView:
     """A slot still on an older spec, with no successor yet."""
-    return SlotView(slot, Container(f"old-{slot}", state, None, LONG_AGO), None)
+    return SlotView(slot, Container(id=f"old-{slot}", state=state, health=None, created=LONG_AGO), None)
 
 
 def new(
@@ -44,12 +44,14 @@ def new(
 ) -> SlotView:
     """A slot with a container of the target spec; `beside` is the state of an old container still in the slot
     (start-first), None when it is gone. Defaults: running, no healthcheck, past Monitor, so healthy."""
-    was = None if beside is None else Container(f"old-{slot}", beside, None, LONG_AGO)
-    return SlotView(slot, was, Container(f"new-{slot}", state, health, created, exit_code))
+    was = None if beside is None else Container(id=f"old-{slot}", state=beside, health=None, created=LONG_AGO)
+    return SlotView(
+        slot, was, Container(id=f"new-{slot}", state=state, health=health, created=created, exit_code=exit_code)
+    )
 
 
 def container(state: str = "running", health: str | None = None, created: float = LONG_AGO) -> Container:
-    return Container("c", state, health, created)
+    return Container(id="c", state=state, health=health, created=created)
 
 
 # new_health: (container, monitor seconds) -> verdict at NOW.
@@ -555,15 +557,18 @@ class Node:
         if c is None or self.healthcheck_after is None:
             return c
         ok = self.now - c.created >= self.healthcheck_after
-        return Container(c.id, c.state, "healthy" if ok else "starting", c.created)
+        return Container(id=c.id, state=c.state, health="healthy" if ok else "starting", created=c.created)
 
     def apply(self, s: Step) -> None:
         for slot in s.remove_old:
             self.slots[slot] = (None, self.slots[slot][1])
         for slot in s.replace:  # stop-first: the old one is stopped and removed, then its successor started
-            self.slots[slot] = (None, Container(f"new-{slot}", "running", None, self.now))
+            self.slots[slot] = (None, Container(id=f"new-{slot}", state="running", health=None, created=self.now))
         for slot in s.start_beside:
-            self.slots[slot] = (self.slots[slot][0], Container(f"new-{slot}", "running", None, self.now))
+            self.slots[slot] = (
+                self.slots[slot][0],
+                Container(id=f"new-{slot}", state="running", health=None, created=self.now),
+            )
         if s.replace or s.start_beside:
             self.started.append(s.replace or s.start_beside)
 
@@ -596,7 +601,10 @@ def roll(node: Node, config: UpdateConfig, passes: int = 100) -> tuple[Rollout, 
 
 
 def four_old() -> dict[str, tuple[Container | None, Container | None]]:
-    return {slot: (Container(f"old-{slot}", "running", None, LONG_AGO), None) for slot in ("1", "2", "3", "4")}
+    return {
+        slot: (Container(id=f"old-{slot}", state="running", health=None, created=LONG_AGO), None)
+        for slot in ("1", "2", "3", "4")
+    }
 
 
 @pytest.mark.parametrize("healthcheck_after", [None, 3.0, 8.0], ids=["monitor", "healthcheck-3s", "healthcheck-8s"])

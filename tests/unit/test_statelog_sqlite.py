@@ -22,7 +22,7 @@ def log(tmp_path: Path) -> Iterator[SqliteStateLog]:
 
 
 def kv(key: str, value: bytes, create: int, mod: int, version: int) -> KeyValue:
-    return KeyValue(key, value, create, mod, version)
+    return KeyValue(key=key, value=value, create_revision=create, mod_revision=mod, version=version)
 
 
 # --- put / get / range / delete ---------------------------------------------------------------------------------
@@ -299,7 +299,9 @@ def test_a_state_of_the_first_schema_is_upgraded_by_a_writer_and_explained_to_a_
         SqliteStateLog(path, writer=False)
     writer = SqliteStateLog(path)
     try:
-        assert writer.get(OWNER_KEY) == KeyValue(OWNER_KEY, b"old", 3, 3, 1)
+        assert writer.get(OWNER_KEY) == KeyValue(
+            key=OWNER_KEY, value=b"old", create_revision=3, mod_revision=3, version=1
+        )
         writer.put("/k", b"v")
         assert writer.revision() == 4
     finally:

@@ -15,8 +15,8 @@ from agent.drivers.nftables import Nft, NftRuleset
 from reconcilers.loadbalancer import Frontend
 from tests.guest.inside.conftest import B1, B2, B3, NAMES, NODE, OWNER, Rig, ask, proc_ip_vs, services, sh
 
-WEB = Frontend("tcp", 30080, "shop", "web", 8080)
-DNS = Frontend("udp", 30053, "shop", "dns", 8080)
+WEB = Frontend(protocol="tcp", port=30080, stack="shop", service="web", target=8080)
+DNS = Frontend(protocol="udp", port=30053, stack="shop", service="dns", target=8080)
 WEB_MARK, DNS_MARK = mark_of("tcp", 30080), mark_of("udp", 30053)
 
 
