@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics, served at /metrics (DESIGN §8).
+"""The agent's Prometheus metrics, served at /metrics.
 
 Everything lives on the instance's own CollectorRegistry, never the process-global one, so two agents (or two
 tests) in one process do not collide and nothing a library registers globally leaks into /metrics.

@@ -1,6 +1,7 @@
 """Shared pieces of the bench scripts: the engine in its own network namespace, a Swarm on it, polling, tables.
 
-Every script runs its contenders against one throw-away dockerd in its own network namespace (DESIGN §9), started
+Every script runs its contenders against one throw-away dockerd in its own network namespace (a second dockerd in
+the host's namespace fights the first over docker0, the DOCKER chains and the address pools), started
 with DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 so that Swarm tasks never try a registry; Swarm services are created
 with `--no-resolve-image`. The clock rule is the same for every contender: it starts before the command is
 launched (or the kill is sent) and stops when the engine, polled from outside every 20 ms, reports the end state.
@@ -66,7 +67,7 @@ def build_bench_images(engine: NetnsDockerd) -> None:
 
 @contextlib.contextmanager
 def netns_engine() -> Iterator[NetnsDockerd]:
-    """A dockerd in its own network namespace, Swarm-ready (DESIGN §9); removed with everything in it.
+    """A dockerd in its own network namespace, Swarm-ready; removed with everything in it.
 
     The images come from the host engine; when none answers there, they are built in the netns engine."""
     from_host = host_engine_answers()

@@ -1,4 +1,4 @@
-"""Compose files -> bundles: carry every key a bundle can express and name each one it cannot (DESIGN §4).
+"""Compose files -> bundles: carry every key a bundle can express and name each one it cannot.
 
 Every line in `Conversion.dropped` reads `<compose key path>: <what> (<why, and what to do instead>)`, e.g.
 `services.web.build: not carried (bundles deploy prebuilt images; build and push it, then set image)`.

@@ -1,6 +1,6 @@
 """Desired state derived from bundles: stacks, resolved networks, and the container spec each replica gets.
 
-The spec hash (DESIGN §4) covers only what changes a container: canonical JSON without defaults, prefixed with a
+The spec hash covers only what changes a container: canonical JSON without defaults, prefixed with a
 format version, so that a new optional field never restarts every container on upgrade.
 """
 

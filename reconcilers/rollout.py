@@ -1,5 +1,5 @@
 """Rolling updates as a pure function: given each slot's old and new container, the update settings, the
-rollout so far and the time, which slots change next (DESIGN §5, Swarm's UpdateConfig semantics).
+rollout so far and the time, which slots change next (Swarm's UpdateConfig semantics).
 
 A rollout moves in batches of `Parallelism` slots (0: all). stop-first replaces a slot's container; start-first
 starts the new container beside the old one and removes the old one once the new one is healthy, so healthy

@@ -1,4 +1,4 @@
-"""The bundle model: Docker's DAB 0.1 fields with Docker's meaning, plus dabctl's extensions (DESIGN §4).
+"""The bundle model: Docker's DAB 0.1 fields with Docker's meaning, plus dabctl's extensions (README.md: Bundle format).
 
 Files use Docker's PascalCase names; Python code uses the snake_case attributes. Every model is strict
 (no type coercion) and closed (an unknown field is an error), and immutable once loaded.

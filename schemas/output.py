@@ -85,7 +85,7 @@ class RolloutStatus(BaseModel):
 
 
 class StackStatus(BaseModel):
-    """DESIGN §8: separate fields for sync, health, rollout and pin."""
+    """One stack's status, with separate fields for sync, health, rollout and pin."""
 
     stack: str
     sync: SyncStatus

@@ -1,4 +1,4 @@
-"""The CLI's contract without an engine: help, exit codes (DESIGN §8), validate, schema, bundle."""
+"""The CLI's contract without an engine: help, exit codes (0, 1, and 2 only for plan's pending changes), validate, schema, bundle."""
 
 from __future__ import annotations
 

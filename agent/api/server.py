@@ -1,4 +1,4 @@
-"""The agent's HTTP endpoints (DESIGN §8): probes, /metrics, /status, the CLI's API and the git forge webhook.
+"""The agent's HTTP endpoints: probes, /metrics, /status, the CLI's API and the git forge webhook.
 
 The main listener (loopback by default) serves everything. A second, public listener built with
 `webhook_only=True` serves only `/webhook`, because git forges cannot present client certificates; its requests

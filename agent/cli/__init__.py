@@ -643,7 +643,8 @@ def agent(config_path: Path | None, **opts: Any) -> int:
 
 
 def main() -> None:
-    """Entry point: run the CLI and map every outcome to DESIGN §8's exit codes."""
+    """Entry point: run the CLI and map every outcome to an exit code: 0 success, 1 any error (usage errors too, where
+    click would exit 2); 2 comes only from `plan --detailed-exitcode` with changes pending."""
     try:
         rc = cli.main(standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -12,7 +12,7 @@ ruleset is never written. Layout:
 Node settings outside the table, present exactly while a port is published:
 - net.ipv4.conf.all.route_localnet=1, so that `localhost:PORT` can be DNATed (restored when the last port goes);
 - one accept in Docker's DOCKER-USER chain for connections carrying dabctl's conntrack mark: when dockerd set
-  FORWARD's policy to DROP, an accept in another table cannot let forwarded traffic through (DESIGN §9).
+  FORWARD's policy to DROP, an accept in another table cannot let forwarded traffic through (seen with 20.10).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def render(balance: Balance, owner: str, route_localnet_was: int, exists: bool =
         "        fib daddr type local meta l4proto . th dport vmap @frontends",
         "    }",
         "    chain output {",
-        # nft 1.0.6 refuses the `dstnat` keyword on the output hook (DESIGN §9).
+        # nft 1.0.6 refuses the `dstnat` priority keyword on the output hook: -100 is its value.
         "        type nat hook output priority -100; policy accept;",
         "        fib daddr type local meta l4proto . th dport vmap @frontends",
         "    }",

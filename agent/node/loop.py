@@ -1,9 +1,9 @@
 """`dabctl agent`: keep this node converged as commits, webhooks and container events arrive.
 
-Triggers only enqueue stack keys (DESIGN §3): the source poller (git: one ls-remote per poll; directory:
-watchdog events and a cheap fingerprint), the webhook, Docker's event stream and a periodic full resync. One
-worker runs one pass at a time over the keys that are ready; a failing stack is retried with backoff and never
-blocks the others. The last valid desired state keeps running when a broken bundle arrives.
+Triggers only enqueue stack keys (every pass re-reads desired and live state): the source poller (git: one ls-remote per
+poll; directory: watchdog events and a cheap fingerprint), the webhook, Docker's event stream and a periodic full
+resync. One worker runs one pass at a time over the keys that are ready; a failing stack is retried with backoff and
+never blocks the others. The last valid desired state keeps running when a broken bundle arrives.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Agent:
 
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
-        # apply's pool, the exit watchers (agent/events.py) and the HTTP handlers' status reads
+        # apply's pool, the exit watchers (agent/node/triggers.py) and the HTTP handlers' status reads
         self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12)
         try:
             self.docker.ping()
@@ -304,7 +304,7 @@ class Agent:
         if trigger.container is None:
             self.queue.add([trigger.stack], after=EVENT_DEBOUNCE)
             return
-        # Docker emits die/kill before it lists the container as exited (agent/events.py): the stack is queued
+        # Docker emits die/kill before it lists the container as exited (agent/node/triggers.py): the stack is queued
         # once the engine says the container stopped running, with a late pass in case that wait hangs.
         self.queue.add([trigger.stack], after=EXIT_FALLBACK)
         self.exits.watch(trigger.container, trigger.stack)

@@ -1,4 +1,4 @@
-"""The scheduler: the only code that reads Replicas. It assigns replica slots to nodes (DESIGN §7).
+"""The scheduler: the only code that reads Replicas. It assigns replica slots to nodes.
 
 On one node the agent is its own leader and every slot goes to it; spreading and constraints come with the
 cluster, behind this same function.

@@ -1,4 +1,5 @@
-"""Stack status (DESIGN §8) from what the state log recorded and what the engine shows: a pure function."""
+"""Stack status (sync, health, rollout, pin) from what the state log recorded and what the engine shows: a pure
+function."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The etcd state log, for several nodes: etcd's v3 JSON gateway over `requests`.
 
-Why not etcd3gw: it takes one endpoint, and its watch iterator hangs silently when etcd restarts (DESIGN §9).
+Why not etcd3gw: it takes one endpoint, and its watch iterator hangs silently when etcd restarts (no event,
+no error, no end).
 This client fails over between endpoints, uses TLS client certificates, bounds every call with a timeout, and
 serves watches from a thread that notices a dead or silent stream and resumes from the last seen revision.
 """

@@ -1,4 +1,4 @@
-"""The state log: an etcd-shaped key-value interface (DESIGN §6) and its backends.
+"""The state log: an etcd-shaped key-value interface and its backends.
 
 Keys carry create/mod revisions and a version; every transaction that changes something advances one global
 revision; `txn` applies its `then` or `else` operations atomically depending on comparisons, which is how writes

@@ -1,4 +1,4 @@
-"""One contract for every state-log backend (DESIGN §6): the same assertions run on SQLite and on a real etcd.
+"""One contract for every state-log backend: the same assertions run on SQLite and on a real etcd.
 
 Where the interface leaves a choice open, the tests follow what etcd 3.4 does (checked against the real server):
 a transaction that changes nothing makes no revision, a value compare on a missing key never holds (not even

@@ -245,7 +245,7 @@ def proxy(etcd_server: EtcdServer) -> Iterator[FreezableProxy]:
 def test_a_silent_watch_stream_is_noticed_and_resumed(
     etcd_server: EtcdServer, proxy: FreezableProxy, logs: Callable[..., EtcdStateLog]
 ) -> None:
-    """The etcd3gw lesson (DESIGN §9): a stream that goes quiet without closing must not hang the watch forever."""
+    """The etcd3gw lesson (its watch hung silently when etcd restarted): a stream that goes quiet without closing must not hang the watch forever."""
     shared = prefix()
     watcher = logs([proxy.url], prefix=shared, timeout=2.0, watch_read_timeout=2.0)
     writer = logs([etcd_server.url], prefix=shared)

@@ -5,7 +5,7 @@
         engine.restart(); engine.kill9(); engine.start()
     # closed: dockerd, containerd, shims and containers gone; mounts, cgroups, namespace and temp dir removed
 
-DESIGN §9: a second dockerd in the host's network namespace fights the first over docker0, the DOCKER chains and
+A second dockerd in the host's network namespace fights the first over docker0, the DOCKER chains and
 the address pools, and `ip netns exec` remounts /sys (dockerd then fails with "Devices cgroup isn't mounted"); so
 the daemon runs under `nsenter --net=/var/run/netns/NAME` with its own data root, exec root, pid file, socket,
 config file (an empty one: the host's /etc/docker/daemon.json must not leak in) and cgroup parent. Its bridges

@@ -8,7 +8,7 @@ The guest mounts this host's root read-only over 9p (`hostfs`) and chroots into 
 venv and the host's `nft`, `ip` and `ipvsadm` against its own kernel. Inside the chroot `/proc`, `/sys`, `/dev`,
 `/tmp` and `/run` are the guest's own (the last two tmpfs) and `/tmp/out` is a writable 9p share of
 `workdir/out`, where the command leaves what the host should read (a JUnit report, say). The kernel comes from
-the Debian package extracted by `.ci/setup` into /var/cache/dabctl-guest/<version> (DESIGN §9): qemu runs it
+the Debian package extracted by `.ci/setup` into /var/cache/dabctl-guest/<version> (this machine's own kernel has no IPVS): qemu runs it
 under software emulation (`-accel tcg`; KVM is not available here), so boot takes seconds, not minutes.
 """
 

@@ -1,4 +1,4 @@
-"""The bundle model (DESIGN §4): Swarm's defaults, every extension field, strict errors that say where and how."""
+"""The bundle model: Swarm's defaults, every extension field, strict errors that say where and how."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Go-style durations: one parser and one printer for every duration in every file (DESIGN §4)."""
+"""Go-style durations: one parser and one printer for every duration in every file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading a directory of bundle files: one stack per file, every problem at once, each in one line (DESIGN §4)."""
+"""Loading a directory of bundle files: one stack per file, every problem at once, each in one line."""
 
 from __future__ import annotations
 

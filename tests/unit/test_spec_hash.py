@@ -1,4 +1,4 @@
-"""The spec hash covers only what changes a container (DESIGN §4); networks resolve to engine names."""
+"""The spec hash covers only what changes a container; networks resolve to engine names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded SQLite state log keeps etcd's contract (DESIGN §6); Records write only when something changes."""
+"""The embedded SQLite state log keeps etcd's contract; Records write only when something changes."""
 
 from __future__ import annotations
 

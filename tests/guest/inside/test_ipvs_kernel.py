@@ -147,7 +147,7 @@ def test_two_backends_answer_requests_to_the_published_port(ipvs: Rig, network: 
 
 
 def test_localhost_is_answered_by_both_backends(ipvs: Rig, network: None) -> None:
-    # IPVS will not send a loopback source to a backend elsewhere: the table DNATs localhost (agent/ipvs.py).
+    # IPVS will not send a loopback source to a backend elsewhere: the table DNATs localhost (agent/drivers/ipvs.py).
     ipvs.ruleset.write({WEB: (B1, B2), DNS: (B1, B2)}, [])
     both = {NAMES[B1.address], NAMES[B2.address]}
     assert route_localnet() == "1"
