@@ -8,9 +8,10 @@ Problems that make a bundle impossible raise InvalidBundles, one line each, nami
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import shlex
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -457,6 +458,20 @@ class _Converter:
             self.error(svc.path, "has build but no image", f"add image: ({_BUILD})")
         elif svc.raw.get("image") is None:
             self.error(svc.path, "has no image", "add image: the image to run, e.g. image: nginx:1.27")
+        handlers: dict[str, Callable[[_Service, Any, str], None]] = {
+            # Compose's entrypoint/command are the engine's Entrypoint/Cmd: DAB's Command/Args.
+            "entrypoint": functools.partial(self.argv_field, "Command"),
+            "command": functools.partial(self.argv_field, "Args"),
+            "environment": self.environment,
+            "labels": self.service_labels,
+            "ports": self.ports,
+            "networks": self.service_networks,
+            "volumes": self.volumes,
+            "tmpfs": self.tmpfs,
+            "healthcheck": self.healthcheck,
+            "pull_policy": self.pull_policy,
+            "deploy": self.deploy,
+        }
         for key, value in svc.raw.items():
             p = _key(svc.path, key)
             if key.startswith("x-"):
@@ -465,36 +480,23 @@ class _Converter:
                 continue
             elif key in _PASSTHROUGH:
                 self.put(svc, (_PASSTHROUGH[key],), value, p)
-            elif key in ("entrypoint", "command"):
-                argv = self.argv(value, p)
-                if argv is not None:
-                    # Compose's entrypoint/command are the engine's Entrypoint/Cmd: DAB's Command/Args.
-                    self.put(svc, ("Command" if key == "entrypoint" else "Args",), argv, p)
-            elif key == "environment":
-                self.environment(svc, value, p)
-            elif key == "labels":
-                labels = self.labels(value, p)
-                if labels:
-                    self.put(svc, ("Labels",), labels, p)
-            elif key == "ports":
-                self.ports(svc, value, p)
-            elif key == "networks":
-                self.service_networks(svc, value, p)
-            elif key == "volumes":
-                self.volumes(svc, value, p)
-            elif key == "tmpfs":
-                self.tmpfs(svc, value, p)
-            elif key == "healthcheck":
-                self.healthcheck(svc, value, p)
-            elif key == "pull_policy":
-                self.pull_policy(svc, value, p)
-            elif key == "deploy":
-                self.deploy(svc, value, p)
+            elif key in handlers:
+                handlers[key](svc, value, p)
             elif key in _SWARM_EQUIVALENTS:
                 self.swarm_equivalent(svc, key, value, p)
             else:
                 self.drop(p, _SERVICE_DROP_REASONS.get(key, _NO_EQUIVALENT))
         return svc.out
+
+    def argv_field(self, field: str, svc: _Service, value: Any, path: str) -> None:
+        argv = self.argv(value, path)
+        if argv is not None:
+            self.put(svc, (field,), argv, path)
+
+    def service_labels(self, svc: _Service, value: Any, path: str) -> None:
+        labels = self.labels(value, path)
+        if labels:
+            self.put(svc, ("Labels",), labels, path)
 
     def argv(self, value: Any, path: str) -> list[str] | None:
         if isinstance(value, str):
@@ -576,7 +578,9 @@ class _Converter:
             host_ip = parts[0] if len(parts) == 3 else ""
             published = parts[-2] if len(parts) >= 2 else ""
             target = parts[-1]
-        return self.port_entries(path, spec, target, published, protocol or "tcp", host_ip)
+        return self.port_entries(
+            path, spec=spec, target=target, published=published, protocol=protocol or "tcp", host_ip=host_ip
+        )
 
     def port_long(self, spec: dict[str, Any], path: str) -> list[dict[str, Any]]:
         for key, v in spec.items():
@@ -596,10 +600,17 @@ class _Converter:
             return []
         host_ip = spec.get("host_ip") or ""
         published_text = "" if published is None else str(published)
-        return self.port_entries(path, repr(spec), str(target), published_text, protocol, str(host_ip))
+        return self.port_entries(
+            path,
+            spec=repr(spec),
+            target=str(target),
+            published=published_text,
+            protocol=protocol,
+            host_ip=str(host_ip),
+        )
 
     def port_entries(
-        self, path: str, spec: str, target: str, published: str, protocol: str, host_ip: str
+        self, path: str, *, spec: str, target: str, published: str, protocol: str, host_ip: str
     ) -> list[dict[str, Any]]:
         targets = _port_range(target)
         publish = _port_range(published) if published else []

@@ -99,6 +99,7 @@ def step(
     cfg: UpdateConfig,
     rollout: Rollout | None,
     now: float,
+    *,
     rollback: bool = False,
     replicas: int | None = None,
 ) -> Step:

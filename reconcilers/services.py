@@ -8,7 +8,7 @@ foreign containers cannot be planned on, whatever their names.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -220,18 +220,20 @@ def plan(
     desired: Sequence[ServiceDesired],
     actual: Sequence[Replica],
     network_ids: Mapping[str, str],
+    *,
     now: float = 0.0,
     rollouts: Mapping[ServiceKey, rollout.Rollout] | None = None,
     restart_records: Mapping[SlotKey, restarts.RestartRecord] | None = None,
 ) -> list[ServiceAction]:
     """Actions that take `actual` to `desired` (pure); see plan_pass for the state it also carries."""
-    return plan_pass(desired, actual, network_ids, now, rollouts, restart_records).actions
+    return plan_pass(desired, actual, network_ids, now=now, rollouts=rollouts, restart_records=restart_records).actions
 
 
 def plan_pass(
     desired: Sequence[ServiceDesired],
     actual: Sequence[Replica],
     network_ids: Mapping[str, str],
+    *,
     now: float = 0.0,
     rollouts: Mapping[ServiceKey, rollout.Rollout] | None = None,
     restart_records: Mapping[SlotKey, restarts.RestartRecord] | None = None,
@@ -248,7 +250,7 @@ def plan_pass(
     by_slot: dict[SlotKey, list[Replica]] = {}
     for r in actual:
         by_slot.setdefault((r.stack, r.service, r.slot), []).append(r)
-    wanted_services = {(d.target.stack, d.target.name): d for d in desired}
+    wanted_services = {(d.target.stack, d.target.name) for d in desired}
     wanted_stacks = {d.target.stack for d in desired}
 
     out = ServicesPlan(actions=[])
@@ -258,7 +260,6 @@ def plan_pass(
         t = d.target
         key = (t.stack, t.name)
         policy = t.service.deploy.restart_policy
-        cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
         current = rollouts.get(key)
         target_id = f"{t.spec_hash}@{d.image_id}" if d.image_id else t.spec_hash
         batch = set(current.batch) if current is not None and current.target == target_id else set()
@@ -266,12 +267,8 @@ def plan_pass(
         olds: dict[str, Replica] = {}
         given_up: list[str] = []
         for slot in sorted(d.slots, key=slot_order):
-            reps = by_slot.pop((t.stack, t.name, slot), [])
-            news = sorted((r for r in reps if _current(r, d)), key=_preference)
-            older = sorted((r for r in reps if not _current(r, d)), key=_preference)
-            removes.extend(RemoveReplica(x, "duplicate in slot") for x in news[1:] + older[1:])
-            new = news[0] if news else None
-            old = older[0] if older else None
+            new, old, duplicates = _pick(by_slot.pop((t.stack, t.name, slot), []), d)
+            removes.extend(RemoveReplica(x, "duplicate in slot") for x in duplicates)
             if new is not None and (new.state == "dead" or _stale_networks(new, t, network_ids)):
                 # Removed in the first phase: a network this pass removes must lose its containers first.
                 removes.append(RemoveReplica(new, "dead" if new.state == "dead" else "network gone or changed"))
@@ -295,63 +292,95 @@ def plan_pass(
                 if new is None or slot in batch or new.state not in ("exited", "created"):
                     continue
             assert new is not None
-            decision = restarts.decide(
-                new.state,
-                new.exit_code,
-                policy,
-                restart_records.get((t.stack, t.name, slot), restarts.RestartRecord()),
-                now,
-            )
-            if decision.verdict == "start":
-                others.append(StartReplica(new, decision.reason))
-                assert decision.record is not None
-                out.restarts[(t.stack, t.name, slot)] = decision.record
-            elif decision.verdict == "wait":
-                out.recheck(decision.seconds)
+            record = restart_records.get((t.stack, t.name, slot), restarts.RestartRecord())
+            decision = restarts.decide(new.state, new.exit_code, policy, record, now)
+            start = _follow(decision, new, out)
+            if start is not None:
+                others.append(start)
             elif decision.verdict == "give-up":
                 given_up.append(f"slot {slot} failed: {decision.reason}")
         if given_up:
             out.notes[key] = "; ".join(given_up)
-        if views:
-            s = rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
-            changes = {
-                slot: (d.image_change,)
-                if d.image_change and old.spec_hash == t.spec_hash
-                else changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
-                for slot, old in olds.items()
-            }
-            for slot in s.replace:
-                others.append(ReplaceReplica(olds[slot], t, d.revision, changes[slot]))
-            for slot in s.start_beside:
-                why = f"start-first update ({', '.join(changes[slot])} changed)"
-                others.append(CreateReplica(t, slot, d.revision, why))
-            for slot in s.remove_old:
-                removes.append(RemoveReplica(olds[slot], "replaced: its successor is healthy"))
-            if s.rollout is not None and s.rollout != current:
-                out.rollouts[key] = s.rollout
-            if s.rollout is not None and s.rollout.state in ("paused", "rolling-back"):
-                out.notes[key] = s.rollout.reason
-            if s.rollout is not None and s.rollout.state in ("updating", "rolling-back"):
-                out.rolling.add(key)
-            out.recheck(s.recheck_in)
-        elif current is not None and current.state != "completed" and current.target == target_id:
-            out.rollouts[key] = replace(current, state="completed", batch=())
+        rolled, retired = _roll(d, target_id, views, olds, current, now=now, out=out)
+        others.extend(rolled)
+        removes.extend(retired)
 
     leftovers = sorted(
         (r for reps in by_slot.values() for r in reps),
         key=lambda r: (r.stack, r.service, slot_order(r.slot)),
         reverse=True,
     )
-    for r in leftovers:
-        if r.stack not in wanted_stacks:
-            reason = "stack pruned: its bundle is gone"
-        elif (r.stack, r.service) not in wanted_services:
-            reason = "service no longer in the bundle"
-        else:
-            reason = "slot not assigned to this node"
-        removes.append(RemoveReplica(r, reason))
+    removes.extend(RemoveReplica(r, _why_unwanted(r, wanted_stacks, wanted_services)) for r in leftovers)
     out.actions = [*removes, *others]
     return out
+
+
+def _pick(replicas: Sequence[Replica], d: ServiceDesired) -> tuple[Replica | None, Replica | None, list[Replica]]:
+    """A slot's container of the target spec and its container of an older one (each the one most likely serving),
+    and the duplicates of either."""
+    news = sorted((r for r in replicas if _current(r, d)), key=_preference)
+    older = sorted((r for r in replicas if not _current(r, d)), key=_preference)
+    return (news[0] if news else None), (older[0] if older else None), news[1:] + older[1:]
+
+
+def _why_unwanted(r: Replica, wanted_stacks: Collection[str], wanted_services: Collection[ServiceKey]) -> str:
+    if r.stack not in wanted_stacks:
+        return "stack pruned: its bundle is gone"
+    if (r.stack, r.service) not in wanted_services:
+        return "service no longer in the bundle"
+    return "slot not assigned to this node"
+
+
+def _follow(decision: restarts.Decision, replica: Replica, out: ServicesPlan) -> StartReplica | None:
+    """The restart policy's decision for an exited replica: a start (recorded in `out`), or a time to look again."""
+    if decision.verdict == "start":
+        assert decision.record is not None
+        out.restarts[(replica.stack, replica.service, replica.slot)] = decision.record
+        return StartReplica(replica, decision.reason)
+    if decision.verdict == "wait":
+        out.recheck(decision.seconds)
+    return None
+
+
+def _roll(
+    d: ServiceDesired,
+    target_id: str,
+    views: Sequence[rollout.SlotView],
+    olds: Mapping[str, Replica],
+    current: rollout.Rollout | None,
+    *,
+    now: float,
+    out: ServicesPlan,
+) -> tuple[list[ServiceAction], list[RemoveReplica]]:
+    """The rollout's next step for one service's slots on an older spec: replacements and starts, the old
+    containers to remove; the rollout's progress goes to `out`. With no such slot left, the rollout is complete."""
+    t = d.target
+    key = (t.stack, t.name)
+    if not views:
+        if current is not None and current.state != "completed" and current.target == target_id:
+            out.rollouts[key] = replace(current, state="completed", batch=())
+        return [], []
+    cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
+    s = rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
+    changes = {
+        slot: (d.image_change,)
+        if d.image_change and old.spec_hash == t.spec_hash
+        else changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
+        for slot, old in olds.items()
+    }
+    actions: list[ServiceAction] = [ReplaceReplica(olds[slot], t, d.revision, changes[slot]) for slot in s.replace]
+    for slot in s.start_beside:
+        why = f"start-first update ({', '.join(changes[slot])} changed)"
+        actions.append(CreateReplica(t, slot, d.revision, why))
+    removes = [RemoveReplica(olds[slot], "replaced: its successor is healthy") for slot in s.remove_old]
+    if s.rollout is not None and s.rollout != current:
+        out.rollouts[key] = s.rollout
+    if s.rollout is not None and s.rollout.state in ("paused", "rolling-back"):
+        out.notes[key] = s.rollout.reason
+    if s.rollout is not None and s.rollout.state in ("updating", "rolling-back"):
+        out.rolling.add(key)
+    out.recheck(s.recheck_in)
+    return actions, removes
 
 
 def replica_labels(target: ServiceTarget, slot: str, owner: str, node: str, revision: str) -> dict[str, str]:

@@ -120,8 +120,8 @@ def _engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 docker,
                 records,
                 node,
-                cfg.parallelism,
-                read_only,
+                parallelism=cfg.parallelism,
+                read_only=read_only,
                 pull_policy=cfg.pull_policy,
                 balancer=cfg.loadbalancer,
                 port_range=cfg.port_range,
@@ -323,10 +323,10 @@ def _unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
         desired,
         engine.records.stacks(),
         engine.services.observe(),
-        engine.records.assignments(),
-        engine.node,
-        {},
-        engine.records.suspended(),
+        assignments=engine.records.assignments(),
+        node=engine.node,
+        errors={},
+        suspended=engine.records.suspended(),
     )
     return [
         f"{st.stack}_{s.service} ({s.running}/{s.desired} {s.status.lower()})"
@@ -464,13 +464,13 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 desired,
                 records.stacks(),
                 engine.services.observe(),
-                records.assignments(),
-                node,
-                {},
-                records.suspended(),
-                records.rollouts(),
-                records.pins(),
-                records.ports(),
+                assignments=records.assignments(),
+                node=node,
+                errors={},
+                suspended=records.suspended(),
+                rollouts=records.rollouts(),
+                pins=records.pins(),
+                ports=records.ports(),
             )
         result = StatusOutput(node=node, ready=True, stacks=stacks)
     if fmt == "json":

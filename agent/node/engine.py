@@ -125,6 +125,7 @@ class Engine:
         docker: DockerEngine,
         records: Records,
         node: str,
+        *,
         parallelism: int = 8,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
@@ -224,7 +225,12 @@ class Engine:
                 )
         live_replicas = [r for r in replicas if r.stack not in held]
         sp = services.plan_pass(
-            wanted, live_replicas, network_ids, now, self.records.rollouts(), self.records.restarts()
+            wanted,
+            live_replicas,
+            network_ids,
+            now=now,
+            rollouts=self.records.rollouts(),
+            restart_records=self.records.restarts(),
         )
         for a in net_actions:
             stacks[stack_of(a)].network_actions.append(a)
@@ -551,7 +557,9 @@ class Engine:
                     for r in results
                 ],
             )
-        self.records.commit_pass(records, new_revisions, pruned, audit, plan.rollouts, plan.restarts, plan.pins)
+        self.records.commit_pass(
+            records, new_revisions, pruned, audit, rollouts=plan.rollouts, restarts=plan.restarts, pins=plan.pins
+        )
 
 
 def _first_networks(targets: Iterable[ServiceTarget]) -> dict[tuple[str, str], str]:

@@ -25,7 +25,7 @@ from typing import Any
 from agent.api.server import AgentHttp, WebhookAuth
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
-from agent.node.engine import EmptySourceRefused, Engine, PassReport, stack_of
+from agent.node.engine import EmptySourceRefused, Engine, PassPlan, PassReport, stack_of
 from agent.node.rollback import RollbackError, pin_stack, unpin_stack
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
@@ -91,7 +91,7 @@ class Agent:
             self.docker,
             self.records,
             self.node,
-            cfg.parallelism,
+            parallelism=cfg.parallelism,
             pull_policy=cfg.pull_policy,
             balancer=cfg.loadbalancer,
             port_range=cfg.port_range,
@@ -360,46 +360,52 @@ class Agent:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
                     failed.setdefault(stack, f"{r.action}: {r.error}")
-            for k in keys:
-                if k in failed:
-                    self.pass_errors[k] = failed[k]
-                    self.metrics.set_stack_error(k, failed[k])
-                    delay = self.queue.retry(k)
-                    log.warning(
-                        "stack failed; retrying", extra={"stack": k, "retry_in": delay, "error": failed[k][:300]}
-                    )
-                else:
-                    self.pass_errors.pop(k, None)
-                    if k not in self.load_errors:
-                        self.metrics.set_stack_error(k, None)
-                    self.queue.forget(k)
-                    if k in desired.stacks:
-                        self.metrics.set_applied_revision(k, desired.stacks[k].revision)
-            for r in report.results:
-                stack = stack_of(r.action)
-                if r.outcome is not Outcome.FAILED and stack not in self._source_changed:
-                    self.metrics.drift_corrections.labels(stack=stack).inc()
-            self._source_changed -= keys
-            self.metrics.passes.labels(result="failure" if failed else ("success" if report.results else "noop")).inc()
-            counts: dict[tuple[str, str, str], int] = {}
-            for rep in plan.replicas:
-                counts[(rep.stack, rep.service, rep.state)] = counts.get((rep.stack, rep.service, rep.state), 0) + 1
-            self.metrics.set_containers(counts)
-            if report.results or failed:
-                log.info(
-                    "pass done",
-                    extra={
-                        "reconcile_id": report.reconcile_id,
-                        "stacks": ",".join(sorted(keys)),
-                        "n_created": report.count(Outcome.CREATED),
-                        "n_updated": report.count(Outcome.UPDATED),
-                        "n_removed": report.count(Outcome.REMOVED),
-                        "n_failed": report.count(Outcome.FAILED),
-                    },
-                )
+            self._settle(keys, failed, desired)
+            self._count_pass(keys, plan, report, failed=bool(failed))
             if not failed and not self.load_errors:
                 self.ready.set()
             return report
+
+    def _settle(self, keys: set[str], failed: dict[str, str], desired: DesiredState) -> None:
+        """Each key after a pass that ran: a failed one retries with backoff, any other starts its backoff over."""
+        for k in keys:
+            if k in failed:
+                self.pass_errors[k] = failed[k]
+                self.metrics.set_stack_error(k, failed[k])
+                delay = self.queue.retry(k)
+                log.warning("stack failed; retrying", extra={"stack": k, "retry_in": delay, "error": failed[k][:300]})
+            else:
+                self.pass_errors.pop(k, None)
+                if k not in self.load_errors:
+                    self.metrics.set_stack_error(k, None)
+                self.queue.forget(k)
+                if k in desired.stacks:
+                    self.metrics.set_applied_revision(k, desired.stacks[k].revision)
+
+    def _count_pass(self, keys: set[str], plan: PassPlan, report: PassReport, failed: bool) -> None:
+        """Metrics and the log line of a pass that ran."""
+        for r in report.results:
+            stack = stack_of(r.action)
+            if r.outcome is not Outcome.FAILED and stack not in self._source_changed:
+                self.metrics.drift_corrections.labels(stack=stack).inc()
+        self._source_changed -= keys
+        self.metrics.passes.labels(result="failure" if failed else ("success" if report.results else "noop")).inc()
+        counts: dict[tuple[str, str, str], int] = {}
+        for rep in plan.replicas:
+            counts[(rep.stack, rep.service, rep.state)] = counts.get((rep.stack, rep.service, rep.state), 0) + 1
+        self.metrics.set_containers(counts)
+        if report.results or failed:
+            log.info(
+                "pass done",
+                extra={
+                    "reconcile_id": report.reconcile_id,
+                    "stacks": ",".join(sorted(keys)),
+                    "n_created": report.count(Outcome.CREATED),
+                    "n_updated": report.count(Outcome.UPDATED),
+                    "n_removed": report.count(Outcome.REMOVED),
+                    "n_failed": report.count(Outcome.FAILED),
+                },
+            )
 
     # --- status and the CLI's API ---------------------------------------------------------------------------------
 
@@ -409,13 +415,13 @@ class Agent:
             self.desired,
             self.records.stacks(),
             self.docker.list_replicas(self.engine.owner),
-            self.records.assignments(),
-            self.node,
-            errors,
-            self.records.suspended(),
-            self.records.rollouts(),
-            self.records.pins(),
-            self.records.ports(),
+            assignments=self.records.assignments(),
+            node=self.node,
+            errors=errors,
+            suspended=self.records.suspended(),
+            rollouts=self.records.rollouts(),
+            pins=self.records.pins(),
+            ports=self.records.ports(),
         )
         revision = None
         if self.source.kind == "git" and self.fingerprint:

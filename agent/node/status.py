@@ -36,6 +36,7 @@ def stack_statuses(
     desired: DesiredState | None,
     records: Mapping[str, StackRecord],
     replicas: Sequence[Replica],
+    *,
     assignments: Mapping[tuple[str, str], Mapping[str, list[str]]],
     node: str,
     errors: Mapping[str, str],

@@ -61,6 +61,7 @@ class EtcdStateLog:
     def __init__(
         self,
         endpoints: Sequence[str],
+        *,
         prefix: str = "/dabctl",
         timeout: float = 5.0,
         ca_file: str | None = None,

@@ -103,6 +103,7 @@ class Records:
         new_revisions: Sequence[StackRecord],
         pruned: Sequence[str],
         audit: AuditEntry | None,
+        *,
         rollouts: Mapping[tuple[str, str], Rollout] | None = None,
         restarts: Mapping[tuple[str, str, str], RestartRecord] | None = None,
         pins: Mapping[str, Pin | None] | None = None,

@@ -42,6 +42,7 @@ from agent.state.backends import STATE_FILE
 from agent.state.records import Records
 from agent.state.sqlite import SqliteStateLog
 from bundles import desired_networks, load_directory, service_targets
+from bundles.desired import ServiceTarget
 from tests.integration.conftest import DABCTL, Workspace, service
 from tests.support.dockerproxy import DockerProxy
 
@@ -361,33 +362,7 @@ class TrialRunner:
         for name, n in networks.items():
             if (n.get("Labels") or {}).get("dabctl.owner") != owner:
                 problems.append(f"network {name} is not labelled with the state's owner {owner}")
-        by_slot: dict[tuple[str, str], list[str]] = {}
-        for c in containers:
-            labels = c.get("Labels") or {}
-            name = c["Names"][0].lstrip("/")
-            svc, slot = labels.get("dabctl.service", ""), labels.get("dabctl.slot")
-            target = targets.get(svc)
-            if slot is None or target is None or labels.get("dabctl.stack") != stack:
-                problems.append(f"container {name} is outside the slots (labels {labels})")
-                continue
-            if slot not in [str(i) for i in range(1, EXPECTED[svc] + 1)]:
-                problems.append(f"container {name} is in slot {slot}, beyond the {EXPECTED[svc]} replicas")
-            by_slot.setdefault((svc, slot), []).append(name)
-            if c["State"] != "running":
-                problems.append(f"container {name} is {c['State']}")
-            if labels.get("dabctl.spec") != target.spec_hash:
-                problems.append(f"container {name} has spec {labels.get('dabctl.spec')}, want {target.spec_hash}")
-            if labels.get("dabctl.owner") != owner:
-                problems.append(f"container {name} has owner {labels.get('dabctl.owner')}, the state {owner}")
-            attached = {k: v.get("NetworkID") for k, v in (c["NetworkSettings"].get("Networks") or {}).items()}
-            current = {k: networks[k]["Id"] for k in target.networks if k in networks}
-            if attached != current:
-                problems.append(f"container {name} is on {sorted(attached)}, want {sorted(target.networks)} (current)")
-        for svc, replicas in EXPECTED.items():
-            for slot in range(1, replicas + 1):
-                names = by_slot.get((svc, str(slot)), [])
-                if len(names) != 1:
-                    problems.append(f"{svc} slot {slot} has {len(names)} containers: {names}")
+        problems += _container_problems(containers, networks, targets, stack, owner)
 
         record = stacks.get(stack)
         if record is None:
@@ -409,6 +384,45 @@ class TrialRunner:
             f"rollout {k} is {r.state}" for k, r in rollouts.items() if k[0] == stack and r.state != "completed"
         ]
         return problems
+
+
+def _container_problems(
+    containers: list[dict[str, Any]],
+    networks: dict[str, dict[str, Any]],
+    targets: dict[str, ServiceTarget],
+    stack: str,
+    owner: str,
+) -> list[str]:
+    """What is wrong with the stack's containers: one per slot, running, of the current spec, owner and networks."""
+    problems: list[str] = []
+    by_slot: dict[tuple[str, str], list[str]] = {}
+    for c in containers:
+        labels = c.get("Labels") or {}
+        name = c["Names"][0].lstrip("/")
+        svc, slot = labels.get("dabctl.service", ""), labels.get("dabctl.slot")
+        target = targets.get(svc)
+        if slot is None or target is None or labels.get("dabctl.stack") != stack:
+            problems.append(f"container {name} is outside the slots (labels {labels})")
+            continue
+        if slot not in [str(i) for i in range(1, EXPECTED[svc] + 1)]:
+            problems.append(f"container {name} is in slot {slot}, beyond the {EXPECTED[svc]} replicas")
+        by_slot.setdefault((svc, slot), []).append(name)
+        if c["State"] != "running":
+            problems.append(f"container {name} is {c['State']}")
+        if labels.get("dabctl.spec") != target.spec_hash:
+            problems.append(f"container {name} has spec {labels.get('dabctl.spec')}, want {target.spec_hash}")
+        if labels.get("dabctl.owner") != owner:
+            problems.append(f"container {name} has owner {labels.get('dabctl.owner')}, the state {owner}")
+        attached = {k: v.get("NetworkID") for k, v in (c["NetworkSettings"].get("Networks") or {}).items()}
+        current = {k: networks[k]["Id"] for k in target.networks if k in networks}
+        if attached != current:
+            problems.append(f"container {name} is on {sorted(attached)}, want {sorted(target.networks)} (current)")
+    for svc, replicas in EXPECTED.items():
+        for slot in range(1, replicas + 1):
+            names = by_slot.get((svc, str(slot)), [])
+            if len(names) != 1:
+                problems.append(f"{svc} slot {slot} has {len(names)} containers: {names}")
+    return problems
 
 
 def _wait_dead(pid: int, timeout: float = 5.0) -> None:

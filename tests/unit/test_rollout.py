@@ -37,6 +37,7 @@ def old(slot: str, state: str = "running") -> SlotView:
 def new(
     slot: str,
     health: str | None = None,
+    *,
     created: float = LONG_AGO,
     state: str = "running",
     exit_code: int | None = None,
