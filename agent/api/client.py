@@ -6,8 +6,7 @@ from typing import Any
 
 import requests
 
-from agent.state.backends import STATE_FILE
-from agent.state.sqlite import SqliteStateLog
+from agent.state.holder import AGENT_LOCK, HolderLock
 from schemas.config import AgentConfig
 
 
@@ -16,10 +15,8 @@ class AgentUnreachable(Exception):
 
 
 def running_agent(cfg: AgentConfig) -> str | None:
-    """The API URL of the agent holding this embedded state, or None when none runs."""
-    if cfg.state != "embedded":
-        return None
-    holder = SqliteStateLog.holder_of(cfg.state_path / STATE_FILE)
+    """The API URL of the agent running on this state directory (any state backend), or None when none runs."""
+    holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
     return holder.get("api") if holder else None
 
 
