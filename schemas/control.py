@@ -10,6 +10,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.bundle import STACK_NAME_PATTERN
+
+StackName = Annotated[str, Field(pattern=STACK_NAME_PATTERN)]
+
 
 class SourceRef(BaseModel):
     """Where bundles come from, as the caller names them: a directory, or a git location with ref and path."""
@@ -62,7 +66,7 @@ class RollbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stack: Annotated[str, Field(min_length=1, max_length=63)]
+    stack: StackName
     to: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     unpin: bool = False
     timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
@@ -78,7 +82,7 @@ class RollbackResult(BaseModel):
 class SuspendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    stack: Annotated[str, Field(min_length=1, max_length=63)]
+    stack: StackName
     suspended: bool
 
 

@@ -14,6 +14,10 @@ class AgentUnreachable(Exception):
     """An agent holds the state but does not answer on its API."""
 
 
+class AgentRefused(Exception):
+    """The agent answered and refused the call; the message is its reason."""
+
+
 def running_agent(cfg: AgentConfig) -> str | None:
     """The API URL of the agent running on this state directory (any state backend), or None when none runs."""
     holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
@@ -33,7 +37,7 @@ def call(api: str, name: str, body: dict[str, Any], timeout: float = 900) -> dic
     except ValueError:
         raise AgentUnreachable(f"the agent at {api} answered {resp.status_code} without JSON") from None
     if resp.status_code >= 400:
-        raise AgentUnreachable(f"the agent at {api} refused {name}: {doc.get('error', resp.status_code)}")
+        raise AgentRefused(f"the agent at {api} refused {name}: {doc.get('error', resp.status_code)}")
     return doc
 
 

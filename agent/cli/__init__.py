@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from agent.api.client import AgentUnreachable
+from agent.api.client import AgentRefused, AgentUnreachable
 from agent.cli import changes, files, serve, views
 from agent.cli.options import UserError
 from agent.drivers.docker_engine import EngineError
@@ -76,6 +76,7 @@ def main() -> None:
         StateLogError,
         EmptySourceRefused,
         AgentUnreachable,
+        AgentRefused,
         SourceError,
         SourceConfigError,
     ) as exc:

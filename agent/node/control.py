@@ -133,10 +133,11 @@ def open_records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
 @contextmanager
 def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
     """The pass runner on the configured engine and state; `read_only` plans without the state's write lock."""
-    docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
-    try:
-        docker.ping()
-        with open_records(cfg, writer=not read_only) as records:
+    # The state first: when an agent holds it, the caller falls back to the agent before any engine call.
+    with open_records(cfg, writer=not read_only) as records:
+        docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
+        try:
+            docker.ping()
             yield Engine(
                 docker,
                 records,
@@ -147,8 +148,8 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 balancer=cfg.loadbalancer,
                 port_range=cfg.port_range,
             )
-    finally:
-        docker.close()
+        finally:
+            docker.close()
 
 
 def load_desired(cfg: AgentConfig) -> DesiredState:
