@@ -9,10 +9,13 @@ import requests
 from agent.state.backends import STATE_FILE
 from agent.state.sqlite import SqliteStateLog
 from schemas.config import AgentConfig
+from schemas.errors import DabctlError
 
 
-class AgentUnreachable(Exception):
+class AgentUnreachable(DabctlError):
     """An agent holds the state but does not answer on its API."""
+
+    retryable = True
 
 
 def running_agent(cfg: AgentConfig) -> str | None:

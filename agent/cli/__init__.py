@@ -17,31 +17,32 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from agent.api.client import AgentUnreachable, call, get_status, running_agent
+from agent.api.client import call, get_status, running_agent
 from agent.cli.render import plan_output, render_plan, result_line, short_revision
 from agent.config import ConfigError, load_config
-from agent.drivers.docker_engine import DockerEngine, EngineError
-from agent.node.engine import AnyResult, EmptySourceRefused, Engine, PassPlan
+from agent.drivers.docker_engine import DockerEngine
+from agent.node.engine import AnyResult, Engine, PassPlan
 from agent.node.rollback import RollbackError, pin_stack, unpin_stack
 from agent.node.status import stack_statuses
-from agent.sources.source import SourceConfigError, open_source
+from agent.sources.source import open_source
 from agent.state.backends import open_log
-from agent.state.log import StateLocked, StateLogError
+from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles, load_paths
-from bundles.errors import SourceError
 from bundles.policy import Policy, enforce
+from reconcilers.notes import Note
 from reconcilers.outcome import Outcome
 from reconcilers.services import slot_order
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
 from schemas.durations import parse_duration
+from schemas.errors import DabctlError
 from schemas.output import ReplicaRow, StatusOutput
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UserError(Exception):
+class UserError(DabctlError):
     """An error the user can fix; printed as one line, exit 1."""
 
 
@@ -283,16 +284,15 @@ def _converge(
     """Passes until nothing is left to roll (and, with `wait`, every service is healthy) or the deadline."""
     done = dict.fromkeys(Outcome, 0)
     errors: list[str] = []
-    notes: list[str] = []
+    notes: list[tuple[str, Note]] = []
     while True:
         p = engine.plan(desired, cfg.allow_empty)
         report = _apply_with_progress(engine, p, out)
         for o in Outcome:
             done[o] += report.count(o)
         errors = report.errors + [f"{r.action}: {r.error}" for r in report.results if r.outcome is Outcome.FAILED]
-        notes = [f"{name}: {n}" for name, sp in p.stacks.items() for n in sp.notes]
-        paused = [n for n in notes if "paused" in n or "failed" in n]
-        if errors or paused:
+        notes = [(name, n) for name, sp in p.stacks.items() for n in sp.notes]
+        if errors or any(n.failing for _, n in notes):
             break
         unhealthy = _unhealthy(engine, desired) if wait else []
         # Published ports lead to healthy replicas only: wait for those still starting, then add them.
@@ -305,16 +305,16 @@ def _converge(
             errors.append(f"timed out waiting for {names}")
             break
         time.sleep(max(0.2, min(p.recheck_in or 1.0, 2.0, deadline - time.monotonic())))
-    for line in errors + notes:
-        serious = line in errors or "failed" in line or "paused" in line
-        click.echo(f"error: {line}" if serious else f"note: {line}", err=True)
+    for line in errors:
+        click.echo(f"error: {line}", err=True)
+    for name, n in notes:
+        click.echo(f"{'error' if n.failing else 'note'}: {name}: {n}", err=True)
     out.print(
         f"reconciled {len(desired.stacks)} stack(s): {done[Outcome.CREATED]} created, {done[Outcome.UPDATED]} updated, "
         f"{done[Outcome.REMOVED]} removed, {done[Outcome.FAILED]} failed"
         + ("" if any(done.values()) else " (nothing to do)")
     )
-    paused = [n for n in notes if "paused" in n or "failed" in n]
-    return 1 if errors or paused else 0
+    return 1 if errors or any(n.failing for _, n in notes) else 0
 
 
 def _unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
@@ -659,15 +659,7 @@ def main() -> None:
             click.echo(str(e), err=True)
         click.echo("error: invalid bundles; nothing was changed", err=True)
         sys.exit(1)
-    except (
-        UserError,
-        EngineError,
-        StateLogError,
-        EmptySourceRefused,
-        AgentUnreachable,
-        SourceError,
-        SourceConfigError,
-    ) as exc:
+    except DabctlError as exc:  # retryable or terminal, a command that failed exits 1 with one line
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -25,18 +25,18 @@ from typing import Any
 from agent.api.server import AgentHttp, WebhookAuth
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
-from agent.node.engine import EmptySourceRefused, Engine, PassReport, stack_of
+from agent.node.engine import Engine, PassReport, stack_of
 from agent.node.rollback import RollbackError, pin_stack, unpin_stack
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.sources.source import Source, _secret, open_source, watch_directory
 from agent.state.backends import open_log
-from agent.state.log import StateLogError
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.outcome import Outcome
 from schemas.config import AgentConfig
+from schemas.errors import DabctlError
 from schemas.output import SourceStatus, StatusOutput
 
 log = logging.getLogger("dabctl.agent")
@@ -340,22 +340,30 @@ class Agent:
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
-            except (EmptySourceRefused, EngineError, StateLogError, SdkError, OSError) as exc:
+            except (DabctlError, SdkError, OSError) as exc:
+                # docker-py's own errors and a lost socket are the engine's, so retryable like EngineError.
+                retry = exc.retryable if isinstance(exc, DabctlError) else True
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
+                if isinstance(exc, OSError):
                     why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"
                 for k in keys:
                     self.pass_errors[k] = why
-                    self.queue.retry(k)
+                    if retry:
+                        self.queue.retry(k)
                 self.metrics.passes.labels(result="failure").inc()
-                log.error("pass failed", extra={"error": why[:300], "stacks": ",".join(sorted(keys))})
+                # A terminal error waits for what can change it (a commit, a restart with other settings): the
+                # source poller and the resync queue the stacks again; retrying sooner would only repeat it.
+                log.error(
+                    "pass failed" if retry else "pass failed; not retried until the source or settings change",
+                    extra={"error": why[:300], "stacks": ",".join(sorted(keys))},
+                )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
-                    if "paused" in note or "failed" in note:
-                        failed.setdefault(s, note)
+                    if note.failing:
+                        failed.setdefault(s, str(note))
             for r in report.results:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
