@@ -76,7 +76,7 @@ class ServiceDesired:
     rollback: bool = False
     image_id: str | None = None  # the image ID replicas must run (None: any); others are replaced
     image_change: ImageChange | None = None  # the image moved while the spec did not (a tag's new digest)
-    image_digest: str | None = None  # the registry digest the recorded image ID was pulled by, when known
+    image_digest: str | None = None  # the registry digest of the image `image_id` names (pending or recorded)
 
 
 @dataclass(frozen=True)
