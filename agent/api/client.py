@@ -8,13 +8,16 @@ import requests
 
 from agent.state.holder import AGENT_LOCK, HolderLock
 from schemas.config import AgentConfig
+from schemas.errors import DabctlError
 
 
-class AgentUnreachable(Exception):
+class AgentUnreachable(DabctlError):
     """An agent holds the state but does not answer on its API."""
 
+    retryable = True
 
-class AgentRefused(Exception):
+
+class AgentRefused(DabctlError):
     """The agent answered and refused the call; the message is its reason."""
 
 

@@ -12,16 +12,9 @@ import sys
 
 import click
 
-from agent.api.client import AgentRefused, AgentUnreachable
 from agent.cli import changes, files, serve, views
-from agent.cli.options import UserError
-from agent.drivers.docker_engine import EngineError
-from agent.node.engine import EmptySourceRefused
-from agent.node.rollback import RollbackError
-from agent.sources.source import SourceConfigError
-from agent.state.log import StateLogError
 from bundles import InvalidBundles
-from bundles.errors import SourceError
+from schemas.errors import DabctlError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,17 +62,7 @@ def main() -> None:
             click.echo(str(e), err=True)
         click.echo("error: invalid bundles; nothing was changed", err=True)
         sys.exit(1)
-    except (
-        UserError,
-        RollbackError,
-        EngineError,
-        StateLogError,
-        EmptySourceRefused,
-        AgentUnreachable,
-        AgentRefused,
-        SourceError,
-        SourceConfigError,
-    ) as exc:
+    except DabctlError as exc:  # retryable or terminal, a command that failed exits 1 with one line
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -13,11 +13,12 @@ from rich.console import Console
 from agent.config import ConfigError, load_config
 from schemas.config import AgentConfig
 from schemas.durations import parse_duration
+from schemas.errors import DabctlError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UserError(Exception):
+class UserError(DabctlError):
     """An error the user can fix; printed as one line, exit 1."""
 
 

@@ -55,11 +55,6 @@ class Control(Protocol):
     def status(self) -> StatusOutput: ...
 
 
-def halting_notes(plan: PassPlan) -> list[str]:
-    """Notes that stop further passes of this call and fail it: a paused rollout, a slot given up on."""
-    return [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes if "paused" in n or "failed" in n]
-
-
 def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, deadline: float) -> ReconcileResult:
     """Passes until nothing is left to roll (and, with `wait`, every service is healthy) or the deadline.
 
@@ -73,8 +68,9 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
         for o in Outcome:
             done[o] += report.count(o)
         errors = report.errors + [f"{r.action}: {r.error}" for r in report.results if r.outcome is Outcome.FAILED]
-        halted = halting_notes(plan)
-        notes = [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes]
+        # A paused rollout or a slot given up on fails the call and stops its passes; other notes only inform.
+        halted = [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes if n.failing]
+        notes = [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes if not n.failing]
         if errors or halted:
             break
         waiting_for = unhealthy() if wait else []
@@ -96,7 +92,7 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
         removed=done[Outcome.REMOVED],
         failed=done[Outcome.FAILED],
         errors=errors + halted,
-        notes=[n for n in notes if n not in halted],
+        notes=notes,
     )
 
 

@@ -28,15 +28,15 @@ from agent.api.server import AgentHttp, WebhookAuth
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node.control import converge, unhealthy
-from agent.node.engine import EmptySourceRefused, Engine, PassPlan, PassReport, stack_of
-from agent.node.rollback import RollbackError, pin_stack, unpin_stack
+from agent.node.engine import Engine, PassPlan, PassReport, stack_of
+from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.sources.source import Source, _secret, open_source, source_ref, watch_directory
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
-from agent.state.log import StateLocked, StateLogError
+from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.outcome import Outcome
@@ -49,6 +49,7 @@ from schemas.control import (
     SuspendRequest,
     SuspendResult,
 )
+from schemas.errors import DabctlError
 from schemas.output import SourceStatus, StatusOutput
 
 log = logging.getLogger("dabctl.agent")
@@ -371,22 +372,30 @@ class Agent:
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
-            except (EmptySourceRefused, EngineError, StateLogError, SdkError, OSError) as exc:
+            except (DabctlError, SdkError, OSError) as exc:
+                # docker-py's own errors and a lost socket are the engine's, so retryable like EngineError.
+                retry = exc.retryable if isinstance(exc, DabctlError) else True
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
+                if isinstance(exc, OSError):
                     why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"
                 for k in keys:
                     self.pass_errors[k] = why
-                    self.queue.retry(k)
+                    if retry:
+                        self.queue.retry(k)
                 self.metrics.passes.labels(result="failure").inc()
-                log.error("pass failed", extra={"error": why[:300], "stacks": ",".join(sorted(keys))})
+                # A terminal error waits for what can change it (a commit, a restart with other settings): the
+                # source poller and the resync queue the stacks again; retrying sooner would only repeat it.
+                log.error(
+                    "pass failed" if retry else "pass failed; not retried until the source or settings change",
+                    extra={"error": why[:300], "stacks": ",".join(sorted(keys))},
+                )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
-                    if "paused" in note or "failed" in note:
-                        failed.setdefault(s, note)
+                    if note.failing:
+                        failed.setdefault(s, str(note))
             for r in report.results:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
@@ -536,16 +545,18 @@ class Agent:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return 400, {"error": f"{name}: {where}: {first['msg']}"}
-        except (ControlRefused, RollbackError) as exc:
-            return 409, {"error": str(exc)}
+        except DabctlError as exc:  # refused as asked (409), or cannot run now (503): one line either way
+            return (503 if exc.retryable else 409), {"error": str(exc)}
 
 
-class ControlRefused(Exception):
+class ControlRefused(DabctlError):
     """The agent will not run a control call as asked (another source); the message says what to do."""
 
 
-class PassNotRun(Exception):
+class PassNotRun(DabctlError):
     """A pass of a control call could not run (source or engine unreachable); `errors` name the stacks."""
+
+    retryable = True
 
     def __init__(self, errors: list[str]) -> None:
         super().__init__("; ".join(errors))

@@ -17,11 +17,12 @@ from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
 from schemas.config import AgentConfig
 from schemas.control import SourceRef
+from schemas.errors import DabctlError
 
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
 
 
-class SourceConfigError(Exception):
+class SourceConfigError(DabctlError):
     """The source settings cannot be used (no source, an unreadable secret file)."""
 
 

@@ -16,10 +16,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from schemas.errors import DabctlError
+
 AGENT_LOCK = "agent.lock"  # in the state directory: held by the running agent, names its API address
 
 
-class Held(Exception):
+class Held(DabctlError):
     """The lock is held by another process; `holder` describes it."""
 
     def __init__(self, holder: str) -> None:
