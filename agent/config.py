@@ -15,6 +15,7 @@ from bundles.documents import decode, field_path, read_file, read_yaml
 from bundles.errors import InvalidBundles
 from schemas.annotations import field_types
 from schemas.config import AgentConfig
+from schemas.errors import DabctlError
 from schemas.quoting import printable
 
 ENV_PREFIX = "DABCTL_"
@@ -23,7 +24,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-class ConfigError(Exception):
+class ConfigError(DabctlError):
     """The configuration is invalid; the message names the file or variable, the field and the fix."""
 
 

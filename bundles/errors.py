@@ -1,9 +1,9 @@
 """Errors a bundle can cause: each one line naming the file, the field and the fix.
 
 BundleError            one problem in one place (file, field path, message, fix)
-InvalidBundles         raised by loaders: every BundleError found, reported at once
+InvalidBundles         raised by loaders: every BundleError found, reported at once (a terminal DabctlError)
 SourceError            a git source cannot be reached or read (agent.sources.git; defined here so that catching it
-                       does not import dulwich)
+                       does not import dulwich); a retryable DabctlError
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 
+from schemas.errors import DabctlError
 from schemas.quoting import printable
 
 
@@ -37,7 +38,7 @@ class BundleError:
         return printable(f"{text}; {self.fix}" if self.fix else text)
 
 
-class InvalidBundles(Exception):
+class InvalidBundles(DabctlError):
     """One or more bundle files are invalid; nothing may be applied."""
 
     def __init__(self, errors: Sequence[BundleError]) -> None:
@@ -45,5 +46,7 @@ class InvalidBundles(Exception):
         super().__init__("\n".join(str(e) for e in self.errors))
 
 
-class SourceError(Exception):
+class SourceError(DabctlError):
     """The repository cannot be reached or read; one line with what and how to fix (never a credential)."""
+
+    retryable = True

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from reconcilers.outcome import Outcome, Result, one_line
+from reconcilers.outcome import ActionKind, Outcome, Result, one_line
+from schemas.errors import DabctlError
 
 PORT_RANGE = (30000, 32767)  # Swarm's and Kubernetes' node-port range
 
@@ -180,6 +181,7 @@ class Publish:
 
     frontend: Frontend
     backends: tuple[Backend, ...]
+    kind: ClassVar[ActionKind] = ActionKind.CREATE
 
     @property
     def stack(self) -> str:
@@ -187,7 +189,7 @@ class Publish:
 
     def __str__(self) -> str:
         f = self.frontend
-        return f"+ {f.stack}_{f.service} publish {f} → {f.target} ({_count(self.backends)})"
+        return f"{self.kind.sign} {f.stack}_{f.service} publish {f} → {f.target} ({_count(self.backends)})"
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ class Rebalance:
     backends: tuple[Backend, ...]
     added: tuple[Backend, ...]
     removed: tuple[Backend, ...]
+    kind: ClassVar[ActionKind] = ActionKind.UPDATE
 
     @property
     def stack(self) -> str:
@@ -206,7 +209,7 @@ class Rebalance:
     def __str__(self) -> str:
         f = self.frontend
         change = " ".join([*(f"+{b.address}" for b in self.added), *(f"-{b.address}" for b in self.removed)])
-        return f"~ {f.stack}_{f.service} {f} backends {change} ({_count(self.backends)})"
+        return f"{self.kind.sign} {f.stack}_{f.service} {f} backends {change} ({_count(self.backends)})"
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class Unpublish:
     """Stop publishing a port."""
 
     frontend: Frontend
+    kind: ClassVar[ActionKind] = ActionKind.REMOVE
 
     @property
     def stack(self) -> str:
@@ -221,7 +225,7 @@ class Unpublish:
 
     def __str__(self) -> str:
         f = self.frontend
-        return f"- {f.stack}_{f.service} unpublish {f}"
+        return f"{self.kind.sign} {f.stack}_{f.service} unpublish {f}"
 
 
 BalancerAction = Publish | Rebalance | Unpublish
@@ -270,7 +274,7 @@ def apply_to(actual: Balance, actions: Iterable[BalancerAction]) -> dict[Fronten
 # --- applying ------------------------------------------------------------------------------------------------
 
 
-class BalancerUnavailable(Exception):
+class BalancerUnavailable(DabctlError):
     """The ruleset cannot be read or written here (tool missing, no privilege, kernel lacks a feature)."""
 
 

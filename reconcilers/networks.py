@@ -9,10 +9,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from bundles.desired import NetworkTarget
-from reconcilers.outcome import Outcome, Result, one_line
+from reconcilers.outcome import ActionKind, Outcome, Result, one_line
 
 LABEL_PREFIX = "dabctl."
 
@@ -60,9 +60,10 @@ class CreateNetwork:
     stack: str
     request: NetworkRequest
     reason: str = "missing"
+    kind: ClassVar[ActionKind] = ActionKind.CREATE
 
     def __str__(self) -> str:
-        return f"+ network {self.request.name} ({self.reason})"
+        return f"{self.kind.sign} network {self.request.name} ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,10 @@ class RemoveNetwork:
     stack: str
     network: ObservedNetwork
     reason: str
+    kind: ClassVar[ActionKind] = ActionKind.REMOVE
 
     def __str__(self) -> str:
-        return f"- network {self.network.name} ({self.reason})"
+        return f"{self.kind.sign} network {self.network.name} ({self.reason})"
 
 
 NetworkAction = CreateNetwork | RemoveNetwork

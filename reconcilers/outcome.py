@@ -1,10 +1,25 @@
-"""What applying one action did: the tiny result type every reconciler reports."""
+"""What an action does and what applying it did: the tiny types every reconciler shares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
+
+
+class ActionKind(StrEnum):
+    """What a planned action does to its object; its sign starts the action's plan line."""
+
+    CREATE = "create"
+    START = "start"
+    REPLACE = "replace"
+    UPDATE = "update"
+    REMOVE = "remove"
+
+    @property
+    def sign(self) -> str:
+        """`+` create, `-` remove, `~` any other change."""
+        return "+" if self is ActionKind.CREATE else "-" if self is ActionKind.REMOVE else "~"
 
 
 class Outcome(StrEnum):

@@ -40,6 +40,23 @@ class SlotView:
     new: Container | None
 
 
+@dataclass(frozen=True)
+class SlotFailure:
+    """A new container of a rollout's batch that failed, and how: `unhealthy`, `exited (exit code 1)`, `dead`."""
+
+    slot: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"slot {self.slot}: {self.reason}"
+
+    @classmethod
+    def parse(cls, text: str) -> SlotFailure:
+        """A failure from its text, as the state log keeps it (`slot 2: exited (exit code 1)`)."""
+        slot, _, reason = text.removeprefix("slot ").partition(": ")
+        return cls(slot, reason)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rollout:
     """The progress of rolling one service to `target`; persisted between passes."""
@@ -48,7 +65,7 @@ class Rollout:
     state: State = "updating"
     batch: tuple[str, ...] = ()
     batch_done_at: float | None = None
-    failed: tuple[str, ...] = ()
+    failed: tuple[SlotFailure, ...] = ()
     reason: str = ""
     rollback: bool = False
 
@@ -80,12 +97,18 @@ def new_health(c: Container, monitor: float, now: float) -> Literal["healthy", "
     return "pending"
 
 
-def _failure_text(view: SlotView) -> str:
+def _failure(view: SlotView) -> SlotFailure:
     c = view.new
     assert c is not None
     if c.health == "unhealthy":
-        return f"slot {view.slot}: unhealthy"
-    return f"slot {view.slot}: {c.state}" + (f" (exit code {c.exit_code})" if c.exit_code is not None else "")
+        return SlotFailure(view.slot, "unhealthy")
+    return SlotFailure(view.slot, c.state + (f" (exit code {c.exit_code})" if c.exit_code is not None else ""))
+
+
+def paused(rollout: Rollout, why: str) -> Rollout:
+    """`rollout` stopped where it is, for `why` (said before its first failure, if any)."""
+    first = f": {rollout.failed[0]}" if rollout.failed else ""
+    return replace(rollout, state="paused", reason=f"paused ({why}){first}")
 
 
 def slot_order(slot: str) -> tuple[int, int, str]:
@@ -114,13 +137,10 @@ def step(
     remove_old = tuple(v.slot for v in slots if v.old is not None and health.get(v.slot) == "healthy")
 
     failed = list(rollout.failed)
+    counted = {f.slot for f in failed}
     for v in slots:
-        if (
-            health.get(v.slot) == "failed"
-            and v.slot in rollout.batch
-            and not any(f.startswith(f"slot {v.slot}:") for f in failed)
-        ):
-            failed.append(_failure_text(v))
+        if health.get(v.slot) == "failed" and v.slot in rollout.batch and v.slot not in counted:
+            failed.append(_failure(v))
     rollout = replace(rollout, failed=tuple(failed))
     if (
         failed
@@ -142,7 +162,7 @@ def step(
 
     if rollout.batch:  # the batch is through: its clock for Delay starts now
         rollout = replace(rollout, batch=(), batch_done_at=now)
-    failed_slots = {f.split(":", 1)[0].removeprefix("slot ") for f in rollout.failed}
+    failed_slots = {f.slot for f in rollout.failed}
     candidates = sorted(
         (v for v in slots if v.old is not None and v.new is None and v.slot not in failed_slots),
         key=lambda v: (v.old is not None and v.old.state == "running", slot_order(v.slot)),

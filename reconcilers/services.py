@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import KW_ONLY, dataclass, field, replace
+from typing import Any, ClassVar, Protocol
 
 from bundles.desired import ServiceTarget
 from reconcilers import restarts, rollout
-from reconcilers.outcome import Outcome, Result, one_line
+from reconcilers.notes import Note, NoteKind
+from reconcilers.outcome import ActionKind, Outcome, Result, one_line
 from reconcilers.rollout import slot_order
 
 STARTABLE_STATES = ("created", "exited")
@@ -44,6 +45,26 @@ class Replica:
         return f"{self.stack}_{self.service}.{self.slot}"
 
 
+@dataclass(frozen=True)
+class ImageChange:
+    """A tag that now resolves to another registry digest: the spec is the same, the image is not."""
+
+    old_digest: str
+    new_digest: str
+
+    def __str__(self) -> str:
+        return f"Image digest {_short(self.old_digest)} → {_short(self.new_digest)}"
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12] or "none"
+
+
+def pending_image(digest: str) -> str:
+    """The image ID expected of a tag's new digest before it is pulled: no replica has it yet."""
+    return f"pending:{digest}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServiceDesired:
     """A service's target spec, the slots the state log assigns to this node, and the last applied spec."""
@@ -55,7 +76,8 @@ class ServiceDesired:
     previous_hash: str | None = None
     rollback: bool = False
     image_id: str | None = None  # the image ID replicas must run (None: any); others are replaced
-    image_change: str | None = None  # why the image moved (e.g. a tag's new digest), for the plan
+    image_change: ImageChange | None = None  # the image moved while the spec did not (a tag's new digest)
+    image_digest: str | None = None  # the registry digest of the image `image_id` names (pending or recorded)
 
 
 @dataclass(frozen=True)
@@ -93,13 +115,14 @@ class CreateReplica:
     slot: str
     revision: str
     reason: str = "missing"
+    kind: ClassVar[ActionKind] = ActionKind.CREATE
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.target.stack, self.target.name, self.slot)
 
     def __str__(self) -> str:
-        return f"+ {self.target.full_name}.{self.slot} create ({self.reason})"
+        return f"{self.kind.sign} {self.target.full_name}.{self.slot} create ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -108,23 +131,28 @@ class StartReplica:
 
     replica: Replica
     reason: str
+    kind: ClassVar[ActionKind] = ActionKind.START
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.replica.stack, self.replica.service, self.replica.slot)
 
     def __str__(self) -> str:
-        return f"~ {self.replica.label} start ({self.reason})"
+        return f"{self.kind.sign} {self.replica.label} start ({self.reason})"
 
 
 @dataclass(frozen=True)
 class ReplaceReplica:
-    """Stop and remove a container of another spec, then create the slot anew (stop-first)."""
+    """Stop and remove a container of another spec, then create the slot anew (stop-first). `changes` names
+    the spec fields that differ; `image` is set instead when only the image moved."""
 
     replica: Replica
     target: ServiceTarget
     revision: str
     changes: tuple[str, ...]
+    _: KW_ONLY
+    image: ImageChange | None = None
+    kind: ClassVar[ActionKind] = ActionKind.REPLACE
 
     @property
     def slot(self) -> str:
@@ -135,8 +163,8 @@ class ReplaceReplica:
         return (self.replica.stack, self.replica.service, self.replica.slot)
 
     def __str__(self) -> str:
-        what = ", ".join(self.changes)
-        return f"~ {self.replica.label} replace ({what if 'digest' in what else what + ' changed'})"
+        what = str(self.image) if self.image else ", ".join(self.changes) + " changed"
+        return f"{self.kind.sign} {self.replica.label} replace ({what})"
 
 
 @dataclass(frozen=True)
@@ -145,13 +173,14 @@ class RemoveReplica:
 
     replica: Replica
     reason: str
+    kind: ClassVar[ActionKind] = ActionKind.REMOVE
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.replica.stack, self.replica.service, self.replica.slot)
 
     def __str__(self) -> str:
-        return f"- {self.replica.label} remove ({self.reason})"
+        return f"{self.kind.sign} {self.replica.label} remove ({self.reason})"
 
 
 ServiceAction = CreateReplica | StartReplica | ReplaceReplica | RemoveReplica
@@ -195,6 +224,28 @@ def _view(r: Replica | None) -> rollout.Container | None:
     return rollout.Container(id=r.id, state=r.state, health=r.health, created=float(r.created), exit_code=r.exit_code)
 
 
+def rollout_target(spec_hash: str, image_id: str | None) -> str:
+    """A rollout's identity: the spec it rolls to and, once the state recorded it, the image ID."""
+    return f"{spec_hash}@{image_id}" if image_id else spec_hash
+
+
+def _continued(recorded: rollout.Rollout | None, d: ServiceDesired) -> rollout.Rollout | None:
+    """The recorded rollout under `d`'s identity when it rolls to what `d` wants.
+
+    A rollout's first pass may not know the image ID it rolls to: a new reference has none recorded, a tag's
+    new digest only `pending:<digest>`; the pull in that pass records it. The rollout it started (with the
+    failures of its first batch) goes on under the resolved ID."""
+    target = rollout_target(d.target.spec_hash, d.image_id)
+    if recorded is None or recorded.target == target or recorded.rollback != d.rollback:
+        return recorded
+    if d.image_id is None or recorded.state == "completed":
+        return recorded
+    first = {rollout_target(d.target.spec_hash, None)}
+    if d.image_digest:
+        first.add(rollout_target(d.target.spec_hash, pending_image(d.image_digest)))
+    return replace(recorded, target=target) if recorded.target in first else recorded
+
+
 ServiceKey = tuple[str, str]
 SlotKey = tuple[str, str, str]
 
@@ -207,7 +258,7 @@ class ServicesPlan:
     actions: list[ServiceAction]
     rollouts: dict[ServiceKey, rollout.Rollout] = field(default_factory=dict)
     restarts: dict[SlotKey, restarts.RestartRecord] = field(default_factory=dict)
-    notes: dict[ServiceKey, str] = field(default_factory=dict)
+    notes: dict[ServiceKey, Note] = field(default_factory=dict)
     recheck_in: float | None = None
     rolling: set[ServiceKey] = field(default_factory=set)  # services with a rollout still moving
 
@@ -260,8 +311,9 @@ def plan_pass(
         t = d.target
         key = (t.stack, t.name)
         policy = t.service.deploy.restart_policy
-        current = rollouts.get(key)
-        target_id = f"{t.spec_hash}@{d.image_id}" if d.image_id else t.spec_hash
+        recorded = rollouts.get(key)
+        current = _continued(recorded, d)
+        target_id = rollout_target(t.spec_hash, d.image_id)
         batch = set(current.batch) if current is not None and current.target == target_id else set()
         views: list[rollout.SlotView] = []
         olds: dict[str, Replica] = {}
@@ -300,8 +352,8 @@ def plan_pass(
             elif decision.verdict == "give-up":
                 given_up.append(f"slot {slot} failed: {decision.reason}")
         if given_up:
-            out.notes[key] = "; ".join(given_up)
-        rolled, retired = _roll(d, target_id, views, olds, current, now=now, out=out)
+            out.notes[key] = Note(t.name, NoteKind.RESTART_GIVEN_UP, "; ".join(given_up))
+        rolled, retired = _roll(d, target_id, views, olds, recorded=recorded, current=current, now=now, out=out)
         others.extend(rolled)
         removes.extend(retired)
 
@@ -347,13 +399,15 @@ def _roll(
     target_id: str,
     views: Sequence[rollout.SlotView],
     olds: Mapping[str, Replica],
-    current: rollout.Rollout | None,
     *,
+    recorded: rollout.Rollout | None,
+    current: rollout.Rollout | None,
     now: float,
     out: ServicesPlan,
 ) -> tuple[list[ServiceAction], list[RemoveReplica]]:
     """The rollout's next step for one service's slots on an older spec: replacements and starts, the old
-    containers to remove; the rollout's progress goes to `out`. With no such slot left, the rollout is complete."""
+    containers to remove; the rollout's progress and notes go to `out`. With no such slot left, the rollout
+    (`current`: the `recorded` one, if this pass continues it) is complete."""
     t = d.target
     key = (t.stack, t.name)
     if not views:
@@ -362,21 +416,25 @@ def _roll(
         return [], []
     cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
     s = rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
-    changes = {
-        slot: (d.image_change,)
-        if d.image_change and old.spec_hash == t.spec_hash
-        else changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
+    fields = {
+        slot: changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
         for slot, old in olds.items()
     }
-    actions: list[ServiceAction] = [ReplaceReplica(olds[slot], t, d.revision, changes[slot]) for slot in s.replace]
+    # Of the same spec, only the image can differ: the plan names its digests instead of fields.
+    image = {slot: d.image_change if old.spec_hash == t.spec_hash else None for slot, old in olds.items()}
+    actions: list[ServiceAction] = [
+        ReplaceReplica(olds[slot], t, d.revision, () if image[slot] else fields[slot], image=image[slot])
+        for slot in s.replace
+    ]
     for slot in s.start_beside:
-        why = f"start-first update ({', '.join(changes[slot])} changed)"
+        why = f"start-first update ({image[slot] or ', '.join(fields[slot])} changed)"
         actions.append(CreateReplica(t, slot, d.revision, why))
     removes = [RemoveReplica(olds[slot], "replaced: its successor is healthy") for slot in s.remove_old]
-    if s.rollout is not None and s.rollout != current:
+    if s.rollout is not None and s.rollout != recorded:
         out.rollouts[key] = s.rollout
     if s.rollout is not None and s.rollout.state in ("paused", "rolling-back"):
-        out.notes[key] = s.rollout.reason
+        kind = NoteKind.ROLLOUT_PAUSED if s.rollout.state == "paused" else NoteKind.ROLLING_BACK
+        out.notes[key] = Note(t.name, kind, s.rollout.reason)
     if s.rollout is not None and s.rollout.state in ("updating", "rolling-back"):
         out.rolling.add(key)
     out.recheck(s.recheck_in)

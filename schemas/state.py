@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -81,3 +81,27 @@ class Pin(Record):
     automatic: bool = False
     source_revision: str | None = None
     at: datetime
+
+
+class RolloutRecord(Record):
+    """A service's rolling update between passes: the target it rolls to (spec hash, `@<image ID>` once
+    recorded), its state, the batch in flight and when the last one finished (epoch seconds), the failures
+    counted against MaxFailureRatio (each `slot <slot>: <what happened>`), the reason it paused or rolls back,
+    and whether it is itself a rollback."""
+
+    target: str
+    state: Literal["updating", "paused", "rolling-back", "completed"] = "updating"
+    batch: tuple[str, ...] = ()
+    batch_done_at: float | None = None
+    failed: tuple[str, ...] = ()
+    reason: str = ""
+    rollback: bool = False
+
+
+class RestartRecord(Record):
+    """When a slot was restarted (epoch seconds): the most recent attempts, the last start, and the restarts
+    since the last reset (states written before `total` existed count their attempts)."""
+
+    attempts: tuple[float, ...] = ()
+    last_start: float | None = None
+    total: int = 0

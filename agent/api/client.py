@@ -6,20 +6,24 @@ from typing import Any
 
 import requests
 
-from agent.state.backends import STATE_FILE
-from agent.state.sqlite import SqliteStateLog
+from agent.state.holder import AGENT_LOCK, HolderLock
 from schemas.config import AgentConfig
+from schemas.errors import DabctlError
 
 
-class AgentUnreachable(Exception):
+class AgentUnreachable(DabctlError):
     """An agent holds the state but does not answer on its API."""
+
+    retryable = True
+
+
+class AgentRefused(DabctlError):
+    """The agent answered and refused the call; the message is its reason."""
 
 
 def running_agent(cfg: AgentConfig) -> str | None:
-    """The API URL of the agent holding this embedded state, or None when none runs."""
-    if cfg.state != "embedded":
-        return None
-    holder = SqliteStateLog.holder_of(cfg.state_path / STATE_FILE)
+    """The API URL of the agent running on this state directory (any state backend), or None when none runs."""
+    holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
     return holder.get("api") if holder else None
 
 
@@ -36,7 +40,7 @@ def call(api: str, name: str, body: dict[str, Any], timeout: float = 900) -> dic
     except ValueError:
         raise AgentUnreachable(f"the agent at {api} answered {resp.status_code} without JSON") from None
     if resp.status_code >= 400:
-        raise AgentUnreachable(f"the agent at {api} refused {name}: {doc.get('error', resp.status_code)}")
+        raise AgentRefused(f"the agent at {api} refused {name}: {doc.get('error', resp.status_code)}")
     return doc
 
 

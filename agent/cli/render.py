@@ -50,7 +50,7 @@ def render_plan(plan: PassPlan, out: Console) -> None:
     counts = {"+": 0, "~": 0, "-": 0}
     for sp in plan.stacks.values():
         for action in sp.actions:
-            counts[str(action)[0]] += 1
+            counts[action.kind.sign] += 1
     if plan.changes == 0 and not plan.errors:
         out.print("No changes: the node matches its bundles.")
     else:
@@ -97,8 +97,8 @@ def _planned(action: object) -> PlannedAction:
             name=action.replica.name,
             service=action.replica.service,
             slot=action.slot,
-            reason=", ".join(action.changes) if any("digest" in c for c in action.changes) else "spec changed",
-            changes=list(action.changes),
+            reason=str(action.image) if action.image else "spec changed",
+            changes=[str(action.image)] if action.image else list(action.changes),
         )
     if isinstance(action, services.StartReplica):
         return PlannedAction(

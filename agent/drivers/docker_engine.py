@@ -26,14 +26,17 @@ from reconcilers.networks import NetworkRequest, ObservedNetwork
 from reconcilers.outcome import one_line
 from reconcilers.services import Replica, ReplicaRequest
 from schemas.bundle import memory_bytes, nano_cpus
+from schemas.errors import DabctlError
 
 API_VERSION = "1.41"  # Docker 20.10; every later engine still serves it
 _EXITED = re.compile(r"^Exited \((-?\d+)\)")
 _HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
 
-class EngineError(Exception):
+class EngineError(DabctlError):
     """The Docker engine cannot be reached or refused a request."""
+
+    retryable = True
 
 
 SdkError = docker.errors.DockerException  # what docker-py raises where no driver method translated it

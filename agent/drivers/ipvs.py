@@ -56,6 +56,7 @@ from agent.drivers.nftables import (
     parse,
 )
 from reconcilers.loadbalancer import Backend, Balance, BalancerAction, BalancerUnavailable, Frontend
+from schemas.errors import DabctlError
 
 MARK_BASE = 0x0DA00000
 MARK_MASK = 0xFFF00000  # the top 12 bits say "dabctl"; the rest is protocol (4 bits) and port (16 bits)
@@ -227,7 +228,7 @@ class IpvsNetlink:
             raise IpvsError(f"{what}: {os.strerror(code) if isinstance(code, int) else exc}") from None
 
 
-class IpvsError(Exception):
+class IpvsError(DabctlError):
     """The kernel refused an IPVS change; the message says which."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from reconcilers.loadbalancer import Backend, Balance, BalancerAction, BalancerUnavailable, Frontend
+from schemas.errors import DabctlError
 
 TABLE = "dabctl"
 CT_MARK = 0x00100000  # the conntrack mark bit of connections dabctl balanced
@@ -75,7 +76,7 @@ class Nft:
         return done.stdout
 
 
-class NftError(Exception):
+class NftError(DabctlError):
     """nft refused a command."""
 
 

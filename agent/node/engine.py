@@ -22,20 +22,22 @@ from agent.node.scheduler import Assignments, assign
 from agent.state.records import Records
 from bundles import InvalidBundles, parse_bundle
 from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
-from reconcilers import loadbalancer, networks, services
+from reconcilers import loadbalancer, networks, rollout, services
 from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
 from reconcilers.networks import NetworkAction, NetworksReconciler
+from reconcilers.notes import Note, NoteKind
 from reconcilers.outcome import Outcome, Result
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
-from reconcilers.services import ServiceAction, ServiceDesired, ServicesReconciler
+from reconcilers.services import ImageChange, ServiceAction, ServiceDesired, ServicesReconciler, pending_image
+from schemas.errors import DabctlError
 from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
 
 Action = ServiceAction | NetworkAction | BalancerAction
 AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction]
 
 
-class EmptySourceRefused(Exception):
+class EmptySourceRefused(DabctlError):
     """The source has no stacks while stacks are deployed: pruning everything needs --allow-empty."""
 
 
@@ -50,11 +52,35 @@ class StackPlan:
     network_actions: list[NetworkAction] = field(default_factory=list)
     service_actions: list[ServiceAction] = field(default_factory=list)
     balancer_actions: list[BalancerAction] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
         return [*self.network_actions, *self.service_actions, *self.balancer_actions]
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """What a service's replicas are created from this pass: `reference` is the bundle's, one pinned to a
+    registry `digest`, or a recorded `image_id` (then nothing is looked up when the pass is recorded)."""
+
+    reference: str
+    image_id: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """A service's image for this pass: the target to create from, the image ID its replicas must have (with
+    the digest it was pulled by), why it moved while the spec did not, and an image check that failed."""
+
+    target: ServiceTarget
+    image: PlannedImage
+    _: KW_ONLY
+    expected: str | None = None
+    digest: str | None = None
+    change: ImageChange | None = None
+    note: Note | None = None
 
 
 @dataclass(kw_only=True)
@@ -74,7 +100,7 @@ class PassPlan:
     pins: dict[str, Pin | None] = field(default_factory=dict)
     recheck_in: float | None = None
     rolling: bool = False  # a rollout (or rollback) is still moving: another pass will continue it
-    images: dict[tuple[str, str], str] = field(default_factory=dict)  # the image reference each service runs
+    images: dict[tuple[str, str], PlannedImage] = field(default_factory=dict)  # the image each service runs
     ports: dict[PortKey, int] = field(default_factory=dict)  # published ports of the stacks this pass converges
     ports_changed: dict[PortKey, int] = field(default_factory=dict)  # of those, the ones the state has not recorded
     ports_removed: set[PortKey] = field(default_factory=set)
@@ -199,7 +225,7 @@ class Engine:
         network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
 
         wanted: list[ServiceDesired] = []
-        images: dict[tuple[str, str], str] = {}
+        images: dict[tuple[str, str], PlannedImage] = {}
         for name, stack in desired.stacks.items():
             if name in held:
                 continue
@@ -207,15 +233,16 @@ class Engine:
             for target in service_targets(stack):
                 previous = record.services.get(target.name) if record else None
                 slots = assignments.get((name, target.name), {}).get(self.node, [])
-                target, expected, change, note = self._resolve_image(target, previous)
-                if note:
-                    stacks[name].notes.append(note)
-                images[(name, target.name)] = target.image_id or target.service.image
+                resolved = self._resolve_image(target, previous)
+                if resolved.note:
+                    stacks[name].notes.append(resolved.note)
+                images[(name, target.name)] = resolved.image
                 wanted.append(
                     ServiceDesired(
-                        target=target,
-                        image_id=expected,
-                        image_change=change,
+                        target=resolved.target,
+                        image_id=resolved.expected,
+                        image_change=resolved.change,
+                        image_digest=resolved.digest,
                         slots=tuple(slots),
                         revision=stack.revision,
                         previous_spec=previous.spec if previous else None,
@@ -236,8 +263,8 @@ class Engine:
             stacks[stack_of(a)].network_actions.append(a)
         for s in sp.actions:
             stacks[stack_of(s)].service_actions.append(s)
-        for (stack_name, service), note in sp.notes.items():
-            stacks[stack_name].notes.append(f"{service}: {note}")
+        for (stack_name, _), note in sp.notes.items():
+            stacks[stack_name].notes.append(note)
         if publishing:
             draining = {
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
@@ -251,11 +278,11 @@ class Engine:
             if ro.state == "rolling-back" and not ro.rollback and stack_name not in pinned:
                 pin = self._rollback_pin(stack_name, desired, ro.reason, now)
                 if pin is None:
-                    rollouts[(stack_name, service)] = replace(
-                        ro,
-                        state="paused",
-                        reason=ro.reason.replace("rolling back", "paused (no earlier revision to roll back to)"),
-                    )
+                    stopped = rollout.paused(ro, "no earlier revision to roll back to")
+                    rollouts[(stack_name, service)] = stopped
+                    notes = stacks[stack_name].notes
+                    notes[:] = [n for n in notes if n.service != service]
+                    notes.append(Note(service, NoteKind.ROLLOUT_PAUSED, stopped.reason))
                 else:
                     pins_changed[stack_name] = pin
                     sp.recheck(0.0)
@@ -330,10 +357,8 @@ class Engine:
         ports = {k: p for k, p in allocation.ports.items() if k.stack not in held}
         return loadbalancer.Allocation(ports, allocation.errors)
 
-    def _resolve_image(
-        self, target: ServiceTarget, previous: ServiceRecord | None
-    ) -> tuple[ServiceTarget, str | None, str | None, str | None]:
-        """(target with the image to run, the image ID replicas must have, why it moved, an error note).
+    def _resolve_image(self, target: ServiceTarget, previous: ServiceRecord | None) -> ResolvedImage:
+        """The image `target`'s replicas run this pass.
 
         The image enters the spec hash as written; the state records the ID (and digest) it resolved to. Under
         `always` the registry is asked for the tag's digest (a read); a new digest replaces replicas, rolling.
@@ -341,23 +366,36 @@ class Engine:
         svc = target.service
         known = previous if previous is not None and previous.image == svc.image and previous.image_id else None
         if target.image_id:  # a pinned revision runs the image IDs it recorded
-            return target, None, None, None
+            return ResolvedImage(target, PlannedImage(target.image_id, image_id=target.image_id))
         policy = svc.pull_policy or self.pull_policy
         if policy == "always" and "@" not in svc.image:
             try:
                 digest = self.docker.registry_digest(svc.image)
             except ImageUnavailable as exc:
-                pinned = replace(target, image_id=known.image_id) if known else target
-                return pinned, known.image_id if known else None, None, f"{target.name}: image check failed: {exc}"
+                note = Note(target.name, NoteKind.IMAGE_CHECK_FAILED, f"image check failed: {exc}")
+                if known is None:
+                    return ResolvedImage(target, PlannedImage(svc.image), note=note)
+                return replace(self._known(target, known), note=note)
             if known is None or digest != known.repo_digest:
                 ref = f"{svc.image.rsplit(':', 1)[0] if ':' in svc.image.rsplit('/', 1)[-1] else svc.image}@{digest}"
-                why = None
-                if known is not None:
-                    why = f"Image digest {_short(known.repo_digest)} → {_short(digest)}"
-                return replace(target, image_id=ref), f"pending:{digest}" if known else None, why, None
+                image = PlannedImage(ref, digest=digest)
+                if known is None:
+                    return ResolvedImage(replace(target, image_id=ref), image)
+                change = ImageChange(known.repo_digest, digest)
+                return ResolvedImage(
+                    replace(target, image_id=ref), image, expected=pending_image(digest), digest=digest, change=change
+                )
         if known is None:
-            return target, None, None, None
-        return replace(target, image_id=known.image_id), known.image_id, None, None
+            return ResolvedImage(target, PlannedImage(svc.image))
+        return self._known(target, known)
+
+    @staticmethod
+    def _known(target: ServiceTarget, known: ServiceRecord) -> ResolvedImage:
+        """Replicas run the image ID the state recorded for this reference."""
+        image = PlannedImage(known.image_id, image_id=known.image_id)
+        return ResolvedImage(
+            replace(target, image_id=known.image_id), image, expected=known.image_id, digest=known.repo_digest or None
+        )
 
     def _apply_pins(
         self, desired: DesiredState, pins: dict[str, Pin]
@@ -510,13 +548,12 @@ class Engine:
                 image_id, digest = (
                     (prev.image_id, prev.repo_digest) if prev and prev.image == t.service.image else ("", "")
                 )
-                used = plan.images.get((name, t.name), t.service.image)
-                if used.startswith("sha256:"):  # ran the recorded image ID: identity unchanged
-                    image_id = used
+                used = plan.images.get((name, t.name)) or PlannedImage(t.service.image)
+                if used.image_id:  # ran the recorded image ID: identity unchanged
+                    image_id = used.image_id
                 elif t.name in created or not image_id:
-                    image_id, digest = self.docker.image_identity(used)
-                    if "@sha256:" in used:
-                        digest = used.rsplit("@", 1)[1]
+                    image_id, digest = self.docker.image_identity(used.reference)
+                    digest = used.digest or digest
                 svc_records[t.name] = ServiceRecord(
                     spec_hash=t.spec_hash,
                     spec=dict(t.spec),
@@ -585,10 +622,6 @@ def _starting(replicas: Sequence[services.Replica], ports: Collection[PortKey]) 
     """Replicas of published services that run but have not passed their healthcheck yet."""
     published = {(k.stack, k.service) for k in ports}
     return sum(1 for r in replicas if (r.stack, r.service) in published and r.health == "starting")
-
-
-def _short(digest: str) -> str:
-    return digest.removeprefix("sha256:")[:12] or "none"
 
 
 def stack_from_record(record: StackRecord) -> StackBundle:

@@ -17,26 +17,39 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from agent.api.server import AgentHttp, WebhookAuth
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
-from agent.node.engine import EmptySourceRefused, Engine, PassPlan, PassReport, stack_of
-from agent.node.rollback import RollbackError, pin_stack, unpin_stack
+from agent.node.control import converge, unhealthy
+from agent.node.engine import Engine, PassPlan, PassReport, stack_of
+from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
-from agent.sources.source import Source, open_source, read_secret, watch_directory
+from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.state.backends import open_log
-from agent.state.log import StateLogError
+from agent.state.holder import AGENT_LOCK, Held, HolderLock
+from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.outcome import Outcome, one_line
 from schemas.config import AgentConfig
+from schemas.control import (
+    ReconcileRequest,
+    ReconcileResult,
+    RollbackRequest,
+    RollbackResult,
+    SuspendRequest,
+    SuspendResult,
+)
+from schemas.errors import DabctlError
 from schemas.output import SourceStatus, StatusOutput
 
 log = logging.getLogger("dabctl.agent")
@@ -85,7 +98,18 @@ class Agent:
         except EngineError as exc:
             # Not fatal: passes fail and retry with backoff until the engine answers; /readyz says not ready.
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
-        self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
+        # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
+        cfg.state_path.mkdir(parents=True, exist_ok=True)
+        self.lock = HolderLock(cfg.state_path / AGENT_LOCK, {"api": self.api_url, "command": "dabctl agent"})
+        try:
+            self.lock.acquire()
+        except Held as held:
+            raise StateLocked(f"another agent runs on the state directory {cfg.state_dir}: {held.holder}") from None
+        try:
+            self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
+        except BaseException:
+            self.lock.release()
+            raise
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
         self.engine = Engine(
             self.docker,
@@ -131,6 +155,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.shutdown())
         self.http.start()
+        host, port = self.http.address
+        self.api_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
         if self.webhook_http:
             self.webhook_http.start()
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
@@ -168,6 +195,7 @@ class Agent:
         self.source.close()
         self.log.close()
         self.docker.close()
+        self.lock.release()
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -326,7 +354,11 @@ class Agent:
 
     def run_pass(self, keys: Iterable[str]) -> PassReport | None:
         """One pass over `keys` (one at a time across the agent); failures requeue with backoff."""
-        keys = set(keys)
+        done = self._pass(set(keys), self.cfg.allow_empty)
+        return done[1] if done else None
+
+    def _pass(self, keys: set[str], allow_empty: bool) -> tuple[PassPlan, PassReport] | None:
+        """The plan and report of one pass over `keys`; None when it could not run (errors in pass_errors)."""
         with self._pass_lock:
             if self.desired is None and not self.refresh_source():
                 for k in keys:
@@ -336,26 +368,34 @@ class Agent:
             assert desired is not None
             started = time.monotonic()
             try:
-                plan = self.engine.plan(desired, self.cfg.allow_empty, only=keys)
+                plan = self.engine.plan(desired, allow_empty, only=keys)
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
-            except (EmptySourceRefused, EngineError, StateLogError, SdkError, OSError) as exc:
+            except (DabctlError, SdkError, OSError) as exc:
+                # docker-py's own errors and a lost socket are the engine's, so retryable like EngineError.
+                retry = exc.retryable if isinstance(exc, DabctlError) else True
                 why = one_line(exc)
-                if isinstance(exc, OSError) and not isinstance(exc, StateLogError):
+                if isinstance(exc, OSError):
                     why = f"no Docker engine answers at {self.docker.url} ({type(exc).__name__}); retrying"
                 for k in keys:
                     self.pass_errors[k] = why
-                    self.queue.retry(k)
+                    if retry:
+                        self.queue.retry(k)
                 self.metrics.passes.labels(result="failure").inc()
-                log.error("pass failed", extra={"error": why[:300], "stacks": ",".join(sorted(keys))})
+                # A terminal error waits for what can change it (a commit, a restart with other settings): the
+                # source poller and the resync queue the stacks again; retrying sooner would only repeat it.
+                log.error(
+                    "pass failed" if retry else "pass failed; not retried until the source or settings change",
+                    extra={"error": why[:300], "stacks": ",".join(sorted(keys))},
+                )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
-                    if "paused" in note or "failed" in note:
-                        failed.setdefault(s, note)
+                    if note.failing:
+                        failed.setdefault(s, str(note))
             for r in report.results:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
@@ -364,7 +404,7 @@ class Agent:
             self._count_pass(keys, plan, report, failed=bool(failed))
             if not failed and not self.load_errors:
                 self.ready.set()
-            return report
+            return plan, report
 
     def _settle(self, keys: set[str], failed: dict[str, str], desired: DesiredState) -> None:
         """Each key after a pass that ran: a failed one retries with backoff, any other starts its backoff over."""
@@ -437,51 +477,96 @@ class Agent:
         )
         return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
 
+    # The Control interface (agent/node/control.py): the CLI's changing commands, run through this loop.
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        mine = source_ref(self.cfg)
+        if request.source is not None and request.source != mine:
+            raise ControlRefused(
+                f"the agent on this state follows {mine}, not {request.source}: run without --source, "
+                "or stop the agent to reconcile another source"
+            )
+        self.refresh_source()
+        keys = self.all_keys()
+        allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
+
+        def step() -> tuple[PassPlan, PassReport]:
+            done = self._pass(keys, allow_empty)
+            if done is None:
+                raise PassNotRun([f"{k}: {e}" for k, e in sorted(self.pass_errors.items()) if k in keys])
+            return done
+
+        def waiting_for() -> list[str]:
+            return unhealthy(self.engine, self.desired) if self.desired is not None else []
+
+        try:
+            result = converge(step, waiting_for, wait=request.wait, deadline=time.monotonic() + request.timeout)
+        except PassNotRun as exc:
+            return ReconcileResult(ok=False, stacks=len(keys), errors=exc.errors or ["the pass could not run"])
+        load_errors = [f"{k}: {e}" for k, e in sorted(self.load_errors.items())]
+        return result.model_copy(update={"ok": result.ok and not load_errors, "errors": result.errors + load_errors})
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        with self._pass_lock:
+            if request.unpin:
+                lifted = unpin_stack(self.records, request.stack)
+                message = f"{request.stack}: " + ("unpinned: following the source" if lifted else "was not pinned")
+            else:
+                pin = pin_stack(self.records, request.stack, request.to)
+                message = f"{request.stack}: pinned to {pin.revision}"
+        keys = {request.stack}
+
+        def step() -> tuple[PassPlan, PassReport]:
+            done = self._pass(keys, self.cfg.allow_empty)
+            if done is None:
+                raise PassNotRun([e for k, e in self.pass_errors.items() if k in keys])
+            return done
+
+        try:
+            passes = converge(step, lambda: [], wait=False, deadline=time.monotonic() + request.timeout)
+        except PassNotRun as exc:
+            passes = ReconcileResult(ok=False, stacks=1, errors=exc.errors or ["the pass could not run"])
+        return RollbackResult(message=message, passes=passes)
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        changed = self.records.set_suspended(request.stack, request.suspended)
+        if not request.suspended:
+            self.queue.add([request.stack], urgent=True)
+        return SuspendResult(stack=request.stack, suspended=request.suspended, changed=changed)
+
     def api(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """The CLI's changing commands, applied through this loop."""
-        if name == "reconcile":
-            self.refresh_source()
-            keys = self.all_keys()
-            report = self.run_pass(keys)
-            if report is None:
-                return 200, {"ok": False, "errors": [f"{k}: {e}" for k, e in sorted(self.pass_errors.items())]}
-            errors = [f"{k}: {e}" for k, e in sorted({**self.pass_errors, **self.load_errors}.items()) if k in keys]
-            return 200, {
-                "ok": not report.failed and not self.load_errors,
-                "reconcile_id": report.reconcile_id,
-                "created": report.count(Outcome.CREATED),
-                "updated": report.count(Outcome.UPDATED),
-                "removed": report.count(Outcome.REMOVED),
-                "failed": report.count(Outcome.FAILED),
-                "errors": errors,
-            }
-        if name == "rollback":
-            stack = str(body.get("stack") or "")
-            try:
-                if body.get("unpin"):
-                    lifted = unpin_stack(self.records, stack)
-                    message = f"{stack}: " + ("unpinned: following the source" if lifted else "was not pinned")
-                else:
-                    pin = pin_stack(self.records, stack, body.get("to"))
-                    message = f"{stack}: pinned to {pin.revision}"
-            except RollbackError as exc:
-                return 200, {"ok": False, "errors": [str(exc)], "message": ""}
-            report = self.run_pass({stack})
-            failed = report is None or report.failed
-            return 200, {
-                "ok": not failed,
-                "message": message,
-                "errors": [self.pass_errors[stack]] if stack in self.pass_errors else [],
-            }
-        if name in ("suspend", "resume"):
-            stack = str(body.get("stack") or "")
-            if not stack:
-                return 400, {"error": "name a stack"}
-            changed = self.records.set_suspended(stack, name == "suspend")
-            if name == "resume":
-                self.queue.add([stack], urgent=True)
-            return 200, {"stack": stack, "changed": changed}
-        return 404, {"error": f"no such API call {name!r}"}
+        """Serve one control call of the CLI: parse the request, run it here, answer its result as JSON."""
+        calls: dict[str, Callable[[dict[str, Any]], BaseModel]] = {
+            "reconcile": lambda b: self.reconcile(ReconcileRequest.model_validate(b)),
+            "rollback": lambda b: self.rollback(RollbackRequest.model_validate(b)),
+            "suspend": lambda b: self.suspend(SuspendRequest.model_validate({**b, "suspended": True})),
+            "resume": lambda b: self.suspend(SuspendRequest.model_validate({**b, "suspended": False})),
+        }
+        handler = calls.get(name)
+        if handler is None:
+            return 404, {"error": f"no such API call {name!r}"}
+        try:
+            return 200, handler(body).model_dump(mode="json")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return 400, {"error": f"{name}: {where}: {first['msg']}"}
+        except DabctlError as exc:  # refused as asked (409), or cannot run now (503): one line either way
+            return (503 if exc.retryable else 409), {"error": str(exc)}
+
+
+class ControlRefused(DabctlError):
+    """The agent will not run a control call as asked (another source); the message says what to do."""
+
+
+class PassNotRun(DabctlError):
+    """A pass of a control call could not run (source or engine unreachable); `errors` name the stacks."""
+
+    retryable = True
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
 
 
 def run_agent(cfg: AgentConfig) -> int:

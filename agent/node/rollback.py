@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from agent.state.records import Records
+from schemas.errors import DabctlError
 from schemas.state import Pin
 
 
-class RollbackError(Exception):
+class RollbackError(DabctlError):
     """The rollback cannot be done; the message says why and what to run instead."""
 
 

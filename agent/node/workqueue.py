@@ -72,6 +72,12 @@ class WorkQueue:
                 self._cond.wait(timeout=min(waits) if waits else None)
             return set()
 
+    def pending(self) -> dict[str, float]:
+        """Queued keys and the seconds until each is ready."""
+        now = self._clock()
+        with self._cond:
+            return {k: max(0.0, at - now) for k, at in self._ready_at.items()}
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

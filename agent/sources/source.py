@@ -16,12 +16,14 @@ from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
 from schemas.config import AgentConfig
+from schemas.control import SourceRef
+from schemas.errors import DabctlError
 from schemas.output import SourceKind
 
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
 
 
-class SourceConfigError(Exception):
+class SourceConfigError(DabctlError):
     """The source settings cannot be used (no source, an unreadable secret file)."""
 
 
@@ -159,6 +161,18 @@ def is_git(cfg: AgentConfig) -> bool:
     """A git source: a URL, or a local path together with --ref or --path."""
     source = cfg.source or ""
     return source.startswith(GIT_SCHEMES) or cfg.ref is not None or cfg.path is not None
+
+
+def source_ref(cfg: AgentConfig) -> SourceRef | None:
+    """The configured source in one comparable form (absolute local paths, the default ref); None when unset."""
+    if not cfg.source:
+        return None
+    location = cfg.source
+    if not location.startswith(GIT_SCHEMES):
+        location = os.path.realpath(location)
+    if not is_git(cfg):
+        return SourceRef(location=location)
+    return SourceRef(location=location, ref=cfg.ref or "main", path=(cfg.path or "").strip("/") or None)
 
 
 def open_source(cfg: AgentConfig) -> Source:

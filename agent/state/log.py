@@ -21,9 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from schemas.errors import DabctlError
 
-class StateLogError(Exception):
+
+class StateLogError(DabctlError):
     """The state log cannot do what was asked; the message says what and how to fix it."""
+
+    retryable = True
 
 
 class Unavailable(StateLogError):
@@ -45,9 +49,13 @@ class LeaseNotFound(StateLogError):
 class StateLocked(StateLogError):
     """Another process holds the state for writing."""
 
+    retryable = False
+
 
 class ReadOnly(StateLogError):
     """The state was opened for reading only."""
+
+    retryable = False
 
 
 @dataclass(frozen=True, kw_only=True)

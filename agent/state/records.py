@@ -3,8 +3,6 @@ of applied revisions per stack, and the audit trail of passes."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -12,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from agent.state.log import Compare, Delete, Op, Put, StateLog
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
-from reconcilers.rollout import Rollout
+from reconcilers.rollout import Rollout, SlotFailure
+from schemas import state
 from schemas.state import Assignment, AuditEntry, Pin, StackRecord
 
 OWNER_KEY = "/meta/owner"
@@ -76,16 +75,15 @@ class Records:
         out = {}
         for kv in self.log.range(ROLLOUTS):
             stack, _, service = kv.key.removeprefix(ROLLOUTS).partition("/")
-            doc = json.loads(kv.value)
-            out[(stack, service)] = Rollout(**{**doc, "batch": tuple(doc["batch"]), "failed": tuple(doc["failed"])})
+            out[(stack, service)] = rollout_from_record(state.RolloutRecord.model_validate_json(kv.value))
         return out
 
     def restarts(self) -> dict[tuple[str, str, str], RestartRecord]:
         out = {}
         for kv in self.log.range(RESTARTS):
             stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
-            doc = json.loads(kv.value)
-            out[(stack, service, slot)] = RestartRecord(tuple(doc["attempts"]), doc["last_start"], doc.get("total", 0))
+            rec = state.RestartRecord.model_validate_json(kv.value)
+            out[(stack, service, slot)] = RestartRecord(rec.attempts, rec.last_start, rec.total)
         return out
 
     def pins(self) -> dict[str, Pin]:
@@ -113,9 +111,10 @@ class Records:
         set or lifted, and the audit entry. Nothing when there is nothing."""
         ops: list[Op] = [Put(STACKS + r.stack, r.model_dump_json().encode()) for r in records]
         for (stack, service), ro in (rollouts or {}).items():
-            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", json.dumps(dataclasses.asdict(ro)).encode()))
+            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
         for (stack, service, slot), rr in (restarts or {}).items():
-            ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", json.dumps(dataclasses.asdict(rr)).encode()))
+            rec = state.RestartRecord(attempts=rr.attempts, last_start=rr.last_start, total=rr.total)
+            ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", rec.model_dump_json().encode()))
         for stack, pin in (pins or {}).items():
             ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
         for r in new_revisions:
@@ -178,9 +177,38 @@ class Records:
     ) -> None:
         """Write changed and delete removed assignments in one transaction (nothing when both are empty)."""
         ops: list[Op] = [
-            Put(f"{ASSIGNMENTS}{stack}/{service}", json.dumps({"nodes": nodes}, sort_keys=True).encode())
+            Put(
+                f"{ASSIGNMENTS}{stack}/{service}",
+                Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode(),
+            )
             for (stack, service), nodes in sorted(changed.items())
         ]
         ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(removed)]
         if ops:
             self.log.txn([], ops)
+
+
+def rollout_record(ro: Rollout) -> state.RolloutRecord:
+    """The planner's rollout as the state log keeps it."""
+    return state.RolloutRecord(
+        target=ro.target,
+        state=ro.state,
+        batch=ro.batch,
+        batch_done_at=ro.batch_done_at,
+        failed=tuple(str(f) for f in ro.failed),
+        reason=ro.reason,
+        rollback=ro.rollback,
+    )
+
+
+def rollout_from_record(rec: state.RolloutRecord) -> Rollout:
+    """A recorded rollout for the planner."""
+    return Rollout(
+        target=rec.target,
+        state=rec.state,
+        batch=rec.batch,
+        batch_done_at=rec.batch_done_at,
+        failed=tuple(SlotFailure.parse(f) for f in rec.failed),
+        reason=rec.reason,
+        rollback=rec.rollback,
+    )

@@ -8,19 +8,15 @@ loses nothing acknowledged. Watches are served within the process from the event
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import secrets
-import socket
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.state.holder import Held, HolderLock
 from agent.state.log import (
     Compacted,
     Compare,
@@ -89,7 +85,7 @@ class SqliteStateLog:
         self.holder = dict(holder or {})
         self.writer = writer
         self.retention = retention
-        self._lock_file: int | None = None
+        self._lock: HolderLock | None = None
         self._closed = threading.Event()
         self._changed = threading.Condition()
         try:
@@ -120,48 +116,25 @@ class SqliteStateLog:
         return self.path.with_name(self.path.name + ".lock")
 
     def _take_lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = HolderLock(self.lock_path, self.holder)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
+            lock.acquire()
+        except Held as held:
             raise StateLocked(
-                f"the state {self.path.parent} is held for writing by {holder}; stop it, or send changes "
+                f"the state {self.path.parent} is held for writing by {held.holder}; stop it, or send changes "
                 "through the running agent"
             ) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]), **self.holder}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        self._lock_file = fd
+        self._lock = lock
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock_file, 0)
-            os.close(self._lock_file)  # closing the descriptor drops the flock
-            self._lock_file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @staticmethod
     def holder_of(path: Path) -> dict[str, str] | None:
         """Who holds the state at `path` for writing (pid, command, api), or None when nobody does."""
-        lock = path.with_name(path.name + ".lock")
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                try:
-                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                except ValueError:
-                    info = {}
-                return {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {}
-            return None
-        finally:
-            os.close(fd)
+        return HolderLock.holder_of(path.with_name(path.name + ".lock"))
 
     def _has_schema(self) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None

@@ -68,11 +68,12 @@ class Workspace:
         for p in self.source.glob(f"{self.stack(name)}.*"):
             p.unlink()
 
-    def run(self, *args: str, docker_host: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run the dabctl CLI with this workspace's state directory."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
-        env["DABCTL_STATE_DIR"] = str(self.state)
-        env["DABCTL_LOADBALANCER"] = self.loadbalancer
+    def run(
+        self, *args: str, docker_host: str | None = None, check: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the dabctl CLI with this workspace's state directory (and `env` added)."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
+        env = {**base, **(env or {}), "DABCTL_STATE_DIR": str(self.state), "DABCTL_LOADBALANCER": self.loadbalancer}
         if docker_host:
             env["DOCKER_HOST"] = docker_host
         proc = subprocess.run([*self.wrapper, DABCTL, *args], env=env, capture_output=True, text=True, timeout=240)

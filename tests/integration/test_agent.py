@@ -81,7 +81,7 @@ def test_cli_changes_go_through_the_agent(ws: Workspace, agent: AgentProcess) ->
     eventually(lambda: len(ws.running("app", "web")) == 2, agent)
     once = ws.reconcile()
     assert once.returncode == 0, once.stderr
-    assert "the pass runs in it" in once.stderr and "reconciled by the agent" in once.stdout
+    assert "the passes ran in it" in once.stderr and "reconciled by the agent" in once.stdout
     assert "suspended" in ws.run("suspend", ws.stack("app"), check=True).stdout
     ws.write("app", {"Services": {"web": service(3)}})
     eventually(lambda: (agent.stack(ws.stack("app")) or {}).get("suspended") is True, agent)

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from reconcilers.rollout import Container, Rollout, SlotView, Step, new_health, step
+from reconcilers.rollout import Container, Rollout, SlotFailure, SlotView, Step, new_health, step
 from schemas.bundle import UpdateConfig
 
 NOW = 10_000.0
 LONG_AGO = NOW - 3600  # far past any Monitor used here
 TARGET = "sha256:v2"
-E1 = "slot 1: exited (exit code 1)"
-E2 = "slot 2: exited (exit code 2)"
+E1 = SlotFailure("1", "exited (exit code 1)")
+E2 = SlotFailure("2", "exited (exit code 2)")
 
 
 def cfg(**keys: Any) -> UpdateConfig:
@@ -354,7 +354,12 @@ FAILURES: dict[str, FailureCase] = {
         ro(batch=("1",)),
         False,
         Step(
-            rollout=ro(batch=("1",), failed=("slot 1: unhealthy",), state="paused", reason="paused: slot 1: unhealthy")
+            rollout=ro(
+                batch=("1",),
+                failed=(SlotFailure("1", "unhealthy"),),
+                state="paused",
+                reason="paused: slot 1: unhealthy",
+            )
         ),
     ),
     "dead-without-exit-code": (
@@ -362,7 +367,9 @@ FAILURES: dict[str, FailureCase] = {
         [new("1", state="dead"), old("2")],
         ro(batch=("1",)),
         False,
-        Step(rollout=ro(batch=("1",), failed=("slot 1: dead",), state="paused", reason="paused: slot 1: dead")),
+        Step(
+            rollout=ro(batch=("1",), failed=(SlotFailure("1", "dead"),), state="paused", reason="paused: slot 1: dead")
+        ),
     ),
     "start-first-failure-keeps-old": (
         cfg(Parallelism=1, Order="start-first"),

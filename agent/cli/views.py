@@ -1,0 +1,174 @@
+"""Commands that show what runs and what was applied: `ps`, `history`, `status`, `logs`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from agent.cli.options import UserError, console, engine_options, load, source_options
+from agent.cli.render import short_revision
+from agent.node.control import open_control, open_engine, open_records
+from reconcilers.rollout import slot_order
+from schemas.output import ReplicaRow
+
+
+@click.command()
+@click.argument("stack", required=False)
+@engine_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def ps(stack: str | None, config_path: Path | None, fmt: str, **opts: Any) -> None:
+    """List managed containers per slot (all stacks, or STACK) with state and spec revision."""
+    cfg = load(config_path, **opts)
+    with open_engine(cfg, read_only=True) as engine:
+        replicas = engine.services.observe()
+    rows = [
+        ReplicaRow(
+            stack=r.stack,
+            service=r.service,
+            slot=r.slot,
+            container=r.name,
+            id=r.id[:12],
+            state=r.state,
+            health=r.health,
+            exit_code=r.exit_code,
+            spec=r.spec_hash,
+            revision=r.revision,
+        )
+        for r in sorted(replicas, key=lambda r: (r.stack, r.service, slot_order(r.slot), r.name))
+        if stack is None or r.stack == stack
+    ]
+    if stack is not None and not rows:
+        raise UserError(f"no containers of stack {stack!r} on this node; `dabctl ps` lists every stack")
+    if fmt == "json":
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("STACK", "SERVICE", "SLOT", "CONTAINER", "STATE", "SPEC", "REVISION"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        state = (
+            r.state + (f" ({r.exit_code})" if r.exit_code is not None else "") + (f" {r.health}" if r.health else "")
+        )
+        table.add_row(r.stack, r.service, r.slot, r.container, state, r.spec, short_revision(r.revision))
+    console().print(table)
+
+
+@click.command()
+@click.argument("stack")
+@engine_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def history(stack: str, config_path: Path | None, fmt: str, **opts: Any) -> None:
+    """Applied revisions of STACK, newest first, with what each pass did (kept: history_limit, default 10)."""
+    cfg = load(config_path, **opts)
+    with open_records(cfg, writer=False) as records:
+        entries = records.history(stack)
+    if not entries:
+        raise UserError(f"no history for stack {stack!r} in this state; `dabctl ps` lists deployed stacks")
+    if fmt == "json":
+        click.echo(json.dumps([e.model_dump(mode="json", exclude={"content"}) for e in entries], indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("APPLIED", "REVISION", "BUNDLE", "CREATED", "UPDATED", "REMOVED", "FAILED", "PASS"):
+        table.add_column(col, no_wrap=True)
+    for e in entries:
+        o = e.outcome
+        table.add_row(
+            e.applied_at.strftime("%Y-%m-%d %H:%M:%S"),
+            short_revision(e.revision),
+            e.bundle_hash.removeprefix("sha256:")[:12],
+            str(o.created),
+            str(o.updated),
+            str(o.removed),
+            str(o.failed),
+            o.reconcile_id,
+        )
+    console().print(table)
+
+
+@click.command()
+@source_options
+@engine_options
+@click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
+    """Stacks and services like `docker service ls`: replicas running/desired, image, ports, revision, sync.
+
+    Asks the running agent when there is one; otherwise reads the state and the engine (and the source, when
+    --source is given, to tell Synced from OutOfSync).
+    """
+    cfg = load(config_path, **opts)
+    result = open_control(cfg).status()
+    if fmt == "json":
+        click.echo(result.model_dump_json(indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("STACK", "SERVICE", "MODE", "REPLICAS", "IMAGE", "PORTS", "REVISION", "SYNC"):
+        table.add_column(col, no_wrap=True)
+    for st in result.stacks:
+        sync = st.sync.status + (" (suspended)" if st.suspended else "")
+        rev = short_revision(st.sync.revision) if st.sync.revision else "-"
+        if not st.health.services:
+            table.add_row(st.stack, "-", "-", "-", "-", "-", rev, sync)
+        for s in st.health.services:
+            table.add_row(
+                st.stack, s.service, s.mode, f"{s.running}/{s.desired}", s.image, ",".join(s.ports) or "-", rev, sync
+            )
+    out = console()
+    out.print(table)
+    for st in result.stacks:
+        if st.sync.error:
+            out.print(f"{st.stack}: {st.sync.error}", markup=False)
+        if st.rollout.state != "idle":
+            out.print(f"{st.stack}: rollout {st.rollout.state}: {st.rollout.reason}", markup=False)
+        if st.pinned:
+            out.print(
+                f"{st.stack}: pinned to {st.pinned} (dabctl rollback --unpin {st.stack} to follow the source)",
+                markup=False,
+            )
+
+
+@click.command()
+@click.argument("stack")
+@click.argument("service")
+@engine_options
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new output.")
+@click.option("--tail", default="all", help="Lines from the end of each replica's log [default: all].")
+def logs(stack: str, service: str, config_path: Path | None, follow: bool, tail: str, **opts: Any) -> None:
+    """Output of every replica of STACK's SERVICE, each line prefixed by its slot."""
+    cfg = load(config_path, **opts)
+    with open_engine(cfg, read_only=True) as engine:
+        replicas = [r for r in engine.services.observe() if r.stack == stack and r.service == service]
+        if not replicas:
+            raise UserError(f"no containers of {stack}_{service} on this node; `dabctl ps {stack}` lists them")
+        width = max(len(r.slot) for r in replicas)
+        lock = threading.Lock()
+
+        def stream(slot: str, container: str) -> None:
+            buffered = b""
+            count: Any = int(tail) if tail.isdigit() else "all"
+            for chunk in engine.docker.api.logs(container, stream=True, follow=follow, tail=count):
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                with lock:
+                    for line in lines:
+                        click.echo(f"{stack}_{service}.{slot:<{width}} | {line.decode(errors='replace')}")
+            if buffered:
+                with lock:
+                    click.echo(f"{stack}_{service}.{slot:<{width}} | {buffered.decode(errors='replace')}")
+
+        threads = [
+            threading.Thread(target=stream, args=(r.slot, r.id), daemon=True)
+            for r in sorted(replicas, key=lambda r: slot_order(r.slot))
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,289 @@
+"""One control path: reconcile, rollback, suspend, resume and status, run here or by the agent holding the state.
+
+`Control` is the interface every changing CLI command calls (parse -> one call -> render). `LocalControl` runs
+the passes in the CLI's own process; `AgentControl` sends the same request to the running agent, which runs it
+through its loop with the same meaning (`Agent` implements `Control` too). `open_control` picks one: the agent
+when one holds this state directory, whatever the state backend, and the agent again when the state turns out to
+be locked by an agent that started in between.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, TypeVar
+
+from agent.api.client import call, get_status, running_agent
+from agent.drivers.docker_engine import DockerEngine
+from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
+from agent.node.rollback import pin_stack, unpin_stack
+from agent.node.status import stack_statuses
+from agent.sources.source import open_source
+from agent.state.backends import open_log
+from agent.state.log import StateLocked
+from agent.state.records import Records
+from bundles import DesiredState
+from reconcilers.outcome import Outcome
+from schemas.config import AgentConfig
+from schemas.control import (
+    ReconcileRequest,
+    ReconcileResult,
+    RollbackRequest,
+    RollbackResult,
+    SuspendRequest,
+    SuspendResult,
+)
+from schemas.output import StatusOutput
+
+T = TypeVar("T")
+Step = Callable[[], tuple[PassPlan, PassReport]]
+# Shows one pass's progress: given the plan, a context yielding the callback each finished action is passed to.
+Progress = Callable[[PassPlan], AbstractContextManager[Callable[[AnyResult], None]]]
+
+
+class Control(Protocol):
+    """What the CLI's changing commands (and `status`) ask of a node."""
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult: ...
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult: ...
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult: ...
+
+    def status(self) -> StatusOutput: ...
+
+
+def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, deadline: float) -> ReconcileResult:
+    """Passes until nothing is left to roll (and, with `wait`, every service is healthy) or the deadline.
+
+    Shared by the CLI's own passes and the agent's, so `--wait` and `--timeout` mean one thing on both paths."""
+    done = dict.fromkeys(Outcome, 0)
+    errors: list[str] = []
+    notes: list[str] = []
+    halted: list[str] = []
+    while True:
+        plan, report = step()
+        for o in Outcome:
+            done[o] += report.count(o)
+        errors = report.errors + [f"{r.action}: {r.error}" for r in report.results if r.outcome is Outcome.FAILED]
+        # A paused rollout or a slot given up on fails the call and stops its passes; other notes only inform.
+        halted = [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes if n.failing]
+        notes = [f"{name}: {n}" for name, sp in plan.stacks.items() for n in sp.notes if not n.failing]
+        if errors or halted:
+            break
+        waiting_for = unhealthy() if wait else []
+        # Published ports lead to healthy replicas only: wait for those still starting, then add them.
+        if not plan.rolling and not waiting_for and not plan.awaiting_health:
+            break
+        if time.monotonic() > deadline:
+            names = ", ".join(waiting_for) or (
+                "a rolling update" if plan.rolling else f"{plan.awaiting_health} replica(s) to pass their healthcheck"
+            )
+            errors.append(f"timed out waiting for {names}")
+            break
+        time.sleep(max(0.2, min(plan.recheck_in or 1.0, 2.0, deadline - time.monotonic())))
+    return ReconcileResult(
+        ok=not errors and not halted,
+        stacks=len(plan.desired.stacks),
+        created=done[Outcome.CREATED],
+        updated=done[Outcome.UPDATED],
+        removed=done[Outcome.REMOVED],
+        failed=done[Outcome.FAILED],
+        errors=errors + halted,
+        notes=notes,
+    )
+
+
+def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
+    """Services that do not run all their replicas healthy, as `stack_service (running/desired status)`."""
+    records = engine.records
+    statuses = stack_statuses(
+        desired,
+        records.stacks(),
+        engine.services.observe(),
+        assignments=records.assignments(),
+        node=engine.node,
+        errors={},
+        suspended=records.suspended(),
+    )
+    return [
+        f"{st.stack}_{s.service} ({s.running}/{s.desired} {s.status.lower()})"
+        for st in statuses
+        if not st.suspended
+        for s in st.health.services
+        if s.status != "Healthy"
+    ]
+
+
+@contextmanager
+def open_records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
+    log = open_log(cfg, writer=writer)
+    try:
+        yield Records(log, cfg.history_limit, cfg.audit_limit)
+    finally:
+        log.close()
+
+
+@contextmanager
+def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
+    """The pass runner on the configured engine and state; `read_only` plans without the state's write lock."""
+    # The state first: when an agent holds it, the caller falls back to the agent before any engine call.
+    with open_records(cfg, writer=not read_only) as records:
+        docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
+        try:
+            docker.ping()
+            yield Engine(
+                docker,
+                records,
+                cfg.node_name or socket.gethostname(),
+                parallelism=cfg.parallelism,
+                read_only=read_only,
+                pull_policy=cfg.pull_policy,
+                balancer=cfg.loadbalancer,
+                port_range=cfg.port_range,
+            )
+        finally:
+            docker.close()
+
+
+def load_desired(cfg: AgentConfig) -> DesiredState:
+    source = open_source(cfg)
+    try:
+        return source.load()
+    finally:
+        source.close()
+
+
+class LocalControl:
+    """The passes run in this process, on the state's write lock."""
+
+    def __init__(self, cfg: AgentConfig, progress: Progress | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress
+
+    def _step(self, engine: Engine, desired: DesiredState, allow_empty: bool) -> Step:
+        def step() -> tuple[PassPlan, PassReport]:
+            plan = engine.plan(desired, allow_empty)
+            if self.progress is None:
+                return plan, engine.apply(plan)
+            with self.progress(plan) as on_result:
+                return plan, engine.apply(plan, on_result)
+
+        return step
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        desired = load_desired(self.cfg)
+        allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
+        with open_engine(self.cfg) as engine:
+            return converge(
+                self._step(engine, desired, allow_empty),
+                lambda: unhealthy(engine, desired),
+                wait=request.wait,
+                deadline=time.monotonic() + request.timeout,
+            )
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        desired = load_desired(self.cfg)
+        with open_engine(self.cfg) as engine:
+            message = _pin(engine.records, request)
+            passes = converge(
+                self._step(engine, desired, self.cfg.allow_empty),
+                lambda: [],
+                wait=False,
+                deadline=time.monotonic() + request.timeout,
+            )
+        return RollbackResult(message=message, passes=passes)
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        with open_records(self.cfg, writer=True) as records:
+            changed = records.set_suspended(request.stack, request.suspended)
+        return SuspendResult(stack=request.stack, suspended=request.suspended, changed=changed)
+
+    def status(self) -> StatusOutput:
+        desired = load_desired(self.cfg) if self.cfg.source else None
+        with open_engine(self.cfg, read_only=True) as engine:
+            records = engine.records
+            stacks = stack_statuses(
+                desired,
+                records.stacks(),
+                engine.services.observe(),
+                assignments=records.assignments(),
+                node=engine.node,
+                errors={},
+                suspended=records.suspended(),
+                rollouts=records.rollouts(),
+                pins=records.pins(),
+                ports=records.ports(),
+            )
+        return StatusOutput(node=engine.node, ready=True, stacks=stacks)
+
+
+def _pin(records: Records, request: RollbackRequest) -> str:
+    """Set or lift the pin `request` asks for; the line that says which (RollbackError when it cannot)."""
+    if request.unpin:
+        lifted = unpin_stack(records, request.stack)
+        return f"{request.stack}: " + ("unpinned: following the source" if lifted else "was not pinned")
+    pin = pin_stack(records, request.stack, request.to)
+    return f"{request.stack}: pinned to {pin.revision}"
+
+
+class AgentControl:
+    """The running agent runs the request through its loop; the answer has the same shape as a local one."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        doc = call(self.api, "reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": self.api})
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        doc = call(self.api, "rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        result = RollbackResult.model_validate(doc)
+        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": self.api})})
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        name = "suspend" if request.suspended else "resume"
+        return SuspendResult.model_validate(call(self.api, name, {"stack": request.stack}))
+
+    def status(self) -> StatusOutput:
+        return StatusOutput.model_validate(get_status(self.api))
+
+
+class _AgentOrLocal:
+    """Local passes, unless an agent holds the state by the time the state is opened: then through it."""
+
+    def __init__(self, cfg: AgentConfig, local: LocalControl) -> None:
+        self.cfg = cfg
+        self.local = local
+
+    def _either(self, local: Callable[[], T], through: Callable[[AgentControl], T]) -> T:
+        try:
+            return local()
+        except StateLocked:
+            api = running_agent(self.cfg)
+            if not api:
+                raise
+            return through(AgentControl(api))
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        return self._either(lambda: self.local.reconcile(request), lambda a: a.reconcile(request))
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        return self._either(lambda: self.local.rollback(request), lambda a: a.rollback(request))
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        return self._either(lambda: self.local.suspend(request), lambda a: a.suspend(request))
+
+    def status(self) -> StatusOutput:
+        return self._either(self.local.status, lambda a: a.status())
+
+
+def open_control(cfg: AgentConfig, progress: Progress | None = None) -> Control:
+    """The agent holding this state directory when one runs (any state backend), else this process."""
+    api = running_agent(cfg)
+    if api:
+        return AgentControl(api)
+    return _AgentOrLocal(cfg, LocalControl(cfg, progress))

@@ -1,0 +1,45 @@
+"""The root of every error dabctl raises on purpose, and what a retry can do about it.
+
+A *retryable* error is about the world right now: an engine, a state log, a repository or an agent that does
+not answer. The agent retries it with backoff; it clears by itself. A *terminal* error needs a person: an
+invalid bundle, a bad setting, a refused prune. The agent reports it and waits for a change (a commit, a
+restart with other settings) instead of retrying. The CLI exits 1 on either. Callers decide by type
+(`isinstance(exc, DabctlError)`, then `exc.retryable`), never by the message.
+
+The root lives here, below every other layer, so that bundles, reconcilers and agent all derive from it:
+
+    DabctlError                 schemas.errors               root: `retryable` says which
+    ├── InvalidBundles          bundles.errors               terminal   a bundle file is invalid
+    ├── SourceError             bundles.errors               retryable  the repository cannot be reached or read
+    ├── BalancerUnavailable     reconcilers.loadbalancer     terminal   no ruleset here (tool, privilege, kernel)
+    ├── ConfigError             agent.config                 terminal   the agent configuration is invalid
+    ├── SourceConfigError       agent.sources.source         terminal   the source settings cannot be used
+    ├── EngineError             agent.drivers.docker_engine  retryable  the Docker engine is unreachable or refused
+    │   └── ImageUnavailable    agent.drivers.docker_engine  retryable  an image is missing and cannot be pulled
+    ├── NftError                agent.drivers.nftables       terminal   nft refused a command
+    ├── IpvsError               agent.drivers.ipvs           terminal   the kernel refused an IPVS change
+    ├── StateLogError           agent.state.log              retryable  the state log cannot do what was asked
+    │   ├── Unavailable         agent.state.log              retryable  no endpoint answers
+    │   ├── Compacted           agent.state.log              retryable  watch history is gone: read afresh
+    │   ├── LeaseNotFound       agent.state.log              retryable  the lease lapsed: take a new one
+    │   ├── StateLocked         agent.state.log              terminal   another process holds the state
+    │   └── ReadOnly            agent.state.log              terminal   the state was opened for reading
+    ├── Held                    agent.state.holder           terminal   another process holds a lock file
+    ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent
+    ├── AgentRefused            agent.api.client             terminal   the agent answered and refused the call
+    ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
+    ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
+    ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
+    ├── RollbackError           agent.node.rollback          terminal   no such revision to roll back to
+    └── UserError               agent.cli.options            terminal   a command line that cannot work
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class DabctlError(Exception):
+    """An error dabctl raises on purpose; its message is one line saying what, where and how to fix it."""
+
+    retryable: ClassVar[bool] = False
