@@ -517,11 +517,13 @@ def logs(stack: str, service: str, config_path: Path | None, follow: bool, tail:
             raise UserError(f"no containers of {stack}_{service} on this node; `dabctl ps {stack}` lists them")
         width = max(len(r.slot) for r in replicas)
         lock = threading.Lock()
+        assert isinstance(engine.docker, DockerEngine)  # logs are read through the Docker API itself
+        api = engine.docker.api
 
         def stream(slot: str, container: str) -> None:
             buffered = b""
             count: Any = int(tail) if tail.isdigit() else "all"
-            for chunk in engine.docker.api.logs(container, stream=True, follow=follow, tail=count):
+            for chunk in api.logs(container, stream=True, follow=follow, tail=count):
                 buffered += chunk
                 *lines, buffered = buffered.split(b"\n")
                 with lock:
