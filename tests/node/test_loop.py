@@ -234,9 +234,13 @@ def test_reconcile_through_the_api_with_the_engine_down(agent: Agent) -> None:
 
 def test_rollback_and_unpin_through_the_api(agent: Agent, source: Path) -> None:
     runtime = runtime_of(agent)
+    # The rollback's rolling update runs to its end in the call: a short monitor keeps that quick.
+    quick = {"Parallelism": 2, "Monitor": "50ms"}
+    fast = {"Replicas": 2, "UpdateConfig": quick, "RollbackConfig": quick}
+    write(source, "web", bundle({"front": service(Deploy=fast)}))
     agent.api("reconcile", {})
     first = agent.records.stacks()["web"].revision
-    write(source, "web", bundle({"front": service(Env=["V=2"], Deploy={"Replicas": 2})}))
+    write(source, "web", bundle({"front": service(Env=["V=2"], Deploy=fast)}))
     agent.api("reconcile", {})
 
     code, body = agent.api("rollback", {"stack": "web"})
