@@ -364,3 +364,42 @@ def test_a_pass_that_crashes_is_logged_and_retried(
     assert agent.run() == 0
     assert calls == [{"web"}]
     assert agent.queue.failures("web") == 1, "the crashed keys are retried with backoff"
+
+
+# --- the control path: the same meaning of wait, timeout and allow-empty as locally ------------------------------
+
+HEALTH = {"Test": ["CMD", "true"], "Interval": "1s", "Retries": 1}
+
+
+def test_reconcile_with_wait_returns_once_every_replica_is_healthy(agent: Agent, source: Path) -> None:
+    runtime = runtime_of(agent)
+    write(source, "web", bundle({"front": service(Healthcheck=HEALTH, Deploy={"Replicas": 2})}))
+    timer = threading.Timer(0.5, lambda: [runtime.set_health(c.name, "healthy") for c in runtime.by_name("web_")])
+    timer.start()
+    try:
+        code, body = agent.api("reconcile", {"wait": True, "timeout": 20})
+    finally:
+        timer.cancel()
+    assert code == 200 and body["ok"], body
+    assert all(c.health == "healthy" for c in runtime.by_name("web_front.")), "returned before healthy"
+
+
+def test_reconcile_with_wait_times_out_naming_the_services(agent: Agent, source: Path) -> None:
+    write(source, "web", bundle({"front": service(Healthcheck=HEALTH, Deploy={"Replicas": 2})}))
+    started = time.monotonic()
+    code, body = agent.api("reconcile", {"wait": True, "timeout": 1})
+    assert code == 200 and not body["ok"]
+    assert body["errors"] == ["timed out waiting for web_front (0/2 progressing)"], body["errors"]
+    assert time.monotonic() - started < 5
+
+
+def test_reconcile_allow_empty_is_per_call(agent: Agent, source: Path) -> None:
+    runtime = runtime_of(agent)
+    assert agent.api("reconcile", {})[1]["ok"]
+    (source / "web.dab").unlink()
+    code, body = agent.api("reconcile", {})
+    assert code == 200 and not body["ok"] and "--allow-empty" in body["errors"][0]
+    assert names(runtime, "web_") == ["web_front.1", "web_front.2"], "nothing removed without allow_empty"
+    code, body = agent.api("reconcile", {"allow_empty": True})
+    assert code == 200 and body["ok"] and body["removed"] == 3  # two replicas and the stack network
+    assert names(runtime, "web_") == []
