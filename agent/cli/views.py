@@ -12,6 +12,7 @@ from rich.table import Table
 
 from agent.cli.options import UserError, console, engine_options, load, source_options
 from agent.cli.render import short_revision
+from agent.drivers.docker_engine import DockerEngine
 from agent.node.control import open_control, open_engine, open_records
 from reconcilers.rollout import slot_order
 from schemas.output import ReplicaRow
@@ -146,11 +147,13 @@ def logs(stack: str, service: str, config_path: Path | None, follow: bool, tail:
             raise UserError(f"no containers of {stack}_{service} on this node; `dabctl ps {stack}` lists them")
         width = max(len(r.slot) for r in replicas)
         lock = threading.Lock()
+        assert isinstance(engine.docker, DockerEngine)  # logs are read through the Docker API itself
+        api = engine.docker.api
 
         def stream(slot: str, container: str) -> None:
             buffered = b""
             count: Any = int(tail) if tail.isdigit() else "all"
-            for chunk in engine.docker.api.logs(container, stream=True, follow=follow, tail=count):
+            for chunk in api.logs(container, stream=True, follow=follow, tail=count):
                 buffered += chunk
                 *lines, buffered = buffered.split(b"\n")
                 with lock:

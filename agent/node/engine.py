@@ -17,7 +17,8 @@ from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent.drivers.balancer import listening_ports, open_balancer
-from agent.drivers.docker_engine import DockerEngine, ImageUnavailable
+from agent.drivers.docker_engine import ImageUnavailable
+from agent.node.runtime import Runtime
 from agent.node.scheduler import Assignments, assign
 from agent.state.records import Records
 from bundles import InvalidBundles, parse_bundle
@@ -144,11 +145,11 @@ def stack_of(action: Action) -> str:
 
 
 class Engine:
-    """Wires the reconcilers to a Docker engine and the state log, and orders their passes."""
+    """Wires the reconcilers to a container runtime (a Docker engine) and the state log, and orders their passes."""
 
     def __init__(
         self,
-        docker: DockerEngine,
+        docker: Runtime,
         records: Records,
         node: str,
         *,

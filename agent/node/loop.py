@@ -30,6 +30,7 @@ from agent.metrics import Metrics
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.rollback import pin_stack, unpin_stack
+from agent.node.runtime import Runtime
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
@@ -69,7 +70,8 @@ def _stack_of_file(file: str) -> str:
 class Agent:
     """The node agent: sources, triggers, the work queue and the HTTP endpoints around one Engine."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, runtime: Runtime | None = None) -> None:
+        """`runtime`: the container engine to converge (default: the Docker engine the config names)."""
         self.cfg = cfg
         self.node = cfg.node_name or socket.gethostname()
         self.stop = threading.Event()
@@ -92,7 +94,9 @@ class Agent:
         host, port = _split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
         # apply's pool, the exit watchers (agent/node/triggers.py) and the HTTP handlers' status reads
-        self.docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12)
+        self.docker: Runtime = runtime or DockerEngine(
+            cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12
+        )
         try:
             self.docker.ping()
         except EngineError as exc:

@@ -53,6 +53,11 @@ class WorkQueue:
         with self._cond:
             self._failures.pop(key, None)
 
+    def failures(self, key: str) -> int:
+        """How many times in a row `key` has failed (0 after a success)."""
+        with self._cond:
+            return self._failures.get(key, 0)
+
     def next_batch(self, timeout: float | None = None) -> set[str]:
         """Every key ready now, waiting up to `timeout` for one; empty on timeout or after close()."""
         deadline = None if timeout is None else self._clock() + timeout

@@ -35,7 +35,7 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
     return EtcdStateLog([server.url], prefix=f"/test-{secrets.token_hex(6)}")
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.integration)])
 def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateLog]:
     """A fresh, empty state log of each backend, closed afterwards."""
     store = open_backend(request.param, request, tmp_path)

@@ -22,7 +22,8 @@ every container (10 s for one that ignores SIGTERM). `close()` finds the engine'
 (dockerd, containerd, shims) and by cgroup parent (containers), never by a command line that merely names the
 socket.
 
-`extra_args` and `env` serve other uses, e.g. a Swarm peer: ``NetnsDockerd(env={"DOCKER_SERVICE_PREFER_OFFLINE_IMAGE":
+`netns=` runs the engine in a namespace its caller made and removes (a cluster node's, tests/support/cluster.py),
+`root=` puts its files in a directory of the caller's choosing. `extra_args` and `env` serve other uses, e.g. a Swarm peer: ``NetnsDockerd(env={"DOCKER_SERVICE_PREFER_OFFLINE_IMAGE":
 "1"})``.
 """
 
@@ -54,7 +55,7 @@ HOST_ENGINE = "unix:///var/run/docker.sock"
 _MNT_DETACH = 2
 
 
-def _umount(path: str) -> None:
+def umount(path: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(path.encode(), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
@@ -68,7 +69,7 @@ def _unescape_mountinfo(field: str) -> str:
     return field
 
 
-def _mounts_under(root: str) -> list[str]:
+def mounts_under(root: str) -> list[str]:
     """Mount points at or below `root`, deepest first."""
     points = []
     with open("/proc/self/mountinfo") as f:
@@ -104,7 +105,7 @@ def _daemon_pids(root: str, netns: tuple[int, int] | None) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -133,6 +134,8 @@ class NetnsDockerd:
         source: str = HOST_ENGINE,
         start_timeout: float = 30.0,
         sysctls: Mapping[str, str] | None = None,
+        netns: str | None = None,
+        root: Path | None = None,
     ) -> None:
         # Set in the namespace before dockerd first starts. A new namespace copies IPv4 settings from the host's
         # (net.core.devconf_inherit_init_net=0), so ip_forward is 1 there unless a test says otherwise.
@@ -144,10 +147,17 @@ class NetnsDockerd:
         self.source = source
         self.start_timeout = start_timeout
         token = secrets.token_hex(4)
-        self.netns = f"dabctl-{token}"
-        self.cgroup_parent = f"/dabctl-dockerd-{token}"
-        # Under /tmp whatever $TMPDIR says: a Unix socket path must stay below 108 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix=f"dabctl-dockerd-{token}-", dir="/tmp"))
+        # A namespace the caller names is the caller's: it exists before start() (with its links already in
+        # place) and outlives close(). Its name then also names the cgroup parent.
+        self._own_netns = netns is None
+        self.netns = netns or f"dabctl-{token}"
+        self.cgroup_parent = f"/{netns}" if netns else f"/dabctl-dockerd-{token}"
+        if root is not None:
+            root.mkdir(parents=True)
+            self.root = root
+        else:
+            # Under /tmp whatever $TMPDIR says: a Unix socket path must stay below 108 bytes.
+            self.root = Path(tempfile.mkdtemp(prefix=f"dabctl-dockerd-{token}-", dir="/tmp"))
         self.socket_path = self.root / "docker.sock"
         self.data_root = self.root / "data"
         self.exec_root = self.root / "exec"
@@ -288,9 +298,9 @@ class NetnsDockerd:
             self.stop(timeout=20)
         self._drop_client()
         self._kill_leftovers()
-        for point in _mounts_under(str(self.root)):
+        for point in mounts_under(str(self.root)):
             try:
-                _umount(point)
+                umount(point)
             except OSError as exc:
                 problems.append(str(exc))
         self._remove_cgroups()
@@ -298,7 +308,7 @@ class NetnsDockerd:
             proc = subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, text=True)
             if proc.returncode != 0 and os.path.exists(self.netns_path):
                 problems.append(f"ip netns delete {self.netns}: {proc.stderr.strip()}")
-        if not _mounts_under(str(self.root)):
+        if not mounts_under(str(self.root)):
             shutil.rmtree(self.root, ignore_errors=True)
         problems += self.leftovers()
         if problems:
@@ -306,10 +316,10 @@ class NetnsDockerd:
 
     def leftovers(self) -> list[str]:
         """What of this engine still exists on the host (empty after a successful `close()`)."""
-        out = [f"process {pid}" for pid in self._pids() if _alive(pid)]
-        out += [f"mount {m}" for m in _mounts_under(str(self.root))]
+        out = [f"process {pid}" for pid in self._pids() if alive(pid)]
+        out += [f"mount {m}" for m in mounts_under(str(self.root))]
         out += [f"cgroup {d}" for d in self._cgroup_dirs() if d.exists()]
-        if os.path.exists(self.netns_path):
+        if self._own_netns and os.path.exists(self.netns_path):
             out.append(f"netns {self.netns}")
         if self.root.exists():
             out.append(f"directory {self.root}")
@@ -336,10 +346,11 @@ class NetnsDockerd:
     # --- internals --------------------------------------------------------------------------------------------
 
     def _ensure_netns(self) -> None:
-        if self._netns_created:
+        if self._netns_id is not None:
             return
-        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
-        self._netns_created = True
+        if self._own_netns:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+            self._netns_created = True
         st = os.stat(self.netns_path)
         self._netns_id = (st.st_dev, st.st_ino)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True, capture_output=True)
@@ -363,9 +374,9 @@ class NetnsDockerd:
         except (OSError, ValueError):
             return
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:  # it follows dockerd (parent-death signal)
+        while alive(pid) and time.monotonic() < deadline:  # it follows dockerd (parent-death signal)
             time.sleep(0.02)
-        if not _alive(pid):
+        if not alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 containerd_pidfile.unlink()
 
@@ -411,7 +422,7 @@ class NetnsDockerd:
         """SIGKILL what outlived dockerd: containers (by cgroup), shims and containerd (by command line)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            pids = [p for p in self._pids() if _alive(p)]
+            pids = [p for p in self._pids() if alive(p)]
             if not pids:
                 return
             for pid in pids:

@@ -8,6 +8,13 @@
 Readiness is a POST to the gRPC gateway's `/v3/kv/range` (with the client certificate when TLS is on), so a
 started server has elected itself leader and answers reads. etcd writes its log to `<dir>/etcd.log`; a start that
 fails or times out raises with the log's tail.
+
+`EtcdCluster` is a real 3-member cluster (each member on its own address, optionally in its own network namespace,
+as tests/support/cluster.py places them on a bridge):
+
+    etcd = EtcdCluster(directory, [EtcdMember("e1", "10.230.0.21", netns="..."), ...]).start()
+    etcd.endpoints                              # ["http://10.230.0.21:2379", ...]
+    etcd.kill9(etcd.leader()); etcd.has_quorum(); etcd.restart_all()
 """
 
 from __future__ import annotations
@@ -22,15 +29,17 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-__all__ = ["ETCD", "EtcdServer", "TlsFiles", "free_port", "make_tls"]
+__all__ = ["ETCD", "EtcdCluster", "EtcdMember", "EtcdServer", "TlsFiles", "free_port", "make_tls"]
 
 ETCD = "/usr/bin/etcd"
 
@@ -360,3 +369,231 @@ class EtcdServer:
 
 class _PortTaken(RuntimeError):
     """etcd could not bind a port picked as free (another process took it in between)."""
+
+
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+
+
+@dataclass
+class EtcdMember:
+    """One member of an `EtcdCluster`: its name, the address it serves on, and the namespace holding that address."""
+
+    name: str
+    address: str
+    netns: str | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.address}:{PEER_PORT}"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class EtcdCluster:
+    """A real multi-member etcd (plain http) whose data directories and logs live under `directory`.
+
+    Members start together (`--initial-cluster-state new`); a killed member restarts on its own data directory
+    and rejoins. Heartbeat 50 ms and election timeout 500 ms, so a killed leader is replaced within about a second.
+    """
+
+    def __init__(self, directory: Path, members: Sequence[EtcdMember], token: str = "dabctl-test") -> None:
+        self.directory = directory
+        self.members = list(members)
+        self.token = token
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Client URLs of every member (what an etcd client, or `dabctl --state etcd://...`, is given)."""
+        return [m.url for m in self.members]
+
+    def member(self, name: str) -> EtcdMember:
+        return next(m for m in self.members if m.name == name)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20) -> Self:
+        """Start every member and wait until each answers a linearizable read (so a leader is elected)."""
+        for m in self.members:
+            if not m.running():
+                self._spawn(m)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20, members: Sequence[EtcdMember] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for m in members or self.members:
+            while not self._reads(m, timeout=1):
+                if m.process is not None and m.process.poll() is not None:
+                    raise RuntimeError(f"etcd member {m.name} exited {m.process.returncode}:\n{self.log_tail(m)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd member {m.name} not ready within {timeout:.0f}s:\n{self.log_tail(m)}")
+                time.sleep(0.05)
+
+    def kill9(self, member: EtcdMember) -> None:
+        """SIGKILL one member and reap it."""
+        if member.process is not None and member.process.poll() is None:
+            member.process.kill()
+        if member.process is not None:
+            member.process.wait(timeout=10)
+
+    def restart(self, member: EtcdMember, timeout: float = 20) -> None:
+        """Start a stopped or killed member again on its data directory; wait until it serves reads (which needs a
+        quorum: restart enough members first)."""
+        if member.running():
+            raise RuntimeError(f"etcd member {member.name} is still running")
+        self._spawn(member)
+        self.wait_ready(timeout, [member])
+
+    def restart_all(self, timeout: float = 20) -> None:
+        """Start every member that is down, together (one alone may lack a quorum), and wait for them."""
+        down = [m for m in self.members if not m.running()]
+        for m in down:
+            self._spawn(m)
+        self.wait_ready(timeout, down)
+
+    def stop(self) -> None:
+        """SIGTERM every member (SIGKILL after 5 s), in parallel."""
+
+        def one(m: EtcdMember) -> None:
+            if m.process is None or m.process.poll() is not None:
+                return
+            m.process.terminate()
+            try:
+                m.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                m.process.kill()
+                m.process.wait(timeout=10)
+
+        threads = [threading.Thread(target=one, args=(m,)) for m in self.members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def request(
+        self, member: EtcdMember, path: str, body: Mapping[str, object], timeout: float = 2
+    ) -> dict[str, object]:
+        """POST a JSON body to one member's gRPC gateway (e.g. "/v3/kv/put") and return the decoded answer."""
+        req = urllib.request.Request(
+            member.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            answer: dict[str, object] = json.loads(resp.read())
+            return answer
+
+    def put(self, key: str, value: str, timeout: float = 2) -> bool:
+        """Write through any running member; False when none could commit it within `timeout` (no quorum)."""
+        body = {"key": _b64(key), "value": _b64(value)}
+        for m in self.members:
+            if not m.running():
+                continue
+            try:
+                return "header" in self.request(m, "/v3/kv/put", body, timeout)
+            except (OSError, urllib.error.URLError, ValueError):
+                continue
+        return False
+
+    def get(self, key: str, timeout: float = 2) -> str | None:
+        """A linearizable read through any running member; None when the key is absent or nobody answered."""
+        for m in self.members:
+            if not m.running():
+                continue
+            try:
+                answer = self.request(m, "/v3/kv/range", {"key": _b64(key)}, timeout)
+            except (OSError, urllib.error.URLError, ValueError):
+                continue
+            kvs = answer.get("kvs")
+            if isinstance(kvs, list) and kvs:
+                return base64.b64decode(kvs[0]["value"]).decode()
+            return None
+        return None
+
+    def has_quorum(self, timeout: float = 2) -> bool:
+        """Whether a write commits within `timeout` (a majority of members is up and has a leader)."""
+        return self.put("/dabctl-h/quorum-probe", str(time.monotonic()), timeout)
+
+    def leader(self, timeout: float = 5) -> EtcdMember:
+        """The member that leads now, as the running members report it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids: dict[int, EtcdMember] = {}
+            leader_id = 0
+            for m in self.members:
+                if not m.running():
+                    continue
+                try:
+                    status = self.request(m, "/v3/maintenance/status", {}, timeout=1)
+                except (OSError, urllib.error.URLError, ValueError):
+                    continue
+                header = status.get("header")
+                if isinstance(header, dict):
+                    ids[int(header["member_id"])] = m
+                leader_id = int(str(status.get("leader", 0))) or leader_id
+            if leader_id in ids:
+                return ids[leader_id]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no etcd leader among the running members within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def clear(self) -> None:
+        """Delete every key (a fresh keyspace for the next test; revisions keep counting)."""
+        everything = {"key": _b64("\0"), "range_end": _b64("\0")}
+        self.request(next(m for m in self.members if m.running()), "/v3/kv/deleterange", everything, timeout=5)
+
+    def log_tail(self, member: EtcdMember, lines: int = 30) -> str:
+        try:
+            return "\n".join(self._log(member).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _log(self, member: EtcdMember) -> Path:
+        return self.directory / f"{member.name}.log"
+
+    def _command(self, m: EtcdMember) -> list[str]:
+        wrapper = ["nsenter", f"--net=/var/run/netns/{m.netns}"] if m.netns else []
+        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        return [
+            *wrapper,
+            ETCD,
+            "--name", m.name,
+            "--data-dir", str(self.directory / m.name),
+            "--listen-client-urls", m.url,
+            "--advertise-client-urls", m.url,
+            "--listen-peer-urls", m.peer_url,
+            "--initial-advertise-peer-urls", m.peer_url,
+            "--initial-cluster", initial,
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", self.token,
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+
+    def _spawn(self, m: EtcdMember) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._log(m).open("ab") as log:
+            m.process = subprocess.Popen(
+                self._command(m), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _reads(self, m: EtcdMember, timeout: float) -> bool:
+        try:
+            return "header" in self.request(m, "/v3/kv/range", {"key": _b64("/dabctl-h/ready-probe")}, timeout)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

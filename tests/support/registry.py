@@ -95,14 +95,25 @@ def build_variant(api: docker.APIClient, tag: str, marker: str, base: str = "dab
 class Registry:
     """One `docker-registry serve` process with filesystem storage in its own temporary directory."""
 
-    def __init__(self, auth: tuple[str, str] | None = None, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        auth: tuple[str, str] | None = None,
+        directory: Path | None = None,
+        *,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        netns: str | None = None,
+    ) -> None:
+        """`address`/`port` (default: a free loopback port) is where it listens; with `netns` it runs in that
+        network namespace (which must hold `address`), e.g. on a cluster's bridge (tests/support/cluster.py)."""
         self._own_dir = directory is None
         self.dir = Path(tempfile.mkdtemp(prefix="dabctl-registry-")) if directory is None else Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.storage = self.dir / "storage"
         self.storage.mkdir(exist_ok=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.port = free_port() if port is None else port
+        self.host = f"{address}:{self.port}"
+        self.netns = netns
         self.url = f"http://{self.host}"
         self.auth = auth
         self.log_path = self.dir / "registry.log"
@@ -166,8 +177,9 @@ class Registry:
             return self
         log: IO[bytes] = self.log_path.open("ab")
         try:
+            wrapper = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
             self.proc = subprocess.Popen(
-                [REGISTRY, "serve", str(self.config_path)],
+                [*wrapper, REGISTRY, "serve", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -5,8 +5,8 @@ with one mutation (wrong type, unknown field, missing Image, bad port, bad durat
 reserved labels, broken mount/healthcheck/deploy rules) raises dabctl's own validation error naming the field:
 `InvalidBundles` of `BundleError`s for bundles, `ConfigError` for the agent config. Any other exception fails.
 
-Profiles: HYPOTHESIS_PROFILE=ci (default: 1000 examples per property, derandomized so CI is stable) or
-HYPOTHESIS_PROFILE=deep (20000 examples, random).
+Profiles: HYPOTHESIS_PROFILE=dev (default: 200 examples per property, derandomized, for the edit-test loop),
+ci (1000 examples, derandomized so CI is stable: the test command `.ci/run` selects it) or deep (20000, random).
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ from schemas.durations import format_duration, parse_duration
 from schemas.quoting import printable
 
 settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
     "ci",
     max_examples=1000,
     deadline=None,
@@ -53,7 +61,7 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 Doc = dict[str, Any]
 Path_ = tuple[str | int, ...]
@@ -762,7 +770,7 @@ _CONFIG_STRATEGIES = {name: _strategy_or_nothing(name) for name in AgentConfig.m
 
 @st.composite
 def config_docs(draw: st.DrawFn, max_settings: int = 8) -> Doc:
-    """A valid config file: a few settings (each setting appears in many of the 1000 examples)."""
+    """A valid config file: a few settings (each setting appears in many of the examples)."""
     names = draw(st.lists(st.sampled_from(sorted(_CONFIG_STRATEGIES)), max_size=max_settings, unique=True))
     return {name: draw(_CONFIG_STRATEGIES[name]) for name in names}
 

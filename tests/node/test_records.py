@@ -1,0 +1,77 @@
+"""The agent's typed records on the real SQLite state log: owner, history and audit limits, suspension, ports,
+rollouts and restarts round-trip."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from agent.node.engine import Engine
+from agent.state.records import Records
+from agent.state.sqlite import SqliteStateLog
+from reconcilers.loadbalancer import PortKey
+from reconcilers.restarts import RestartRecord
+from reconcilers.rollout import Rollout, SlotFailure
+from schemas.state import AuditAction, AuditEntry
+from tests.node.conftest import bundle, converge, desired, service
+
+
+def test_the_owner_is_created_once_and_shared(state_log: SqliteStateLog) -> None:
+    first = Records(state_log).owner()
+    assert len(first) == 16
+    assert Records(state_log).owner() == first
+
+
+def test_history_and_audit_keep_their_limits_newest_first(engine: Engine, records: Records) -> None:
+    revisions = []
+    for v in range(5):
+        state = desired(web=bundle({"front": service(Env=[f"V={v}"])}))
+        converge(engine, state)
+        revisions.append(state.stacks["web"].revision)
+    assert [h.revision for h in records.history("web")] == revisions[::-1][:3]
+    assert len(records.audit()) == 5
+    records.commit_pass(
+        [],
+        [],
+        [],
+        AuditEntry(
+            reconcile_id="x",
+            at=datetime.now(UTC),
+            node="n",
+            actions=[AuditAction(stack="web", action="a", outcome="created")],
+        ),
+    )
+    audit = records.audit()
+    assert len(audit) == 5 and audit[0].reconcile_id == "x"
+
+
+def test_nothing_to_commit_writes_nothing(records: Records, state_log: SqliteStateLog) -> None:
+    revision = state_log.revision()
+    records.commit_pass([], [], [], None)
+    records.write_ports({}, set())
+    records.write_assignments({}, set())
+    assert state_log.revision() == revision
+
+
+def test_suspension_reports_whether_it_changed_anything(records: Records) -> None:
+    assert records.set_suspended("web", True) and not records.set_suspended("web", True)
+    assert records.suspended() == {"web"}
+    assert records.set_suspended("web", False) and not records.set_suspended("web", False)
+    assert records.suspended() == set()
+
+
+def test_ports_rollouts_and_restarts_read_back_as_written(records: Records) -> None:
+    key = PortKey("web", "front", "tcp", 8080)
+    records.write_ports({key: 30001}, set())
+    assert records.ports() == {key: 30001}
+    records.write_ports({}, {key})
+    assert records.ports() == {}
+
+    rollout = Rollout(
+        target="v1-abc", state="paused", batch=("1", "2"), failed=(SlotFailure("1", "unhealthy"),), reason="unhealthy"
+    )
+    restart = RestartRecord((1.0, 2.0), 2.0, 2)
+    records.commit_pass(
+        [], [], [], None, rollouts={("web", "front"): rollout}, restarts={("web", "front", "1"): restart}
+    )
+    assert records.rollouts() == {("web", "front"): rollout}
+    assert records.restarts() == {("web", "front", "1"): restart}

@@ -1,0 +1,90 @@
+"""Stack status from the state log's records and what the engine lists (a pure function, fed by real passes)."""
+
+from __future__ import annotations
+
+from agent.node.engine import Engine
+from agent.node.status import stack_statuses
+from agent.state.records import Records
+from reconcilers.loadbalancer import PortKey
+from reconcilers.rollout import Rollout
+from schemas.output import StackStatus
+from tests.fakes import FakeRuntime
+from tests.node.conftest import NODE, bundle, converge, desired, service
+
+HEALTHCHECK = {"Test": ["CMD", "true"]}
+
+
+def statuses(
+    engine: Engine, runtime: FakeRuntime, records: Records, state: object, **extra: object
+) -> dict[str, StackStatus]:
+    out = stack_statuses(
+        state,  # type: ignore[arg-type]
+        records.stacks(),
+        runtime.list_replicas(engine.owner),
+        assignments=records.assignments(),
+        node=NODE,
+        errors=extra.pop("errors", {}),  # type: ignore[arg-type]
+        suspended=records.suspended(),
+        rollouts=records.rollouts(),
+        pins=records.pins(),
+        **extra,  # type: ignore[arg-type]
+    )
+    return {s.stack: s for s in out}
+
+
+def test_health_follows_the_replicas_healthchecks(engine: Engine, runtime: FakeRuntime, records: Records) -> None:
+    state = desired(web=bundle({"front": service(Healthcheck=HEALTHCHECK, Deploy={"Replicas": 2})}))
+    converge(engine, state)
+    web = statuses(engine, runtime, records, state)["web"]
+    assert web.health.status == "Progressing" and web.health.services[0].running == 0
+    assert web.sync.status == "Synced", "every slot runs the current spec; health is a separate field"
+
+    runtime.set_health("web_front.1", "healthy")
+    runtime.set_health("web_front.2", "unhealthy")
+    web = statuses(engine, runtime, records, state)["web"]
+    assert (web.health.status, web.health.services[0].running, web.health.services[0].desired) == ("Degraded", 1, 2)
+    runtime.set_health("web_front.2", "healthy")
+    assert statuses(engine, runtime, records, state)["web"].health.status == "Healthy"
+
+
+def test_sync_says_what_is_out_of_step(engine: Engine, runtime: FakeRuntime, records: Records) -> None:
+    v1 = desired(web=bundle({"front": service()}), api=bundle({"srv": service()}))
+    converge(engine, v1)
+    runtime.exit("web_front.1", 1)
+    v2 = desired(web=bundle({"front": service(Env=["V=2"])}))
+    out = statuses(engine, runtime, records, v2, errors={"web": "boom"})
+    assert (out["web"].sync.status, out["web"].sync.error) == ("Failed", "boom")
+    assert out["api"].sync.status == "OutOfSync", "deployed but gone from the source: the next pass prunes it"
+    assert out["api"].health.services == []
+    out = statuses(engine, runtime, records, v2)
+    assert out["web"].sync.status == "OutOfSync" and out["web"].sync.revision == v1.stacks["web"].revision
+
+
+def test_a_recorded_failure_is_reported_until_a_pass_succeeds(
+    engine: Engine, runtime: FakeRuntime, records: Records
+) -> None:
+    state = desired(web=bundle({"front": service(Image="dabctl/absent:1", PullPolicy="never")}))
+    converge(engine, state)
+    web = statuses(engine, runtime, records, state)["web"]
+    assert web.sync.status == "Failed" and "PullPolicy is never" in str(web.sync.error)
+
+
+def test_rollout_pin_suspension_and_ports_are_shown(engine: Engine, runtime: FakeRuntime, records: Records) -> None:
+    state = desired(web=bundle({"front": service(Ports=[{"Port": 80}, {"Port": 53, "Protocol": "udp"}])}))
+    converge(engine, state)
+    records.set_suspended("web", True)
+    records.commit_pass(
+        [],
+        [],
+        [],
+        None,
+        rollouts={
+            ("web", "a"): Rollout(target="x", state="updating", reason="batch 1"),
+            ("web", "b"): Rollout(target="x", state="paused", reason="unhealthy"),
+            ("web", "c"): Rollout(target="x", state="completed"),
+        },
+    )
+    web = statuses(engine, runtime, records, state, ports={PortKey("web", "front", "tcp", 80): 30000})["web"]
+    assert (web.rollout.state, web.rollout.reason) == ("paused", "b: unhealthy")
+    assert web.suspended and web.pinned is None
+    assert web.health.services[0].ports == ["30000:80/tcp", "53/udp"]
