@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from bundles.documents import decode, field_path, read_file, read_yaml
 from bundles.errors import InvalidBundles
+from bundles.policy import ENGINE, BindAllow, Denied, Policy, normalise
 from schemas.annotations import field_types
 from schemas.config import AgentConfig
 from schemas.errors import DabctlError
@@ -86,7 +87,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
     layers.update(_from_env(environ))
     layers.update({k: (f"--{k.replace('_', '-')}", v) for k, v in flags.items() if v is not None})
     try:
-        return AgentConfig.model_validate({k: v for k, (_, v) in layers.items()})
+        cfg = AgentConfig.model_validate({k: v for k, (_, v) in layers.items()})
     except ValidationError as exc:
         err = exc.errors()[0]
         field = field_path(err["loc"])
@@ -94,6 +95,9 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
         msg = str(err["msg"]).removeprefix("Value error, ")
         fix = "remove it" if err["type"] == "extra_forbidden" else "see `dabctl schema config`"
         raise ConfigError(printable(f"{where}: {field}: {msg}; {fix}")) from None
+    if path is not None:
+        cfg.__dict__["_read_from"] = str(path)  # see AgentConfig.config_file
+    return cfg
 
 
 def _read_config_file(path: Path) -> Any:
@@ -106,3 +110,26 @@ def _read_config_file(path: Path) -> Any:
         return read_yaml(text, str(path), allow_empty=True)
     except InvalidBundles as exc:
         raise ConfigError(str(exc.errors[0])) from None
+
+
+def policy_of(cfg: AgentConfig) -> Policy:
+    """What bundles may ask of this host under `cfg`: its exceptions and caps, with the Docker socket it drives and
+    dabctl's own state and config directories added to the deny set."""
+    protected = [
+        Denied(normalise(cfg.state_dir), "no-dabctl-state", "dabctl's state"),
+    ]
+    if cfg.config_file:
+        config_dir = os.path.dirname(os.path.abspath(cfg.config_file))
+        protected.append(Denied(normalise(config_dir), "no-dabctl-state", "dabctl's configuration"))
+    docker_host = cfg.docker_host or os.environ.get("DOCKER_HOST") or ""
+    if docker_host.startswith("unix://"):
+        protected.append(Denied(normalise(docker_host.removeprefix("unix://")), "no-docker-socket", ENGINE))
+    return Policy(
+        tuple(e if isinstance(e, str) else BindAllow(e.path, e.read_only) for e in cfg.allow_bind_mounts),
+        cfg.allow_host_network,
+        protected=tuple(protected),
+        max_replicas_per_service=cfg.max_replicas_per_service,
+        max_services_per_stack=cfg.max_services_per_stack,
+        max_stacks=cfg.max_stacks,
+        max_containers_per_node=cfg.max_containers_per_node,
+    )

@@ -8,6 +8,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+class BindMountEntry(BaseModel):
+    """An allow_bind_mounts entry written as a mapping: a path, and whether mounts of it must be read-only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="allowed bind-mount source")
+
+    path: Annotated[str, Field(min_length=1)] = Field(description="Host path; it and everything under it")
+    read_only: bool = Field(False, description="Allow only mounts with ReadOnly: true")
+
+
 class AgentConfig(BaseModel):
     """Settings shared by every command; precedence flag > env > file > default."""
 
@@ -48,10 +57,30 @@ class AgentConfig(BaseModel):
     docker_config: str | None = Field(
         None, description="Directory with a Docker client config.json (registry credentials; default DOCKER_CONFIG)"
     )
-    allow_bind_mounts: list[str] = Field(
-        default_factory=list, description="Bind-mount sources allowed despite the policy (Docker socket, /, ...)"
+    # --- what a bundle may ask of the host (bundles.policy; checked again on the node at create/start) ---
+    allow_bind_mounts: list[str | BindMountEntry] = Field(
+        default_factory=list,
+        description="Bind-mount sources allowed (denied by default): a path allows it and everything under it; "
+        "{path: P, read_only: true} allows read-only mounts only; a built-in deny set (Docker's sockets and "
+        "directories, /, /etc, /root, /proc, /sys, /dev, /boot, dabctl's own) yields only to an exact entry",
     )
     allow_host_network: bool = Field(False, description="Let bundles join the host's network (External: host)")
+    max_replicas_per_service: Annotated[int, Field(ge=1)] = Field(500, description="Replicas one service may ask for")
+    max_services_per_stack: Annotated[int, Field(ge=1)] = Field(500, description="Services one stack may hold")
+    max_stacks: Annotated[int, Field(ge=1)] = Field(500, description="Stacks the source may hold")
+    max_containers_per_node: Annotated[int, Field(ge=1)] = Field(
+        2000, description="Containers all stacks together may ask of one node"
+    )
+
+    @field_validator("allow_bind_mounts")
+    @classmethod
+    def _absolute_entries(cls, value: list[str | BindMountEntry]) -> list[str | BindMountEntry]:
+        for entry in value:
+            path = entry if isinstance(entry, str) else entry.path
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not an absolute path: write it from /, e.g. /srv/data")
+        return value
+
     history_limit: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="Applied revisions kept per stack")
     audit_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(500, description="Passes kept in the audit trail")
     allow_empty: bool = Field(False, description="Allow a source with no stacks to prune every deployed stack")
@@ -80,3 +109,10 @@ class AgentConfig(BaseModel):
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
+
+    @property
+    def config_file(self) -> str | None:
+        """The file this config was read from, if any (agent.config.load_config notes it; not a setting, not
+        compared: a config read from a file equals the same settings given otherwise)."""
+        value = self.__dict__.get("_read_from")
+        return value if isinstance(value, str) else None

@@ -30,6 +30,8 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
     ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
     ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
+    ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start
+    ├── UntrustedPath           agent.node.hostpaths         terminal   a bind source passes an untrusted symlink
     ├── RollbackError           agent.node.rollback          terminal   no such revision to roll back to
     └── UserError               agent.cli.options            terminal   a command line that cannot work
 """

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, TypeVar
 
 from agent.api.client import call, get_status, running_agent
+from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
@@ -134,7 +135,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
         docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
         try:
             docker.ping()
-            yield Engine(
+            engine = Engine(
                 docker,
                 records,
                 cfg.node_name or socket.gethostname(),
@@ -144,6 +145,8 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 balancer=cfg.loadbalancer,
                 port_range=cfg.port_range,
             )
+            engine.policy = policy_of(cfg)
+            yield engine
         finally:
             docker.close()
 

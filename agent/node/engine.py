@@ -18,11 +18,13 @@ from datetime import UTC, datetime
 
 from agent.drivers.balancer import listening_ports, open_balancer
 from agent.drivers.docker_engine import ImageUnavailable
+from agent.node.admission import PolicyRefused, admit
 from agent.node.runtime import Runtime
 from agent.node.scheduler import Assignments, assign
 from agent.state.records import Records
 from bundles import InvalidBundles, parse_bundle
 from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
+from bundles.policy import Policy, count_violations, stack_violations
 from reconcilers import loadbalancer, networks, rollout, services
 from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
 from reconcilers.networks import NetworkAction, NetworksReconciler
@@ -161,6 +163,9 @@ class Engine:
         port_range: tuple[int, int] = loadbalancer.PORT_RANGE,
         listening: Callable[[], set[tuple[str, int]]] = listening_ports,
     ) -> None:
+        # What a container may ask of this host, checked before every create and start: the default refusals
+        # with no exceptions until the caller sets the config's (agent.config.policy_of).
+        self.policy = Policy()
         self.port_range = port_range
         self.listening = listening
         self.pull_policy = pull_policy
@@ -423,7 +428,18 @@ class Engine:
             except InvalidBundles as exc:
                 errors[name] = f"pinned revision {pin.revision} no longer loads: {exc.errors[0]}"
                 continue
+            refused = stack_violations(stacks[name], self.policy)
+            if refused:
+                # Caught here so that no replica of it is planned; its containers are also refused one by one
+                # at create/start (admit) whatever the plan says.
+                errors[name] = f"pinned revision {pin.revision} is refused by the policy: {refused[0]}"
+                stacks[name] = source
+                continue
             self._pinned.add(name)
+        if self._pinned:
+            for e in count_violations(list(stacks.values()), self.policy):
+                for name in self._pinned:
+                    errors.setdefault(name, f"pinned revision {pins[name].revision} is refused by the policy: {e}")
         return DesiredState(stacks=stacks), lifted, errors
 
     def _rollback_pin(self, stack: str, desired: DesiredState, reason: str, now: float) -> Pin | None:
@@ -455,10 +471,18 @@ class Engine:
         self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
         self.records.write_ports(plan.ports_changed, plan.ports_removed)
         all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
+        # A stack with a container the policy refuses gets no new network either: nothing of it is created. (Each
+        # create and start is checked again right before it runs.)
+        refused = {
+            stack_of(a)
+            for a in all_actions
+            if isinstance(a, (services.CreateReplica, services.ReplaceReplica, services.StartReplica))
+            and self._refused(a)
+        }
         phases: list[list[ServiceAction | NetworkAction]] = [
             [a for a in all_actions if isinstance(a, services.RemoveReplica)],
             [a for a in all_actions if isinstance(a, networks.RemoveNetwork)],
-            [a for a in all_actions if isinstance(a, networks.CreateNetwork)],
+            [a for a in all_actions if isinstance(a, networks.CreateNetwork) and a.stack not in refused],
             [
                 a
                 for a in all_actions
@@ -517,7 +541,21 @@ class Engine:
     def _apply_one(self, action: ServiceAction | NetworkAction) -> AnyResult:
         if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
             return self.networks.apply(action)
+        refused = None if isinstance(action, services.RemoveReplica) else self._refused(action)
+        if refused is not None:
+            return Result[ServiceAction](action, Outcome.FAILED, refused)
         return self.services.apply(action)
+
+    def _refused(self, action: services.CreateReplica | services.StartReplica | services.ReplaceReplica) -> str | None:
+        """Why the policy refuses the container `action` creates or starts, or None. Every create and start passes
+        here: the one place a desired container, from whatever revision, reaches the engine."""
+        if action.target is None:  # a start planned without its spec cannot be checked: it is not made
+            return f"{action}: no spec to hold to the policy; not started"
+        try:
+            admit(action.target, self.policy)
+        except PolicyRefused as exc:
+            return str(exc)
+        return None
 
     def _record(self, plan: PassPlan, results: Sequence[AnyResult], reconcile_id: str) -> None:
         """Write a stack's record only when something happened to it or its revision moved."""

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from agent.api.server import AgentHttp, WebhookAuth
+from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node.control import converge, unhealthy
@@ -61,6 +62,13 @@ EXIT_FALLBACK = 5.0  # a pass after an exit event even if waiting for the exit h
 def _split_listen(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _listed(errors: Sequence[object], limit: int = 50) -> str:
+    """Up to `limit` errors on one line; how many more, and where to see them all."""
+    shown = " | ".join(str(e) for e in errors[:limit])
+    more = len(errors) - limit
+    return shown + (f" | and {more} more: run dabctl validate --config FILE on the source" if more > 0 else "")
 
 
 def _stack_of_file(file: str) -> str:
@@ -124,6 +132,7 @@ class Agent:
             balancer=cfg.loadbalancer,
             port_range=cfg.port_range,
         )
+        self.engine.policy = policy_of(cfg)
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
@@ -259,9 +268,11 @@ class Agent:
         self.load_errors = errors
         for stack, error in errors.items():
             self.metrics.set_stack_error(stack, error)
+        # Every refused bundle is named (with its first problem and rule): after an upgrade whose defaults refuse
+        # more, the first pass says which bundles to fix or which exceptions to write, not only that it stopped.
         log.error(
             "invalid bundles: the last good state keeps running",
-            extra={"errors": " | ".join(str(e) for e in exc.errors[:5])},
+            extra={"bundles": ", ".join(sorted(errors)), "errors": _listed(exc.errors)},
         )
 
     def _poll_source(self) -> None:

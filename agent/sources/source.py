@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.config import policy_of
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
@@ -178,6 +179,6 @@ def source_ref(cfg: AgentConfig) -> SourceRef | None:
 def open_source(cfg: AgentConfig) -> Source:
     if not cfg.source:
         raise SourceConfigError("no source: pass --source DIR or a git URL (or set source in the config file)")
-    policy = Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network)
+    policy = policy_of(cfg)
     inner: Source = GitRepoSource(cfg) if is_git(cfg) else DirectorySource(Path(cfg.source))
     return Checked(inner, policy)

@@ -403,3 +403,20 @@ def test_reconcile_allow_empty_is_per_call(agent: Agent, source: Path) -> None:
     code, body = agent.api("reconcile", {"allow_empty": True})
     assert code == 200 and body["ok"] and body["removed"] == 3  # two replicas and the stack network
     assert names(runtime, "web_") == []
+
+
+def test_an_upgrade_that_refuses_bundles_names_each_one_and_its_rule(
+    make_agent: Callable[..., Agent], source: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Bundles the old defaults let through: the first pass says which ones the new defaults refuse and why.
+    write(source, "ops", bundle({"agent": service(Mounts=[{"Type": "bind", "Source": "/srv/x", "Target": "/x"}])}))
+    write(source, "big", bundle({"s": service(Deploy={"Replicas": 3})}))
+    agent = make_agent(FakeRuntime(), max_replicas_per_service=2)
+    with caplog.at_level("ERROR", logger="dabctl.agent"):
+        assert agent.refresh_source()
+    [record] = [r for r in caplog.records if "invalid bundles" in r.getMessage()]
+    assert record.bundles == "big, ops"  # type: ignore[attr-defined]
+    assert "policy rule 'no-bind-mounts'" in record.errors  # type: ignore[attr-defined]
+    assert "policy rule 'max_replicas_per_service'" in record.errors  # type: ignore[attr-defined]
+    assert set(agent.load_errors) == {"ops", "big"}
+    assert runtime_of(agent).writes() == []

@@ -715,6 +715,14 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
+    # Absolute paths, plain or as {path, read_only}.
+    "allow_bind_mounts": st.lists(
+        st.one_of(
+            texts.map(lambda t: "/" + t),
+            st.fixed_dictionaries({"path": texts.map(lambda t: "/" + t), "read_only": st.booleans()}),
+        ),
+        max_size=3,
+    ),
 }
 
 
@@ -793,7 +801,7 @@ def test_valid_configs_round_trip(config_dir: Path, doc: Doc, allow_unicode: boo
     allow_unicode = allow_unicode and not _YAML_BREAKS.search(json.dumps(doc, ensure_ascii=False))
     cfg = load_config(_write(config_dir, to_yaml(doc, allow_unicode)), {}, environ={})
     for name, value in doc.items():
-        assert getattr(cfg, name) == value
+        assert cfg.model_dump()[name] == value
     dumped = to_yaml(cfg.model_dump(exclude_defaults=True), allow_unicode)
     assert load_config(_write(config_dir, dumped), {}, environ={}) == cfg
     assert AgentConfig.model_validate_json(cfg.model_dump_json()) == cfg
@@ -817,6 +825,8 @@ _env_item = st.text(
 def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     name = draw(st.sampled_from(sorted(AgentConfig.model_fields)))
     kinds = field_types(AgentConfig.model_fields[name].annotation)
+    if name == "allow_bind_mounts":  # absolute paths
+        return name, draw(st.lists(_env_item.map(lambda t: "/" + t), max_size=3))
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
     return name, draw(_config_strategy(name).filter(lambda v: v is not None))
