@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import typing
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bundles.documents import decode, field_path, read_file, read_yaml
 from bundles.errors import InvalidBundles
@@ -29,9 +30,18 @@ class ConfigError(DabctlError):
     """The configuration is invalid; the message names the file or variable, the field and the fix."""
 
 
-def _env_value(name: str, key: str, raw: str) -> Any:
-    """Convert an environment string to the field's type; text fields stay text (`DABCTL_NODE_NAME=0042`)."""
-    kinds = _kinds(AgentConfig.model_fields[name].annotation)
+def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConfig) -> Any:
+    """Convert an environment string to the field's type; text fields stay text (`DABCTL_NODE_NAME=0042`); a
+    section (`verify`) takes a JSON object."""
+    kinds = _kinds(model.model_fields[name].annotation)
+    if any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {key}: not a JSON object ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"environment variable {key}: not a JSON object")
+        return value
     if bool in kinds:
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE
@@ -65,11 +75,18 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "DABCTL_CONFIG":
             continue
-        name = key.removeprefix(ENV_PREFIX).lower()
+        name, _, inner = key.removeprefix(ENV_PREFIX).lower().partition("__")
         if name not in fields:
             valid = ", ".join(ENV_PREFIX + f.upper() for f in fields)
             raise ConfigError(f"environment variable {key}: no such setting; valid: {valid}")
-        out[name] = (f"environment variable {key}", _env_value(name, key, raw))
+        if not inner:
+            out[name] = (f"environment variable {key}", _env_value(name, key, raw))
+            continue
+        section = next((k for k in _kinds(fields[name].annotation) if isinstance(k, type)), None)
+        if section is None or not issubclass(section, BaseModel) or inner not in section.model_fields:
+            raise ConfigError(f"environment variable {key}: no such setting")
+        where, value = out.get(name, (f"environment variable {key}", {}))
+        out[name] = (where, {**value, inner: _env_value(inner, key, raw, section)})
     return out
 
 
@@ -84,7 +101,11 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(printable(f"{path}: expected a mapping of settings at the top level"))
         layers.update({str(k): (str(path), v) for k, v in (loaded or {}).items()})
-    layers.update(_from_env(environ))
+    for name, (where, value) in _from_env(environ).items():
+        below = layers.get(name, (where, None))[1]
+        if isinstance(value, dict) and isinstance(below, dict):  # DABCTL_VERIFY__MODE over the file's verify:
+            value = {**below, **value}
+        layers[name] = (where, value)
     layers.update({k: (f"--{k.replace('_', '-')}", v) for k, v in flags.items() if v is not None})
     try:
         cfg = AgentConfig.model_validate({k: v for k, (_, v) in layers.items()})

@@ -5,7 +5,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+VerifyMode = Literal["none", "head", "every-commit"]
+
+
+class VerifyRule(BaseModel):
+    """Commits that change a file matching `path` need `signers` distinct allowed keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: Annotated[str, Field(min_length=1)] = Field(
+        description="Glob over repository paths: `*` within a directory, `**` across them (stacks/prod/**)"
+    )
+    signers: Annotated[int, Field(ge=1, le=16)] = Field(
+        description="Distinct allowed keys needed, among the commit's signature and signed tags pointing at it"
+    )
+
+
+class VerifyConfig(BaseModel):
+    """Which commits of a git source must be signed, and by whom (no effect on a directory source)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    mode: VerifyMode = Field(
+        default="none",
+        description="none; head: the commit being applied; every-commit: every commit since the last applied one",
+    )
+    keys: list[str] = Field(
+        default_factory=list,
+        description="Files of allowed public keys: OpenPGP (armored or binary) or SSH (`ssh-ed25519 AAAA... name`)",
+    )
+    since: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] | None = Field(
+        default=None,
+        description="every-commit with no applied head recorded yet: check the commits after this trusted one "
+        "(default: the head only)",
+    )
+    rules: list[VerifyRule] = Field(default_factory=list, description="Paths whose changes need more than one signer")
+
+    @model_validator(mode="after")
+    def _keys_when_on(self) -> VerifyConfig:
+        if self.mode != "none" and not self.keys:
+            raise ValueError(f"mode {self.mode} needs at least one key file in verify.keys")
+        return self
 
 
 class BindMountEntry(BaseModel):
@@ -88,6 +130,10 @@ class AgentConfig(BaseModel):
         "auto",
         description="Routing mesh for published ports: auto (IPVS where the kernel has it, else nftables), "
         "nftables, ipvs, or none (ports are not published)",
+    )
+    verify: VerifyConfig = Field(
+        default_factory=lambda: VerifyConfig(),
+        description="Signature checks of a git source's commits before they are applied",
     )
     published_port_range: Annotated[str, Field(pattern=r"^\d{1,5}-\d{1,5}$")] = Field(
         "30000-32767", description="Ports allocated to service ports that set no PublishedPort (low-high)"

@@ -14,6 +14,8 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── BalancerUnavailable     reconcilers.loadbalancer     terminal   no ruleset here (tool, privilege, kernel)
     ├── ConfigError             agent.config                 terminal   the agent configuration is invalid
     ├── SourceConfigError       agent.sources.source         terminal   the source settings cannot be used
+    ├── VerificationRefused     agent.sources.verify         terminal   a revision is not signed as verify requires
+    ├── VerifyKeyError          agent.sources.verify         terminal   a file in verify.keys cannot be used
     ├── EngineError             agent.drivers.docker_engine  retryable  the Docker engine is unreachable or refused
     │   └── ImageUnavailable    agent.drivers.docker_engine  retryable  an image is missing and cannot be pulled
     ├── NftError                agent.drivers.nftables       terminal   nft refused a command

@@ -36,6 +36,7 @@ from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
+from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
 from agent.state.log import StateLocked
@@ -52,7 +53,7 @@ from schemas.control import (
     SuspendResult,
 )
 from schemas.errors import DabctlError
-from schemas.output import SourceStatus, StatusOutput
+from schemas.output import SourceStatus, StatusOutput, VerifyRefusal, VerifyStatus
 
 log = logging.getLogger("dabctl.agent")
 EVENT_DEBOUNCE = 0.1
@@ -91,6 +92,7 @@ class Agent:
         self.load_errors: dict[str, str] = {}
         self.pass_errors: dict[str, str] = {}
         self.source_error: str | None = None
+        self.refused: VerifyRefusal | None = None  # the source's newest revision, refused by the signature checks
         self.last_fetch_at: str | None = None
         self._wake = threading.Event()
         self._pass_lock = threading.Lock()
@@ -231,6 +233,12 @@ class Agent:
             except InvalidBundles as exc:
                 self._broken_bundles(exc)
                 self.fingerprint = fp
+                self._refusal(None)
+                return True
+            except VerificationRefused as exc:
+                # Not remembered as loaded (fingerprint): a signed tag may yet make it acceptable, and each check
+                # after the first costs one fetch negotiation (signature results are cached per commit).
+                self._refusal(exc)
                 return True
             except Exception as exc:
                 self.source_error = one_line(exc)
@@ -239,6 +247,7 @@ class Agent:
                 return False
             self.last_fetch_at = datetime.now(UTC).isoformat()
             self.source_error = None
+            self._refusal(None)
             old = self.desired
             changed = {
                 name
@@ -260,6 +269,27 @@ class Agent:
                 self._source_changed |= changed
                 self.queue.add(changed, urgent=True)
             return True
+
+    def _refusal(self, exc: VerificationRefused | None) -> None:
+        """Show (or clear) a revision refused by the signature checks in status, metrics and the log."""
+        if exc is None:
+            if self.refused is not None:
+                log.info("source revision accepted by the signature checks", extra={"commit": self.fingerprint})
+                self.refused = None
+                self.metrics.set_refusal(None)
+            return
+        self.last_fetch_at = datetime.now(UTC).isoformat()
+        if self.refused is not None and self.refused.message == str(exc):
+            return  # already reported: the log says it once per refused revision
+        self.refused = VerifyRefusal(
+            commit=exc.commit, key=exc.key, rule=exc.rule, message=str(exc), at=self.last_fetch_at
+        )
+        self.metrics.verification_refusals.inc()
+        self.metrics.set_refusal((exc.commit, exc.key, exc.rule))
+        log.error(
+            "source revision refused: not applied; what runs keeps running",
+            extra={"commit": exc.commit, "key": exc.key, "rule": exc.rule, "error": str(exc)},
+        )
 
     def _broken_bundles(self, exc: InvalidBundles) -> None:
         errors: dict[str, str] = {}
@@ -375,9 +405,7 @@ class Agent:
     def _pass(self, keys: set[str], allow_empty: bool) -> tuple[PassPlan, PassReport] | None:
         """The plan and report of one pass over `keys`; None when it could not run (errors in pass_errors)."""
         with self._pass_lock:
-            if self.desired is None and not self.refresh_source():
-                for k in keys:
-                    self.queue.retry(k)
+            if self.desired is None and not self._first_load(keys):
                 return None
             desired = self.desired
             assert desired is not None
@@ -420,6 +448,24 @@ class Agent:
             if not failed and not self.load_errors:
                 self.ready.set()
             return plan, report
+
+    def _first_load(self, keys: set[str]) -> bool:
+        """Load the source for a pass that has no desired state yet; False (the keys' errors set) when it cannot."""
+        reachable = self.refresh_source()
+        if self.desired is not None:
+            return True
+        for k in keys:  # unreachable (retried), or refused or invalid: terminal until the source changes
+            if reachable:
+                self.pass_errors[k] = self._why_not_loaded()
+            else:
+                self.queue.retry(k)
+        return False
+
+    def _why_not_loaded(self) -> str:
+        if self.refused is not None:
+            return self.refused.message
+        errors = "; ".join(sorted(set(self.load_errors.values())))
+        return errors or self.source_error or "the source could not be loaded"
 
     def _settle(self, keys: set[str], failed: dict[str, str], desired: DesiredState) -> None:
         """Each key after a pass that ran: a failed one retries with backoff, any other starts its backoff over."""
@@ -489,8 +535,15 @@ class Agent:
             revision=revision,
             last_fetch_at=self.last_fetch_at,
             last_fetch_error=self.source_error,
+            verify=self._verify_status(),
         )
         return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+
+    def _verify_status(self) -> VerifyStatus | None:
+        verifier = getattr(self.source, "verification", None)
+        if verifier is None:
+            return None
+        return VerifyStatus(mode=self.cfg.verify.mode, accepted=verifier.accepted, refused=self.refused)
 
     # The Control interface (agent/node/control.py): the CLI's changing commands, run through this loop.
 
@@ -517,8 +570,13 @@ class Agent:
         try:
             result = converge(step, waiting_for, wait=request.wait, deadline=time.monotonic() + request.timeout)
         except PassNotRun as exc:
-            return ReconcileResult(ok=False, stacks=len(keys), errors=exc.errors or ["the pass could not run"])
+            errors = exc.errors or ([self._why_not_loaded()] if self.desired is None else ["the pass could not run"])
+            if self.refused is not None and self.refused.message not in errors:
+                errors.append(self.refused.message)
+            return ReconcileResult(ok=False, stacks=len(keys), errors=errors)
         load_errors = [f"{k}: {e}" for k, e in sorted(self.load_errors.items())]
+        if self.refused is not None:
+            load_errors.append(self.refused.message)
         return result.model_copy(update={"ok": result.ok and not load_errors, "errors": result.errors + load_errors})
 
     def rollback(self, request: RollbackRequest) -> RollbackResult:

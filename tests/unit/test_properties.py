@@ -712,6 +712,19 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "state": st.one_of(
         st.just("embedded"), st.lists(hosts, min_size=1, max_size=3).map(lambda h: "etcd://" + ",".join(h))
     ),
+    # verify: a whole mapping as a config file gives it (keys required unless mode is none).
+    "verify": st.builds(
+        lambda mode, keys, since, rules: (
+            {"mode": mode, "keys": keys or (["k.pub"] if mode != "none" else [])} | {"since": since, "rules": rules}
+        ),
+        st.sampled_from(["none", "head", "every-commit"]),
+        st.lists(texts, max_size=2),
+        st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
+        st.lists(
+            st.fixed_dictionaries({"path": st.text(min_size=1, max_size=12), "signers": st.integers(1, 16)}),
+            max_size=2,
+        ),
+    ),
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
@@ -812,6 +825,8 @@ def _env_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return ",".join(value)
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value)
 
 
@@ -837,7 +852,8 @@ def test_every_setting_can_be_set_from_the_environment(setting: tuple[str, Any])
     name, value = setting
     key = "DABCTL_" + name.upper()
     cfg = load_config(None, {}, environ={key: _env_text(value)})
-    assert getattr(cfg, name) == value
+    got = getattr(cfg, name)
+    assert (got.model_dump() if isinstance(got, BaseModel) else got) == value
 
 
 _CONFIG_BAD_VALUES: dict[str, list[Any]] = {
