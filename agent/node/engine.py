@@ -171,10 +171,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         pull_policy: str = "if-not-present",
         balancer: str = "none",
-        port_range: tuple[int, int] = loadbalancer.PORT_RANGE,
+        ports: loadbalancer.PortRules = loadbalancer.DEFAULT_RULES,
         listening: Callable[[], set[tuple[str, int]]] = listening_ports,
     ) -> None:
-        self.port_range = port_range
+        self.ports = ports
         self.listening = listening
         self.pull_policy = pull_policy
         docker.default_pull_policy = pull_policy
@@ -288,6 +288,8 @@ class Engine:
         allocation = self._allocate(desired, held, balance, recorded_ports)
         blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
         held |= set(allocation.errors)
+        for key, port in sorted(allocation.conflicts.items()):
+            blocked.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
         stacks = {
             name: StackPlan(
                 name, desired.stacks[name].revision if name in desired.stacks else None, error=blocked.get(name)
@@ -390,7 +392,11 @@ class Engine:
                 {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {}
             ),
             ports_removed=(
-                {k for k in recorded_ports if k.stack not in held and k not in allocation.ports}
+                {
+                    k
+                    for k in recorded_ports
+                    if k.stack not in held and k not in allocation.ports and k not in allocation.conflicts
+                }
                 if publishing
                 else set()
             ),
@@ -432,14 +438,17 @@ class Engine:
             for i, p in enumerate(t.service.ports or [])
         ]
         programmed = {f.address for f in balance}
-        busy = self.listening() - programmed if requests else set()
+        listening = self.listening() if requests else set()
+        # dabctl's own ports are never handed out, whether or not the agent listens on them right now.
+        busy = (listening - programmed) | {("tcp", p) for p in self.ports.reserved}
         # Ports recorded for held stacks stay theirs: nobody else may take them.
         keep = {k: p for k, p in recorded.items() if k.stack in held}
         allocation = loadbalancer.allocate(
-            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.port_range
+            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.ports.range
         )
         ports = {k: p for k, p in allocation.ports.items() if k.stack not in held}
-        return loadbalancer.Allocation(ports, allocation.errors)
+        # Checked on every pass, not only when a port is first allocated: a host service started later wins.
+        return loadbalancer.give_way(loadbalancer.Allocation(ports, allocation.errors), listening)
 
     def _resolve_image(self, target: ServiceTarget, previous: ServiceRecord | None) -> ResolvedImage:
         """The image `target`'s replicas run this pass.
@@ -645,7 +654,7 @@ class Engine:
                 if not failures and name in plan.records:
                     pruned.append(name)
                 continue
-            if sp.error:
+            if sp.error and name in plan.held:
                 continue
             old = plan.records.get(name)
             if not done and old is not None and old.revision == stack.revision and old.bundle_hash == stack.bundle_hash:

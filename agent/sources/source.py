@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
+from bundles.policy import from_config as policy_from_config
 from schemas.config import AgentConfig
 from schemas.control import SourceRef
 from schemas.errors import DabctlError
@@ -178,6 +179,6 @@ def source_ref(cfg: AgentConfig) -> SourceRef | None:
 def open_source(cfg: AgentConfig) -> Source:
     if not cfg.source:
         raise SourceConfigError("no source: pass --source DIR or a git URL (or set source in the config file)")
-    policy = Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network)
+    policy = policy_from_config(cfg)
     inner: Source = GitRepoSource(cfg) if is_git(cfg) else DirectorySource(Path(cfg.source))
     return Checked(inner, policy)

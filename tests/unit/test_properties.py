@@ -282,7 +282,7 @@ def _derived(bundle: Bundle) -> tuple[Any, ...]:
     )
     state = DesiredState({"st": stack})
     policy = [str(e) for e in violations(state, Policy())]
-    allowed = [str(e) for e in violations(state, Policy(("/",), True))]
+    allowed = [str(e) for e in violations(state, Policy(allow_bind_mounts=("/",), allow_host_network=True))]
     return bundle_hash(bundle), [t.spec_hash for t in service_targets(stack)], desired_networks(stack), policy, allowed
 
 
@@ -712,6 +712,7 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "state": st.one_of(
         st.just("embedded"), st.lists(hosts, min_size=1, max_size=3).map(lambda h: "etcd://" + ",".join(h))
     ),
+    "allow_published_ports": st.lists(st.integers(1, 65535), max_size=3),
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
@@ -803,7 +804,7 @@ def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
@@ -817,6 +818,8 @@ _env_item = st.text(
 def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     name = draw(st.sampled_from(sorted(AgentConfig.model_fields)))
     kinds = field_types(AgentConfig.model_fields[name].annotation)
+    if name == "allow_published_ports":
+        return name, draw(_CONFIG_OVERRIDES[name])
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
     return name, draw(_config_strategy(name).filter(lambda v: v is not None))
