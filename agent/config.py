@@ -47,7 +47,15 @@ def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConf
             return raw.lower() in _TRUE
         raise ConfigError(f"environment variable {key}: {raw!r} is not true or false")
     if list in kinds:
-        return [item.strip() for item in raw.split(",") if item.strip()]
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if not _list_of_ints(model.model_fields[name].annotation):
+            return items
+        try:
+            return [int(item) for item in items]
+        except ValueError:
+            raise ConfigError(
+                f"environment variable {key}: {raw!r} is not a list of whole numbers, e.g. 80,443"
+            ) from None
     if int in kinds:
         try:
             return int(raw)
@@ -62,6 +70,13 @@ def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConf
             raise ConfigError(f"environment variable {key}: {raw!r} is not a finite number")
         return value
     return raw
+
+
+def _list_of_ints(annotation: Any) -> bool:
+    """Whether a list setting holds whole numbers (allow_published_ports)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    item = typing.get_args(args[0])[0] if args and typing.get_origin(args[0]) is list else (args[0] if args else None)
+    return item is int or (typing.get_origin(item) is typing.Annotated and typing.get_args(item)[0] is int)
 
 
 def _kinds(annotation: Any) -> set[Any]:
@@ -153,4 +168,8 @@ def policy_of(cfg: AgentConfig) -> Policy:
         max_services_per_stack=cfg.max_services_per_stack,
         max_stacks=cfg.max_stacks,
         max_containers_per_node=cfg.max_containers_per_node,
+        allow_external_volumes=tuple(cfg.allow_external_volumes),
+        allow_external_networks=tuple(cfg.allow_external_networks),
+        allow_published_ports=tuple(cfg.allow_published_ports),
+        own_ports=cfg.own_ports,
     )

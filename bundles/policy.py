@@ -72,7 +72,8 @@ class BindAllow:
 
 @dataclass(frozen=True)
 class Policy:
-    """Exceptions to the default refusals, what the node adds to the deny set, and the caps on counts."""
+    """Exceptions to the default refusals, what the node adds to the deny set, the caps on counts, and the
+    ports dabctl itself listens on (`own_ports`: never published)."""
 
     allow_bind_mounts: tuple[str | BindAllow, ...] = ()
     allow_host_network: bool = False
@@ -82,6 +83,10 @@ class Policy:
     max_services_per_stack: int = 500
     max_stacks: int = 500
     max_containers_per_node: int = 2000
+    allow_external_volumes: tuple[str, ...] = ()
+    allow_external_networks: tuple[str, ...] = ()
+    allow_published_ports: tuple[int, ...] = (80, 443)
+    own_ports: tuple[int, ...] = ()
 
     @property
     def allows(self) -> tuple[BindAllow, ...]:
@@ -102,6 +107,9 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{self.message}; {self.fix}"
+
+
+PRIVILEGED_PORTS = 1024  # below this, a port is a system service's (ssh, dns, smtp, ...)
 
 
 def normalise(path: str) -> str:
@@ -271,7 +279,64 @@ def count_violations(stacks: Sequence[StackBundle], policy: Policy) -> list[Bund
 def violations(desired: DesiredState, policy: Policy) -> list[BundleError]:
     """Every place in `desired` the policy refuses, one error each."""
     out = [e for stack in desired.stacks.values() for e in stack_violations(stack, policy)]
+    out += [e for stack in desired.stacks.values() for e in _reach_violations(stack, policy)]
     return out + count_violations(list(desired.stacks.values()), policy)
+
+
+def _reach_violations(stack: StackBundle, policy: Policy) -> list[BundleError]:
+    """External volumes, other stacks' networks and ports a bundle may not reach without the config's leave."""
+    out = []
+    for name, vol in (stack.bundle.volumes or {}).items():
+        if vol.external and name not in policy.allow_external_volumes:
+            out.append(
+                BundleError(
+                    stack.file,
+                    f"External volume {name} (data outside this stack) is refused by policy rule 'no-external-volume'",
+                    field=f"Volumes.{name}",
+                    fix=f"use a stack volume, or allow it in the agent config: allow_external_volumes: [{name}]",
+                )
+            )
+    for net, spec in (stack.bundle.networks or {}).items():
+        owner = net.split("_", 1)[0] if "_" in net else None
+        if spec.external and owner not in (None, stack.name) and net not in policy.allow_external_networks:
+            out.append(
+                BundleError(
+                    stack.file,
+                    f"External network {net} is stack {owner}'s network; joining it is refused by policy rule "
+                    "'no-foreign-network'",
+                    field=f"Networks.{net}",
+                    fix=f"use a stack network, or allow it in the agent config: allow_external_networks: [{net}]",
+                )
+            )
+    for svc_name, svc in stack.bundle.services.items():
+        for i, p in enumerate(svc.ports or []):
+            error = _port_violation(p.published_port, p.protocol, policy)
+            if error:
+                out.append(
+                    BundleError(
+                        stack.file, error[0], field=f"Services.{svc_name}.Ports[{i}].PublishedPort", fix=error[1]
+                    )
+                )
+    return out
+
+
+def _port_violation(port: int | None, protocol: str, policy: Policy) -> tuple[str, str] | None:
+    """(what, fix) when a fixed PublishedPort is refused."""
+    if port is None:
+        return None
+    if port in policy.own_ports and protocol == "tcp":
+        return (
+            f"PublishedPort {port}/tcp is dabctl's own port (listen or webhook_listen); "
+            "it is refused by policy rule 'no-agent-port'",
+            "choose another PublishedPort",
+        )
+    if port < PRIVILEGED_PORTS and port not in policy.allow_published_ports:
+        return (
+            f"PublishedPort {port}/{protocol} is below 1024 (a system service's port); it is refused by policy "
+            "rule 'no-privileged-port'",
+            f"choose a port from 1024 up, or allow it in the agent config: allow_published_ports: [80, 443, {port}]",
+        )
+    return None
 
 
 def enforce(desired: DesiredState, policy: Policy) -> DesiredState:

@@ -139,6 +139,17 @@ class AgentConfig(BaseModel):
         "30000-32767", description="Ports allocated to service ports that set no PublishedPort (low-high)"
     )
 
+    # What a bundle may reach beyond its own stack: External volumes and other stacks' networks, low ports.
+    allow_external_volumes: list[str] = Field(
+        default_factory=list, description="External volumes bundles may mount (Volumes: {name: {External: true}})"
+    )
+    allow_external_networks: list[str] = Field(
+        default_factory=list, description="Other stacks' networks (<stack>_<name>) bundles may join as External"
+    )
+    allow_published_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=lambda: [80, 443], description="PublishedPorts below 1024 that bundles may publish"
+    )
+
     @field_validator("published_port_range")
     @classmethod
     def _port_range(cls, value: str) -> str:
@@ -153,6 +164,11 @@ class AgentConfig(BaseModel):
         return int(low), int(high)
 
     @property
+    def own_ports(self) -> tuple[int, ...]:
+        """TCP ports dabctl itself listens on: never published for a bundle."""
+        return tuple(sorted({_port_of(a) for a in (self.listen, self.webhook_listen) if a and _port_of(a)}))
+
+    @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
 
@@ -162,3 +178,9 @@ class AgentConfig(BaseModel):
         compared: a config read from a file equals the same settings given otherwise)."""
         value = self.__dict__.get("_read_from")
         return value if isinstance(value, str) else None
+
+
+def _port_of(address: str) -> int:
+    """The port of `host:port` (`[::1]:9420` too); 0 when there is none."""
+    port = address.rsplit(":", 1)[-1]
+    return int(port) if ":" in address and port.isdigit() else 0

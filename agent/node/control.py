@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, TypeVar
 
@@ -26,6 +26,7 @@ from agent.state.backends import open_log
 from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState
+from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome
 from schemas.config import AgentConfig
 from schemas.control import (
@@ -143,7 +144,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 read_only=read_only,
                 pull_policy=cfg.pull_policy,
                 balancer=cfg.loadbalancer,
-                port_range=cfg.port_range,
+                ports=PortRules(cfg.port_range, cfg.own_ports),
             )
             engine.policy = policy_of(cfg)
             yield engine
@@ -166,9 +167,9 @@ class LocalControl:
         self.cfg = cfg
         self.progress = progress
 
-    def _step(self, engine: Engine, desired: DesiredState, allow_empty: bool) -> Step:
+    def _step(self, engine: Engine, desired: DesiredState, allow_empty: bool, migrate: Sequence[str] = ()) -> Step:
         def step() -> tuple[PassPlan, PassReport]:
-            plan = engine.plan(desired, allow_empty)
+            plan = engine.plan(desired, allow_empty, migrate_volumes=migrate)
             if self.progress is None:
                 return plan, engine.apply(plan)
             with self.progress(plan) as on_result:
@@ -181,7 +182,7 @@ class LocalControl:
         allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
         with open_engine(self.cfg) as engine:
             return converge(
-                self._step(engine, desired, allow_empty),
+                self._step(engine, desired, allow_empty, request.migrate_volumes),
                 lambda: unhealthy(engine, desired),
                 wait=request.wait,
                 deadline=time.monotonic() + request.timeout,

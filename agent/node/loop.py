@@ -42,6 +42,7 @@ from agent.state.holder import AGENT_LOCK, Held, HolderLock
 from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
+from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
 from schemas.config import AgentConfig
 from schemas.control import (
@@ -132,7 +133,7 @@ class Agent:
             parallelism=cfg.parallelism,
             pull_policy=cfg.pull_policy,
             balancer=cfg.loadbalancer,
-            port_range=cfg.port_range,
+            ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
@@ -402,7 +403,9 @@ class Agent:
         done = self._pass(set(keys), self.cfg.allow_empty)
         return done[1] if done else None
 
-    def _pass(self, keys: set[str], allow_empty: bool) -> tuple[PassPlan, PassReport] | None:
+    def _pass(
+        self, keys: set[str], allow_empty: bool, migrate: Sequence[str] = ()
+    ) -> tuple[PassPlan, PassReport] | None:
         """The plan and report of one pass over `keys`; None when it could not run (errors in pass_errors)."""
         with self._pass_lock:
             if self.desired is None and not self._first_load(keys):
@@ -411,7 +414,7 @@ class Agent:
             assert desired is not None
             started = time.monotonic()
             try:
-                plan = self.engine.plan(desired, allow_empty, only=keys)
+                plan = self.engine.plan(desired, allow_empty, only=keys, migrate_volumes=migrate)
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
@@ -559,7 +562,7 @@ class Agent:
         allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
 
         def step() -> tuple[PassPlan, PassReport]:
-            done = self._pass(keys, allow_empty)
+            done = self._pass(keys, allow_empty, request.migrate_volumes)
             if done is None:
                 raise PassNotRun([f"{k}: {e}" for k, e in sorted(self.pass_errors.items()) if k in keys])
             return done

@@ -282,7 +282,7 @@ def _derived(bundle: Bundle) -> tuple[Any, ...]:
     )
     state = DesiredState({"st": stack})
     policy = [str(e) for e in violations(state, Policy())]
-    allowed = [str(e) for e in violations(state, Policy(("/",), True))]
+    allowed = [str(e) for e in violations(state, Policy(allow_bind_mounts=("/",), allow_host_network=True))]
     return bundle_hash(bundle), [t.spec_hash for t in service_targets(stack)], desired_networks(stack), policy, allowed
 
 
@@ -725,6 +725,7 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
             max_size=2,
         ),
     ),
+    "allow_published_ports": st.lists(st.integers(1, 65535), max_size=3),
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
@@ -824,7 +825,7 @@ def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
@@ -842,6 +843,8 @@ def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     kinds = field_types(AgentConfig.model_fields[name].annotation)
     if name == "allow_bind_mounts":  # absolute paths
         return name, draw(st.lists(_env_item.map(lambda t: "/" + t), max_size=3))
+    if name == "allow_published_ports":
+        return name, draw(_CONFIG_OVERRIDES[name])
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
     return name, draw(_config_strategy(name).filter(lambda v: v is not None))
