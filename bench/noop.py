@@ -2,11 +2,12 @@
 
 For each S (services of 1 or 2 replicas, alternating, in one stack) a `dabctl agent` (git polling and periodic
 resync off) converges the stack through a recording DockerProxy; then each run times one pass inside the running
-agent, from the trigger (POST /api/reconcile, what `dabctl reconcile --once` sends to a running agent; the agent
-answers after the pass) to the end of the pass, and records the Docker API calls by endpoint (proxy), the agent's
-CPU time (/proc/PID/stat) and its peak RSS (VmHWM). The agent's own histogram dabctl_reconcile_duration_seconds
-(pass only, without the HTTP round trip) is shown too, and so is the engine's floor: the same container list
-(all containers of the stack, label-filtered) timed from the bench process right after each pass.
+agent, from the trigger (POST /api/reconcile on the control socket, what `dabctl reconcile --once` sends to a
+running agent; the agent answers after the pass) to the end of the pass, and records the Docker API calls by
+endpoint (proxy), the agent's CPU time (/proc/PID/stat) and its peak RSS (VmHWM). The agent's own histogram
+dabctl_reconcile_duration_seconds (pass only, without the HTTP round trip) is shown too, and so is the engine's
+floor: the same container list (all containers of the stack, label-filtered) timed from the bench process right
+after each pass.
 
 Peer: re-running `docker-compose up -d` (Debian's 1.29) on the equivalent Compose project (same services, `scale`,
 same image) against the same engine through its own recording proxy; the clock runs from launch to exit (the end

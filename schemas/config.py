@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 VerifyMode = Literal["none", "head", "every-commit"]
 
@@ -87,9 +89,27 @@ class AgentConfig(BaseModel):
     git_known_hosts_file: str | None = Field(None, description="known_hosts checked for ssh:// host keys")
     poll_interval: Annotated[float, Field(ge=0)] = Field(60.0, description="Seconds between git polls (0: off)")
     resync_interval: Annotated[float, Field(ge=0)] = Field(300.0, description="Seconds between full resyncs (0: off)")
-    listen: str = Field("127.0.0.1:9420", description="Agent HTTP: /healthz /readyz /metrics /status and the CLI API")
+    listen_public: bool = Field(
+        False, description="Allow `listen` on a non-loopback address (the network can then read /status, /metrics)"
+    )
+    listen: str = Field("127.0.0.1:9420", description="Agent HTTP: /healthz /readyz /metrics /status /webhook")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names `listen` answers besides localhost, 127.0.0.1, [::1] and its own address "
+        "(others are refused: DNS rebinding)",
+    )
+    control_group: str | None = Field(
+        None,
+        description="Group allowed to use the control socket <state_dir>/agent.sock (0660; the state "
+        "directory becomes 0710 root:GROUP); default root only (0600)",
+    )
     webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
-    webhook_secret_file: str | None = Field(None, description="GitHub HMAC secret or GitLab token, from a file")
+    webhook_forge: Literal["github", "gitlab"] = Field(
+        "github",
+        description="How the webhook secret is checked: github (X-Hub-Signature-256 HMAC) or gitlab "
+        "(X-Gitlab-Token); a secret is never accepted the other way",
+    )
+    webhook_secret_file: str | None = Field(None, description="The webhook secret (or GitLab token), from a file")
     webhook_secret_env: str | None = Field(None, description="... or from an environment variable")
     log_format: Literal["console", "json"] = Field("console", description="Agent log format")
     backoff_max: Annotated[float, Field(ge=1)] = Field(300.0, description="Longest retry delay for a failing stack")
@@ -150,6 +170,32 @@ class AgentConfig(BaseModel):
         default_factory=lambda: [80, 443], description="PublishedPorts below 1024 that bundles may publish"
     )
 
+    @field_validator("listen", "webhook_listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_unless_public(cls, value: str, info: ValidationInfo) -> str:
+        host, _ = split_listen(value)
+        if not info.data.get("listen_public") and not is_loopback(host):
+            raise ValueError(
+                f"{value!r} is not a loopback address, so anyone on the network could read /status and /metrics "
+                "and reach the agent; keep 127.0.0.1:PORT (a reverse proxy can publish it), or set "
+                "listen_public: true (and allowed_hosts) if you mean it"
+            )
+        return value
+
+    @field_validator("control_group")
+    @classmethod
+    def _group_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value):
+            raise ValueError(f"{value!r} is not a group name")
+        return value
+
     @field_validator("published_port_range")
     @classmethod
     def _port_range(cls, value: str) -> str:
@@ -184,3 +230,23 @@ def _port_of(address: str) -> int:
     """The port of `host:port` (`[::1]:9420` too); 0 when there is none."""
     port = address.rsplit(":", 1)[-1]
     return int(port) if ":" in address and port.isdigit() else 0
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 in brackets) as (host, port); an empty host is 127.0.0.1. ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT (for example 127.0.0.1:9420)")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) means this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -57,7 +57,7 @@ class ReconcileResult(BaseModel):
     failed: int = 0
     errors: list[str] = []
     notes: list[str] = []
-    by_agent: str | None = Field(default=None, description="The API address of the agent that ran the passes")
+    by_agent: str | None = Field(default=None, description="The control socket of the agent that ran the passes")
 
     @property
     def changed(self) -> int:

@@ -29,7 +29,9 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent
     ├── AgentRefused            agent.api.client             terminal   the agent answered and refused the call
+    ├── ControlDenied           agent.api.client             terminal   this user may not use the control socket
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
+    │   └── UnknownStack        agent.node.loop              terminal   a call names a stack the node does not know
     ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
     ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
     ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from agent.api.client import call, get_status, running_agent
@@ -234,26 +235,28 @@ def _pin(records: Records, request: RollbackRequest) -> str:
 
 
 class AgentControl:
-    """The running agent runs the request through its loop; the answer has the same shape as a local one."""
+    """The running agent runs the request through its loop; the answer has the same shape as a local one.
 
-    def __init__(self, api: str) -> None:
-        self.api = api
+    The calls go over the agent's control socket (`<state_dir>/agent.sock`), which only root may use."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
 
     def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
-        doc = call(self.api, "reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
-        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": self.api})
+        doc = call(self.socket, "reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": str(self.socket)})
 
     def rollback(self, request: RollbackRequest) -> RollbackResult:
-        doc = call(self.api, "rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        doc = call(self.socket, "rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
         result = RollbackResult.model_validate(doc)
-        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": self.api})})
+        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": str(self.socket)})})
 
     def suspend(self, request: SuspendRequest) -> SuspendResult:
         name = "suspend" if request.suspended else "resume"
-        return SuspendResult.model_validate(call(self.api, name, {"stack": request.stack}))
+        return SuspendResult.model_validate(call(self.socket, name, {"stack": request.stack}))
 
     def status(self) -> StatusOutput:
-        return StatusOutput.model_validate(get_status(self.api))
+        return StatusOutput.model_validate(get_status(self.socket))
 
 
 class _AgentOrLocal:
@@ -267,10 +270,10 @@ class _AgentOrLocal:
         try:
             return local()
         except StateLocked:
-            api = running_agent(self.cfg)
-            if not api:
+            agent = running_agent(self.cfg)
+            if agent is None:
                 raise
-            return through(AgentControl(api))
+            return through(AgentControl(agent))
 
     def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
         return self._either(lambda: self.local.reconcile(request), lambda a: a.reconcile(request))
@@ -287,7 +290,7 @@ class _AgentOrLocal:
 
 def open_control(cfg: AgentConfig, progress: Progress | None = None) -> Control:
     """The agent holding this state directory when one runs (any state backend), else this process."""
-    api = running_agent(cfg)
-    if api:
-        return AgentControl(api)
+    agent = running_agent(cfg)
+    if agent is not None:
+        return AgentControl(agent)
     return _AgentOrLocal(cfg, LocalControl(cfg, progress))

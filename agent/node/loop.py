@@ -9,6 +9,8 @@ never blocks the others. The last valid desired state keeps running when a broke
 from __future__ import annotations
 
 import contextlib
+import functools
+import grp
 import logging
 import os
 import random
@@ -24,8 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agent.api.client import AGENT_SOCKET
 from agent.api.server import AgentHttp, WebhookAuth
-from agent.config import policy_of
+from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node.control import converge, unhealthy
@@ -44,7 +47,7 @@ from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
-from schemas.config import AgentConfig
+from schemas.config import AgentConfig, split_listen
 from schemas.control import (
     ReconcileRequest,
     ReconcileResult,
@@ -61,9 +64,7 @@ EVENT_DEBOUNCE = 0.1
 EXIT_FALLBACK = 5.0  # a pass after an exit event even if waiting for the exit hangs
 
 
-def _split_listen(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+API_CALLS = ("reconcile", "rollback", "suspend", "resume")  # the control calls served on the control socket
 
 
 def _listed(errors: Sequence[object], limit: int = 50) -> str:
@@ -102,8 +103,10 @@ class Agent:
         self._events_stream: Any = None
         self._source_changed: set[str] = set()  # their next pass applies a change, not a drift correction
 
-        host, port = _split_listen(cfg.listen)
+        host, port = split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
+        self.control_socket = cfg.state_path / AGENT_SOCKET
+        control_gid = _group_id(cfg.control_group)
         # apply's pool, the exit watchers (agent/node/triggers.py) and the HTTP handlers' status reads
         self.docker: Runtime = runtime or DockerEngine(
             cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12
@@ -115,13 +118,16 @@ class Agent:
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
         cfg.state_path.mkdir(parents=True, exist_ok=True)
-        self.lock = HolderLock(cfg.state_path / AGENT_LOCK, {"api": self.api_url, "command": "dabctl agent"})
+        holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
+        self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
             self.lock.acquire()
         except Held as held:
             raise StateLocked(f"another agent runs on the state directory {cfg.state_dir}: {held.holder}") from None
         try:
-            self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
+            self.log = open_log(cfg, writer=True, holder=holder)
+            if control_gid is not None:
+                _open_to_group(cfg.state_path, control_gid)
         except BaseException:
             self.lock.release()
             raise
@@ -139,30 +145,22 @@ class Agent:
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
-        webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
+        webhook = None
+        if secret:  # one forge's secret, checked that forge's way only
+            gitlab = cfg.webhook_forge == "gitlab"
+            webhook = WebhookAuth(gitlab_token=secret) if gitlab else WebhookAuth(github_secret=secret.encode())
         self.http = AgentHttp(
-            host,
-            port,
             status=self.status,
             ready=self.ready.is_set,
             metrics=self.metrics,
             on_webhook=self.on_webhook,
             webhook=webhook,
-            api=self.api,
+            api={name: functools.partial(self.api, name) for name in API_CALLS},
         )
-        self.webhook_http = None
+        self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         if cfg.webhook_listen:
-            wh, wp = _split_listen(cfg.webhook_listen)
-            self.webhook_http = AgentHttp(
-                wh,
-                wp,
-                status=self.status,
-                ready=self.ready.is_set,
-                metrics=self.metrics,
-                on_webhook=self.on_webhook,
-                webhook=webhook,
-                webhook_only=True,
-            )
+            self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
+        self.http.add_unix(self.control_socket, group=control_gid)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -171,11 +169,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.shutdown())
         self.http.start()
-        host, port = self.http.address
-        self.api_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
-        if self.webhook_http:
-            self.webhook_http.start()
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
@@ -204,8 +199,6 @@ class Agent:
 
     def _close(self) -> None:
         self.http.stop()
-        if self.webhook_http:
-            self.webhook_http.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.source.close()
@@ -582,7 +575,16 @@ class Agent:
             load_errors.append(self.refused.message)
         return result.model_copy(update={"ok": result.ok and not load_errors, "errors": result.errors + load_errors})
 
+    def known_stacks(self) -> set[str]:
+        """Stacks a control call may name: in the source, in the state, or suspended."""
+        return self.all_keys() | self.records.suspended()
+
+    def _known(self, stack: str) -> None:
+        if stack not in self.known_stacks():
+            raise UnknownStack(f"no stack named {stack!r} on this node: it is neither in the source nor deployed")
+
     def rollback(self, request: RollbackRequest) -> RollbackResult:
+        self._known(request.stack)
         with self._pass_lock:
             if request.unpin:
                 lifted = unpin_stack(self.records, request.stack)
@@ -605,6 +607,7 @@ class Agent:
         return RollbackResult(message=message, passes=passes)
 
     def suspend(self, request: SuspendRequest) -> SuspendResult:
+        self._known(request.stack)
         changed = self.records.set_suspended(request.stack, request.suspended)
         if not request.suspended:
             self.queue.add([request.stack], urgent=True)
@@ -627,12 +630,18 @@ class Agent:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return 400, {"error": f"{name}: {where}: {first['msg']}"}
+        except UnknownStack as exc:
+            return 404, {"error": str(exc)}
         except DabctlError as exc:  # refused as asked (409), or cannot run now (503): one line either way
             return (503 if exc.retryable else 409), {"error": str(exc)}
 
 
 class ControlRefused(DabctlError):
     """The agent will not run a control call as asked (another source); the message says what to do."""
+
+
+class UnknownStack(ControlRefused):
+    """A control call names a stack that is neither in the source nor in the state."""
 
 
 class PassNotRun(DabctlError):
@@ -643,6 +652,23 @@ class PassNotRun(DabctlError):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"control_group: no group named {name!r} on this host; create it (groupadd {name}) or remove the setting"
+        ) from None
+
+
+def _open_to_group(state: Path, gid: int) -> None:
+    """With control_group: the state directory becomes 0710 root:GROUP, traversable to reach the socket only."""
+    os.chown(state, -1, gid)
+    os.chmod(state, 0o710)
 
 
 def run_agent(cfg: AgentConfig) -> int:

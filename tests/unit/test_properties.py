@@ -726,6 +726,14 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
         ),
     ),
     "allow_published_ports": st.lists(st.integers(1, 65535), max_size=3),
+    # listen is loopback unless listen_public: the loopback forms are valid in every combination
+    "listen": st.tuples(st.sampled_from(["127.0.0.1", "localhost", "[::1]", "127.1.2.3"]), st.integers(0, 65535)).map(
+        lambda t: f"{t[0]}:{t[1]}"
+    ),
+    "webhook_listen": st.one_of(
+        st.none(), st.tuples(hosts, st.integers(0, 65535)).map(lambda t: f"{t[0].split(':')[0]}:{t[1]}")
+    ),
+    "control_group": st.one_of(st.none(), st.from_regex(r"[a-z_][a-z0-9_-]{0,15}", fullmatch=True)),
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
