@@ -204,7 +204,8 @@ def test_prune_and_the_empty_source_guard(ws: Workspace, docker_api: docker.APIC
     ws.reconcile(check=True)
     assert ws.containers("a") == []
     assert f"{ws.stack('a')}_default" not in ws.networks()
-    assert docker_api.inspect_volume(volume)["Name"] == volume, "volumes are never removed"
+    scoped = f"{ws.stack('a')}_{volume}"  # named volumes are the stack's: <stack>_<name>
+    assert docker_api.inspect_volume(scoped)["Name"] == scoped, "volumes are never removed"
 
     ws.remove("b")
     refused = ws.reconcile()
