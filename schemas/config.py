@@ -34,6 +34,11 @@ class AgentConfig(BaseModel):
     git_username: str | None = Field(None, description="User name sent with the token (default x-access-token)")
     git_ssh_key_file: str | None = Field(None, description="Private key for ssh:// repositories")
     git_known_hosts_file: str | None = Field(None, description="known_hosts checked for ssh:// host keys")
+    git_max_object_bytes: Annotated[int, Field(ge=1024)] = Field(
+        32 * 1024 * 1024,
+        description="Largest git object (file, tree, commit) a fetch accepts; a larger one refuses the fetch "
+        "before it is inflated",
+    )
     poll_interval: Annotated[float, Field(ge=0)] = Field(60.0, description="Seconds between git polls (0: off)")
     resync_interval: Annotated[float, Field(ge=0)] = Field(300.0, description="Seconds between full resyncs (0: off)")
     listen: str = Field("127.0.0.1:9420", description="Agent HTTP: /healthz /readyz /metrics /status and the CLI API")

@@ -11,6 +11,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     DabctlError                 schemas.errors               root: `retryable` says which
     ├── InvalidBundles          bundles.errors               terminal   a bundle file is invalid
     ├── SourceError             bundles.errors               retryable  the repository cannot be reached or read
+    │   └── PackRefused         agent.sources.packguard      terminal   an object over git_max_object_bytes, or no pack
     ├── BalancerUnavailable     reconcilers.loadbalancer     terminal   no ruleset here (tool, privilege, kernel)
     ├── ConfigError             agent.config                 terminal   the agent configuration is invalid
     ├── SourceConfigError       agent.sources.source         terminal   the source settings cannot be used

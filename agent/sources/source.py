@@ -89,7 +89,14 @@ class GitRepoSource:
         cache = cfg.state_path / "git" / hashlib.sha256(cfg.source.encode()).hexdigest()[:16]
         self.ref: str | None = cfg.ref or "main"
         self.path: str | None = cfg.path or ""
-        self.git = GitSource(cfg.source, ref=self.ref, path=self.path, cache_dir=cache, auth=auth)
+        self.git = GitSource(
+            cfg.source,
+            ref=self.ref,
+            path=self.path,
+            cache_dir=cache,
+            auth=auth,
+            max_object_bytes=cfg.git_max_object_bytes,
+        )
         self.location = self.git.location
 
     def fingerprint(self) -> str:

@@ -24,6 +24,7 @@ from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
 from agent.node.loop import ControlRefused, PassNotRun
 from agent.node.rollback import RollbackError
+from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
@@ -34,6 +35,7 @@ from schemas.errors import DabctlError
 RETRYABLE: dict[type[DabctlError], bool] = {
     InvalidBundles: False,
     SourceError: True,
+    PackRefused: False,
     BalancerUnavailable: False,
     ConfigError: False,
     SourceConfigError: False,
