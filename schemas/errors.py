@@ -26,6 +26,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     │   ├── StateLocked         agent.state.log              terminal   another process holds the state
     │   └── ReadOnly            agent.state.log              terminal   the state was opened for reading
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
+    ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read
     ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent
     ├── AgentRefused            agent.api.client             terminal   the agent answered and refused the call
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked

@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -39,6 +40,7 @@ from dulwich.client import (
     SSHGitClient,
     SubprocessGitClient,
     SubprocessSSHVendor,
+    SubprocessWrapper,
     Urllib3HttpGitClient,
     default_urllib3_manager,
 )
@@ -53,6 +55,7 @@ from agent.sources.packguard import PackGuard, PackRefused
 from bundles.desired import DesiredState, StackBundle
 from bundles.errors import BundleError, InvalidBundles, SourceError
 from bundles.load import BUNDLE_SUFFIXES, stack_bundle
+from schemas.config import is_loopback
 
 __all__ = ["GitAuth", "GitSource", "SourceError", "ssh_command"]
 
@@ -154,6 +157,11 @@ def _parse_url(url: str) -> _Remote:
     if scheme in ("http", "https"):
         if not host:
             raise SourceError(f"git source URL {clean} has no host; fix the URL")
+        if password is not None:
+            raise SourceError(
+                f"git source URL {clean} carries a password or token, which `ps`, logs and lock files would show; "
+                "remove it and put the token in a file (mode 0600) named by git_token_file"
+            )
         return _Remote("http", clean, clean, host=host, port=port, user=user, password=password)
     if scheme in ("ssh", "git+ssh"):
         if not host:
@@ -248,7 +256,26 @@ class _SSHGitClient(_Releasing, SSHGitClient):
 class _LocalGitClient(_Releasing, SubprocessGitClient):
     """A repository on this machine, read by `git upload-pack` in a child process: the pack then streams through
     the same PackGuard as a remote's, and a huge object costs the child's memory for a moment, never the agent's
-    (dulwich's in-process LocalGitClient inflates every object it sends)."""
+    (dulwich's in-process LocalGitClient inflates every object it sends).
+
+    It speaks git's protocol v2: in v0, git answers a shallow fetch's "deepen" while dulwich is still sending its
+    "have" lines, and dulwich then takes the flush that ends git's shallow section for an ACK (an assertion fails,
+    about one fetch in four); v2 is one request, then one response.
+    """
+
+    def _connect(
+        self, cmd: bytes, path: str | bytes, protocol_version: int | None = None
+    ) -> tuple[Protocol, Callable[[], bool], IO[bytes] | None]:
+        where = path.decode() if isinstance(path, bytes) else path
+        env = {**os.environ, "GIT_PROTOCOL": "version=2"}
+        argv = ["git", cmd.decode("ascii"), where]
+        proc = subprocess.Popen(
+            argv, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        wrapper = SubprocessWrapper(proc)
+        proto = Protocol(wrapper.read, wrapper.write, wrapper.close, report_activity=self._report_activity)
+        self.__dict__.setdefault("_open", []).append(proto)
+        return proto, wrapper.can_read, proc.stderr
 
 
 _RETRIES = urllib3.Retry(total=None, connect=2, read=0, status=0, other=0, redirect=5, backoff_factor=0.1)
@@ -276,6 +303,11 @@ class GitSource:
         if timeout <= 0:
             raise SourceError(f"invalid timeout {timeout}; give a positive number of seconds")
         self._remote = _parse_url(url)
+        if auth.token and self._remote.location.startswith("http://") and not is_loopback(self._remote.host):
+            raise SourceError(
+                f"git source URL {self._remote.location} is plain HTTP: the token would cross the network in clear "
+                "text; use https://"
+            )
         self.ref = ref
         self.path = "/".join(p for p in path.strip("/").split("/") if p not in ("", "."))
         self.cache_dir = Path(cache_dir)
@@ -504,7 +536,8 @@ class GitSource:
         directory = self.cache_dir
         try:
             if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
-                directory.mkdir(parents=True, exist_ok=True)
+                directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # bundles' Env values are secrets
+                directory.mkdir(exist_ok=True, mode=0o700)
                 self._repo = Repo.init_bare(str(directory))
             else:
                 repo = Repo(str(directory))

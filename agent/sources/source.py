@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.private import check_secret_file, read_secret_file
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
@@ -79,7 +80,9 @@ class GitRepoSource:
         from agent.sources.git import GitAuth, GitSource
 
         assert cfg.source is not None
-        token = read_secret(cfg.git_token_file, cfg.git_token_env)
+        token = read_secret(cfg.git_token_file, cfg.git_token_env, setting="git_token_file")
+        if cfg.git_ssh_key_file:
+            check_secret_file(cfg.git_ssh_key_file, "git_ssh_key_file")
         auth = GitAuth(
             token=token,
             username=cfg.git_username,
@@ -111,13 +114,11 @@ class GitRepoSource:
         self.git.close()
 
 
-def read_secret(file: str | None, env: str | None) -> str | None:
-    """A credential from a file (trailing newline dropped) or an environment variable; never logged."""
+def read_secret(file: str | None, env: str | None, setting: str = "secret file") -> str | None:
+    """A credential from a file (trailing newline dropped; refused when others may read it, as ssh does) or an
+    environment variable; never logged."""
     if file:
-        try:
-            return Path(file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SourceConfigError(f"cannot read the secret file {file}: {getattr(exc, 'strerror', exc)}") from None
+        return read_secret_file(file, setting)
     if env:
         return os.environ.get(env)
     return None

@@ -24,6 +24,7 @@ from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
 from agent.node.loop import ControlRefused, PassNotRun
 from agent.node.rollback import RollbackError
+from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
 from agent.state.holder import Held
@@ -54,6 +55,7 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     RollbackError: False,
     UserError: False,
     Held: False,
+    PrivateFileRefused: False,
     AgentRefused: False,
     ControlRefused: False,
     PassNotRun: True,
