@@ -47,6 +47,17 @@ class Metrics:
             "Failed fetches of the bundle repository.",
             registry=self.registry,
         )
+        self.verification_refusals = Counter(
+            "dabctl_source_verification_refusals_total",
+            "Source revisions refused by the signature checks (verify).",
+            registry=self.registry,
+        )
+        self.verification_refused = Gauge(
+            "dabctl_source_verification_refused",
+            "1 while the source's newest revision is refused by the signature checks; commit, key and rule as labels.",
+            ["commit", "key", "rule"],
+            registry=self.registry,
+        )
         self.stack_errors = Gauge(
             "dabctl_stack_error",
             "1 while the stack's last pass failed; the error (first 200 characters) is a label.",
@@ -69,6 +80,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._stack_error_labels: dict[str, str] = {}
         self._revision_labels: dict[str, str] = {}
+        self._refusal_labels: tuple[str, str, str] | None = None
         self._container_keys: set[tuple[str, str, str]] = set()
 
     def set_stack_error(self, stack: str, error: str | None) -> None:
@@ -91,6 +103,19 @@ class Metrics:
             if revision is not None:
                 self.applied_revision.labels(stack=stack, revision=revision).set(1)
                 self._revision_labels[stack] = revision
+
+    def set_refusal(self, refusal: tuple[str, str, str] | None) -> None:
+        """Mark the source refused at (commit, key, rule), replacing the previous series; None clears it."""
+        labels = None
+        if refusal is not None:
+            labels = (error_label(refusal[0]), error_label(refusal[1]), error_label(refusal[2]))
+        with self._lock:
+            if self._refusal_labels is not None and self._refusal_labels != labels:
+                self.verification_refused.remove(*self._refusal_labels)
+            if labels is not None:
+                commit, key, rule = labels
+                self.verification_refused.labels(commit=commit, key=key, rule=rule).set(1)
+            self._refusal_labels = labels
 
     def set_containers(self, counts: dict[tuple[str, str, str], int]) -> None:
         """Replace every managed-container series with `counts`, keyed (stack, service, state)."""

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
 
+from agent.api.client import request  # noqa: E402
 from tests.support.dockerd import NetnsDockerd  # noqa: E402
 
 IMAGE = "dabctl/sample:1"
@@ -206,6 +207,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _Answer:
+    """A control call's answer, read like a requests.Response (status_code, json())."""
+
+    def __init__(self, status_code: int, doc: dict[str, Any]) -> None:
+        self.status_code = status_code
+        self._doc = doc
+
+    def json(self) -> dict[str, Any]:
+        return self._doc
+
+
 class Agent:
     """`dabctl agent` as a process on a free loopback port; log in the work directory; killed by `stop()`."""
 
@@ -216,6 +228,7 @@ class Agent:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / f"agent-{self.port}.log"
         state = work / f"state-{self.port}"
+        self.socket = state / "agent.sock"  # the control socket: POST /api/* goes there, as the CLI's calls do
         self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
         self.env = {**base, **(env or {})}
@@ -240,6 +253,9 @@ class Agent:
         return self
 
     def post(self, path: str, **kw: Any) -> Any:
+        """POST to the agent: /api/* over its control socket (what `dabctl reconcile --once` does), else HTTP."""
+        if path.startswith("/api/"):
+            return _Answer(*request(self.socket, "POST", path, kw.get("json", {}), timeout=900))
         return self.http.post(self.url + path, timeout=900, **kw)
 
     def status(self) -> dict[str, Any]:

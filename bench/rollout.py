@@ -5,7 +5,7 @@ each run flipping `dabctl/sample:1` <-> `dabctl/sample:bench2` (same image, anot
 
 - dabctl: a running `dabctl agent` on a directory source (polling and resync off); bundle with UpdateConfig
   Parallelism P, Monitor 1s, Delay 0s, stop-first, no healthcheck; the timed trigger is the bundle file change
-  followed by POST /api/reconcile (what `dabctl reconcile --once` sends to a running agent);
+  followed by POST /api/reconcile on the control socket (what `dabctl reconcile --once` sends to a running agent);
 - swarm: `docker service update --detach --no-resolve-image --image NEW --update-parallelism P --update-monitor 1s
   --update-delay 0s --update-order stop-first` on a service created with the same settings.
 

@@ -318,7 +318,7 @@ class _Converter:
         top = self.unescape(top, "")
         # Definitions first: services refer to networks and volumes by the names these give them.
         networks = self.top_networks(top.get("networks"), "networks")
-        self.top_volumes(top.get("volumes"), "volumes")
+        volumes = self.top_volumes(top.get("volumes"), "volumes")
         services: dict[str, Any] = {}
         for key, value in top.items():
             if key == "services":
@@ -337,6 +337,8 @@ class _Converter:
         doc: dict[str, Any] = {"Version": "0.1", "Services": services}
         if networks:
             doc["Networks"] = networks
+        if volumes:
+            doc["Volumes"] = volumes
         try:
             bundle = Bundle.model_validate(doc)
         except ValidationError as exc:
@@ -420,17 +422,27 @@ class _Converter:
             return name, False
         return (real, True) if self.text(real, where) is not None else (name, True)
 
-    def top_volumes(self, value: Any, path: str) -> None:
+    def top_volumes(self, value: Any, path: str) -> dict[str, Any]:
+        """Compose's volumes: an external one becomes `Volumes: {name: {External: true}}` under its engine name;
+        the others are the stack's (`<stack>_<volume>` on the engine)."""
+        out: dict[str, Any] = {}
         for name, p, spec in self.entries(value, path):
-            for key, v in spec.items():
+            real, external = self.external_name(spec, name, p)
+            if external:
+                self.volume_names[name] = real
+                out[real] = {"External": True}
+                self.origins[("Volumes", real)] = (p, True)
+            for key in spec:
                 kp = _key(p, key)
-                if key == "name" and self.text(v, kp) is not None:
-                    self.volume_names[name] = v
-                elif key == "external":
-                    if isinstance(v, dict) and isinstance(v.get("name"), str):
-                        self.volume_names[name] = v["name"]
-                    if v:
-                        self.drop(kp, "Docker creates a missing named volume instead of failing; create it first")
+                if key == "external":
+                    continue
+                if key == "name":
+                    if not external:
+                        self.drop(
+                            kp,
+                            "dabctl names stack volumes <stack>_<volume>; for a volume outside the stack, "
+                            "add external: true",
+                        )
                 elif key in ("driver", "driver_opts"):
                     self.drop(kp, "Docker creates named volumes with the local driver; create it on each node first")
                 elif key == "labels":
@@ -439,6 +451,7 @@ class _Converter:
                     self.ignore(kp)
                 else:
                     self.drop(kp, _NO_EQUIVALENT)
+        return out
 
     # --- services ---------------------------------------------------------------------------------------
 

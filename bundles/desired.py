@@ -10,12 +10,15 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from schemas.bundle import Bundle, Network, Service
 
 SPEC_FORMAT = "v1"
+# How a stack's named volumes are named on the engine: `<stack>_<name>` (stacks first deployed with scoped names),
+# or the name as written (stacks whose state predates them, until they are migrated).
+VolumeNames = Literal["scoped", "legacy"]
 _CONTAINER_FIELDS = {
     "image",
     "command",
@@ -42,6 +45,7 @@ class StackBundle:
     revision: str
     bundle_hash: str
     image_ids: Mapping[str, str] = field(default_factory=dict)  # service -> image ID to run (a pinned revision)
+    volume_names: VolumeNames = "scoped"  # the stack's record decides; see with_volume_names
 
     @functools.cached_property
     def _targets(self) -> tuple[ServiceTarget, ...]:
@@ -79,10 +83,15 @@ class ServiceTarget:
     spec: Mapping[str, Any]
     spec_hash: str
     image_id: str = ""  # a recorded image ID to run instead of resolving the reference (rollback); not hashed
+    volumes: Mapping[str, str] = field(default_factory=dict)  # a named volume's Source -> the engine's name
 
     @property
     def full_name(self) -> str:
         return f"{self.stack}_{self.name}"
+
+    def volume(self, source: str) -> str:
+        """The engine's name of the named volume the bundle calls `source`."""
+        return self.volumes.get(source, source)
 
 
 def canonical_json(doc: Any) -> str:
@@ -100,6 +109,33 @@ def network_name(stack: str, name: str, bundle: Bundle) -> str:
     """The engine's name for a network a stack refers to: `<stack>_<name>`, or the name itself when External."""
     spec = (bundle.networks or {}).get(name)
     return name if spec is not None and spec.external else f"{stack}_{name}"
+
+
+def volume_name(stack: str, name: str, bundle: Bundle, names: VolumeNames = "scoped") -> str:
+    """The engine's name for a named volume a stack mounts: `<stack>_<name>`, or the name itself when External
+    or when the stack keeps the names it had before volumes were stack-scoped."""
+    spec = (bundle.volumes or {}).get(name)
+    return name if names == "legacy" or (spec is not None and spec.external) else f"{stack}_{name}"
+
+
+def stack_volumes(stack: StackBundle) -> dict[str, str]:
+    """Every named volume the stack's services mount (not the External ones): the bundle's name -> the engine's."""
+    return {
+        m.source: volume_name(stack.name, m.source, stack.bundle, stack.volume_names)
+        for svc in stack.bundle.services.values()
+        for m in svc.mounts or []
+        if m.type == "volume" and m.source and not _external_volume(stack.bundle, m.source)
+    }
+
+
+def _external_volume(bundle: Bundle, name: str) -> bool:
+    spec = (bundle.volumes or {}).get(name)
+    return spec is not None and spec.external
+
+
+def with_volume_names(stack: StackBundle, names: VolumeNames) -> StackBundle:
+    """`stack` with its volumes named by `names` (itself when they already are)."""
+    return stack if stack.volume_names == names else replace(stack, volume_names=names)
 
 
 def desired_networks(stack: StackBundle) -> list[NetworkTarget]:
@@ -121,9 +157,17 @@ def desired_networks(stack: StackBundle) -> list[NetworkTarget]:
     return out
 
 
-def container_spec(stack: str, name: str, service: Service, bundle: Bundle) -> dict[str, Any]:
-    """The canonical document of everything that changes a replica's container, without defaults."""
+def container_spec(
+    stack: str, name: str, service: Service, bundle: Bundle, volumes: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The canonical document of everything that changes a replica's container, without defaults.
+
+    Mounts name volumes as the engine does (`volumes`: the bundle's name -> the engine's); a volume named as
+    written leaves the document, and so the hash of a stack that predates scoped volume names, as it was."""
     doc: dict[str, Any] = service.model_dump(mode="json", exclude_defaults=True, include=_CONTAINER_FIELDS)
+    for mount in doc.get("Mounts", []):
+        if mount.get("Type") == "volume" and mount.get("Source") in (volumes or {}):
+            mount["Source"] = (volumes or {})[mount["Source"]]
     resources = service.deploy.resources.model_dump(mode="json", exclude_defaults=True)
     if resources:
         doc["Resources"] = resources
@@ -144,9 +188,10 @@ def service_targets(stack: StackBundle) -> list[ServiceTarget]:
 
 def _service_targets(stack: StackBundle) -> list[ServiceTarget]:
     out = []
+    volumes = stack_volumes(stack)
     for name in sorted(stack.bundle.services):
         svc = stack.bundle.services[name]
-        spec = container_spec(stack.name, name, svc, stack.bundle)
+        spec = container_spec(stack.name, name, svc, stack.bundle, volumes)
         out.append(
             ServiceTarget(
                 stack=stack.name,
@@ -156,6 +201,7 @@ def _service_targets(stack: StackBundle) -> list[ServiceTarget]:
                 spec=spec,
                 spec_hash=spec_hash(spec),
                 image_id=stack.image_ids.get(name, ""),
+                volumes=volumes,
             )
         )
     return out

@@ -20,6 +20,17 @@ from schemas.errors import DabctlError
 PORT_RANGE = (30000, 32767)  # Swarm's and Kubernetes' node-port range
 
 
+@dataclass(frozen=True)
+class PortRules:
+    """Where allocated ports come from, and ports never handed to a bundle (dabctl's own listeners)."""
+
+    range: tuple[int, int] = PORT_RANGE
+    reserved: tuple[int, ...] = ()
+
+
+DEFAULT_RULES = PortRules()
+
+
 @dataclass(frozen=True, order=True)
 class PortKey:
     """A port a service exposes: its published port is fixed by the bundle or allocated and recorded."""
@@ -48,6 +59,25 @@ class Allocation:
 
     ports: dict[PortKey, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    conflicts: dict[PortKey, int] = field(default_factory=dict)  # given up to a host process, kept recorded
+
+
+def give_way(allocation: Allocation, listening: Collection[tuple[str, int]]) -> Allocation:
+    """`allocation` without the ports a process on the node listens on (pure): the host process wins, and the
+    port is published again once it has ended. dabctl's own rules open no socket, so any listener is a host's."""
+    conflicts = {k: p for k, p in allocation.ports.items() if (k.protocol, p) in listening}
+    if not conflicts:
+        return allocation
+    ports = {k: p for k, p in allocation.ports.items() if k not in conflicts}
+    return Allocation(ports, allocation.errors, conflicts)
+
+
+def conflict_error(key: PortKey, port: int) -> str:
+    """One line for a published port given up to a host process."""
+    return (
+        f"published port {port}/{key.protocol} of {key.stack}_{key.service}: a process on this node listens on it, "
+        "so dabctl stopped publishing it until that process ends; stop the process or choose another PublishedPort"
+    )
 
 
 def allocate(

@@ -131,6 +131,9 @@ class StartReplica:
 
     replica: Replica
     reason: str
+    # The spec the replica was created from, held to the policy again before the start (Docker resolves bind
+    # sources at each start); not part of the action's identity.
+    target: ServiceTarget | None = field(default=None, compare=False)
     kind: ClassVar[ActionKind] = ActionKind.START
 
     @property
@@ -346,7 +349,7 @@ def plan_pass(
             assert new is not None
             record = restart_records.get((t.stack, t.name, slot), restarts.RestartRecord())
             decision = restarts.decide(new.state, new.exit_code, policy, record, now)
-            start = _follow(decision, new, out)
+            start = _follow(decision, new, t, out)
             if start is not None:
                 others.append(start)
             elif decision.verdict == "give-up":
@@ -383,12 +386,14 @@ def _why_unwanted(r: Replica, wanted_stacks: Collection[str], wanted_services: C
     return "slot not assigned to this node"
 
 
-def _follow(decision: restarts.Decision, replica: Replica, out: ServicesPlan) -> StartReplica | None:
+def _follow(
+    decision: restarts.Decision, replica: Replica, target: ServiceTarget, out: ServicesPlan
+) -> StartReplica | None:
     """The restart policy's decision for an exited replica: a start (recorded in `out`), or a time to look again."""
     if decision.verdict == "start":
         assert decision.record is not None
         out.restarts[(replica.stack, replica.service, replica.slot)] = decision.record
-        return StartReplica(replica, decision.reason)
+        return StartReplica(replica, decision.reason, target)
     if decision.verdict == "wait":
         out.recheck(decision.seconds)
     return None

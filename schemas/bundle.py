@@ -18,10 +18,12 @@ from schemas.quoting import env_name, quoted
 
 STACK_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 OBJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+VOLUME_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # Docker's rule for volume names
 RESERVED_LABEL_PREFIXES = ("dabctl.", "com.docker.stack.")
 
 StackName = Annotated[str, StringConstraints(pattern=STACK_NAME_PATTERN)]
 ObjectName = Annotated[str, StringConstraints(pattern=OBJECT_NAME_PATTERN)]
+VolumeName = Annotated[str, StringConstraints(pattern=VOLUME_NAME_PATTERN)]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 
 _MEMORY = re.compile(r"^(\d+)([bkmg]?)b?$", re.IGNORECASE)
@@ -195,7 +197,8 @@ class Healthcheck(Model):
 
 
 class Mount(Model):
-    """A volume, bind or tmpfs mount; Docker creates named volumes itself and dabctl never removes them."""
+    """A volume, bind or tmpfs mount. A named volume is the stack's (`<stack>_<Source>` on the engine) unless the
+    top-level Volumes declares it External; Docker creates named volumes itself and dabctl never removes them."""
 
     type: Literal["volume", "bind", "tmpfs"]
     source: str | None = None
@@ -215,11 +218,7 @@ class Mount(Model):
             raise ValueError("a bind mount needs Source: an absolute path on the host")
         if self.type == "tmpfs" and self.source is not None:
             raise ValueError("a tmpfs mount takes no Source; remove it")
-        if (
-            self.type == "volume"
-            and self.source is not None
-            and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.source)
-        ):
+        if self.type == "volume" and self.source is not None and not re.fullmatch(VOLUME_NAME_PATTERN, self.source):
             raise ValueError(f"invalid volume name {quoted(self.source)}: use letters, digits, '_', '.', '-'")
         return self
 
@@ -285,6 +284,12 @@ class Network(Model):
         return self
 
 
+class Volume(Model):
+    """A named volume of the stack; an External one exists outside it, keeps its name and is only mounted."""
+
+    external: bool = False
+
+
 class Bundle(Model):
     """A Distributed Application Bundle: one file, one stack."""
 
@@ -293,6 +298,7 @@ class Bundle(Model):
     version: Literal["0.1"] = "0.1"
     services: Annotated[dict[ObjectName, Service], Field(min_length=1)]
     networks: dict[ObjectName, Network] | None = None
+    volumes: dict[VolumeName, Volume] | None = None
 
     @model_validator(mode="after")
     def _cross_service_ports(self) -> Bundle:

@@ -41,6 +41,9 @@ class ReconcileRequest(BaseModel):
     wait: bool = False
     timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     allow_empty: bool | None = Field(default=None, description="None: the node's configured allow_empty")
+    migrate_volumes: list[StackName] = Field(
+        default=[], description="Stacks to move to stack-scoped volume names (their volumes are copied)"
+    )
 
 
 class ReconcileResult(BaseModel):
@@ -54,7 +57,7 @@ class ReconcileResult(BaseModel):
     failed: int = 0
     errors: list[str] = []
     notes: list[str] = []
-    by_agent: str | None = Field(default=None, description="The API address of the agent that ran the passes")
+    by_agent: str | None = Field(default=None, description="The control socket of the agent that ran the passes")
 
     @property
     def changed(self) -> int:

@@ -15,6 +15,8 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── BalancerUnavailable     reconcilers.loadbalancer     terminal   no ruleset here (tool, privilege, kernel)
     ├── ConfigError             agent.config                 terminal   the agent configuration is invalid
     ├── SourceConfigError       agent.sources.source         terminal   the source settings cannot be used
+    ├── VerificationRefused     agent.sources.verify         terminal   a revision is not signed as verify requires
+    ├── VerifyKeyError          agent.sources.verify         terminal   a file in verify.keys cannot be used
     ├── EngineError             agent.drivers.docker_engine  retryable  the Docker engine is unreachable or refused
     │   └── ImageUnavailable    agent.drivers.docker_engine  retryable  an image is missing and cannot be pulled
     ├── NftError                agent.drivers.nftables       terminal   nft refused a command
@@ -29,9 +31,13 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read
     ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent
     ├── AgentRefused            agent.api.client             terminal   the agent answered and refused the call
+    ├── ControlDenied           agent.api.client             terminal   this user may not use the control socket
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
+    │   └── UnknownStack        agent.node.loop              terminal   a call names a stack the node does not know
     ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
     ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
+    ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start
+    ├── UntrustedPath           agent.node.hostpaths         terminal   a bind source passes an untrusted symlink
     ├── RollbackError           agent.node.rollback          terminal   no such revision to roll back to
     └── UserError               agent.cli.options            terminal   a command line that cannot work
 """

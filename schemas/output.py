@@ -95,6 +95,24 @@ class StackStatus(BaseModel):
     suspended: bool = False
 
 
+class VerifyRefusal(BaseModel):
+    """Why the source's newest revision is not applied: the commit, the key (or its absence) and the rule."""
+
+    commit: str
+    key: str
+    rule: str
+    message: str
+    at: str | None = None
+
+
+class VerifyStatus(BaseModel):
+    """The signature checks of a git source: the mode, the last accepted head, and the current refusal if any."""
+
+    mode: Literal["none", "head", "every-commit"]
+    accepted: str | None = None
+    refused: VerifyRefusal | None = None
+
+
 class SourceStatus(BaseModel):
     """Where bundles come from and how the last fetch went (no credentials, ever)."""
 
@@ -105,6 +123,7 @@ class SourceStatus(BaseModel):
     revision: str | None = None
     last_fetch_at: str | None = None
     last_fetch_error: str | None = None
+    verify: VerifyStatus | None = None
 
 
 class StatusOutput(BaseModel):

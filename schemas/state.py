@@ -35,7 +35,10 @@ class ServiceRecord(Record):
 
 
 class StackRecord(Record):
-    """A stack as this state last applied it: revision, bundle hash and content (for rollback), outcome."""
+    """A stack as this state last applied it: revision, bundle hash and content (for rollback), outcome, and how
+    its named volumes are named on the engine: `<stack>_<name>` ("scoped", every stack first deployed since
+    volumes were stack-scoped) or as written ("legacy": records written before the field existed, until
+    `--migrate-volumes` moves the stack)."""
 
     stack: str
     revision: str
@@ -45,6 +48,7 @@ class StackRecord(Record):
     services: dict[str, ServiceRecord] = {}
     applied_at: datetime
     outcome: PassOutcome
+    volume_names: Literal["scoped", "legacy"] = "legacy"
 
 
 class Assignment(Record):

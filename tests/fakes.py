@@ -115,6 +115,7 @@ class FakeRuntime:
         self.reachable = True
         self.containers: dict[str, FakeContainer] = {}
         self.networks: dict[str, FakeNetwork] = {}
+        self.volumes: dict[str, dict[str, str]] = {}  # name -> its files (path -> content), as copies see them
         self.images: dict[str, tuple[str, str]] = {ref: (image_id_of(ref), "") for ref in images}  # ref -> (id, digest)
         self.registry: dict[str, str] = dict(registry or {})  # what a pull can fetch: ref -> repository digest
         self.calls: list[tuple[str, ...]] = []
@@ -135,7 +136,15 @@ class FakeRuntime:
 
     def writes(self) -> list[tuple[str, ...]]:
         """Calls that change the engine."""
-        reads = {"list_replicas", "list_networks", "container_state", "image_identity", "registry_digest", "ping"}
+        reads = {
+            "list_replicas",
+            "list_networks",
+            "list_volumes",
+            "container_state",
+            "image_identity",
+            "registry_digest",
+            "ping",
+        }
         return [c for c in self.calls if c[0] not in reads and c[0] not in ("events", "close")]
 
     def set_health(self, ref: str, health: str) -> None:
@@ -268,6 +277,9 @@ class FakeRuntime:
                 created=int(self.clock()),
                 healthcheck=request.target.service.healthcheck is not None,
             )
+            for m in request.target.service.mounts or []:
+                if m.type == "volume" and m.source:  # the engine creates a missing named volume, empty
+                    self.volumes.setdefault(request.target.volume(m.source), {})
             self.containers[c.id] = c
             self._event("container", "create", c.id, self._attrs(c))
             for name in more:  # joined one by one after the create, as the driver does
@@ -345,6 +357,18 @@ class FakeRuntime:
                 return self.images[ref]
             by_id = [v for v in self.images.values() if v[0] == ref]
             return by_id[0] if by_id else ("", "")
+
+    def list_volumes(self) -> set[str]:
+        self._call("list_volumes")
+        with self._cond:
+            return set(self.volumes)
+
+    def copy_volume(self, old: str, new: str, image: str) -> None:
+        self._call("copy_volume", old, new)
+        with self._cond:
+            if old not in self.volumes:
+                raise api_error(404, "Not Found", f"get {old}: no such volume", "/volumes/create")
+            self.volumes.setdefault(new, {}).update(self.volumes[old])
 
     def list_networks(self) -> list[ObservedNetwork]:
         self._call("list_networks")

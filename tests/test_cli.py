@@ -120,3 +120,57 @@ def test_bundle_converts_the_sample_compose_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr  # keys it could not carry are named, not dropped silently
     assert dabctl("validate", str(out)).returncode == 0
+
+
+def test_validate_with_the_config_lists_every_refusal_before_an_upgrade(tmp_path: Path) -> None:
+    def bind(source: str, **extra: object) -> dict[str, object]:
+        return {"Type": "bind", "Source": source, "Target": "/m", **extra}
+
+    hostile = {
+        "containerd": [bind("/var/run/docker/containerd/containerd.sock")],
+        "rundocker": [bind("/run/docker")],
+        "etc": [bind("/etc")],
+        "varlib": [bind("/var/lib/docker")],
+        "state": [bind(str(tmp_path / "state"))],
+        "conf": [bind(str(tmp_path / "conf" / "agent.yaml"))],
+        "engine": [bind("/srv/engine.sock")],
+        "prefix": [bind("/srv/data/../../etc/passwd")],
+        "rw": [bind("/srv/certs")],
+    }
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    for name, mounts in hostile.items():
+        doc = {"Services": {"s": {"Image": "x", "Mounts": mounts}}}
+        (bundles / f"{name}.dab").write_text(json.dumps(doc))
+    allowed = [
+        bind("/var/run/docker.sock"),
+        bind("/srv/data/x", Target="/n"),
+        bind("/srv/certs/a", ReadOnly=True, Target="/o"),
+    ]
+    doc = {"Services": {"s": {"Image": "x", "Mounts": allowed}}}
+    (bundles / "allowed.dab").write_text(json.dumps(doc))
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "agent.yaml").write_text(
+        f"state_dir: {tmp_path / 'state'}\ndocker_host: unix:///srv/engine.sock\n"
+        "allow_bind_mounts: [/var/run/docker.sock, /srv, {path: /srv/certs, read_only: true}]\n"
+    )
+    result = dabctl("validate", "--config", str(conf / "agent.yaml"), str(bundles))
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"error: {len(hostile)} problem(s) found", lines
+    rules = {
+        "containerd": "no-docker-socket",
+        "rundocker": "no-docker-socket",
+        "etc": "no-host-system",
+        "varlib": "no-docker-socket",
+        "state": "no-dabctl-state",
+        "conf": "no-dabctl-state",
+        "engine": "no-docker-socket",
+        "prefix": "no-host-system",
+        "rw": "read-only-bind-mount",
+    }
+    for name, rule in rules.items():
+        [line] = [line for line in lines if line.startswith(f"{bundles / name}.dab: ")]
+        assert f"policy rule '{rule}'" in line, line
+    assert not any("allowed.dab" in line for line in lines)

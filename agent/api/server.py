@@ -1,30 +1,50 @@
-"""The agent's HTTP endpoints: probes, /metrics, /status, the CLI's API and the git forge webhook.
+"""The agent's HTTP endpoints: probes, /metrics, /status, the git forge webhook, and the CLI's control calls.
 
-The main listener (loopback by default) serves everything. A second, public listener built with
-`webhook_only=True` serves only `/webhook`, because git forges cannot present client certificates; its requests
-are authenticated by the HMAC signature (GitHub) or the shared token (GitLab), and nothing else is reachable there.
+Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's low-level server):
 
-Responses are always JSON or plain text with a Content-Length. A failing callback is logged and answered with
-500 `{"error": "internal error"}`: clients never see a traceback or an exception's text.
+- `http` (`listen`, loopback unless `listen_public`): `/healthz`, `/readyz`, `/metrics`, `/status` and `/webhook`.
+  Nothing here changes the agent except a webhook with a valid signature, which only wakes the source poller.
+  A request whose `Host` is not a loopback name, the listen address or one of `allowed_hosts` is refused (DNS
+  rebinding); `/webhook` is exempt, its signature is the check.
+- `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
+- `control` (`<state_dir>/agent.sock`, root-owned, 0600 or 0660 with `control_group`): the CLI's changing calls
+  (`POST /api/<call>`) and `/status`. The socket's mode is the check, as for dockerd's API socket.
+
+Bounds, so that no client can starve the probes: connections per listener are capped (at the cap, a new
+connection closes the longest-waiting connection that has no request in progress, or is itself closed when every
+connection has one); a request must arrive whole (headers and body) within `request_deadline` of its connection
+or of the previous response, or the connection is closed; the probes answer on the loop itself and never wait for
+a thread; `/status` and `/metrics` share a small pool, control calls another, and calls beyond the waiting room
+are answered 503. Idle connections cost no thread, which is also what the web page's capped event streams need.
+
+Responses are JSON or plain text with a Content-Length. A failing callback is logged and answered with 500
+`{"error": "internal error"}`: clients never see a traceback or an exception's text.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
-import re
+import os
 import socket
-import socketserver
-import sys
+import stat
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from agent.metrics import Metrics
 from schemas.output import StatusOutput
@@ -32,21 +52,45 @@ from schemas.output import StatusOutput
 _LOG = logging.getLogger("dabctl.http")
 
 MAX_BODY = 1 << 20  # 1 MiB, for webhook payloads and API requests alike
-_API_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
-_DIGITS = re.compile(r"[0-9]{1,19}")
-_SOCKET_TIMEOUT = 10.0  # a client that stalls mid-request loses its thread after this long
-# After an error answered without reading the request body, keep reading (and discarding) for a short while
-# before closing: closing a socket with unread data sends a TCP reset, which can destroy the response in flight.
-_LINGER_SECONDS = 2.0
-_LINGER_BYTES = 4 * MAX_BODY
-_POLL_INTERVAL = 0.1  # how soon serve_forever notices stop()
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+_GET = ("GET", "HEAD")
+_POST = ("POST",)
+_PROBES = ("/healthz", "/readyz", "/metrics", "/status")
 
-ApiHandler = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
+T = TypeVar("T")
+ApiCall = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+class Kind(Enum):
+    """What a listener serves (see the module docstring)."""
+
+    HTTP = "http"
+    WEBHOOK = "webhook"
+    CONTROL = "control"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """How much of the agent one listener's clients may take."""
+
+    max_connections: int = 256  # per listener
+    request_deadline: float = 10.0  # seconds from a connection (or the previous response) to a whole request
+    backlog: int = 128
+    control_threads: int = 4  # control calls run at once (each may wait for passes for minutes)
+    read_threads: int = 2  # /status and /metrics
+    waiting_calls: int = 16  # control calls queued for a thread before new ones are answered 503
+    webhook_per_minute: float = 10.0  # per source address, after a burst of `webhook_burst`
+    webhook_burst: int = 5
+    sweep_interval: float = 0.5
 
 
 @dataclass(frozen=True)
 class WebhookAuth:
-    """How webhook requests prove they come from the forge; at least one of the two, and neither empty."""
+    """How webhook requests prove they come from the forge; at least one of the two, and neither empty.
+
+    A GitHub secret is only ever used as an HMAC key and a GitLab token only compared as a token: a secret
+    configured for one is never accepted as the other (a GitHub secret sent as a bearer token is refused)."""
 
     github_secret: bytes | None = field(default=None, repr=False)  # X-Hub-Signature-256: sha256=HMAC(body)
     gitlab_token: str | None = field(default=None, repr=False)  # X-Gitlab-Token: the token itself
@@ -79,11 +123,398 @@ class WebhookAuth:
         return ok
 
 
-class _Reply(NamedTuple):
+@dataclass(frozen=True)
+class Route:
+    """One path a listener answers, with its methods; `changes` when a call may change the agent or its state."""
+
+    kind: Kind
+    path: str
+    methods: tuple[str, ...]
+    changes: bool
+
+
+class RateLimit:
+    """A token bucket per source address: `burst` at once, refilled at `per_minute`; bounded in addresses."""
+
+    MAX_ADDRESSES = 4096
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
+
+    def take(self, address: str) -> float:
+        """0 when a request from `address` may go ahead (and counts it); else the seconds until one may."""
+        now = self.clock()
+        tokens, at = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[address] = (tokens, now)
+            return (1.0 - tokens) / self.rate if self.rate > 0 else 60.0
+        if len(self._buckets) >= self.MAX_ADDRESSES and address not in self._buckets:
+            # Forget the addresses whose buckets have refilled: they would start full anyway.
+            self._buckets = {a: (t, s) for a, (t, s) in self._buckets.items() if t + (now - s) * self.rate < self.burst}
+            if len(self._buckets) >= self.MAX_ADDRESSES:
+                return 60.0  # that many distinct addresses flooding at once: refuse the newcomers
+        self._buckets[address] = (tokens - 1.0, now)
+        return 0.0
+
+
+class Listener:
+    """One bound socket of the agent's server: a TCP address or a unix socket path."""
+
+    def __init__(self, kind: Kind, *, tcp: tuple[str, int] | None = None, path: Path | None = None) -> None:
+        self.kind = kind
+        self.tcp = tcp
+        self.path = path
+        self.allowed_hosts: frozenset[str] = frozenset()
+        self.group: int | None = None
+        self.sock: socket.socket | None = None
+        self.server: _GuardedServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) of a TCP listener: with port 0, the ephemeral port the kernel chose."""
+        if self.sock is None or self.tcp is None:
+            raise RuntimeError("not a started TCP listener")
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else "{}:{}".format(*self.address)
+
+
+class AgentHttp:
+    """The agent's listeners on one aiohttp server loop, in a daemon thread."""
+
+    def __init__(
+        self,
+        *,
+        status: Callable[[], StatusOutput],
+        ready: Callable[[], bool],
+        metrics: Metrics,
+        on_webhook: Callable[[], None],
+        webhook: WebhookAuth | None,
+        api: Mapping[str, ApiCall] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
+        self.status = status
+        self.ready = ready
+        self.metrics = metrics
+        self.on_webhook = on_webhook
+        self.webhook = webhook if webhook is not None and webhook.configured else None
+        self.api = dict(api or {})
+        self.limits = limits or Limits()
+        self.listeners: list[Listener] = []
+        self.rate = RateLimit(self.limits.webhook_per_minute, self.limits.webhook_burst)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._control_pool = ThreadPoolExecutor(self.limits.control_threads, thread_name_prefix="dabctl-control")
+        self._read_pool = ThreadPoolExecutor(self.limits.read_threads, thread_name_prefix="dabctl-read")
+        self._calls_in_flight = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- configuration ------------------------------------------------------------------------------------------
+
+    def add_tcp(
+        self, host: str, port: int, *, webhook_only: bool = False, allowed_hosts: Collection[str] = ()
+    ) -> Listener:
+        """A TCP listener (before start): probes, metrics, status and the webhook, or the webhook only."""
+        listener = Listener(Kind.WEBHOOK if webhook_only else Kind.HTTP, tcp=(host, port))
+        listener.allowed_hosts = frozenset(h.lower().strip("[]") for h in (*LOOPBACK_HOSTS, host, *allowed_hosts))
+        self.listeners.append(listener)
+        return listener
+
+    def add_unix(self, path: Path, *, group: int | None = None) -> Listener:
+        """The control socket (before start): mode 0600, or 0660 owned by `group` when one is given."""
+        listener = Listener(Kind.CONTROL, path=path)
+        listener.group = group
+        self.listeners.append(listener)
+        return listener
+
+    def routes(self) -> list[Route]:
+        """Every route of every listener: what a test walks to prove who may reach what."""
+        out: list[Route] = []
+        for listener in self.listeners:
+            if listener.kind is not Kind.CONTROL and self.webhook is not None:
+                out.append(Route(listener.kind, "/webhook", _POST, changes=True))
+            if listener.kind is Kind.HTTP:
+                out += [Route(listener.kind, path, _GET, changes=False) for path in _PROBES]
+            if listener.kind is Kind.CONTROL:
+                out.append(Route(listener.kind, "/status", _GET, changes=False))
+                out += [Route(listener.kind, f"/api/{name}", _POST, changes=True) for name in sorted(self.api)]
+        return out
+
+    def _methods(self, kind: Kind, path: str) -> tuple[str, ...] | None:
+        found = [r.methods for r in self.routes() if r.kind is kind and r.path == path]
+        return found[0] if found else None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener and serve in a daemon thread; OSError (one line naming the address) when one fails."""
+        if self._thread is not None:
+            raise RuntimeError("agent HTTP server already started")
+        try:
+            for listener in self.listeners:
+                listener.sock = _bind(listener, self.limits.backlog)
+        except OSError:
+            self._close_sockets()
+            raise
+        loop = asyncio.new_event_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._serve, args=(loop, started), name="dabctl-http", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._wait(started), loop).result(timeout=10)
+        for listener in self.listeners:
+            _LOG.info("listening on %s (%s)", listener.describe(), listener.kind.value)
+
+    @staticmethod
+    async def _wait(started: asyncio.Future[None]) -> None:
+        await started
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open(started))
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+    async def _open(self, started: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            server = _GuardedServer(self, listener)
+            listener.server = server
+            assert listener.sock is not None
+            await loop.create_server(server, sock=listener.sock, backlog=self.limits.backlog)
+        self._sweeper = asyncio.create_task(self._sweep())
+        started.set_result(None)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.sweep_interval)
+            for listener in self.listeners:
+                if listener.server is not None:
+                    listener.server.sweep()
+
+    async def _shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for listener in self.listeners:
+            if listener.server is not None:
+                listener.server.pre_shutdown()
+                with contextlib.suppress(Exception):
+                    await listener.server.shutdown(1.0)
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection and socket, remove the control socket. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+        self._close_sockets()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        self._control_pool.shutdown(wait=False, cancel_futures=True)
+        self._read_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _close_sockets(self) -> None:
+        for listener in self.listeners:
+            sock, listener.sock = listener.sock, None
+            if sock is None:
+                continue
+            if listener.path is not None:
+                _unlink_socket(listener.path)
+            sock.close()
+
+    # --- requests -----------------------------------------------------------------------------------------------
+
+    async def handle(self, listener: Listener, request: web.BaseRequest) -> web.StreamResponse:
+        server = listener.server
+        assert server is not None
+        due = server.busy(request.protocol)
+        try:
+            try:
+                reply = await self._route(listener, request, due)
+            except Exception:
+                _LOG.exception("%s %s failed", request.method, request.path)
+                reply = _INTERNAL
+            _LOG.debug("%s %s %s -> %d", request.remote or "-", request.method, request.path_qs, reply.status)
+            return reply.response()
+        finally:
+            server.idle(request.protocol)
+
+    async def _route(self, listener: Listener, request: web.BaseRequest, due: float) -> _Reply:
+        if request.method not in _KNOWN_METHODS:
+            return _Reply(501, b"501 Not Implemented\n", "text/plain; charset=utf-8")
+        path = request.path
+        if listener.kind is Kind.HTTP and path != "/webhook" and not _host_allowed(request, listener):
+            return _error(403, "Host not allowed: add the name clients use to allowed_hosts")
+        allowed = self._methods(listener.kind, path)
+        if allowed is None:
+            return _NOT_FOUND
+        if request.method not in allowed:
+            return _json(405, {"error": "method not allowed"}, (("Allow", ", ".join(allowed)),))
+        if path == "/healthz":
+            return _text(200, "ok")
+        if path == "/readyz":
+            return _text(200, "ready") if self.ready() else _text(503, "not ready")
+        if path == "/metrics":
+            body, content_type = await self._in(self._read_pool, self.metrics.render)
+            return _Reply(200, body, content_type)
+        if path == "/status":
+            status = await self._in(self._read_pool, self.status)
+            return _Reply(200, status.model_dump_json().encode(), "application/json")
+        if path == "/webhook":
+            return await self._webhook(request, due)
+        return await self._api(request, path.removeprefix("/api/"), due)
+
+    async def _in(self, pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+    async def _webhook(self, request: web.BaseRequest, due: float) -> _Reply:
+        auth = self.webhook
+        assert auth is not None  # routes() serves /webhook only when configured
+        wait = self.rate.take(request.remote or "-")
+        if wait:
+            _LOG.warning("webhook from %s refused: over the rate limit", request.remote)
+            return _json(429, {"error": "too many webhook requests"}, (("Retry-After", str(max(1, round(wait)))),))
+        body = await _read_body(request, due)
+        if isinstance(body, _Reply):
+            return body
+        if not auth.verify(dict(request.headers.items()), body):
+            _LOG.warning("webhook from %s rejected: invalid signature", request.remote)
+            return _error(401, "invalid signature")
+        if request.headers.get("X-GitHub-Event") == "ping":
+            # GitHub sends a signed ping when the hook is created: it proves the secret, it is not a change.
+            return _json(200, {"accepted": False, "event": "ping"})
+        self.on_webhook()
+        return _json(202, {"accepted": True})
+
+    async def _api(self, request: web.BaseRequest, name: str, due: float) -> _Reply:
+        call = self.api[name]  # routes() lists exactly these names
+        # A browser sends Origin on every POST; the CLI sends none. (A browser cannot reach a unix socket either.)
+        if request.headers.get("Origin") is not None:
+            return _error(403, "browser requests are not accepted")
+        body = await _read_body(request, due)
+        if isinstance(body, _Reply):
+            return body
+        if body and request.content_type != "application/json":
+            return _error(415, "request body must be application/json")
+        try:
+            parsed = json.loads(body) if body else {}
+        except (ValueError, RecursionError):
+            return _error(400, "request body is not valid JSON")
+        if not isinstance(parsed, dict):
+            return _error(400, "request body must be a JSON object")
+        if self._calls_in_flight >= self.limits.control_threads + self.limits.waiting_calls:
+            return _error(503, "the agent is busy with other control calls; try again")
+        self._calls_in_flight += 1
+        try:
+            status, payload = await self._in(self._control_pool, lambda: call(parsed))
+        finally:
+            self._calls_in_flight -= 1
+        if not isinstance(status, int) or not 200 <= status <= 599:
+            raise ValueError(f"API handler for {name!r} returned status {status!r}")
+        return _json(status, payload)
+
+
+class _ClientErrorsAtDebug(logging.Filter):
+    """A client's malformed request is its problem, not the agent's: aiohttp logs it with a traceback at ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            record.exc_text = None
+            return _PROTOCOL_LOG.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PROTOCOL_LOG = logging.getLogger("dabctl.http.protocol")
+_PROTOCOL_LOG.addFilter(_ClientErrorsAtDebug())
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's low-level server for one listener, with the connection cap and the whole-request deadline."""
+
+    def __init__(self, app: AgentHttp, listener: Listener) -> None:
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await app.handle(listener, request)
+
+        super().__init__(
+            handler,
+            access_log=None,
+            logger=_PROTOCOL_LOG,
+            keepalive_timeout=app.limits.request_deadline,
+            max_line_size=8190,
+            max_field_size=8190,
+            lingering_time=2.0,
+        )
+        self.limits = app.limits
+        self.listener = listener
+        self._due: dict[RequestHandler, float | None] = {}  # None: a request is being handled
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        loop = asyncio.get_running_loop()
+        self._due[handler] = loop.time() + self.limits.request_deadline
+        if len(self._due) > self.limits.max_connections:
+            waiting = [(due, h) for h, due in self._due.items() if due is not None and h is not handler]
+            victim = min(waiting, key=lambda pair: pair[0])[1] if waiting else handler
+            del self._due[victim]  # counted out now: it closes on the next turn of the loop
+            loop.call_soon(victim.force_close)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._due.pop(handler, None)
+
+    def busy(self, handler: RequestHandler) -> float:
+        """Mark a request in progress; the deadline its body must still meet."""
+        due = self._due.get(handler)
+        self._due[handler] = None
+        return due if due is not None else asyncio.get_running_loop().time() + self.limits.request_deadline
+
+    def idle(self, handler: RequestHandler) -> None:
+        if handler in self._due:
+            self._due[handler] = asyncio.get_running_loop().time() + self.limits.request_deadline
+
+    def sweep(self) -> None:
+        """Close every connection whose request has not arrived whole by its deadline."""
+        now = asyncio.get_running_loop().time()
+        for handler, due in list(self._due.items()):
+            if due is not None and now > due:
+                del self._due[handler]
+                handler.force_close()
+
+
+@dataclass(frozen=True)
+class _Reply:
     status: int
     body: bytes
     content_type: str
     headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> web.Response:
+        resp = web.Response(status=self.status, body=self.body)
+        resp.headers["Content-Type"] = self.content_type
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Server"] = "dabctl"
+        for name, value in self.headers:
+            resp.headers[name] = value
+        return resp
 
 
 def _json(status: int, payload: Mapping[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> _Reply:
@@ -101,264 +532,81 @@ def _error(status: int, message: str) -> _Reply:
 
 _NOT_FOUND = _error(404, "not found")
 _INTERNAL = _error(500, "internal error")
-_GET = ("GET", "HEAD")
-_POST = ("POST",)
 
 
-class AgentHttp:
-    """The agent's HTTP endpoints on a ThreadingHTTPServer (stdlib http.server), in a daemon thread."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        status: Callable[[], StatusOutput],
-        ready: Callable[[], bool],
-        metrics: Metrics,
-        on_webhook: Callable[[], None],
-        webhook: WebhookAuth | None,
-        api: ApiHandler | None = None,
-        webhook_only: bool = False,
-    ) -> None:
-        self._host = host
-        self._port = port
-        self.status = status
-        self.ready = ready
-        self.metrics = metrics
-        self.on_webhook = on_webhook
-        self.webhook = webhook if webhook is not None and webhook.configured else None
-        self.api = api
-        self.webhook_only = webhook_only
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Bind and serve in a daemon thread; OSError (one line naming the address) when the bind fails."""
-        if self._server is not None:
-            raise RuntimeError("agent HTTP server already started")
-        try:
-            server = _Server((self._host, self._port), self)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from exc
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL},
-            name=f"dabctl-http-{self.address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        _LOG.info("listening on http://%s:%d%s", *self.address, " (webhook only)" if self.webhook_only else "")
-
-    def stop(self) -> None:
-        """Stop accepting, close the socket and join the serving thread. Idempotent."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound (host, port): with port 0, the ephemeral port the kernel chose."""
-        if self._server is None:
-            raise RuntimeError("agent HTTP server not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def allowed_methods(self, path: str) -> tuple[str, ...] | None:
-        """The methods `path` answers to on this listener; None when it does not exist here."""
-        if path == "/webhook":
-            return _POST if self.webhook is not None else None
-        if self.webhook_only:
-            return None
-        if path in ("/healthz", "/readyz", "/metrics", "/status"):
-            return _GET
-        if path.startswith("/api/") and self.api is not None and _API_NAME.fullmatch(path[len("/api/") :]):
-            return _POST
-        return None
+async def _read_body(request: web.BaseRequest, due: float) -> bytes | _Reply:
+    """The request body by its deadline, or the error reply: 411 without a length, 413 over MAX_BODY (unread)."""
+    if request.headers.get("Transfer-Encoding") is not None or request.content_length is None:
+        return _error(411, "Content-Length required")
+    length = request.content_length
+    if length > MAX_BODY:
+        return _error(413, f"request body over {MAX_BODY} bytes")
+    if length == 0:
+        return b""
+    try:
+        async with asyncio.timeout(max(0.0, due - asyncio.get_running_loop().time())):
+            body = await request.content.readexactly(length)
+    except TimeoutError:
+        return _error(408, "request body not received in time")
+    except asyncio.IncompleteReadError:
+        return _error(400, "request body shorter than Content-Length")
+    return body
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], app: AgentHttp) -> None:
-        self.app = app
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup, slow when DNS is broken) only to
-        # fill server_name, which nothing here uses.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            _LOG.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            _LOG.exception("unhandled error serving %s", client_address)
+def _host_allowed(request: web.BaseRequest, listener: Listener) -> bool:
+    """No Host (not a browser), or a Host naming this listener as allowed: a rebinding page's name is not."""
+    raw = request.headers.get("Host")
+    if raw is None:
+        return True
+    host = raw.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    return host in listener.allowed_hosts
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "dabctl"
-    sys_version = ""  # no Python version in the Server header
-    timeout = _SOCKET_TIMEOUT
-    # HTTP/1.0: one request per connection, so stop() leaves no idle keep-alive connection still serving.
-    protocol_version = "HTTP/1.0"
+def _bind(listener: Listener, backlog: int) -> socket.socket:
+    if listener.path is not None:
+        return _bind_unix(listener.path, listener.group, backlog)
+    assert listener.tcp is not None
+    host, port = listener.tcp
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
 
-    _body_pending = False
 
-    def do_GET(self) -> None:
-        self._dispatch()
+def _bind_unix(path: Path, group: int | None, backlog: int) -> socket.socket:
+    """A unix socket at `path`, 0600 (0660 and `group` with one) before it listens: nobody connects earlier."""
+    with contextlib.suppress(FileNotFoundError):
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"cannot listen on {path}: it exists and is not a socket; remove it")
+        path.unlink()  # a socket left by an agent that died: the agent lock says this directory is ours now
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600 if group is None else 0o660)
+        if group is not None:
+            os.chown(path, -1, group)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
-    def _dispatch(self) -> None:
-        path = urlsplit(self.path).path
-        self._body_pending = self._declares_body()
-        try:
-            reply = self._route(path)
-        except Exception:
-            _LOG.exception("%s %s failed", self.command, path)
-            reply = _INTERNAL
-        self._send(reply)
-
-    def _route(self, path: str) -> _Reply:
-        app = self.server.app
-        allowed = app.allowed_methods(path)
-        if allowed is None:
-            return _NOT_FOUND
-        if self.command not in allowed:
-            return _json(405, {"error": "method not allowed"}, (("Allow", ", ".join(allowed)),))
-        if path == "/healthz":
-            return _text(200, "ok")
-        if path == "/readyz":
-            return _text(200, "ready") if app.ready() else _text(503, "not ready")
-        if path == "/metrics":
-            body, content_type = app.metrics.render()
-            return _Reply(200, body, content_type)
-        if path == "/status":
-            return _Reply(200, app.status().model_dump_json().encode(), "application/json")
-        if path == "/webhook":
-            return self._webhook(app)
-        return self._api(app, path[len("/api/") :])
-
-    def _webhook(self, app: AgentHttp) -> _Reply:
-        auth = app.webhook
-        assert auth is not None  # allowed_methods serves /webhook only when configured
-        body = self._read_body()
-        if isinstance(body, _Reply):
-            return body
-        if not auth.verify(dict(self.headers.items()), body):
-            _LOG.warning("webhook from %s rejected: invalid signature", self.client_address[0])
-            return _error(401, "invalid signature")
-        if self.headers.get("X-GitHub-Event") == "ping":
-            # GitHub sends a signed ping when the hook is created: it proves the secret, it is not a change.
-            return _json(200, {"accepted": False, "event": "ping"})
-        app.on_webhook()
-        return _json(202, {"accepted": True})
-
-    def _api(self, app: AgentHttp, name: str) -> _Reply:
-        assert app.api is not None  # allowed_methods serves /api/ only when there is an API
-        # A browser sends Origin on every POST: refusing it keeps web pages (cross-site requests, DNS rebinding)
-        # from driving the loopback API. The CLI sends none.
-        if self.headers.get("Origin") is not None:
-            return _error(403, "browser requests are not accepted")
-        body = self._read_body()
-        if isinstance(body, _Reply):
-            return body
-        if body and self.headers.get_content_type() != "application/json":
-            return _error(415, "request body must be application/json")
-        try:
-            request = json.loads(body) if body else {}
-        except (ValueError, RecursionError):
-            return _error(400, "request body is not valid JSON")
-        if not isinstance(request, dict):
-            return _error(400, "request body must be a JSON object")
-        status, payload = app.api(name, request)
-        if not isinstance(status, int) or not 200 <= status <= 599:
-            raise ValueError(f"API handler for {name!r} returned status {status!r}")
-        return _json(status, payload)
-
-    def _declares_body(self) -> bool:
-        length = self.headers.get("Content-Length")
-        return self.headers.get("Transfer-Encoding") is not None or (length is not None and length.strip() != "0")
-
-    def _read_body(self) -> bytes | _Reply:
-        """The request body, or the error reply: 411 without a length, 413 over MAX_BODY (left unread)."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            return _error(411, "Content-Length required")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            return _error(411, "Content-Length required")
-        if len({value.strip() for value in lengths}) != 1 or not _DIGITS.fullmatch(lengths[0].strip()):
-            return _error(400, "invalid Content-Length")
-        length = int(lengths[0])
-        if length > MAX_BODY:
-            return _error(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            return _error(408, "request body not received in time")
-        if len(body) != length:
-            return _error(400, "request body shorter than Content-Length")
-        self._body_pending = False
-        return body
-
-    def _send(self, reply: _Reply) -> None:
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
-        if self._body_pending:
-            self._discard_body()
-
-    def _discard_body(self) -> None:
-        """Half-close, then drain what the client is still sending, so the reply arrives before the close."""
-        self.close_connection = True
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_LINGER_SECONDS)
-            remaining = _LINGER_BYTES
-            while remaining > 0:
-                chunk = self.connection.recv(min(65536, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-        except OSError:
-            pass  # the client went away or stalled: nothing more to do for it
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol-level errors (bad request line, unknown method) as short text, not the stdlib's HTML page."""
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        body = f"{code} {phrase}\n".encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _LOG.debug("%s %s", self.address_string(), format % args)
+def _unlink_socket(path: Path) -> None:
+    """Remove the control socket (the agent lock keeps any other agent from having bound one there since)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()

@@ -22,6 +22,11 @@ from agent.sources.source import source_ref
 from reconcilers.outcome import Outcome
 from schemas.control import ReconcileRequest, ReconcileResult, RollbackRequest, SuspendRequest
 
+MIGRATE_HELP = (
+    "Move STACK (deployed before volumes were stack-scoped) to <stack>_<name> volumes: its replicas stop, each "
+    "volume is copied to its new name (the old one is kept), replicas start on the new ones. Repeatable."
+)
+
 
 @click.command()
 @source_options
@@ -29,7 +34,8 @@ from schemas.control import ReconcileRequest, ReconcileResult, RollbackRequest, 
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
 @click.option("--allow-empty", is_flag=True, default=None, help="Plan the removal of every stack for an empty source.")
-def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, **opts: Any) -> int:
+@click.option("--migrate-volumes", "migrate", multiple=True, metavar="STACK", help=MIGRATE_HELP)
+def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, migrate: tuple[str, ...], **opts: Any) -> int:
     """Show what `reconcile --once` would change, grouped by stack and service.
 
     `+` create, `~` replace or start (with the fields that changed), `-` remove, `!` cannot converge.
@@ -37,7 +43,7 @@ def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, **opts: An
     cfg = load(config_path, **opts)
     desired = load_desired(cfg)
     with open_engine(cfg, read_only=True) as engine:
-        p = engine.plan(desired, cfg.allow_empty)
+        p = engine.plan(desired, cfg.allow_empty, migrate_volumes=migrate)
     if fmt == "json":
         click.echo(plan_output(p).model_dump_json(indent=2))
     else:
@@ -56,6 +62,7 @@ def plan(config_path: Path | None, fmt: str, detailed_exitcode: bool, **opts: An
 @click.option("--parallelism", type=int, default=None, help="Engine calls in flight at once [default: 8].")
 @click.option("--wait", is_flag=True, help="Also wait until every service runs all its replicas, healthy.")
 @click.option("--timeout", default="5m", show_default=True, help="Longest a rolling update or --wait may take.")
+@click.option("--migrate-volumes", "migrate", multiple=True, metavar="STACK", help=MIGRATE_HELP)
 def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, timeout: str, **opts: Any) -> int:
     """Converge this node to the source; exit 1 if anything failed.
 
@@ -67,15 +74,22 @@ def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, t
     agent's is refused.
     """
     limit = seconds("--timeout", timeout)
+    migrate: tuple[str, ...] = opts.pop("migrate")
     cfg = load(config_path, **opts)
     out = console()
     if dry_run:
         desired = load_desired(cfg)
         with open_engine(cfg, read_only=True) as engine:
-            p = engine.plan(desired, cfg.allow_empty)
+            p = engine.plan(desired, cfg.allow_empty, migrate_volumes=migrate)
         render_plan(p, out)
         return 1 if p.errors else 0
-    request = ReconcileRequest(source=source_ref(cfg), wait=wait, timeout=limit, allow_empty=opts.get("allow_empty"))
+    request = ReconcileRequest(
+        source=source_ref(cfg),
+        wait=wait,
+        timeout=limit,
+        allow_empty=opts.get("allow_empty"),
+        migrate_volumes=list(migrate),
+    )
     result = open_control(cfg, _progress(out)).reconcile(request)
     return _report(result, out)
 

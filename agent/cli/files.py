@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from agent.cli.options import UserError, load
+from agent.config import policy_of
 from bundles import InvalidBundles, load_paths
-from bundles.policy import Policy, enforce
+from bundles.policy import enforce
 from schemas.bundle import Bundle
 from schemas.config import AgentConfig
 
@@ -24,7 +25,7 @@ def validate(paths: tuple[Path, ...], config_path: Path | None) -> None:
     """
     cfg = load(config_path)
     try:
-        state = enforce(load_paths(list(paths)), Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network))
+        state = enforce(load_paths(list(paths)), policy_of(cfg))
     except InvalidBundles as exc:
         for e in exc.errors:
             click.echo(str(e), err=True)

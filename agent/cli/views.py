@@ -120,6 +120,9 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
             )
     out = console()
     out.print(table)
+    refused = result.source.verify.refused if result.source and result.source.verify else None
+    if refused is not None:
+        out.print(f"source: {refused.message}", markup=False)
     for st in result.stacks:
         if st.sync.error:
             out.print(f"{st.stack}: {st.sync.error}", markup=False)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -168,8 +169,14 @@ class DockerEngine:
         svc = request.target.service
         limits = svc.deploy.resources.limits
         reservations = svc.deploy.resources.reservations
+        target = request.target
         mounts = [
-            docker.types.Mount(target=m.target, source=m.source or "", type=m.type, read_only=m.read_only)
+            docker.types.Mount(
+                target=m.target,
+                source=target.volume(m.source) if m.type == "volume" and m.source else m.source or "",
+                type=m.type,
+                read_only=m.read_only,
+            )
             for m in svc.mounts or []
         ]
         host_config = self.api.create_host_config(
@@ -297,6 +304,40 @@ class DockerEngine:
             raise ImageUnavailable(f"pulling {ref} failed: {one_line(exc.explanation or exc)}") from None
 
     # --- networks -----------------------------------------------------------------------------------------
+
+    # --- volumes -----------------------------------------------------------------------------------------------
+
+    @_reachable
+    def list_volumes(self) -> set[str]:
+        return {v["Name"] for v in self.api.volumes().get("Volumes") or []}
+
+    @_reachable
+    def copy_volume(self, old: str, new: str, image: str) -> None:
+        """Through a helper container that is created, never started, and has no network: the engine streams
+        `old`'s files out as a tar archive and into `new` (owners and modes kept), without holding them in memory."""
+        self.api.create_volume(new)
+        host_config = self.api.create_host_config(
+            mounts=[
+                docker.types.Mount(target="/from", source=old, type="volume", read_only=True),
+                docker.types.Mount(target="/to", source=new, type="volume"),
+            ]
+        )
+        helper = self.api.create_container(
+            image,
+            name=f"dabctl-copy-{new}-{secrets.token_hex(4)}",
+            entrypoint=["/dabctl-never-started"],
+            host_config=host_config,
+            network_disabled=True,
+            labels={"dabctl.volume-copy": f"{old} -> {new}"},
+        )["Id"]
+        try:
+            stream, _ = self.api.get_archive(helper, "/from/.")
+            self.api.put_archive(helper, "/to", stream)
+        except Exception:
+            self.api.remove_container(helper, force=True)
+            self.api.remove_volume(new)  # half a copy is not left behind to be mistaken for the data
+            raise
+        self.api.remove_container(helper, force=True)
 
     @_reachable
     def list_networks(self) -> list[ObservedNetwork]:

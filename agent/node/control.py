@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from agent.api.client import call, get_status, running_agent
+from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
@@ -25,6 +27,7 @@ from agent.state.backends import open_log
 from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState
+from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome
 from schemas.config import AgentConfig
 from schemas.control import (
@@ -134,7 +137,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
         docker = DockerEngine(cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 2)
         try:
             docker.ping()
-            yield Engine(
+            engine = Engine(
                 docker,
                 records,
                 cfg.node_name or socket.gethostname(),
@@ -142,8 +145,10 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 read_only=read_only,
                 pull_policy=cfg.pull_policy,
                 balancer=cfg.loadbalancer,
-                port_range=cfg.port_range,
+                ports=PortRules(cfg.port_range, cfg.own_ports),
             )
+            engine.policy = policy_of(cfg)
+            yield engine
         finally:
             docker.close()
 
@@ -163,9 +168,9 @@ class LocalControl:
         self.cfg = cfg
         self.progress = progress
 
-    def _step(self, engine: Engine, desired: DesiredState, allow_empty: bool) -> Step:
+    def _step(self, engine: Engine, desired: DesiredState, allow_empty: bool, migrate: Sequence[str] = ()) -> Step:
         def step() -> tuple[PassPlan, PassReport]:
-            plan = engine.plan(desired, allow_empty)
+            plan = engine.plan(desired, allow_empty, migrate_volumes=migrate)
             if self.progress is None:
                 return plan, engine.apply(plan)
             with self.progress(plan) as on_result:
@@ -178,7 +183,7 @@ class LocalControl:
         allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
         with open_engine(self.cfg) as engine:
             return converge(
-                self._step(engine, desired, allow_empty),
+                self._step(engine, desired, allow_empty, request.migrate_volumes),
                 lambda: unhealthy(engine, desired),
                 wait=request.wait,
                 deadline=time.monotonic() + request.timeout,
@@ -230,26 +235,28 @@ def _pin(records: Records, request: RollbackRequest) -> str:
 
 
 class AgentControl:
-    """The running agent runs the request through its loop; the answer has the same shape as a local one."""
+    """The running agent runs the request through its loop; the answer has the same shape as a local one.
 
-    def __init__(self, api: str) -> None:
-        self.api = api
+    The calls go over the agent's control socket (`<state_dir>/agent.sock`), which only root may use."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
 
     def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
-        doc = call(self.api, "reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
-        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": self.api})
+        doc = call(self.socket, "reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": str(self.socket)})
 
     def rollback(self, request: RollbackRequest) -> RollbackResult:
-        doc = call(self.api, "rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        doc = call(self.socket, "rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
         result = RollbackResult.model_validate(doc)
-        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": self.api})})
+        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": str(self.socket)})})
 
     def suspend(self, request: SuspendRequest) -> SuspendResult:
         name = "suspend" if request.suspended else "resume"
-        return SuspendResult.model_validate(call(self.api, name, {"stack": request.stack}))
+        return SuspendResult.model_validate(call(self.socket, name, {"stack": request.stack}))
 
     def status(self) -> StatusOutput:
-        return StatusOutput.model_validate(get_status(self.api))
+        return StatusOutput.model_validate(get_status(self.socket))
 
 
 class _AgentOrLocal:
@@ -263,10 +270,10 @@ class _AgentOrLocal:
         try:
             return local()
         except StateLocked:
-            api = running_agent(self.cfg)
-            if not api:
+            agent = running_agent(self.cfg)
+            if agent is None:
                 raise
-            return through(AgentControl(api))
+            return through(AgentControl(agent))
 
     def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
         return self._either(lambda: self.local.reconcile(request), lambda a: a.reconcile(request))
@@ -283,7 +290,7 @@ class _AgentOrLocal:
 
 def open_control(cfg: AgentConfig, progress: Progress | None = None) -> Control:
     """The agent holding this state directory when one runs (any state backend), else this process."""
-    api = running_agent(cfg)
-    if api:
-        return AgentControl(api)
+    agent = running_agent(cfg)
+    if agent is not None:
+        return AgentControl(agent)
     return _AgentOrLocal(cfg, LocalControl(cfg, progress))

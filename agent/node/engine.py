@@ -18,12 +18,23 @@ from datetime import UTC, datetime
 
 from agent.drivers.balancer import listening_ports, open_balancer
 from agent.drivers.docker_engine import ImageUnavailable
+from agent.node.admission import PolicyRefused, admit
 from agent.node.runtime import Runtime
 from agent.node.scheduler import Assignments, assign
 from agent.state.records import Records
 from bundles import InvalidBundles, parse_bundle
-from bundles.desired import DesiredState, ServiceTarget, StackBundle, desired_networks, service_targets
-from reconcilers import loadbalancer, networks, rollout, services
+from bundles.desired import (
+    DesiredState,
+    ServiceTarget,
+    StackBundle,
+    VolumeNames,
+    desired_networks,
+    service_targets,
+    stack_volumes,
+    with_volume_names,
+)
+from bundles.policy import Policy, count_violations, stack_violations
+from reconcilers import loadbalancer, networks, rollout, services, volumes
 from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
 from reconcilers.networks import NetworkAction, NetworksReconciler
 from reconcilers.notes import Note, NoteKind
@@ -34,8 +45,8 @@ from reconcilers.services import ImageChange, ServiceAction, ServiceDesired, Ser
 from schemas.errors import DabctlError
 from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
 
-Action = ServiceAction | NetworkAction | BalancerAction
-AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction]
+Action = ServiceAction | NetworkAction | BalancerAction | volumes.MigrateVolume
+AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction] | Result[volumes.MigrateVolume]
 
 
 class EmptySourceRefused(DabctlError):
@@ -53,11 +64,12 @@ class StackPlan:
     network_actions: list[NetworkAction] = field(default_factory=list)
     service_actions: list[ServiceAction] = field(default_factory=list)
     balancer_actions: list[BalancerAction] = field(default_factory=list)
+    volume_actions: list[volumes.MigrateVolume] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
-        return [*self.network_actions, *self.service_actions, *self.balancer_actions]
+        return [*self.network_actions, *self.volume_actions, *self.service_actions, *self.balancer_actions]
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class PassPlan:
     held: set[str] = field(default_factory=set)  # stacks left exactly as they are
     balancer_error: str | None = None  # the balancer cannot be read or written: ports stay as they are
     awaiting_health: int = 0  # replicas of published services still starting: they join the balancer when healthy
+    unmoved: set[str] = field(default_factory=set)  # stacks whose volume copy failed: they keep their old names
 
     @property
     def changes(self) -> int:
@@ -141,6 +154,8 @@ def stack_of(action: Action) -> str:
         return action.stack
     if isinstance(action, (loadbalancer.Publish, loadbalancer.Rebalance, loadbalancer.Unpublish)):
         return action.stack
+    if isinstance(action, volumes.MigrateVolume):
+        return action.stack
     return action.key[0]
 
 
@@ -158,15 +173,19 @@ class Engine:
         clock: Callable[[], float] = time.time,
         pull_policy: str = "if-not-present",
         balancer: str = "none",
-        port_range: tuple[int, int] = loadbalancer.PORT_RANGE,
+        ports: loadbalancer.PortRules = loadbalancer.DEFAULT_RULES,
         listening: Callable[[], set[tuple[str, int]]] = listening_ports,
     ) -> None:
-        self.port_range = port_range
+        # What a container may ask of this host, checked before every create and start: the default refusals
+        # with no exceptions until the caller sets the config's (agent.config.policy_of).
+        self.policy = Policy()
+        self.ports = ports
         self.listening = listening
         self.pull_policy = pull_policy
         docker.default_pull_policy = pull_policy
         self.clock = clock
         self._pinned: set[str] = set()
+        self._named: dict[str, tuple[StackBundle, StackBundle]] = {}
         self.docker = docker
         self.records = records
         self.node = node
@@ -177,13 +196,74 @@ class Engine:
         self.networks = NetworksReconciler(docker, owner)
         self.balancer: LoadBalancerReconciler | None = open_balancer(balancer, owner)
 
-    def plan(self, desired: DesiredState, allow_empty: bool = False, only: Collection[str] | None = None) -> PassPlan:
+    def plan(
+        self,
+        desired: DesiredState,
+        allow_empty: bool = False,
+        only: Collection[str] | None = None,
+        *,
+        migrate_volumes: Collection[str] = (),
+    ) -> PassPlan:
         """Observe the engine and plan the stacks in `only` (default: all); pure apart from the two list calls
-        and state reads. Suspended stacks and stacks outside `only` are left exactly as they are."""
+        and state reads. Suspended stacks and stacks outside `only` are left exactly as they are.
+
+        Stacks in `migrate_volumes` whose volumes are still named as written move to `<stack>_<name>`: their
+        replicas stop, each old volume is copied into its new one, replicas start again. A stack that would start
+        replicas on a new, empty scoped volume while one of the old name exists is refused instead (one volume
+        list, only when a pass creates replicas with scoped volumes)."""
+        first = self._plan(desired, allow_empty, only, migrate_volumes, {})
+        refused = self._volume_refusals(first)
+        return self._plan(desired, allow_empty, only, migrate_volumes, refused) if refused else first
+
+    def _volume_refusals(self, plan: PassPlan) -> dict[str, str]:
+        """Stacks of `plan` about to create replicas on new, empty scoped volumes while old ones exist."""
+        creating: dict[str, dict[str, str]] = {}
+        for name, sp in plan.stacks.items():
+            if sp.error or sp.volume_actions:
+                continue
+            for a in sp.service_actions:
+                if isinstance(a, (services.CreateReplica, services.ReplaceReplica)):
+                    scoped = {old: new for old, new in a.target.volumes.items() if old != new}
+                    creating.setdefault(name, {}).update(scoped)
+        creating = {k: v for k, v in creating.items() if v}
+        if not creating:
+            return {}
+        return volumes.refusals(creating, self.docker.list_volumes())
+
+    def _migrations(
+        self, desired: DesiredState, names: Collection[str], replicas: Sequence[services.Replica]
+    ) -> tuple[dict[str, list[volumes.MigrateVolume]], dict[str, str]]:
+        """The volume copies that move stacks `names` to scoped names, or why one cannot move."""
+        if not names:
+            return {}, {}
+        existing = self.docker.list_volumes()
+        planned: dict[str, list[volumes.MigrateVolume]] = {}
+        errors: dict[str, str] = {}
+        for name in sorted(names):
+            stack = desired.stacks[name]
+            mounted = {r.service: r.image_id for r in replicas if r.stack == name and r.image_id}
+            image = next(iter(mounted.values()), next(iter(stack.bundle.services.values())).image)
+            actions, error = volumes.migrations(name, stack_volumes(stack), existing, image)
+            if error:
+                errors[name] = error
+            elif actions:
+                planned[name] = actions
+        return planned, errors
+
+    def _plan(
+        self,
+        desired: DesiredState,
+        allow_empty: bool,
+        only: Collection[str] | None,
+        migrate: Collection[str],
+        refused: Mapping[str, str],
+    ) -> PassPlan:
         records = self.records.stacks()
         suspended = self.records.suspended()
         now = self.clock()
         desired, pins_changed, pin_errors = self._apply_pins(desired, self.records.pins())
+        moving = {n for n in migrate if n in desired.stacks and n in records and records[n].volume_names == "legacy"}
+        desired = self._name_volumes(desired, records, moving)
         current_assignments = self.records.assignments()
         replicas = self.services.observe()
         observed_networks = self.networks.observe()
@@ -202,12 +282,19 @@ class Engine:
         held = (names - in_scope) | set(blocked)
         blocked.update({k: v for k, v in pin_errors.items() if k in in_scope})
         held |= set(pin_errors)
+        blocked.update({k: v for k, v in refused.items() if k in in_scope})
+        held |= set(refused)
+        copies, migration_errors = self._migrations(desired, (moving & in_scope) - held, replicas)
+        blocked.update(migration_errors)
+        held |= set(migration_errors)
         recorded_ports = self.records.ports()
         balance, balancer_error = self._observe_balancer(desired, recorded_ports)
         publishing = self.balancer is not None and balancer_error is None
         allocation = self._allocate(desired, held, balance, recorded_ports)
         blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
         held |= set(allocation.errors)
+        for key, port in sorted(allocation.conflicts.items()):
+            blocked.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
         stacks = {
             name: StackPlan(
                 name, desired.stacks[name].revision if name in desired.stacks else None, error=blocked.get(name)
@@ -251,7 +338,9 @@ class Engine:
                         rollback=name in pinned,
                     )
                 )
-        live_replicas = [r for r in replicas if r.stack not in held]
+        # A stack whose volumes are copied stops every replica first: none may write to the old volume meanwhile.
+        stopping = [r for r in replicas if r.stack in copies and r.stack not in held]
+        live_replicas = [r for r in replicas if r.stack not in held and r.stack not in copies]
         sp = services.plan_pass(
             wanted,
             live_replicas,
@@ -262,6 +351,7 @@ class Engine:
         )
         for a in net_actions:
             stacks[stack_of(a)].network_actions.append(a)
+        _plan_moves(stacks, stopping, copies)
         for s in sp.actions:
             stacks[stack_of(s)].service_actions.append(s)
         for (stack_name, _), note in sp.notes.items():
@@ -307,7 +397,11 @@ class Engine:
                 {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {}
             ),
             ports_removed=(
-                {k for k in recorded_ports if k.stack not in held and k not in allocation.ports}
+                {
+                    k
+                    for k in recorded_ports
+                    if k.stack not in held and k not in allocation.ports and k not in allocation.conflicts
+                }
                 if publishing
                 else set()
             ),
@@ -349,14 +443,17 @@ class Engine:
             for i, p in enumerate(t.service.ports or [])
         ]
         programmed = {f.address for f in balance}
-        busy = self.listening() - programmed if requests else set()
+        listening = self.listening() if requests else set()
+        # dabctl's own ports are never handed out, whether or not the agent listens on them right now.
+        busy = (listening - programmed) | {("tcp", p) for p in self.ports.reserved}
         # Ports recorded for held stacks stay theirs: nobody else may take them.
         keep = {k: p for k, p in recorded.items() if k.stack in held}
         allocation = loadbalancer.allocate(
-            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.port_range
+            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.ports.range
         )
         ports = {k: p for k, p in allocation.ports.items() if k.stack not in held}
-        return loadbalancer.Allocation(ports, allocation.errors)
+        # Checked on every pass, not only when a port is first allocated: a host service started later wins.
+        return loadbalancer.give_way(loadbalancer.Allocation(ports, allocation.errors), listening)
 
     def _resolve_image(self, target: ServiceTarget, previous: ServiceRecord | None) -> ResolvedImage:
         """The image `target`'s replicas run this pass.
@@ -398,6 +495,23 @@ class Engine:
             replace(target, image_id=known.image_id), image, expected=known.image_id, digest=known.repo_digest or None
         )
 
+    def _name_volumes(
+        self, desired: DesiredState, records: Mapping[str, StackRecord], moving: Collection[str]
+    ) -> DesiredState:
+        """Each stack with its volumes named as its record says (a stack with none, or one `moving`, is scoped).
+        The same loaded stack gets the same renamed one pass after pass, so its specs are computed once."""
+        stacks = {}
+        for name, stack in desired.stacks.items():
+            record = records.get(name)
+            names: VolumeNames = record.volume_names if record is not None and name not in moving else "scoped"
+            cached = self._named.get(name)
+            if cached is not None and cached[0] is stack and cached[1].volume_names == names:
+                stacks[name] = cached[1]
+                continue
+            stacks[name] = with_volume_names(stack, names)
+            self._named[name] = (stack, stacks[name])
+        return DesiredState(stacks=stacks)
+
     def _apply_pins(
         self, desired: DesiredState, pins: dict[str, Pin]
     ) -> tuple[DesiredState, dict[str, Pin | None], dict[str, str]]:
@@ -423,7 +537,18 @@ class Engine:
             except InvalidBundles as exc:
                 errors[name] = f"pinned revision {pin.revision} no longer loads: {exc.errors[0]}"
                 continue
+            refused = stack_violations(stacks[name], self.policy)
+            if refused:
+                # Caught here so that no replica of it is planned; its containers are also refused one by one
+                # at create/start (admit) whatever the plan says.
+                errors[name] = f"pinned revision {pin.revision} is refused by the policy: {refused[0]}"
+                stacks[name] = source
+                continue
             self._pinned.add(name)
+        if self._pinned:
+            for e in count_violations(list(stacks.values()), self.policy):
+                for name in self._pinned:
+                    errors.setdefault(name, f"pinned revision {pins[name].revision} is refused by the policy: {e}")
         return DesiredState(stacks=stacks), lifted, errors
 
     def _rollback_pin(self, stack: str, desired: DesiredState, reason: str, now: float) -> Pin | None:
@@ -455,10 +580,18 @@ class Engine:
         self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
         self.records.write_ports(plan.ports_changed, plan.ports_removed)
         all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
+        # A stack with a container the policy refuses gets no new network either: nothing of it is created. (Each
+        # create and start is checked again right before it runs.)
+        refused = {
+            stack_of(a)
+            for a in all_actions
+            if isinstance(a, (services.CreateReplica, services.ReplaceReplica, services.StartReplica))
+            and self._refused(a)
+        }
         phases: list[list[ServiceAction | NetworkAction]] = [
             [a for a in all_actions if isinstance(a, services.RemoveReplica)],
             [a for a in all_actions if isinstance(a, networks.RemoveNetwork)],
-            [a for a in all_actions if isinstance(a, networks.CreateNetwork)],
+            [a for a in all_actions if isinstance(a, networks.CreateNetwork) and a.stack not in refused],
             [
                 a
                 for a in all_actions
@@ -476,8 +609,17 @@ class Engine:
         balance = self._apply_balancer(
             plan.balance, [a for s in plan.stacks.values() for a in s.balancer_actions], report
         )
+        copies = [a for s in plan.stacks.values() for a in s.volume_actions]
         with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
-            for phase in phases:
+            for i, phase in enumerate(phases):
+                if i == len(phases) - 1 and copies:
+                    # Volumes are copied once their replicas are gone; a stack whose copy failed starts nothing.
+                    moved = [volumes.apply(self.docker, a) for a in copies if not (stop and stop.is_set())]
+                    report(moved)
+                    unmoved = {r.action.stack for r in moved if r.outcome is Outcome.FAILED}
+                    unmoved |= {a.stack for a in copies} - {r.action.stack for r in moved}
+                    plan.unmoved = unmoved
+                    phase = [a for a in phase if stack_of(a) not in unmoved]
                 report(
                     [r for r in pool.map(lambda a: None if stop and stop.is_set() else self._apply_one(a), phase) if r]
                 )
@@ -517,7 +659,21 @@ class Engine:
     def _apply_one(self, action: ServiceAction | NetworkAction) -> AnyResult:
         if isinstance(action, (networks.CreateNetwork, networks.RemoveNetwork)):
             return self.networks.apply(action)
+        refused = None if isinstance(action, services.RemoveReplica) else self._refused(action)
+        if refused is not None:
+            return Result[ServiceAction](action, Outcome.FAILED, refused)
         return self.services.apply(action)
+
+    def _refused(self, action: services.CreateReplica | services.StartReplica | services.ReplaceReplica) -> str | None:
+        """Why the policy refuses the container `action` creates or starts, or None. Every create and start passes
+        here: the one place a desired container, from whatever revision, reaches the engine."""
+        if action.target is None:  # a start planned without its spec cannot be checked: it is not made
+            return f"{action}: no spec to hold to the policy; not started"
+        try:
+            admit(action.target, self.policy)
+        except PolicyRefused as exc:
+            return str(exc)
+        return None
 
     def _record(self, plan: PassPlan, results: Sequence[AnyResult], reconcile_id: str) -> None:
         """Write a stack's record only when something happened to it or its revision moved."""
@@ -536,7 +692,7 @@ class Engine:
                 if not failures and name in plan.records:
                     pruned.append(name)
                 continue
-            if sp.error:
+            if sp.error and name in plan.held:
                 continue
             old = plan.records.get(name)
             if not done and old is not None and old.revision == stack.revision and old.bundle_hash == stack.bundle_hash:
@@ -580,6 +736,7 @@ class Engine:
                 services=svc_records,
                 applied_at=now,
                 outcome=outcome,
+                volume_names="legacy" if name in plan.unmoved else stack.volume_names,
             )
             records.append(record)
             if old is None or old.revision != stack.revision or old.bundle_hash != stack.bundle_hash:
@@ -598,6 +755,18 @@ class Engine:
         self.records.commit_pass(
             records, new_revisions, pruned, audit, rollouts=plan.rollouts, restarts=plan.restarts, pins=plan.pins
         )
+
+
+def _plan_moves(
+    stacks: Mapping[str, StackPlan],
+    stopping: Iterable[services.Replica],
+    copies: Mapping[str, list[volumes.MigrateVolume]],
+) -> None:
+    """Stacks moving to scoped volume names: every replica stops, then the volumes are copied."""
+    for r in stopping:
+        stacks[r.stack].service_actions.append(services.RemoveReplica(r, "its volumes move to stack-scoped names"))
+    for name, moves in copies.items():
+        stacks[name].volume_actions.extend(moves)
 
 
 def _first_networks(targets: Iterable[ServiceTarget]) -> dict[tuple[str, str], str]:

@@ -9,6 +9,8 @@ never blocks the others. The last valid desired state keeps running when a broke
 from __future__ import annotations
 
 import contextlib
+import functools
+import grp
 import logging
 import os
 import random
@@ -17,14 +19,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agent.api.client import AGENT_SOCKET
 from agent.api.server import AgentHttp, WebhookAuth
+from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node.control import converge, unhealthy
@@ -36,13 +40,15 @@ from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
+from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
 from agent.state.log import StateLocked
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
+from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
-from schemas.config import AgentConfig
+from schemas.config import AgentConfig, split_listen
 from schemas.control import (
     ReconcileRequest,
     ReconcileResult,
@@ -52,16 +58,21 @@ from schemas.control import (
     SuspendResult,
 )
 from schemas.errors import DabctlError
-from schemas.output import SourceStatus, StatusOutput
+from schemas.output import SourceStatus, StatusOutput, VerifyRefusal, VerifyStatus
 
 log = logging.getLogger("dabctl.agent")
 EVENT_DEBOUNCE = 0.1
 EXIT_FALLBACK = 5.0  # a pass after an exit event even if waiting for the exit hangs
 
 
-def _split_listen(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+API_CALLS = ("reconcile", "rollback", "suspend", "resume")  # the control calls served on the control socket
+
+
+def _listed(errors: Sequence[object], limit: int = 50) -> str:
+    """Up to `limit` errors on one line; how many more, and where to see them all."""
+    shown = " | ".join(str(e) for e in errors[:limit])
+    more = len(errors) - limit
+    return shown + (f" | and {more} more: run dabctl validate --config FILE on the source" if more > 0 else "")
 
 
 def _stack_of_file(file: str) -> str:
@@ -84,6 +95,7 @@ class Agent:
         self.load_errors: dict[str, str] = {}
         self.pass_errors: dict[str, str] = {}
         self.source_error: str | None = None
+        self.refused: VerifyRefusal | None = None  # the source's newest revision, refused by the signature checks
         self.last_fetch_at: str | None = None
         self._wake = threading.Event()
         self._pass_lock = threading.Lock()
@@ -92,8 +104,10 @@ class Agent:
         self._events_stream: Any = None
         self._source_changed: set[str] = set()  # their next pass applies a change, not a drift correction
 
-        host, port = _split_listen(cfg.listen)
+        host, port = split_listen(cfg.listen)
         self.api_url = f"http://{host}:{port}"
+        self.control_socket = cfg.state_path / AGENT_SOCKET
+        control_gid = _group_id(cfg.control_group)
         # apply's pool, the exit watchers (agent/node/triggers.py) and the HTTP handlers' status reads
         self.docker: Runtime = runtime or DockerEngine(
             cfg.docker_host, docker_config=cfg.docker_config, connections=cfg.parallelism + 12
@@ -105,13 +119,16 @@ class Agent:
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
         private_dir(cfg.state_path)
-        self.lock = HolderLock(cfg.state_path / AGENT_LOCK, {"api": self.api_url, "command": "dabctl agent"})
+        holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
+        self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
             self.lock.acquire()
         except Held as held:
             raise StateLocked(f"another agent runs on the state directory {cfg.state_dir}: {held.holder}") from None
         try:
-            self.log = open_log(cfg, writer=True, holder={"api": self.api_url, "command": "dabctl agent"})
+            self.log = open_log(cfg, writer=True, holder=holder)
+            if control_gid is not None:
+                _open_to_group(cfg.state_path, control_gid)
         except BaseException:
             self.lock.release()
             raise
@@ -123,35 +140,28 @@ class Agent:
             parallelism=cfg.parallelism,
             pull_policy=cfg.pull_policy,
             balancer=cfg.loadbalancer,
-            port_range=cfg.port_range,
+            ports=PortRules(cfg.port_range, cfg.own_ports),
         )
+        self.engine.policy = policy_of(cfg)
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")
-        webhook = WebhookAuth(github_secret=secret.encode(), gitlab_token=secret) if secret else None
+        webhook = None
+        if secret:  # one forge's secret, checked that forge's way only
+            gitlab = cfg.webhook_forge == "gitlab"
+            webhook = WebhookAuth(gitlab_token=secret) if gitlab else WebhookAuth(github_secret=secret.encode())
         self.http = AgentHttp(
-            host,
-            port,
             status=self.status,
             ready=self.ready.is_set,
             metrics=self.metrics,
             on_webhook=self.on_webhook,
             webhook=webhook,
-            api=self.api,
+            api={name: functools.partial(self.api, name) for name in API_CALLS},
         )
-        self.webhook_http = None
+        self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         if cfg.webhook_listen:
-            wh, wp = _split_listen(cfg.webhook_listen)
-            self.webhook_http = AgentHttp(
-                wh,
-                wp,
-                status=self.status,
-                ready=self.ready.is_set,
-                metrics=self.metrics,
-                on_webhook=self.on_webhook,
-                webhook=webhook,
-                webhook_only=True,
-            )
+            self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
+        self.http.add_unix(self.control_socket, group=control_gid)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -160,11 +170,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.shutdown())
         self.http.start()
-        host, port = self.http.address
-        self.api_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
-        if self.webhook_http:
-            self.webhook_http.start()
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
@@ -193,8 +200,6 @@ class Agent:
 
     def _close(self) -> None:
         self.http.stop()
-        if self.webhook_http:
-            self.webhook_http.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.source.close()
@@ -223,6 +228,12 @@ class Agent:
             except InvalidBundles as exc:
                 self._broken_bundles(exc)
                 self.fingerprint = fp
+                self._refusal(None)
+                return True
+            except VerificationRefused as exc:
+                # Not remembered as loaded (fingerprint): a signed tag may yet make it acceptable, and each check
+                # after the first costs one fetch negotiation (signature results are cached per commit).
+                self._refusal(exc)
                 return True
             except Exception as exc:
                 self.source_error = one_line(exc)
@@ -231,6 +242,7 @@ class Agent:
                 return False
             self.last_fetch_at = datetime.now(UTC).isoformat()
             self.source_error = None
+            self._refusal(None)
             old = self.desired
             changed = {
                 name
@@ -253,6 +265,27 @@ class Agent:
                 self.queue.add(changed, urgent=True)
             return True
 
+    def _refusal(self, exc: VerificationRefused | None) -> None:
+        """Show (or clear) a revision refused by the signature checks in status, metrics and the log."""
+        if exc is None:
+            if self.refused is not None:
+                log.info("source revision accepted by the signature checks", extra={"commit": self.fingerprint})
+                self.refused = None
+                self.metrics.set_refusal(None)
+            return
+        self.last_fetch_at = datetime.now(UTC).isoformat()
+        if self.refused is not None and self.refused.message == str(exc):
+            return  # already reported: the log says it once per refused revision
+        self.refused = VerifyRefusal(
+            commit=exc.commit, key=exc.key, rule=exc.rule, message=str(exc), at=self.last_fetch_at
+        )
+        self.metrics.verification_refusals.inc()
+        self.metrics.set_refusal((exc.commit, exc.key, exc.rule))
+        log.error(
+            "source revision refused: not applied; what runs keeps running",
+            extra={"commit": exc.commit, "key": exc.key, "rule": exc.rule, "error": str(exc)},
+        )
+
     def _broken_bundles(self, exc: InvalidBundles) -> None:
         errors: dict[str, str] = {}
         for e in exc.errors:
@@ -260,9 +293,11 @@ class Agent:
         self.load_errors = errors
         for stack, error in errors.items():
             self.metrics.set_stack_error(stack, error)
+        # Every refused bundle is named (with its first problem and rule): after an upgrade whose defaults refuse
+        # more, the first pass says which bundles to fix or which exceptions to write, not only that it stopped.
         log.error(
             "invalid bundles: the last good state keeps running",
-            extra={"errors": " | ".join(str(e) for e in exc.errors[:5])},
+            extra={"bundles": ", ".join(sorted(errors)), "errors": _listed(exc.errors)},
         )
 
     def _poll_source(self) -> None:
@@ -362,18 +397,18 @@ class Agent:
         done = self._pass(set(keys), self.cfg.allow_empty)
         return done[1] if done else None
 
-    def _pass(self, keys: set[str], allow_empty: bool) -> tuple[PassPlan, PassReport] | None:
+    def _pass(
+        self, keys: set[str], allow_empty: bool, migrate: Sequence[str] = ()
+    ) -> tuple[PassPlan, PassReport] | None:
         """The plan and report of one pass over `keys`; None when it could not run (errors in pass_errors)."""
         with self._pass_lock:
-            if self.desired is None and not self.refresh_source():
-                for k in keys:
-                    self.queue.retry(k)
+            if self.desired is None and not self._first_load(keys):
                 return None
             desired = self.desired
             assert desired is not None
             started = time.monotonic()
             try:
-                plan = self.engine.plan(desired, allow_empty, only=keys)
+                plan = self.engine.plan(desired, allow_empty, only=keys, migrate_volumes=migrate)
                 report = self.engine.apply(plan, stop=self.stop)
                 if plan.recheck_in is not None:  # a rollout, a health gate or a restart backoff is waiting
                     self.queue.add(keys, after=plan.recheck_in)
@@ -410,6 +445,24 @@ class Agent:
             if not failed and not self.load_errors:
                 self.ready.set()
             return plan, report
+
+    def _first_load(self, keys: set[str]) -> bool:
+        """Load the source for a pass that has no desired state yet; False (the keys' errors set) when it cannot."""
+        reachable = self.refresh_source()
+        if self.desired is not None:
+            return True
+        for k in keys:  # unreachable (retried), or refused or invalid: terminal until the source changes
+            if reachable:
+                self.pass_errors[k] = self._why_not_loaded()
+            else:
+                self.queue.retry(k)
+        return False
+
+    def _why_not_loaded(self) -> str:
+        if self.refused is not None:
+            return self.refused.message
+        errors = "; ".join(sorted(set(self.load_errors.values())))
+        return errors or self.source_error or "the source could not be loaded"
 
     def _settle(self, keys: set[str], failed: dict[str, str], desired: DesiredState) -> None:
         """Each key after a pass that ran: a failed one retries with backoff, any other starts its backoff over."""
@@ -479,8 +532,15 @@ class Agent:
             revision=revision,
             last_fetch_at=self.last_fetch_at,
             last_fetch_error=self.source_error,
+            verify=self._verify_status(),
         )
         return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+
+    def _verify_status(self) -> VerifyStatus | None:
+        verifier = getattr(self.source, "verification", None)
+        if verifier is None:
+            return None
+        return VerifyStatus(mode=self.cfg.verify.mode, accepted=verifier.accepted, refused=self.refused)
 
     # The Control interface (agent/node/control.py): the CLI's changing commands, run through this loop.
 
@@ -496,7 +556,7 @@ class Agent:
         allow_empty = self.cfg.allow_empty if request.allow_empty is None else request.allow_empty
 
         def step() -> tuple[PassPlan, PassReport]:
-            done = self._pass(keys, allow_empty)
+            done = self._pass(keys, allow_empty, request.migrate_volumes)
             if done is None:
                 raise PassNotRun([f"{k}: {e}" for k, e in sorted(self.pass_errors.items()) if k in keys])
             return done
@@ -507,11 +567,25 @@ class Agent:
         try:
             result = converge(step, waiting_for, wait=request.wait, deadline=time.monotonic() + request.timeout)
         except PassNotRun as exc:
-            return ReconcileResult(ok=False, stacks=len(keys), errors=exc.errors or ["the pass could not run"])
+            errors = exc.errors or ([self._why_not_loaded()] if self.desired is None else ["the pass could not run"])
+            if self.refused is not None and self.refused.message not in errors:
+                errors.append(self.refused.message)
+            return ReconcileResult(ok=False, stacks=len(keys), errors=errors)
         load_errors = [f"{k}: {e}" for k, e in sorted(self.load_errors.items())]
+        if self.refused is not None:
+            load_errors.append(self.refused.message)
         return result.model_copy(update={"ok": result.ok and not load_errors, "errors": result.errors + load_errors})
 
+    def known_stacks(self) -> set[str]:
+        """Stacks a control call may name: in the source, in the state, or suspended."""
+        return self.all_keys() | self.records.suspended()
+
+    def _known(self, stack: str) -> None:
+        if stack not in self.known_stacks():
+            raise UnknownStack(f"no stack named {stack!r} on this node: it is neither in the source nor deployed")
+
     def rollback(self, request: RollbackRequest) -> RollbackResult:
+        self._known(request.stack)
         with self._pass_lock:
             if request.unpin:
                 lifted = unpin_stack(self.records, request.stack)
@@ -534,6 +608,7 @@ class Agent:
         return RollbackResult(message=message, passes=passes)
 
     def suspend(self, request: SuspendRequest) -> SuspendResult:
+        self._known(request.stack)
         changed = self.records.set_suspended(request.stack, request.suspended)
         if not request.suspended:
             self.queue.add([request.stack], urgent=True)
@@ -556,12 +631,18 @@ class Agent:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return 400, {"error": f"{name}: {where}: {first['msg']}"}
+        except UnknownStack as exc:
+            return 404, {"error": str(exc)}
         except DabctlError as exc:  # refused as asked (409), or cannot run now (503): one line either way
             return (503 if exc.retryable else 409), {"error": str(exc)}
 
 
 class ControlRefused(DabctlError):
     """The agent will not run a control call as asked (another source); the message says what to do."""
+
+
+class UnknownStack(ControlRefused):
+    """A control call names a stack that is neither in the source nor in the state."""
 
 
 class PassNotRun(DabctlError):
@@ -572,6 +653,23 @@ class PassNotRun(DabctlError):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"control_group: no group named {name!r} on this host; create it (groupadd {name}) or remove the setting"
+        ) from None
+
+
+def _open_to_group(state: Path, gid: int) -> None:
+    """With control_group: the state directory becomes 0710 root:GROUP, traversable to reach the socket only."""
+    os.chown(state, -1, gid)
+    os.chmod(state, 0o710)
 
 
 def run_agent(cfg: AgentConfig) -> int:

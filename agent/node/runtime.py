@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from reconcilers.networks import NetworkRuntime
 from reconcilers.services import ContainerRuntime
+from reconcilers.volumes import VolumeRuntime
 
 
 class Events(Protocol):
@@ -24,8 +25,8 @@ class Events(Protocol):
         ...
 
 
-class Runtime(ContainerRuntime, NetworkRuntime, Protocol):
-    """Containers, networks and images on one engine, as the node pass and the agent loop use them.
+class Runtime(ContainerRuntime, NetworkRuntime, VolumeRuntime, Protocol):
+    """Containers, networks, volumes and images on one engine, as the node pass and the agent loop use them.
 
     Errors: `EngineError` when the engine cannot be reached, `ImageUnavailable` when an image is missing and
     cannot be had; a refused request (a name in use, a network with containers on it) raises what the engine's

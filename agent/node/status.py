@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from bundles.desired import DesiredState, service_targets
+from bundles.desired import DesiredState, service_targets, with_volume_names
 from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
 from reconcilers.services import Replica
@@ -59,6 +59,8 @@ def stack_statuses(
     for name in sorted(names):
         stack = desired.stacks.get(name) if desired else None
         record = records.get(name)
+        if stack is not None and record is not None:
+            stack = with_volume_names(stack, record.volume_names)
         services: list[ServiceHealth] = []
         converged = True
         if stack is not None:

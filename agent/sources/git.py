@@ -320,6 +320,9 @@ class GitSource:
         self._pool: urllib3.PoolManager | AuthCallbackPoolManager | None = None
         self._repo: Repo | None = None
         self._memo: tuple[bytes, dict[bytes, bytes]] | None = None
+        # The refs the remote advertised at the last fetch (name -> SHA, peeled `^{}` entries included), so that
+        # signature checks (agent/sources/verify.py) find the tags pointing at a commit without another round trip.
+        self.advertised: dict[bytes, bytes] = {}
 
     # --- public ---------------------------------------------------------------------------------------------------
 
@@ -363,6 +366,7 @@ class GitSource:
             chosen: dict[str, tuple[bytes, ObjectID]] = {}
 
             def determine_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
+                self.advertised = {bytes(k): bytes(v) for k, v in refs.items() if v}
                 name, sha = self._resolve(refs, action)
                 chosen["tip"] = (name, sha)
                 return [] if _complete(repo, sha) else [sha]
@@ -446,6 +450,35 @@ class GitSource:
         if errors:
             raise InvalidBundles(errors)
         return DesiredState(stacks=dict(sorted(stacks.items())))
+
+    def repository(self) -> Repo:
+        """The cache (a bare repository), for readers of its objects such as the signature checks."""
+        return self._cache(f"reading {self.location}")
+
+    def deepen(self, depth: int) -> None:
+        """Fetch the ref's history again, `depth` commits deep (a shallow cache's boundary moves back)."""
+        action = f"git fetch of {self.location} (deepening to {depth} commits)"
+        repo = self._cache(action)
+        client, path = self._connect(action)
+
+        def wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
+            return [ObjectID(self.ref.encode())] if self._is_sha else [self._resolve(refs, action)[1]]
+
+        shallow, self.depth = self.depth, max(depth, self.depth)
+        try:  # without "have"s: a server sends nothing for a want the client already holds
+            self._fetch(client, path, _without_haves(repo), wants, action)
+        finally:
+            self.depth = shallow
+
+    def fetch_objects(self, shas: list[str]) -> None:
+        """Fetch objects the remote advertises (annotated tags) into the cache."""
+        if not shas:
+            return
+        action = f"git fetch of tags from {self.location}"
+        repo = self._cache(action)
+        client, path = self._connect(action)
+        wanted = [ObjectID(s.encode()) for s in shas]
+        self._fetch(client, path, repo, lambda refs, depth=None: wanted, action)
 
     def close(self) -> None:
         """Release the cache repository and any connections."""

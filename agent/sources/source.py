@@ -10,8 +10,9 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.config import policy_of
 from agent.private import check_secret_file, read_secret_file
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
@@ -20,6 +21,9 @@ from schemas.config import AgentConfig
 from schemas.control import SourceRef
 from schemas.errors import DabctlError
 from schemas.output import SourceKind
+
+if TYPE_CHECKING:
+    from agent.sources.verify import Verifier
 
 GIT_SCHEMES = ("http://", "https://", "ssh://", "file://", "git@")
 
@@ -78,6 +82,7 @@ class GitRepoSource:
 
     def __init__(self, cfg: AgentConfig) -> None:
         from agent.sources.git import GitAuth, GitSource
+        from agent.sources.verify import Verifier
 
         assert cfg.source is not None
         token = read_secret(cfg.git_token_file, cfg.git_token_env, setting="git_token_file")
@@ -101,16 +106,26 @@ class GitRepoSource:
             max_object_bytes=cfg.git_max_object_bytes,
         )
         self.location = self.git.location
+        # Signature checks (agent/sources/verify.py); the accepted head is recorded beside the cache, per ref.
+        self.verifier = Verifier(cfg.verify, self.ref, cache.with_name(cache.name + ".verified.json"))
 
     def fingerprint(self) -> str:
         head: str = self.git.remote_head()
         return head
 
     def load(self) -> DesiredState:
-        state: DesiredState = self.git.load(self.git.fetch())
+        head = self.git.fetch()
+        self.verifier.check(self.git, head)  # VerificationRefused: nothing of this revision is loaded
+        state: DesiredState = self.git.load(head)
+        self.verifier.accept(head)
         return state
 
+    @property
+    def verification(self) -> Verifier:
+        return self.verifier
+
     def close(self) -> None:
+        self.verifier.close()
         self.git.close()
 
 
@@ -147,6 +162,11 @@ class Checked:
     @property
     def directory(self) -> Path | None:
         return getattr(self.inner, "directory", None)
+
+    @property
+    def verification(self) -> Verifier | None:
+        """The signature checks of a git source (None for a directory)."""
+        return getattr(self.inner, "verification", None)
 
 
 def watch_directory(directory: Path, on_change: Callable[[], None]) -> Any:
@@ -186,6 +206,11 @@ def source_ref(cfg: AgentConfig) -> SourceRef | None:
 def open_source(cfg: AgentConfig) -> Source:
     if not cfg.source:
         raise SourceConfigError("no source: pass --source DIR or a git URL (or set source in the config file)")
-    policy = Policy(tuple(cfg.allow_bind_mounts), cfg.allow_host_network)
+    policy = policy_of(cfg)
+    if cfg.verify.mode != "none" and not is_git(cfg):
+        raise SourceConfigError(
+            f"verify.mode {cfg.verify.mode}: signatures are checked on git sources only; {cfg.source} is a "
+            "directory (give a git URL, or --ref/--path for a local repository, or set verify.mode none)"
+        )
     inner: Source = GitRepoSource(cfg) if is_git(cfg) else DirectorySource(Path(cfg.source))
     return Checked(inner, policy)

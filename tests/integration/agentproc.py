@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import requests
 
+from agent.api.client import AGENT_SOCKET, request
 from tests.integration.conftest import DABCTL
 from tests.support.etcd import free_port
 from tests.support.polling import wait_for
@@ -25,6 +27,7 @@ class AgentProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = state.parent / f"agent-{self.port}.log"
+        self.state = state
         state.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
         self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
@@ -57,7 +60,17 @@ class AgentProcess:
         return requests.get(self.url + path, timeout=10)
 
     def post(self, path: str, **kw: Any) -> requests.Response:
+        """POST to the agent: /api/* over its control socket (as the CLI does), anything else over HTTP."""
+        if path.startswith("/api/"):
+            return self.control(path, kw.get("json", {}))
         return requests.post(self.url + path, timeout=60, **kw)
+
+    def control(self, path: str, body: dict[str, Any]) -> requests.Response:
+        code, doc = request(self.state / AGENT_SOCKET, "POST", path, body, timeout=60)
+        response = requests.Response()
+        response.status_code = code
+        response._content = json.dumps(doc).encode()
+        return response
 
     def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = self.get("/status").json()

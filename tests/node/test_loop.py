@@ -256,9 +256,21 @@ def test_rollback_and_unpin_through_the_api(agent: Agent, source: Path) -> None:
     assert body["message"] == "web: was not pinned"
 
 
-def test_rollback_without_history_is_one_clear_error(agent: Agent) -> None:
-    code, body = agent.api("rollback", {"stack": "nope"})
-    assert (code, body) == (409, {"error": "no recorded revisions of stack 'nope'; `dabctl history nope` lists them"})
+def test_rollback_without_history_is_one_clear_error(agent: Agent, source: Path) -> None:
+    write(source, "fresh", WEB)
+    agent.refresh_source()
+    code, body = agent.api("rollback", {"stack": "fresh"})
+    assert (code, body) == (409, {"error": "no recorded revisions of stack 'fresh'; `dabctl history fresh` lists them"})
+
+
+@pytest.mark.parametrize("call", ["suspend", "resume", "rollback"])
+def test_calls_naming_an_unknown_stack_are_refused_and_write_nothing(agent: Agent, call: str) -> None:
+    code, body = agent.api(call, {"stack": "nope"})
+    assert (code, body) == (
+        404,
+        {"error": "no stack named 'nope' on this node: it is neither in the source nor deployed"},
+    )
+    assert agent.records.suspended() == set() and "nope" not in agent.records.pins()
 
 
 def test_suspend_and_resume_through_the_api(agent: Agent, source: Path) -> None:
@@ -326,7 +338,7 @@ def test_run_converges_follows_events_and_file_changes_and_serves_http(
             # A new file in the source directory: watchdog wakes the poller, the new stack converges.
             write(source, "api", bundle({"srv": service()}))
             until(lambda: names(runtime, "api_") == ["api_srv.1"])
-            host, port = agent.http.address
+            host, port = agent.listener.address
             with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as reply:
                 seen["status"] = json.load(reply)
             until(lambda: metric(agent, "dabctl_reconcile_passes_total", result="noop") > 0)  # the resync ran
@@ -403,3 +415,20 @@ def test_reconcile_allow_empty_is_per_call(agent: Agent, source: Path) -> None:
     code, body = agent.api("reconcile", {"allow_empty": True})
     assert code == 200 and body["ok"] and body["removed"] == 3  # two replicas and the stack network
     assert names(runtime, "web_") == []
+
+
+def test_an_upgrade_that_refuses_bundles_names_each_one_and_its_rule(
+    make_agent: Callable[..., Agent], source: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Bundles the old defaults let through: the first pass says which ones the new defaults refuse and why.
+    write(source, "ops", bundle({"agent": service(Mounts=[{"Type": "bind", "Source": "/srv/x", "Target": "/x"}])}))
+    write(source, "big", bundle({"s": service(Deploy={"Replicas": 3})}))
+    agent = make_agent(FakeRuntime(), max_replicas_per_service=2)
+    with caplog.at_level("ERROR", logger="dabctl.agent"):
+        assert agent.refresh_source()
+    [record] = [r for r in caplog.records if "invalid bundles" in r.getMessage()]
+    assert record.bundles == "big, ops"  # type: ignore[attr-defined]
+    assert "policy rule 'no-bind-mounts'" in record.errors  # type: ignore[attr-defined]
+    assert "policy rule 'max_replicas_per_service'" in record.errors  # type: ignore[attr-defined]
+    assert set(agent.load_errors) == {"ops", "big"}
+    assert runtime_of(agent).writes() == []

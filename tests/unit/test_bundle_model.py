@@ -251,7 +251,11 @@ def test_valid_service_and_network_names(name: str) -> None:
         ),
         (bundle(image="nginx"), "Services.web.image", "did you mean 'Image'?"),
         (bundle(Frobnicate=True), "Services.web.Frobnicate", "valid fields here: Image, Command"),
-        ({"Services": {"web": service()}, "Volumes": {}}, "Volumes", "valid fields here: Version, Services, Networks"),
+        (
+            {"Services": {"web": service()}, "Configs": {}},
+            "Configs",
+            "valid fields here: Version, Services, Networks, Volumes",
+        ),
         ({"Services": {"web": service()}, "Networks": {"n": {"Drvier": "x"}}}, "Networks.n.Drvier", "'Driver'"),
         # strict types: no coercion either way
         (bundle(Deploy={"Replicas": "3"}), "Services.web.Deploy.Replicas", "expected an integer, got string '3'"),

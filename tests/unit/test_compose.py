@@ -268,11 +268,17 @@ def test_service_mapping(body: str, expected: dict[str, Any]) -> None:
     assert web_fields(body) == expected
 
 
-def test_named_volume_takes_its_top_level_name() -> None:
+def test_a_named_volume_is_the_stacks_and_an_external_one_keeps_its_name() -> None:
     conv = web('volumes: ["data:/data"]', "volumes:\n  data:\n    name: shop-data\n")
+    assert conv.bundle.services["web"].model_dump(mode="json", exclude_defaults=True)["Mounts"] == [
+        {"Type": "volume", "Source": "data", "Target": "/data"}
+    ]
+    assert conv.bundle.volumes is None
+    conv = web('volumes: ["data:/data"]', "volumes:\n  data:\n    external: true\n    name: shop-data\n")
     assert conv.bundle.services["web"].model_dump(mode="json", exclude_defaults=True)["Mounts"] == [
         {"Type": "volume", "Source": "shop-data", "Target": "/data"}
     ]
+    assert conv.bundle.model_dump(mode="json", exclude_defaults=True)["Volumes"] == {"shop-data": {"External": True}}
     assert conv.dropped == []
 
 
@@ -423,8 +429,9 @@ DROPPED = [
     ),
     (
         "",
-        "volumes:\n  data:\n    external: true\n",
-        "volumes.data.external: not carried (Docker creates a missing named volume instead of failing; create it first)",
+        "volumes:\n  data:\n    name: shop-data\n",
+        "volumes.data.name: not carried (dabctl names stack volumes <stack>_<volume>; for a volume outside the stack, "
+        "add external: true)",
     ),
     (
         "",

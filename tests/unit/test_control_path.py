@@ -1,9 +1,10 @@
-"""The control path's choice of where a command runs, with real lock files, a real SQLite state and a real HTTP
-server standing in for the agent's API: an agent that takes the state after the CLI looked is still found, for
+"""The control path's choice of where a command runs, with real lock files, a real SQLite state and a real
+control socket standing in for the agent's: an agent that takes the state after the CLI looked is still found, for
 every changing command (rollback had no such fallback)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent.api.client import AgentRefused, running_agent
+from agent.api.client import AGENT_SOCKET, AgentRefused, running_agent
 from agent.api.server import AgentHttp
 from agent.metrics import Metrics
 from agent.node.control import AgentControl, open_control
@@ -42,18 +43,18 @@ class FakeAgentApi:
 
 
 @pytest.fixture
-def agent_api() -> Iterator[tuple[AgentHttp, FakeAgentApi]]:
+def agent_api(cfg: AgentConfig) -> Iterator[tuple[AgentHttp, FakeAgentApi]]:
     api = FakeAgentApi()
     http = AgentHttp(
-        "127.0.0.1",
-        0,
         status=lambda: StatusOutput(node="n1", ready=True, stacks=[]),
         ready=lambda: True,
         metrics=Metrics(),
         on_webhook=lambda: None,
         webhook=None,
-        api=api,
+        api={name: functools.partial(api, name) for name in ("reconcile", "rollback", "suspend", "resume")},
     )
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    http.add_unix(cfg.state_path / AGENT_SOCKET)
     http.start()
     try:
         yield http, api
@@ -69,10 +70,9 @@ def cfg(tmp_path: Path) -> AgentConfig:
 
 
 def agent_takes_the_state(cfg: AgentConfig, http: AgentHttp) -> Callable[[], None]:
-    """Hold the agent lock (naming the API) and the embedded state's write lock, as a starting agent does."""
+    """Hold the agent lock and the embedded state's write lock, as a starting agent does."""
     cfg.state_path.mkdir(parents=True, exist_ok=True)
-    host, port = http.address
-    lock = HolderLock(cfg.state_path / AGENT_LOCK, {"api": f"http://{host}:{port}"})
+    lock = HolderLock(cfg.state_path / AGENT_LOCK, {"socket": str(cfg.state_path / AGENT_SOCKET)})
     lock.acquire()
     log = SqliteStateLog(cfg.state_path / "state.db", writer=True)
 
@@ -114,8 +114,7 @@ def test_the_agent_is_found_through_the_state_directory_whatever_the_backend(
     assert running_agent(on_etcd) is None
     release = agent_takes_the_state(cfg, http)
     try:
-        host, port = http.address
-        assert running_agent(on_etcd) == f"http://{host}:{port}"
+        assert running_agent(on_etcd) == cfg.state_path / AGENT_SOCKET
         assert isinstance(open_control(on_etcd), AgentControl)
     finally:
         release()
@@ -135,11 +134,11 @@ def test_a_second_agent_lock_names_the_first_holder(tmp_path: Path) -> None:
     assert HolderLock.holder_of(tmp_path / AGENT_LOCK) is None
 
 
-def test_an_agent_refusal_is_an_error_with_its_reason(agent_api: tuple[AgentHttp, FakeAgentApi]) -> None:
-    http, _ = agent_api
-    host, port = http.address
+def test_an_agent_refusal_is_an_error_with_its_reason(
+    cfg: AgentConfig, agent_api: tuple[AgentHttp, FakeAgentApi]
+) -> None:
     with pytest.raises(AgentRefused, match="follows /a, not /b"):
-        AgentControl(f"http://{host}:{port}").reconcile(ReconcileRequest())
+        AgentControl(cfg.state_path / AGENT_SOCKET).reconcile(ReconcileRequest())
 
 
 @pytest.mark.parametrize("stack", ["", "UPPER", "a_b", "x" * 64, "x" * (1 << 20)])

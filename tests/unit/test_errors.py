@@ -15,14 +15,14 @@ import agent
 import bundles
 import reconcilers
 import schemas
-from agent.api.client import AgentRefused, AgentUnreachable
+from agent.api.client import AgentRefused, AgentUnreachable, ControlDenied
 from agent.cli.options import UserError
 from agent.config import ConfigError
 from agent.drivers.docker_engine import EngineError, ImageUnavailable
 from agent.drivers.ipvs import IpvsError
 from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
-from agent.node.loop import ControlRefused, PassNotRun
+from agent.node.loop import ControlRefused, PassNotRun, UnknownStack
 from agent.node.rollback import RollbackError
 from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
@@ -58,6 +58,8 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     PrivateFileRefused: False,
     AgentRefused: False,
     ControlRefused: False,
+    ControlDenied: False,
+    UnknownStack: False,
     PassNotRun: True,
 }
 

@@ -282,7 +282,7 @@ def _derived(bundle: Bundle) -> tuple[Any, ...]:
     )
     state = DesiredState({"st": stack})
     policy = [str(e) for e in violations(state, Policy())]
-    allowed = [str(e) for e in violations(state, Policy(("/",), True))]
+    allowed = [str(e) for e in violations(state, Policy(allow_bind_mounts=("/",), allow_host_network=True))]
     return bundle_hash(bundle), [t.spec_hash for t in service_targets(stack)], desired_networks(stack), policy, allowed
 
 
@@ -713,8 +713,38 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "state": st.one_of(
         st.just("embedded"), st.lists(hosts, min_size=1, max_size=3).map(lambda h: "etcd://" + ",".join(h))
     ),
+    # verify: a whole mapping as a config file gives it (keys required unless mode is none).
+    "verify": st.builds(
+        lambda mode, keys, since, rules: (
+            {"mode": mode, "keys": keys or (["k.pub"] if mode != "none" else [])} | {"since": since, "rules": rules}
+        ),
+        st.sampled_from(["none", "head", "every-commit"]),
+        st.lists(texts, max_size=2),
+        st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
+        st.lists(
+            st.fixed_dictionaries({"path": st.text(min_size=1, max_size=12), "signers": st.integers(1, 16)}),
+            max_size=2,
+        ),
+    ),
+    "allow_published_ports": st.lists(st.integers(1, 65535), max_size=3),
+    # listen is loopback unless listen_public: the loopback forms are valid in every combination
+    "listen": st.tuples(st.sampled_from(["127.0.0.1", "localhost", "[::1]", "127.1.2.3"]), st.integers(0, 65535)).map(
+        lambda t: f"{t[0]}:{t[1]}"
+    ),
+    "webhook_listen": st.one_of(
+        st.none(), st.tuples(hosts, st.integers(0, 65535)).map(lambda t: f"{t[0].split(':')[0]}:{t[1]}")
+    ),
+    "control_group": st.one_of(st.none(), st.from_regex(r"[a-z_][a-z0-9_-]{0,15}", fullmatch=True)),
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
+    ),
+    # Absolute paths, plain or as {path, read_only}.
+    "allow_bind_mounts": st.lists(
+        st.one_of(
+            texts.map(lambda t: "/" + t),
+            st.fixed_dictionaries({"path": texts.map(lambda t: "/" + t), "read_only": st.booleans()}),
+        ),
+        max_size=3,
     ),
 }
 
@@ -794,7 +824,7 @@ def test_valid_configs_round_trip(config_dir: Path, doc: Doc, allow_unicode: boo
     allow_unicode = allow_unicode and not _YAML_BREAKS.search(json.dumps(doc, ensure_ascii=False))
     cfg = load_config(_write(config_dir, to_yaml(doc, allow_unicode)), {}, environ={})
     for name, value in doc.items():
-        assert getattr(cfg, name) == value
+        assert cfg.model_dump()[name] == value
     dumped = to_yaml(cfg.model_dump(exclude_defaults=True), allow_unicode)
     assert load_config(_write(config_dir, dumped), {}, environ={}) == cfg
     assert AgentConfig.model_validate_json(cfg.model_dump_json()) == cfg
@@ -804,7 +834,9 @@ def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value)
 
 
@@ -818,6 +850,10 @@ _env_item = st.text(
 def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     name = draw(st.sampled_from(sorted(AgentConfig.model_fields)))
     kinds = field_types(AgentConfig.model_fields[name].annotation)
+    if name == "allow_bind_mounts":  # absolute paths
+        return name, draw(st.lists(_env_item.map(lambda t: "/" + t), max_size=3))
+    if name == "allow_published_ports":
+        return name, draw(_CONFIG_OVERRIDES[name])
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
     return name, draw(_config_strategy(name).filter(lambda v: v is not None))
@@ -828,7 +864,8 @@ def test_every_setting_can_be_set_from_the_environment(setting: tuple[str, Any])
     name, value = setting
     key = "DABCTL_" + name.upper()
     cfg = load_config(None, {}, environ={key: _env_text(value)})
-    assert getattr(cfg, name) == value
+    got = getattr(cfg, name)
+    assert (got.model_dump() if isinstance(got, BaseModel) else got) == value
 
 
 _CONFIG_BAD_VALUES: dict[str, list[Any]] = {
