@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic.alias_generators import to_pascal
 
 from schemas.durations import Duration
-from schemas.quoting import quoted
+from schemas.quoting import env_name, quoted
 
 STACK_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 OBJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
@@ -248,7 +248,7 @@ class Service(Model):
         for entry in v or []:
             name = entry.split("=", 1)[0]
             if not name or any(c.isspace() for c in name):
-                raise ValueError(f'invalid Env entry {quoted(entry)}: write it as "NAME=value"')
+                raise ValueError(f'invalid Env entry {env_name(entry)}: write it as "NAME=value"')
         return v
 
     @model_validator(mode="after")

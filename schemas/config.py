@@ -6,6 +6,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -80,6 +81,11 @@ class AgentConfig(BaseModel):
     etcd_ca_file: str | None = Field(None, description="CA bundle for etcd over TLS (switches to https)")
     etcd_cert_file: str | None = Field(None, description="Client certificate for etcd")
     etcd_key_file: str | None = Field(None, description="Client key for etcd")
+    etcd_insecure: bool = Field(
+        False,
+        validate_default=True,
+        description="Accept plain-HTTP etcd at an address other than loopback (whoever reaches it can run containers)",
+    )
     ref: str | None = Field(None, description="Git branch, tag or commit SHA (default main for a git source)")
     path: str | None = Field(None, description="Subdirectory of the repository holding the bundles")
     git_token_file: str | None = Field(None, description="File holding an HTTP(S) token for the repository")
@@ -87,6 +93,11 @@ class AgentConfig(BaseModel):
     git_username: str | None = Field(None, description="User name sent with the token (default x-access-token)")
     git_ssh_key_file: str | None = Field(None, description="Private key for ssh:// repositories")
     git_known_hosts_file: str | None = Field(None, description="known_hosts checked for ssh:// host keys")
+    git_max_object_bytes: Annotated[int, Field(ge=1024)] = Field(
+        32 * 1024 * 1024,
+        description="Largest git object (file, tree, commit) a fetch accepts; a larger one refuses the fetch "
+        "before it is inflated",
+    )
     poll_interval: Annotated[float, Field(ge=0)] = Field(60.0, description="Seconds between git polls (0: off)")
     resync_interval: Annotated[float, Field(ge=0)] = Field(300.0, description="Seconds between full resyncs (0: off)")
     listen_public: bool = Field(
@@ -158,6 +169,33 @@ class AgentConfig(BaseModel):
     published_port_range: Annotated[str, Field(pattern=r"^\d{1,5}-\d{1,5}$")] = Field(
         "30000-32767", description="Ports allocated to service ports that set no PublishedPort (low-high)"
     )
+
+    @field_validator("source")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        # A URL is shown by `ps`, logs and lock files; the value is never repeated in the message.
+        if value and value.lower().startswith(("http://", "https://")) and urlsplit(value).password is not None:
+            raise ValueError(
+                "the URL carries a password or token (user:TOKEN@), which `ps`, logs and lock files would show; "
+                "remove it and put the token in a file (mode 0600) named by git_token_file, the user in git_username"
+            )
+        return value
+
+    @field_validator("etcd_insecure")
+    @classmethod
+    def _etcd_not_open(cls, value: bool, info: ValidationInfo) -> bool:
+        state = str(info.data.get("state", ""))
+        tls = info.data.get("etcd_ca_file") or info.data.get("etcd_cert_file")
+        if value or tls or not state.startswith("etcd://"):
+            return value
+        remote = [h for h in state.removeprefix("etcd://").split(",") if h and not is_loopback_endpoint(h)]
+        if remote:
+            raise ValueError(
+                f"state etcd://{remote[0]} is plain HTTP to an address other than loopback: whoever can reach it can "
+                "write the state log and so run containers on this host; configure TLS with client certificates "
+                "(etcd_ca_file, etcd_cert_file, etcd_key_file), or set etcd_insecure: true to accept the risk"
+            )
+        return value
 
     # What a bundle may reach beyond its own stack: External volumes and other stacks' networks, low ports.
     allow_external_volumes: list[str] = Field(
@@ -250,3 +288,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """`localhost:2379`, `127.0.0.1:2379`, `[::1]:2379`, `::1` -> True; any other name or address -> False."""
+    name = endpoint.strip()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return is_loopback(name)

@@ -11,6 +11,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     DabctlError                 schemas.errors               root: `retryable` says which
     ├── InvalidBundles          bundles.errors               terminal   a bundle file is invalid
     ├── SourceError             bundles.errors               retryable  the repository cannot be reached or read
+    │   └── PackRefused         agent.sources.packguard      terminal   an object over git_max_object_bytes, or no pack
     ├── BalancerUnavailable     reconcilers.loadbalancer     terminal   no ruleset here (tool, privilege, kernel)
     ├── ConfigError             agent.config                 terminal   the agent configuration is invalid
     ├── SourceConfigError       agent.sources.source         terminal   the source settings cannot be used
@@ -27,6 +28,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     │   ├── StateLocked         agent.state.log              terminal   another process holds the state
     │   └── ReadOnly            agent.state.log              terminal   the state was opened for reading
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
+    ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read
     ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent
     ├── AgentRefused            agent.api.client             terminal   the agent answered and refused the call
     ├── ControlDenied           agent.api.client             terminal   this user may not use the control socket

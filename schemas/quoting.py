@@ -23,6 +23,12 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def env_name(entry: str) -> str:
+    """An Env entry for an error line: its name only, the value hidden (`'PASS WORD=...' (value not shown)`)."""
+    name, sep, value = entry.partition("=")
+    return f"{quoted(name + sep + ('...' if value else ''))} (value not shown)" if sep else quoted(name)
+
+
 def describe(value: object) -> str:
     """A value's kind and, for a scalar, the value: `string 'x'`, `int 5`, `null`, `dict`."""
     if isinstance(value, str):

@@ -38,6 +38,7 @@ from agent.node.runtime import Runtime
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
+from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
@@ -117,7 +118,7 @@ class Agent:
             # Not fatal: passes fail and retry with backoff until the engine answers; /readyz says not ready.
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
-        cfg.state_path.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.state_path)
         holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
         self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
@@ -144,7 +145,7 @@ class Agent:
         self.engine.policy = policy_of(cfg)
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
-        secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
+        secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")
         webhook = None
         if secret:  # one forge's secret, checked that forge's way only
             gitlab = cfg.webhook_forge == "gitlab"

@@ -23,6 +23,8 @@ import os
 import re
 import shlex
 import stat
+import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,9 +37,10 @@ from dulwich.client import (
     AuthCallbackPoolManager,
     GitClient,
     HTTPUnauthorized,
-    LocalGitClient,
     SSHGitClient,
+    SubprocessGitClient,
     SubprocessSSHVendor,
+    SubprocessWrapper,
     Urllib3HttpGitClient,
     default_urllib3_manager,
 )
@@ -48,9 +51,11 @@ from dulwich.protocol import Protocol
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
+from agent.sources.packguard import PackGuard, PackRefused
 from bundles.desired import DesiredState, StackBundle
 from bundles.errors import BundleError, InvalidBundles, SourceError
 from bundles.load import BUNDLE_SUFFIXES, stack_bundle
+from schemas.config import is_loopback
 
 __all__ = ["GitAuth", "GitSource", "SourceError", "ssh_command"]
 
@@ -59,6 +64,7 @@ _SCP_LIKE = re.compile(r"^(?P<user>[^@/:\s]+)@(?P<host>[^@/:\s]+):(?P<path>.+)$"
 _PEELED = b"^{}"
 _REGULAR_FILES = (0o100644, 0o100755, 0o100664)
 _TOKEN_USER = "x-access-token"
+DEFAULT_MAX_OBJECT_BYTES = 32 * 1024 * 1024  # the config's git_max_object_bytes
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,11 @@ def _parse_url(url: str) -> _Remote:
     if scheme in ("http", "https"):
         if not host:
             raise SourceError(f"git source URL {clean} has no host; fix the URL")
+        if password is not None:
+            raise SourceError(
+                f"git source URL {clean} carries a password or token, which `ps`, logs and lock files would show; "
+                "remove it and put the token in a file (mode 0600) named by git_token_file"
+            )
         return _Remote("http", clean, clean, host=host, port=port, user=user, password=password)
     if scheme in ("ssh", "git+ssh"):
         if not host:
@@ -216,26 +227,55 @@ class _ProxyManager(_Tracked, urllib3.ProxyManager):
         self.responses = _Responses()
 
 
-class _SSHGitClient(SSHGitClient):
-    """dulwich's ssh client, remembering its connections: dulwich leaves the ssh process, its pipes and the
-    protocol open when the server hangs up early (an unknown host key), so each operation ends with release()."""
+class _Releasing(GitClient):
+    """Remembers its connections: dulwich leaves a subprocess (ssh, git upload-pack), its pipes and the protocol
+    open when the other side hangs up early (an unknown host key) or the fetch is refused mid-pack, so each operation
+    ends with release()."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._open: list[Protocol] = []
+    _open: list[Protocol]
 
     def _connect(
         self, cmd: bytes, path: str | bytes, protocol_version: int | None = None
     ) -> tuple[Protocol, Callable[[], bool], IO[bytes] | None]:
-        proto, can_read, stderr = super()._connect(cmd, path, protocol_version)
-        self._open.append(proto)
+        proto, can_read, stderr = cast(Any, super())._connect(cmd, path, protocol_version)
+        self.__dict__.setdefault("_open", []).append(proto)
         return proto, can_read, stderr
 
     def release(self) -> None:
-        while self._open:
-            proto = self._open.pop()
+        opened: list[Protocol] = self.__dict__.get("_open", [])
+        while opened:
+            proto = opened.pop()
             with contextlib.suppress(Exception):
                 proto.close()
+
+
+class _SSHGitClient(_Releasing, SSHGitClient):
+    """dulwich's ssh client, releasing its connections."""
+
+
+class _LocalGitClient(_Releasing, SubprocessGitClient):
+    """A repository on this machine, read by `git upload-pack` in a child process: the pack then streams through
+    the same PackGuard as a remote's, and a huge object costs the child's memory for a moment, never the agent's
+    (dulwich's in-process LocalGitClient inflates every object it sends).
+
+    It speaks git's protocol v2: in v0, git answers a shallow fetch's "deepen" while dulwich is still sending its
+    "have" lines, and dulwich then takes the flush that ends git's shallow section for an ACK (an assertion fails,
+    about one fetch in four); v2 is one request, then one response.
+    """
+
+    def _connect(
+        self, cmd: bytes, path: str | bytes, protocol_version: int | None = None
+    ) -> tuple[Protocol, Callable[[], bool], IO[bytes] | None]:
+        where = path.decode() if isinstance(path, bytes) else path
+        env = {**os.environ, "GIT_PROTOCOL": "version=2"}
+        argv = ["git", cmd.decode("ascii"), where]
+        proc = subprocess.Popen(
+            argv, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        wrapper = SubprocessWrapper(proc)
+        proto = Protocol(wrapper.read, wrapper.write, wrapper.close, report_activity=self._report_activity)
+        self.__dict__.setdefault("_open", []).append(proto)
+        return proto, wrapper.can_read, proc.stderr
 
 
 _RETRIES = urllib3.Retry(total=None, connect=2, read=0, status=0, other=0, redirect=5, backoff_factor=0.1)
@@ -254,6 +294,7 @@ class GitSource:
         auth: GitAuth = _NO_AUTH,
         depth: int = 50,
         timeout: float = 30,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     ) -> None:
         if not ref or ref.strip() != ref or ".." in ref:
             raise SourceError(f"invalid ref {ref!r}; give a branch, a tag or a 40-hex commit SHA")
@@ -262,11 +303,17 @@ class GitSource:
         if timeout <= 0:
             raise SourceError(f"invalid timeout {timeout}; give a positive number of seconds")
         self._remote = _parse_url(url)
+        if auth.token and self._remote.location.startswith("http://") and not is_loopback(self._remote.host):
+            raise SourceError(
+                f"git source URL {self._remote.location} is plain HTTP: the token would cross the network in clear "
+                "text; use https://"
+            )
         self.ref = ref
         self.path = "/".join(p for p in path.strip("/").split("/") if p not in ("", "."))
         self.cache_dir = Path(cache_dir)
         self.depth = depth
         self.timeout = float(timeout)
+        self.max_object_bytes = max_object_bytes
         self._auth = auth
         self._secrets = [s for s in (auth.token, self._remote.password) if s]
         self._client: GitClient | None = None
@@ -463,9 +510,11 @@ class GitSource:
         remote = self._remote
         if remote.kind == "ssh":
             self._check_ssh_files(action)
+        if remote.kind == "local":
+            self._check_local(action)
         if self._client is None:
             if remote.kind == "local":
-                self._client = LocalGitClient()
+                self._client = _LocalGitClient()
             elif remote.kind == "http":
                 username = self._auth.username or remote.user
                 password = self._auth.token or remote.password
@@ -496,6 +545,13 @@ class GitSource:
         target = "" if remote.kind == "http" else remote.target
         return self._client, target
 
+    def _check_local(self, action: str) -> None:
+        """A local path is a repository (git upload-pack would only say so on its stderr)."""
+        try:
+            Repo(self._remote.target).close()
+        except (NotGitRepository, OSError) as exc:
+            raise self._error(action, exc) from None
+
     def _check_ssh_files(self, action: str) -> None:
         known = self._auth.known_hosts_file
         if known and not os.path.isfile(known):
@@ -513,7 +569,8 @@ class GitSource:
         directory = self.cache_dir
         try:
             if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
-                directory.mkdir(parents=True, exist_ok=True)
+                directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # bundles' Env values are secrets
+                directory.mkdir(exist_ok=True, mode=0o700)
                 self._repo = Repo.init_bare(str(directory))
             else:
                 repo = Repo(str(directory))
@@ -536,6 +593,8 @@ class GitSource:
     def _fetch(self, client: GitClient, path: str, repo: Repo, determine_wants: Any, action: str) -> None:
         try:
             self._fetch_raw(client, path, repo, determine_wants)
+        except PackRefused as exc:
+            raise PackRefused(f"{action} failed: {exc}") from None
         except SourceError:
             raise
         except Exception as exc:
@@ -543,17 +602,31 @@ class GitSource:
 
     def _fetch_raw(self, client: GitClient, path: str, repo: Repo, determine_wants: Any) -> None:
         try:
-            client.fetch(path.encode(), repo, determine_wants=determine_wants, depth=self.depth)
+            self._fetch_pack(client, path, repo, determine_wants, self.depth)
         except GitProtocolError as exc:
             if "shallow" not in str(exc) or "capab" not in str(exc):
                 raise
-            client.fetch(path.encode(), repo, determine_wants=determine_wants)  # the server cannot do depth
+            self._fetch_pack(client, path, repo, determine_wants, None)  # the server cannot do depth
         finally:
             self._release()
 
+    def _fetch_pack(self, client: GitClient, path: str, repo: Repo, determine_wants: Any, depth: int | None) -> None:
+        """dulwich's GitClient.fetch, with the pack passing through a PackGuard on its way to a file on disk: an
+        object over the limit ends the fetch before it is inflated, and nothing of the pack is stored."""
+        with tempfile.TemporaryFile(prefix="incoming-", dir=repo.object_store.path) as spool:
+            guard = PackGuard(spool.write, self.max_object_bytes)
+            result = client.fetch_pack(
+                path.encode(), determine_wants, repo.get_graph_walker(), guard.write, depth=depth
+            )
+            guard.finish()
+            if spool.tell():
+                spool.seek(0)
+                repo.object_store.add_thin_pack(spool.read, None)
+        repo.update_shallow(result.new_shallow, result.new_unshallow)
+
     def _release(self) -> None:
         """Close what dulwich leaves open after an operation (an ssh process, HTTP responses)."""
-        if isinstance(self._client, _SSHGitClient):
+        if isinstance(self._client, _Releasing):
             self._client.release()
         if isinstance(self._pool, _PoolManager | _ProxyManager):
             self._pool.responses.release()
@@ -571,8 +644,11 @@ class GitSource:
         for target, wants in attempts:
             try:
                 self._fetch_raw(client, path, target, wants)
+            except PackRefused as exc:
+                raise PackRefused(f"{action} failed: {exc}") from None
             except Exception as exc:
-                if isinstance(exc, HTTPUnauthorized | HangupException | NotGitRepository) or _network_reason(exc):
+                fatal = isinstance(exc, HTTPUnauthorized | HangupException | NotGitRepository) or _network_reason(exc)
+                if fatal and self._remote.kind != "local":  # git upload-pack hangs up on an unadvertised SHA
                     raise self._error(action, exc) from None
                 continue
             if _complete(repo, sha):

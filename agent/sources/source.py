@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import policy_of
+from agent.private import check_secret_file, read_secret_file
 from bundles import DesiredState, load_directory
 from bundles.load import BUNDLE_SUFFIXES
 from bundles.policy import Policy, enforce
@@ -84,7 +85,9 @@ class GitRepoSource:
         from agent.sources.verify import Verifier
 
         assert cfg.source is not None
-        token = read_secret(cfg.git_token_file, cfg.git_token_env)
+        token = read_secret(cfg.git_token_file, cfg.git_token_env, setting="git_token_file")
+        if cfg.git_ssh_key_file:
+            check_secret_file(cfg.git_ssh_key_file, "git_ssh_key_file")
         auth = GitAuth(
             token=token,
             username=cfg.git_username,
@@ -94,7 +97,14 @@ class GitRepoSource:
         cache = cfg.state_path / "git" / hashlib.sha256(cfg.source.encode()).hexdigest()[:16]
         self.ref: str | None = cfg.ref or "main"
         self.path: str | None = cfg.path or ""
-        self.git = GitSource(cfg.source, ref=self.ref, path=self.path, cache_dir=cache, auth=auth)
+        self.git = GitSource(
+            cfg.source,
+            ref=self.ref,
+            path=self.path,
+            cache_dir=cache,
+            auth=auth,
+            max_object_bytes=cfg.git_max_object_bytes,
+        )
         self.location = self.git.location
         # Signature checks (agent/sources/verify.py); the accepted head is recorded beside the cache, per ref.
         self.verifier = Verifier(cfg.verify, self.ref, cache.with_name(cache.name + ".verified.json"))
@@ -119,13 +129,11 @@ class GitRepoSource:
         self.git.close()
 
 
-def read_secret(file: str | None, env: str | None) -> str | None:
-    """A credential from a file (trailing newline dropped) or an environment variable; never logged."""
+def read_secret(file: str | None, env: str | None, setting: str = "secret file") -> str | None:
+    """A credential from a file (trailing newline dropped; refused when others may read it, as ssh does) or an
+    environment variable; never logged."""
     if file:
-        try:
-            return Path(file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SourceConfigError(f"cannot read the secret file {file}: {getattr(exc, 'strerror', exc)}") from None
+        return read_secret_file(file, setting)
     if env:
         return os.environ.get(env)
     return None

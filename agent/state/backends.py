@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agent.private import check_secret_file
 from agent.state.etcd import EtcdStateLog
 from agent.state.log import StateLog
 from agent.state.sqlite import SqliteStateLog
@@ -22,6 +23,8 @@ def open_log(cfg: AgentConfig, writer: bool, holder: Mapping[str, str] | None = 
     """The configured state log; `writer` takes the embedded state's exclusive write lock."""
     if cfg.state.startswith("etcd://"):
         tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
+        if cfg.etcd_key_file:
+            check_secret_file(cfg.etcd_key_file, "etcd_key_file")
         return EtcdStateLog(
             etcd_endpoints(cfg.state, tls),
             prefix=cfg.etcd_prefix,

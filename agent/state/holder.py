@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.private import open_private
 from schemas.errors import DabctlError
 
 AGENT_LOCK = "agent.lock"  # in the state directory: held by the running agent, names its API address
@@ -39,7 +40,7 @@ class HolderLock:
 
     def acquire(self) -> None:
         """Take the lock or raise Held naming the process that has it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.path)  # never through a symbolic link: root would truncate what it points to
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,7 +73,7 @@ class HolderLock:
     def holder_of(path: Path) -> dict[str, str] | None:
         """Who holds the lock at `path` (pid, command, api...), or None when nobody does."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
         try:

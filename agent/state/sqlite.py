@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.private import PrivateFileRefused, create_private, private_dir, tighten_if_present
 from agent.state.holder import Held, HolderLock
 from agent.state.log import (
     Compacted,
@@ -89,14 +90,18 @@ class SqliteStateLog:
         self._closed = threading.Event()
         self._changed = threading.Condition()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             if writer:
                 self._take_lock()
+            # SQLite creates the database 0644 and gives its -wal and -shm files the database's mode.
+            create_private(path)
+            for extra in ("-wal", "-shm"):
+                tighten_if_present(path.with_name(path.name + extra))
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._upgrade(writer)
-        except StateLogError:
+        except (StateLogError, PrivateFileRefused):
             self._release_lock()
             raise
         except (OSError, sqlite3.Error) as exc:

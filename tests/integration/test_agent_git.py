@@ -188,6 +188,7 @@ def test_token_from_a_file_reaches_a_protected_repository(ws: Workspace, repo: P
     commit(repo, {f"stacks/{ws.stack('app')}.dab": bundle(1)}, "one")
     token = tmp_path / "token"
     token.write_text("t0ken-value\n")
+    token.chmod(0o600)  # a token file others may read is refused
     with GitServer(repo, token="t0ken-value") as protected:
         args = ("--source", protected.url, "--path", "stacks")
         denied = ws.run("plan", *args)

@@ -55,7 +55,7 @@ CASES = [
     Bad("invalid stack file name", svc(), ": invalid stack name '{prefix}-bad_name'", name="bad_name"),
     Bad("unknown top-level key", {"Servics": {"s": {"Image": IMAGE}}}, ": Servics: unknown field; did you mean"),
     Bad("empty services", {"Services": {}}, ": Services: is empty"),
-    Bad("env without name", svc(Env=["=value"]), ": Services.s.Env: invalid Env entry '=value'"),
+    Bad("env without name", svc(Env=["=value"]), ": Services.s.Env: invalid Env entry '=...' (value not shown)"),
     Bad("healthcheck form", svc(Healthcheck={"Test": ["curl", "-f", "x"]}), ": Services.s.Healthcheck.Test: Test"),
     Bad(
         "duplicate published port",

@@ -24,6 +24,8 @@ from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
 from agent.node.loop import ControlRefused, PassNotRun, UnknownStack
 from agent.node.rollback import RollbackError
+from agent.private import PrivateFileRefused
+from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
@@ -34,6 +36,7 @@ from schemas.errors import DabctlError
 RETRYABLE: dict[type[DabctlError], bool] = {
     InvalidBundles: False,
     SourceError: True,
+    PackRefused: False,
     BalancerUnavailable: False,
     ConfigError: False,
     SourceConfigError: False,
@@ -52,6 +55,7 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     RollbackError: False,
     UserError: False,
     Held: False,
+    PrivateFileRefused: False,
     AgentRefused: False,
     ControlRefused: False,
     ControlDenied: False,

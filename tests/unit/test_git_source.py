@@ -338,9 +338,8 @@ def test_file_urls_work_like_paths(repo: Path, open_source: MakeSource) -> None:
 @pytest.mark.parametrize(
     ("url", "location"),
     [
-        ("https://x-access-token:s3cret@git.example.com/ops/stacks.git", "https://git.example.com/ops/stacks.git"),
         ("https://deploy@git.example.com:8443/ops.git", "https://git.example.com:8443/ops.git"),
-        ("http://u:p%40ss@[::1]:8080/r", "http://[::1]:8080/r"),
+        ("http://u@[::1]:8080/r", "http://[::1]:8080/r"),
         ("ssh://git@git.example.com:2222/ops/stacks.git", "ssh://git.example.com:2222/ops/stacks.git"),
         ("git@git.example.com:ops/stacks.git", "git@git.example.com:ops/stacks.git"),
         ("/srv/git/stacks", "/srv/git/stacks"),
@@ -366,6 +365,12 @@ def test_the_token_is_in_no_repr() -> None:
         ("ftp://git.example.com/r", "unsupported scheme 'ftp'"),
         ("https:///r", "has no host; fix the URL"),
         ("ssh://u:pw@h/r", "ssh passwords are not supported; use an ssh key"),
+        (
+            "https://x-access-token:pw-s3cret@git.example.com/ops.git",
+            r"^git source URL https://git.example.com/ops.git carries a password or token, which `ps`, logs and lock "
+            r"files would show; remove it and put the token in a file \(mode 0600\) named by git_token_file$",
+        ),
+        ("http://u:p%40ss@[::1]:8080/r", "carries a password or token"),
         ("", "URL is empty"),
     ],
 )

@@ -11,6 +11,7 @@ import pytest
 from agent.state.log import Compare, Delete, KeyValue, Op, Put
 from agent.state.records import OWNER_KEY, Records
 from agent.state.sqlite import SqliteStateLog, StateLogError
+from schemas.errors import DabctlError
 
 
 @pytest.fixture
@@ -215,7 +216,7 @@ def test_data_persists_across_reopen(tmp_path: Path) -> None:
 def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(StateLogError, match="--state-dir"):
+    with pytest.raises(DabctlError, match="--state-dir"):
         SqliteStateLog(blocker / "state.db")
 
 
