@@ -54,8 +54,10 @@ def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConf
         if not isinstance(value, dict):
             raise ConfigError(f"environment variable {key}: not a JSON object")
         return value
-    items = typing.get_args(model.model_fields[name].annotation)
-    if items and isinstance(items[0], type) and issubclass(items[0], BaseModel):  # notify: a JSON array of objects
+    item_types = typing.get_args(model.model_fields[name].annotation)
+    if (
+        item_types and isinstance(item_types[0], type) and issubclass(item_types[0], BaseModel)
+    ):  # notify: a JSON array of objects
         return _json_array(key, raw)
     if bool in kinds:
         if raw.lower() in _TRUE | _FALSE:

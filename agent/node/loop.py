@@ -242,6 +242,7 @@ class Agent:
                 self._broken_bundles(exc)
                 self.fingerprint = fp
                 self._refusal(None)
+                self.pass_ended(None)  # the page and the sinks hear of it now, not at the next pass
                 return True
             except VerificationRefused as exc:
                 # Not remembered as loaded (fingerprint): a signed tag may yet make it acceptable, and each check
@@ -268,6 +269,7 @@ class Agent:
             }
             if old is None:
                 changed |= set(self.records.stacks())
+            changed |= set(self.load_errors)  # fixed back to what runs: a pass says so (status, page, sinks)
             self.desired, self.fingerprint = new, fp
             for stack in list(self.load_errors):
                 self.metrics.set_stack_error(stack, None)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import collections
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.notify.events import Event, EventKind
 from agent.notify.sinks import DeliveryFailed, Sink, new_delivery
@@ -27,18 +26,17 @@ class Route:
         return not self.events or event.event in self.events
 
 
-@dataclass(order=True)
+@dataclass
 class _Delivery:
+    event: Event
+    delivery: str
     due: float
-    seq: int
-    route: Route = field(compare=False)
-    event: Event = field(compare=False)
-    delivery: str = field(compare=False)
-    attempt: int = field(compare=False, default=1)
+    attempt: int = 1
 
 
 class Notifier:
-    """Queue events for every route that wants them; one thread delivers, retrying failures with backoff."""
+    """Queue events for every route that wants them; one thread delivers them, in order per sink, retrying a
+    failed delivery with backoff before the sink's later events (receivers see transitions in order)."""
 
     def __init__(
         self,
@@ -54,12 +52,11 @@ class Notifier:
         self.attempts = attempts
         self.first_delay = first_delay
         self.max_delay = max_delay
-        self.capacity = capacity
+        self.capacity = capacity  # waiting deliveries per sink
         self.clock = clock
         self.sent = 0
         self.dropped = 0
-        self._heap: list[_Delivery] = []
-        self._seq = itertools.count()
+        self._queues: list[collections.deque[_Delivery]] = [collections.deque() for _ in self.routes]
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -83,55 +80,62 @@ class Notifier:
         with self._cond:
             for event in events:
                 log.info("notify", extra={"event": event.event.value, "stack": event.stack})
-                for route in self.routes:
+                for route, queue in zip(self.routes, self._queues, strict=True):
                     if not route.wants(event):
                         continue
-                    if len(self._heap) >= self.capacity:
+                    if len(queue) >= self.capacity:
                         self.dropped += 1
                         log.warning("notification dropped: queue full", extra={"sink": route.sink.name})
                         continue
-                    heapq.heappush(self._heap, _Delivery(self.clock(), next(self._seq), route, event, new_delivery()))
+                    queue.append(_Delivery(event, new_delivery(), self.clock()))
             self._cond.notify_all()
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._heap
+            return not any(self._queues)
 
-    def _next(self) -> _Delivery | None:
+    def _next(self) -> tuple[int, _Delivery] | None:
+        """The sink whose first waiting delivery is due soonest, once it is due; None when stopped."""
         with self._cond:
             while not self._stopped:
+                heads = [(q[0].due, i) for i, q in enumerate(self._queues) if q]
                 now = self.clock()
-                if self._heap and self._heap[0].due <= now:
-                    return heapq.heappop(self._heap)
-                self._cond.wait(self._heap[0].due - now if self._heap else None)
+                if heads and min(heads)[0] <= now:
+                    i = min(heads)[1]
+                    return i, self._queues[i][0]
+                self._cond.wait(min(heads)[0] - now if heads else None)
             return None
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
+            i, delivery = job
+            route = self.routes[i]
             try:
-                job.route.sink.send(job.event, job.delivery)
+                route.sink.send(delivery.event, delivery.delivery)
             except DeliveryFailed as exc:
-                self._failed(job, exc)
+                if self._retry(route, delivery, exc):
+                    continue
             except Exception:  # a sink's bug must not end deliveries to the others
-                log.exception("notification sink crashed", extra={"sink": job.route.sink.name})
+                log.exception("notification sink crashed", extra={"sink": route.sink.name})
             else:
                 self.sent += 1
+            with self._cond:
+                self._queues[i].popleft()
 
-    def _failed(self, job: _Delivery, exc: DeliveryFailed) -> None:
+    def _retry(self, route: Route, job: _Delivery, exc: DeliveryFailed) -> bool:
+        """Whether `job` stays first in its sink's queue for another attempt (False: given up)."""
         if not exc.retryable or job.attempt >= self.attempts:
             log.error(
                 "notification not delivered; giving up",
-                extra={"sink": job.route.sink.name, "event": job.event.event.value, "error": str(exc)},
+                extra={"sink": route.sink.name, "event": job.event.event.value, "error": str(exc)},
             )
-            return
+            return False
         delay = min(self.max_delay, self.first_delay * 2 ** (job.attempt - 1))
         log.warning(
             "notification not delivered; retrying",
-            extra={"sink": job.route.sink.name, "retry_in": delay, "error": str(exc)},
+            extra={"sink": route.sink.name, "retry_in": delay, "error": str(exc)},
         )
         with self._cond:
-            heapq.heappush(
-                self._heap,
-                _Delivery(self.clock() + delay, next(self._seq), job.route, job.event, job.delivery, job.attempt + 1),
-            )
-            self._cond.notify_all()
+            job.attempt += 1
+            job.due = self.clock() + delay
+        return True
