@@ -82,8 +82,11 @@ def main() -> None:
             from common import remove_by_label
 
             remove_by_label(engine.client, "dabctl.stack=page")
-    log(machine(engine))
-    ms = [lambda xs: [x * 1000 for x in xs]][0]
+        log(machine(engine))
+
+    def ms(xs: list[float]) -> list[float]:
+        return [x * 1000 for x in xs]
+
     print_table(
         ["S", "case", "median ms", "stats ms", "bytes"],
         [
