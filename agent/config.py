@@ -30,9 +30,21 @@ class ConfigError(DabctlError):
     """The configuration is invalid; the message names the file or variable, the field and the fix."""
 
 
+def _json_array(key: str, raw: str) -> list[Any]:
+    if not raw.strip():
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {key}: not a JSON array ({exc})") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"environment variable {key}: not a JSON array of objects")
+    return value
+
+
 def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConfig) -> Any:
     """Convert an environment string to the field's type; text fields stay text (`DABCTL_NODE_NAME=0042`); a
-    section (`verify`) takes a JSON object."""
+    section (`verify`) takes a JSON object, a list of sections (`notify`) a JSON array."""
     kinds = _kinds(model.model_fields[name].annotation)
     if any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
         try:
@@ -42,6 +54,11 @@ def _env_value(name: str, key: str, raw: str, model: type[BaseModel] = AgentConf
         if not isinstance(value, dict):
             raise ConfigError(f"environment variable {key}: not a JSON object")
         return value
+    item_types = typing.get_args(model.model_fields[name].annotation)
+    if (
+        item_types and isinstance(item_types[0], type) and issubclass(item_types[0], BaseModel)
+    ):  # notify: a JSON array of objects
+        return _json_array(key, raw)
     if bool in kinds:
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE

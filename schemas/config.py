@@ -62,6 +62,45 @@ class BindMountEntry(BaseModel):
     read_only: bool = Field(False, description="Allow only mounts with ReadOnly: true")
 
 
+NotifyEvent = Literal[
+    "rollout.started",
+    "rollout.completed",
+    "rollout.paused",
+    "rollout.rolled-back",
+    "pass.failed",
+    "pass.recovered",
+    "stack.pinned",
+    "stack.unpinned",
+]
+
+
+class NotifySink(BaseModel):
+    """Where the agent sends events: a signed JSON webhook, a Slack-compatible webhook, or an Apprise URL."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="notification sink")
+
+    kind: Literal["webhook", "slack", "apprise"] = Field(
+        description="webhook: the event as JSON, signed; slack: a Slack-compatible incoming webhook; apprise: any "
+        "service Apprise supports (mailto://, tgram://, ntfys://, ...)"
+    )
+    name: str | None = Field(None, description="Shown in the agent's log (default: the kind and its position)")
+    url: str | None = Field(None, description="The sink's URL (webhook URLs often hold a token: prefer url_file)")
+    url_file: str | None = Field(None, description="... or read the URL from this file")
+    url_env: str | None = Field(None, description="... or from this environment variable")
+    secret_file: str | None = Field(None, description="webhook: HMAC-SHA256 key of X-Dabctl-Signature-256, from a file")
+    secret_env: str | None = Field(None, description="... or from an environment variable")
+    events: list[NotifyEvent] = Field(default_factory=list, description="Events to send (default: all)")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> NotifySink:
+        given = [f for f in ("url", "url_file", "url_env") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError("a sink needs exactly one of url, url_file, url_env")
+        if self.kind != "webhook" and (self.secret_file or self.secret_env):
+            raise ValueError(f"secret_file/secret_env sign webhook sinks only, not {self.kind}")
+        return self
+
+
 class AgentConfig(BaseModel):
     """Settings shared by every command; precedence flag > env > file > default."""
 
@@ -122,6 +161,9 @@ class AgentConfig(BaseModel):
     )
     webhook_secret_file: str | None = Field(None, description="The webhook secret (or GitLab token), from a file")
     webhook_secret_env: str | None = Field(None, description="... or from an environment variable")
+    notify: list[NotifySink] = Field(
+        default_factory=list, description="Notification sinks: rollouts, failures and recoveries, pins"
+    )
     log_format: Literal["console", "json"] = Field("console", description="Agent log format")
     backoff_max: Annotated[float, Field(ge=1)] = Field(300.0, description="Longest retry delay for a failing stack")
     pull_policy: Literal["if-not-present", "always", "never"] = Field(

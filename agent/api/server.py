@@ -2,8 +2,10 @@
 
 Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's low-level server):
 
-- `http` (`listen`, loopback unless `listen_public`): `/healthz`, `/readyz`, `/metrics`, `/status` and `/webhook`.
-  Nothing here changes the agent except a webhook with a valid signature, which only wakes the source poller.
+- `http` (`listen`, loopback unless `listen_public`): `/healthz`, `/readyz`, `/metrics`, `/status` and `/webhook`,
+  and the read-only web page: `/` (the fleet), `/stacks/<stack>`, its assets under `/ui/` and `/events` (a
+  server-sent event per pass that ended, which the page follows). Nothing here changes the agent except a webhook
+  with a valid signature, which only wakes the source poller.
   A request whose `Host` is not a loopback name, the listen address or one of `allowed_hosts` is refused (DNS
   rebinding); `/webhook` is exempt, its signature is the check.
 - `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
@@ -15,7 +17,9 @@ connection closes the longest-waiting connection that has no request in progress
 connection has one); a request must arrive whole (headers and body) within `request_deadline` of its connection
 or of the previous response, or the connection is closed; the probes answer on the loop itself and never wait for
 a thread; `/status` and `/metrics` share a small pool, control calls another, and calls beyond the waiting room
-are answered 503. Idle connections cost no thread, which is also what the web page's capped event streams need.
+are answered 503. Idle connections cost no thread, which is also what the web page's event streams need: a
+stream is exempt from the request deadline (its request arrived whole) but streams are capped (`event_streams`,
+the oldest closed first, told so, and its page then polls) and take no thread while they wait.
 
 Responses are JSON or plain text with a Content-Length. A failing callback is logged and answered with 500
 `{"error": "internal error"}`: clients never see a traceback or an exception's text.
@@ -24,6 +28,7 @@ Responses are JSON or plain text with a Content-Length. A failing callback is lo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import hashlib
@@ -40,14 +45,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from agent.metrics import Metrics
+from agent.web import render
 from schemas.output import StatusOutput
+from schemas.view import FleetView, StackView
 
 _LOG = logging.getLogger("dabctl.http")
 
@@ -57,9 +65,18 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 _GET = ("GET", "HEAD")
 _POST = ("POST",)
 _PROBES = ("/healthz", "/readyz", "/metrics", "/status")
+_PAGES = ("/", "/stacks/{stack}", "/events", *(f"/ui/{name}" for name in render.ASSETS))
 
 T = TypeVar("T")
 ApiCall = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+class PageSource(Protocol):
+    """What the web page shows; both calls run in the read pool and must never run a pass."""
+
+    def fleet(self) -> FleetView: ...
+
+    def stack(self, name: str) -> StackView | None: ...
 
 
 class Kind(Enum):
@@ -83,6 +100,8 @@ class Limits:
     webhook_per_minute: float = 10.0  # per source address, after a burst of `webhook_burst`
     webhook_burst: int = 5
     sweep_interval: float = 0.5
+    event_streams: int = 32  # per agent; the oldest is closed when one more opens
+    event_heartbeat: float = 15.0  # seconds between keep-alive comments on an idle stream
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,7 @@ class AgentHttp:
         webhook: WebhookAuth | None,
         api: Mapping[str, ApiCall] | None = None,
         limits: Limits | None = None,
+        page: PageSource | None = None,
     ) -> None:
         """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
         self.status = status
@@ -220,6 +240,9 @@ class AgentHttp:
         self._read_pool = ThreadPoolExecutor(self.limits.read_threads, thread_name_prefix="dabctl-read")
         self._calls_in_flight = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self.page = page
+        self._generation = 0  # of the page's data: bumped by changed()
+        self._streams: collections.deque[_Stream] = collections.deque()
 
     # --- configuration ------------------------------------------------------------------------------------------
 
@@ -247,14 +270,35 @@ class AgentHttp:
                 out.append(Route(listener.kind, "/webhook", _POST, changes=True))
             if listener.kind is Kind.HTTP:
                 out += [Route(listener.kind, path, _GET, changes=False) for path in _PROBES]
+                if self.page is not None:
+                    out += [Route(listener.kind, path, _GET, changes=False) for path in _PAGES]
             if listener.kind is Kind.CONTROL:
                 out.append(Route(listener.kind, "/status", _GET, changes=False))
                 out += [Route(listener.kind, f"/api/{name}", _POST, changes=True) for name in sorted(self.api)]
         return out
 
     def _methods(self, kind: Kind, path: str) -> tuple[str, ...] | None:
+        if path.startswith("/stacks/") and path.count("/") == 2 and len(path) > len("/stacks/"):
+            path = "/stacks/{stack}"
         found = [r.methods for r in self.routes() if r.kind is kind and r.path == path]
         return found[0] if found else None
+
+    def changed(self) -> None:
+        """The page's data changed (a pass ended): tell every event stream. Thread-safe, never blocks."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: the agent is stopping
+                loop.call_soon_threadsafe(self._bump)
+
+    def _bump(self) -> None:
+        self._generation += 1
+        for stream in self._streams:
+            stream.wake.set()
+
+    @property
+    def event_streams(self) -> int:
+        """Event streams open now."""
+        return len(self._streams)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -310,6 +354,8 @@ class AgentHttp:
     async def _shutdown(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for stream in self._streams:
+            stream.close(None)
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.pre_shutdown()
@@ -346,6 +392,8 @@ class AgentHttp:
         try:
             try:
                 reply = await self._route(listener, request, due)
+                if reply is None:  # an event stream, served until it closes
+                    return await self._events(request)
             except Exception:
                 _LOG.exception("%s %s failed", request.method, request.path)
                 reply = _INTERNAL
@@ -354,7 +402,8 @@ class AgentHttp:
         finally:
             server.idle(request.protocol)
 
-    async def _route(self, listener: Listener, request: web.BaseRequest, due: float) -> _Reply:
+    async def _route(self, listener: Listener, request: web.BaseRequest, due: float) -> _Reply | None:
+        """The reply, or None for an event stream (checked and allowed: the caller serves it)."""
         if request.method not in _KNOWN_METHODS:
             return _Reply(501, b"501 Not Implemented\n", "text/plain; charset=utf-8")
         path = request.path
@@ -377,7 +426,59 @@ class AgentHttp:
             return _Reply(200, status.model_dump_json().encode(), "application/json")
         if path == "/webhook":
             return await self._webhook(request, due)
-        return await self._api(request, path.removeprefix("/api/"), due)
+        if path.startswith("/api/"):
+            return await self._api(request, path.removeprefix("/api/"), due)
+        return await self._page(request)
+
+    # --- the web page -------------------------------------------------------------------------------------------
+
+    async def _page(self, request: web.BaseRequest) -> _Reply | None:
+        page = self.page
+        assert page is not None  # routes() serves these paths only with a page
+        path = request.path
+        if path == "/events":
+            return None
+        if path.startswith("/ui/"):
+            name = path.removeprefix("/ui/")
+            return _Reply(200, render.asset(name), render.ASSETS[name], (("Cache-Control", "max-age=300"),))
+        fragment = request.query.get("fragment") == "1"
+        if path == "/":
+            return await self._in(self._read_pool, lambda: _fleet_page(page, fragment))
+        return await self._in(self._read_pool, lambda: _stack_page(page, path.removeprefix("/stacks/"), fragment))
+
+    async def _events(self, request: web.BaseRequest) -> web.StreamResponse:
+        """`changed` events (the data is the generation) until the client leaves, the cap evicts it, or shutdown."""
+        response = web.StreamResponse(headers=dict(_PAGE_HEADERS))
+        response.content_type = "text/event-stream"
+        response.force_close()  # an ended stream ends its connection: EventSource opens a new one
+        await response.prepare(request)
+        stream = _Stream()
+        self._streams.append(stream)
+        while len(self._streams) > self.limits.event_streams:
+            self._streams.popleft().close("too many event streams: this page polls instead")
+        try:
+            await response.write(b"retry: 3000\n\n")
+            sent = -1
+            while stream.why is _OPEN:
+                if self._generation != sent:
+                    sent = self._generation
+                    await response.write(f"event: changed\ndata: {sent}\n\n".encode())
+                else:
+                    await response.write(b": keep-alive\n\n")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.limits.event_heartbeat):
+                        await stream.wake.wait()
+                stream.wake.clear()
+            if stream.why:
+                await response.write(f"event: evicted\ndata: {stream.why}\n\n".encode())
+        except (ConnectionError, RuntimeError):
+            pass  # the client left (aiohttp raises ConnectionResetError or, once closing, RuntimeError)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._streams.remove(stream)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response
 
     async def _in(self, pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, call)
@@ -427,6 +528,58 @@ class AgentHttp:
         if not isinstance(status, int) or not 200 <= status <= 599:
             raise ValueError(f"API handler for {name!r} returned status {status!r}")
         return _json(status, payload)
+
+
+_OPEN = ""
+
+
+class _Stream:
+    """One open event stream: woken when the data changes; `why` is set (None: shutdown) when it must close."""
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.why: str | None = _OPEN
+
+    def close(self, why: str | None) -> None:
+        self.why = why
+        self.wake.set()
+
+
+_PAGE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Server", "dabctl"),
+    # Everything the page needs comes from the agent itself: no script, style, font or frame from elsewhere.
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+
+def _html(status: int, text: str) -> _Reply:
+    return _Reply(status, text.encode(), "text/html; charset=utf-8", _PAGE_HEADERS[3:])
+
+
+def _fleet_page(page: PageSource, fragment: bool) -> _Reply:
+    view = page.fleet()
+    main = render.fleet_main(view)
+    if fragment:
+        return _html(200, main)
+    return _html(200, render.page("dabctl · fleet", view.status.node, main, view.generation, "/?fragment=1"))
+
+
+def _stack_page(page: PageSource, name: str, fragment: bool) -> _Reply:
+    view = page.stack(name)
+    if view is None:
+        return _error(404, f"no stack named {name!r} on this node")
+    main = render.stack_main(view)
+    if fragment:
+        return _html(200, main)
+    url = f"/stacks/{quote(name, safe='')}?fragment=1"
+    return _html(200, render.page(f"dabctl · {name}", view.node, main, view.generation, url))
 
 
 class _ClientErrorsAtDebug(logging.Filter):

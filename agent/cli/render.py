@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.node.engine import AnyResult, PassPlan
+from agent.node.page import stack_plan_lines
 from reconcilers import loadbalancer, networks, services
 from reconcilers.outcome import Outcome
 from schemas.output import PlannedAction, PlanOutput, StackPlan
@@ -28,21 +29,8 @@ def render_plan(plan: PassPlan, out: Console) -> None:
             f"[bold]stack {escape(name)}[/]"
             + (f"  ({escape(short_revision(sp.revision))})" if sp.revision else "  (pruned)")
         )
-        if sp.error:
-            out.print(_styled(f"  ! {sp.error}"))
-        for note in sp.notes:
-            out.print(_styled(f"  ! {note}"))
-        for a in sp.network_actions:
-            out.print(_styled(f"  {a}"))
-        for b in sp.balancer_actions:
-            out.print(_styled(f"  {b}"))
-        by_service: dict[str, list[services.ServiceAction]] = {}
-        for s in sp.service_actions:
-            by_service.setdefault(s.key[1], []).append(s)
-        for service, actions in sorted(by_service.items()):
-            out.print(f"  service {escape(service)}")
-            for s in actions:
-                out.print(_styled(f"    {s}"))
+        for line in stack_plan_lines(sp):
+            out.print("  " + _styled(line))
     for name in plan.suspended:
         out.print(
             f"[bold]stack {escape(name)}[/]  [dim](suspended: left alone until `dabctl resume {escape(name)}`)[/]"

@@ -31,14 +31,18 @@ from agent.api.server import AgentHttp, WebhookAuth
 from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
+from agent.node import notices
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
+from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.private import private_dir
+from agent.notify.dispatch import Notifier
+from agent.notify.events import Observed, changes
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
@@ -48,6 +52,7 @@ from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
+from reconcilers.services import Replica
 from schemas.config import AgentConfig, split_listen
 from schemas.control import (
     ReconcileRequest,
@@ -93,6 +98,7 @@ class Agent:
         self.desired: DesiredState | None = None
         self.fingerprint: str | None = None
         self.load_errors: dict[str, str] = {}
+        self.load_details: dict[str, tuple[str, str]] = {}  # stack -> (file, field) of its first load error
         self.pass_errors: dict[str, str] = {}
         self.source_error: str | None = None
         self.refused: VerifyRefusal | None = None  # the source's newest revision, refused by the signature checks
@@ -143,6 +149,9 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
+        self.page = PageData(self.records, self.node, self._replicas, self._status_of)
+        self.notifier = Notifier(notices.routes(cfg.notify))
+        self._seen = Observed()
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")
@@ -157,6 +166,7 @@ class Agent:
             on_webhook=self.on_webhook,
             webhook=webhook,
             api={name: functools.partial(self.api, name) for name in API_CALLS},
+            page=self.page,
         )
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         if cfg.webhook_listen:
@@ -170,6 +180,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.shutdown())
         self.http.start()
+        if self.notifier.routes:
+            self._seen = notices.observe(self.records, {}, {}, None)  # what was so before this agent: no news
+            self.notifier.start()
         self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
@@ -200,6 +213,7 @@ class Agent:
 
     def _close(self) -> None:
         self.http.stop()
+        self.notifier.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.source.close()
@@ -229,6 +243,7 @@ class Agent:
                 self._broken_bundles(exc)
                 self.fingerprint = fp
                 self._refusal(None)
+                self.pass_ended(None)  # the page and the sinks hear of it now, not at the next pass
                 return True
             except VerificationRefused as exc:
                 # Not remembered as loaded (fingerprint): a signed tag may yet make it acceptable, and each check
@@ -255,10 +270,11 @@ class Agent:
             }
             if old is None:
                 changed |= set(self.records.stacks())
+            changed |= set(self.load_errors)  # fixed back to what runs: a pass says so (status, page, sinks)
             self.desired, self.fingerprint = new, fp
             for stack in list(self.load_errors):
                 self.metrics.set_stack_error(stack, None)
-            self.load_errors = {}
+            self.load_errors, self.load_details = {}, {}
             if changed:
                 log.info("source changed", extra={"stacks": ",".join(sorted(changed))})
                 self._source_changed |= changed
@@ -288,9 +304,11 @@ class Agent:
 
     def _broken_bundles(self, exc: InvalidBundles) -> None:
         errors: dict[str, str] = {}
+        details: dict[str, tuple[str, str]] = {}
         for e in exc.errors:
             errors.setdefault(_stack_of_file(e.file), str(e))
-        self.load_errors = errors
+            details.setdefault(_stack_of_file(e.file), (e.file, e.field))
+        self.load_errors, self.load_details = errors, details
         for stack, error in errors.items():
             self.metrics.set_stack_error(stack, error)
         # Every refused bundle is named (with its first problem and rule): after an upgrade whose defaults refuse
@@ -401,6 +419,29 @@ class Agent:
         self, keys: set[str], allow_empty: bool, migrate: Sequence[str] = ()
     ) -> tuple[PassPlan, PassReport] | None:
         """The plan and report of one pass over `keys`; None when it could not run (errors in pass_errors)."""
+        done = self._locked_pass(keys, allow_empty, migrate)
+        self.pass_ended(done[0] if done else None)
+        return done
+
+    def pass_ended(self, plan: PassPlan | None) -> None:
+        """Where a pass ends (or a control call changed the state): the page's new generation, notifications."""
+        self.page.pass_ended(plan)
+        self.http.changed()
+        if not self.notifier.routes:
+            return
+        try:
+            errors = {**self.pass_errors, **self.load_errors}
+            seen = notices.observe(self.records, errors, self.load_details, self.desired)
+        except DabctlError as exc:  # the state cannot be read now: the next pass looks again
+            log.warning("notifications skipped: cannot read the state", extra={"error": one_line(exc)})
+            return
+        events = changes(self._seen, seen, node=self.node, at=datetime.now(UTC).isoformat(timespec="seconds"))
+        self._seen = seen
+        self.notifier.publish(events)
+
+    def _locked_pass(
+        self, keys: set[str], allow_empty: bool, migrate: Sequence[str]
+    ) -> tuple[PassPlan, PassReport] | None:
         with self._pass_lock:
             if self.desired is None and not self._first_load(keys):
                 return None
@@ -508,11 +549,17 @@ class Agent:
     # --- status and the CLI's API ---------------------------------------------------------------------------------
 
     def status(self) -> StatusOutput:
+        return self._status_of(self._replicas())
+
+    def _replicas(self) -> list[Replica]:
+        return self.docker.list_replicas(self.engine.owner)
+
+    def _status_of(self, replicas: Sequence[Replica]) -> StatusOutput:
         errors = {**self.pass_errors, **self.load_errors}
         stacks = stack_statuses(
             self.desired,
             self.records.stacks(),
-            self.docker.list_replicas(self.engine.owner),
+            replicas,
             assignments=self.records.assignments(),
             node=self.node,
             errors=errors,
@@ -610,6 +657,7 @@ class Agent:
     def suspend(self, request: SuspendRequest) -> SuspendResult:
         self._known(request.stack)
         changed = self.records.set_suspended(request.stack, request.suspended)
+        self.pass_ended(None)
         if not request.suspended:
             self.queue.add([request.stack], urgent=True)
         return SuspendResult(stack=request.stack, suspended=request.suspended, changed=changed)

@@ -14,6 +14,7 @@ from agent.metrics import Metrics
 from agent.node.engine import EmptySourceRefused, PassPlan, PassReport, StackPlan
 from agent.node.loop import Agent
 from agent.node.workqueue import WorkQueue
+from agent.notify.dispatch import Notifier
 from agent.state.log import StateLocked, Unavailable
 from bundles import DesiredState
 from bundles.errors import BundleError, InvalidBundles
@@ -54,6 +55,9 @@ def agent_with(engine: StandInEngine, clock: list[float]) -> Agent:
     shell._source_changed = set()
     shell.engine = engine  # type: ignore[assignment]
     shell.docker = SimpleNamespace(url="unix:///run/docker.sock")  # type: ignore[assignment]
+    shell.page = SimpleNamespace(pass_ended=lambda plan: 0)  # type: ignore[assignment]
+    shell.http = SimpleNamespace(changed=lambda: None)  # type: ignore[assignment]
+    shell.notifier = Notifier([])
     return shell
 
 

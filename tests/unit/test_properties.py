@@ -738,6 +738,21 @@ _CONFIG_OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "published_port_range": st.tuples(st.integers(1, 65535), st.integers(0, 65534)).map(
         lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
     ),
+    "notify": st.lists(
+        st.fixed_dictionaries(
+            {
+                "kind": st.sampled_from(["webhook", "slack"]),
+                "name": st.none(),
+                "url": st.just("http://127.0.0.1:9/hook"),
+                "url_file": st.none(),
+                "url_env": st.none(),
+                "secret_file": st.none(),
+                "secret_env": st.none(),
+                "events": st.lists(st.sampled_from(["pass.failed", "rollout.started"]), max_size=2),
+            }
+        ),
+        max_size=2,
+    ),
     # Absolute paths, plain or as {path, read_only}.
     "allow_bind_mounts": st.lists(
         st.one_of(
@@ -833,6 +848,8 @@ def test_valid_configs_round_trip(config_dir: Path, doc: Doc, allow_unicode: boo
 def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return json.dumps(value)
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     if isinstance(value, dict):
@@ -852,7 +869,7 @@ def env_settings(draw: st.DrawFn) -> tuple[str, Any]:
     kinds = field_types(AgentConfig.model_fields[name].annotation)
     if name == "allow_bind_mounts":  # absolute paths
         return name, draw(st.lists(_env_item.map(lambda t: "/" + t), max_size=3))
-    if name == "allow_published_ports":
+    if name in ("allow_published_ports", "notify"):
         return name, draw(_CONFIG_OVERRIDES[name])
     if any(typing.get_origin(k) is list for k in kinds):
         return name, draw(st.lists(_env_item, max_size=3))
@@ -865,6 +882,8 @@ def test_every_setting_can_be_set_from_the_environment(setting: tuple[str, Any])
     key = "DABCTL_" + name.upper()
     cfg = load_config(None, {}, environ={key: _env_text(value)})
     got = getattr(cfg, name)
+    if isinstance(got, list) and got and isinstance(got[0], BaseModel):
+        got = [g.model_dump(exclude_unset=True) for g in got]
     assert (got.model_dump() if isinstance(got, BaseModel) else got) == value
 
 
