@@ -40,9 +40,9 @@ from agent.node.runtime import Runtime
 from agent.node.status import stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
-from agent.private import private_dir
 from agent.notify.dispatch import Notifier
 from agent.notify.events import Observed, changes
+from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
