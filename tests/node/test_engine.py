@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from agent.cluster.orchestrate import stack_from_record
 from agent.drivers.docker_engine import EngineError
-from agent.node.engine import EmptySourceRefused, Engine, stack_from_record
+from agent.node.engine import EmptySourceRefused, Engine
 from agent.node.rollback import pin_stack
 from agent.state.records import Records
 from agent.state.sqlite import SqliteStateLog
