@@ -211,7 +211,18 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
 
 
 def _names(desired: Desired, snapshot: Snapshot) -> set[str]:
-    return set(desired.state.stacks) | set(snapshot.stacks)
+    """Every stack the desired state or the snapshot knows (one may have ports and slots before its record)."""
+    return stacks_known(desired.state, snapshot)
+
+
+def stacks_known(desired: DesiredState, snapshot: Snapshot) -> set[str]:
+    """Every stack the desired state or the snapshot knows (one may have ports and slots before its record)."""
+    return (
+        set(desired.stacks)
+        | set(snapshot.stacks)
+        | {stack for stack, _ in snapshot.assignments}
+        | {k.stack for k in snapshot.ports}
+    )
 
 
 def _allocate(

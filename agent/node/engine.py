@@ -24,6 +24,7 @@ from agent.cluster.orchestrate import (
     ResolvedImage,
     apply_pins,
     orchestrate,
+    stacks_known,
 )
 from agent.cluster.snapshot import Assignments, Snapshot
 from agent.drivers.balancer import listening_ports, open_balancer
@@ -277,7 +278,7 @@ class Engine:
                 "refusing to remove them all — pass --allow-empty if that is what you want"
             )
 
-        names = set(desired.stacks) | deployed
+        names = stacks_known(desired, snapshot) | deployed
         in_scope = {n for n in names if (only is None or n in only) and n not in suspended}
         net_targets = [t for stack in desired.stacks.values() for t in desired_networks(stack)]
         # What this node cannot take this pass, whoever decides the rest: reported to the orchestrator as blocked.

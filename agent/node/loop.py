@@ -142,6 +142,7 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
+        self.engine.on_replan = self.metrics.replans.inc
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env)
