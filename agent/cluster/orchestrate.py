@@ -164,10 +164,11 @@ class Intent:
 
     def node_services(self, node: str) -> list[ServiceDesired]:
         """`node`'s part: each service with the slots assigned to it."""
-        return [
-            replace(d, slots=tuple(self.assignments.get((d.target.stack, d.target.name), {}).get(node, [])))
-            for d in self.services
-        ]
+        out = []
+        for d in self.services:
+            slots = tuple(self.assignments.get((d.target.stack, d.target.name), {}).get(node, []))
+            out.append(d if slots == d.slots else replace(d, slots=slots))
+        return out
 
     @property
     def changed(self) -> bool:
@@ -288,8 +289,13 @@ def _roll(intent: Intent, desired: Desired, snapshot: Snapshot, observations: Ob
     """Each service's next rollout step over all its slots, from the slots' reports; a rollout that fails into
     `rollback` pins its stack to the revision applied before."""
     live = [r for r in observations.slots if r.stack not in intent.held]
+    moving = _moving(intent.services, live, snapshot)
     sp = services.plan_pass(
-        intent.services, live, observations.network_ids, now=observations.now, rollouts=snapshot.rollouts
+        [d for d in intent.services if (d.target.stack, d.target.name) in moving],
+        [r for r in live if (r.stack, r.service) in moving],
+        observations.network_ids,
+        now=observations.now,
+        rollouts=snapshot.rollouts,
     )
     intent.steps = sp.steps
     intent.rollouts = dict(sp.rollouts)
@@ -307,6 +313,20 @@ def _roll(intent: Intent, desired: Desired, snapshot: Snapshot, observations: Ob
             intent.pins[stack] = pin
             intent.recheck_in = 0.0
             intent.rolling = True
+
+
+def _moving(wanted: Sequence[ServiceDesired], slots: Sequence[Replica], snapshot: Snapshot) -> set[ServiceKey]:
+    """Services a rollout step may concern: a slot reports a container of another spec or image, or a rollout
+    recorded for it is not complete. The others have nothing to step (and a converged pass stays cheap)."""
+    by_key = {(d.target.stack, d.target.name): d for d in wanted}
+    out = {k for k, ro in snapshot.rollouts.items() if ro.state != "completed" and k in by_key}
+    for r in slots:
+        d = by_key.get((r.stack, r.service))
+        if d is not None and (
+            r.spec_hash != d.target.spec_hash or (d.image_id is not None and r.image_id != d.image_id)
+        ):
+            out.add((r.stack, r.service))
+    return out
 
 
 def _rollback_pin(stack: str, desired: DesiredState, snapshot: Snapshot, reason: str, now: float) -> Pin | None:

@@ -257,7 +257,7 @@ class Engine:
     ) -> PassPlan:
         # One snapshot of the state at one revision; this node's observations (one list call per kind); then the
         # cluster's decisions (orchestrate, pure) and this node's part of them (the node pass).
-        snapshot = self.records.snapshot()
+        snapshot = self.records.snapshot(restarts=self._restarts is None)
         if self._restarts is None:  # restart bookkeeping is the node's: loaded once, then kept here
             self._restarts = dict(snapshot.restarts)
         records = dict(snapshot.stacks)
@@ -291,6 +291,7 @@ class Engine:
         held |= set(migration_errors)
         balance, balancer_error = self._observe_balancer(desired, snapshot.ports)
         publishing = self.balancer is not None and balancer_error is None
+        early_held = set(held)
         early = networks.plan(
             [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
         )
@@ -332,10 +333,12 @@ class Engine:
         }
         # The node pass: this node's slots of the intent, its containers, networks and ruleset -> actions.
         # A blocked stack is left exactly as it is: neither its objects nor its targets enter planning.
-        net_actions = networks.plan(
-            [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
-        )
-        network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
+        net_actions = early
+        if held != early_held:  # the orchestrator held more: their networks are left as they are too
+            net_actions = networks.plan(
+                [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
+            )
+            network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
         wanted = intent.node_services(self.node)
         for key, resolved in images.items():
             if resolved.note and key[0] not in held:

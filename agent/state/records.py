@@ -88,9 +88,10 @@ class Records:
     def stacks(self) -> dict[str, StackRecord]:
         return _stacks(self.log.range(STACKS))
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, *, restarts: bool = True) -> Snapshot:
         """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
-        for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need)."""
+        for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need);
+        restart records only when asked (a node keeps its own once loaded)."""
         revision = self.log.revision()
         versions: dict[str, int] = {}
 
@@ -120,7 +121,7 @@ class Records:
             assignments=_assignments(read(ASSIGNMENTS)),
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
-            restarts=_restarts(read(RESTARTS)),
+            restarts=_restarts(read(RESTARTS)) if restarts else {},
             versions=versions,
         )
 
