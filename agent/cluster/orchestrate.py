@@ -14,7 +14,8 @@ from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent.cluster.scheduler import assign
-from agent.cluster.snapshot import Assignments, ServiceKey, Snapshot
+from agent.cluster.snapshot import Assignments, ServiceKey, SlotKey, Snapshot
+from agent.cluster.tasks import TaskChanges, plan_tasks
 from bundles import InvalidBundles, parse_bundle
 from bundles.desired import DesiredState, ServiceTarget, StackBundle, service_targets
 from bundles.policy import Policy, count_violations, stack_violations
@@ -161,6 +162,7 @@ class Intent:
     notes: dict[ServiceKey, Note] = field(default_factory=dict)  # rollouts paused with nothing to roll back to
     recheck_in: float | None = None
     pins: dict[str, Pin | None] = field(default_factory=dict)  # pins set (automatic rollbacks) or lifted
+    tasks: TaskChanges = field(default_factory=TaskChanges)
 
     def node_services(self, node: str) -> list[ServiceDesired]:
         """`node`'s part: each service with the slots assigned to it."""
@@ -174,7 +176,7 @@ class Intent:
     def changed(self) -> bool:
         return bool(
             self.assignments_changed or self.assignments_removed or self.ports_changed or self.ports_removed
-        ) or bool(self.rollouts or self.pins)
+        ) or bool(self.rollouts or self.pins or self.tasks)
 
 
 def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations) -> Intent:
@@ -208,6 +210,19 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
         }
     intent.services = _services(desired, snapshot, assignments, held)
     _roll(intent, desired, snapshot, observations)
+    slot_nodes: dict[SlotKey, str] = {
+        (*key, slot): node for key, nodes in assignments.items() for node, slots in nodes.items() for slot in slots
+    }
+    intent.tasks = plan_tasks(
+        intent.services,
+        slot_nodes,
+        [r for r in observations.slots if r.stack not in held],
+        steps=intent.steps,
+        rollouts={**snapshot.rollouts, **intent.rollouts},
+        tasks={k: v for k, v in snapshot.tasks.items() if k[0] not in held},
+        now=observations.now,
+        revision=snapshot.revision,
+    )
     return intent
 
 

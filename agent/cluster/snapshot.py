@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
-from schemas.state import Pin, StackRecord
+from schemas.state import Pin, StackRecord, TaskRecord
 
 ServiceKey = tuple[str, str]
 SlotKey = tuple[str, str, str]
@@ -30,4 +30,5 @@ class Snapshot:
     ports: Mapping[PortKey, int] = field(default_factory=dict)
     rollouts: Mapping[ServiceKey, Rollout] = field(default_factory=dict)
     restarts: Mapping[SlotKey, RestartRecord] = field(default_factory=dict)
+    tasks: Mapping[SlotKey, Sequence[TaskRecord]] = field(default_factory=dict)  # each slot's, oldest first
     versions: Mapping[str, int] = field(default_factory=dict)

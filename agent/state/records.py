@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 from agent.cluster.orchestrate import Intent
 from agent.cluster.snapshot import Snapshot
+from agent.cluster.tasks import task_order
 from agent.state.log import Compare, Delete, KeyValue, Op, Put, StateLog, TxnResult
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
 from schemas import state
-from schemas.state import Assignment, AuditEntry, Pin, StackRecord
+from schemas.state import Assignment, AuditEntry, Pin, StackRecord, TaskRecord
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -30,6 +31,7 @@ PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> publis
 # Put by every orchestrator commit: a commit compares it to the snapshot's, so two orchestrators that read the same
 # revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
 INTENT_KEY = "/meta/intent"
+TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Records:
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
+            tasks=_tasks(read(TASKS)),
             versions=versions,
         )
 
@@ -143,12 +146,20 @@ class Records:
             ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
         for stack, pin in sorted(intent.pins.items()):
             ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
+        for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
+            ops += [Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed]
+        for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
+            ops += [Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids]
         if not ops:
             return True
         compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
         compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
         ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
         return orchestrator_txn(self.log, compares, ops, self.fence).succeeded
+
+    def tasks(self) -> dict[tuple[str, str, str], list[TaskRecord]]:
+        """Each slot's tasks, oldest first (what `ps` shows of a slot's previous tasks)."""
+        return _tasks(self.log.range(TASKS))
 
     def history(self, stack: str) -> list[StackRecord]:
         """Applied revisions of a stack, newest first."""
@@ -206,6 +217,7 @@ class Records:
                 Delete(f"{ROLLOUTS}{stack}/", prefix=True),
                 Delete(f"{RESTARTS}{stack}/", prefix=True),
                 Delete(PINS + stack),
+                Delete(f"{TASKS}{stack}/", prefix=True),
             ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
@@ -263,6 +275,16 @@ def _stacks(kvs: Sequence[KeyValue]) -> dict[str, StackRecord]:
     for kv in kvs:
         rec = StackRecord.model_validate_json(kv.value)
         out[rec.stack] = rec
+    return out
+
+
+def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:
+    out: dict[tuple[str, str, str], list[TaskRecord]] = {}
+    for kv in kvs:
+        stack, service, slot, _ = kv.key.removeprefix(TASKS).split("/", 3)
+        out.setdefault((stack, service, slot), []).append(TaskRecord.model_validate_json(kv.value))
+    for tasks in out.values():
+        tasks.sort(key=task_order)
     return out
 
 
