@@ -42,6 +42,11 @@ class Metrics:
             ["stack"],
             registry=self.registry,
         )
+        self.replans = Counter(
+            "dabctl_orchestrator_replans_total",
+            "Passes planned again because another writer committed to the state between their read and commit.",
+            registry=self.registry,
+        )
         self.git_fetch_failures = Counter(
             "dabctl_git_fetch_failures_total",
             "Failed fetches of the bundle repository.",

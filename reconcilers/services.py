@@ -264,6 +264,7 @@ class ServicesPlan:
     notes: dict[ServiceKey, Note] = field(default_factory=dict)
     recheck_in: float | None = None
     rolling: set[ServiceKey] = field(default_factory=set)  # services with a rollout still moving
+    steps: dict[ServiceKey, rollout.Step] = field(default_factory=dict)  # each rolling service's step this pass
 
     def recheck(self, seconds: float | None) -> None:
         if seconds is not None:
@@ -291,6 +292,7 @@ def plan_pass(
     now: float = 0.0,
     rollouts: Mapping[ServiceKey, rollout.Rollout] | None = None,
     restart_records: Mapping[SlotKey, restarts.RestartRecord] | None = None,
+    steps: Mapping[ServiceKey, rollout.Step] | None = None,
 ) -> ServicesPlan:
     """One pass's plan (pure).
 
@@ -298,6 +300,8 @@ def plan_pass(
     in `actual` is removed. `network_ids` maps network names to the ids that survive this pass: a replica
     attached anywhere else is recreated. Replicas of an older spec are replaced in rolling batches
     (reconcilers.rollout) and exited ones restarted with backoff (reconcilers.restarts), both as of `now`.
+    `steps` are rollout steps decided for the whole service elsewhere (the orchestrator): a service with one
+    takes it instead of stepping its rollout here.
     """
     rollouts = rollouts or {}
     restart_records = restart_records or {}
@@ -356,7 +360,10 @@ def plan_pass(
                 given_up.append(f"slot {slot} failed: {decision.reason}")
         if given_up:
             out.notes[key] = Note(t.name, NoteKind.RESTART_GIVEN_UP, "; ".join(given_up))
-        rolled, retired = _roll(d, target_id, views, olds, recorded=recorded, current=current, now=now, out=out)
+        given = steps.get(key) if steps is not None else None
+        rolled, retired = _roll(
+            d, target_id, views, olds, recorded=recorded, current=current, now=now, out=out, given=given
+        )
         others.extend(rolled)
         removes.extend(retired)
 
@@ -409,6 +416,7 @@ def _roll(
     current: rollout.Rollout | None,
     now: float,
     out: ServicesPlan,
+    given: rollout.Step | None = None,
 ) -> tuple[list[ServiceAction], list[RemoveReplica]]:
     """The rollout's next step for one service's slots on an older spec: replacements and starts, the old
     containers to remove; the rollout's progress and notes go to `out`. With no such slot left, the rollout
@@ -420,7 +428,8 @@ def _roll(
             out.rollouts[key] = replace(current, state="completed", batch=())
         return [], []
     cfg = t.service.deploy.rollback_config if d.rollback else t.service.deploy.update_config
-    s = rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
+    s = given or rollout.step(views, target_id, cfg, current, now, rollback=d.rollback, replicas=len(d.slots))
+    out.steps[key] = s
     fields = {
         slot: changed_fields(d.previous_spec if old.spec_hash == d.previous_hash else None, t.spec)
         for slot, old in olds.items()
@@ -430,11 +439,12 @@ def _roll(
     actions: list[ServiceAction] = [
         ReplaceReplica(olds[slot], t, d.revision, () if image[slot] else fields[slot], image=image[slot])
         for slot in s.replace
+        if slot in olds  # a step over all of a service's slots names other nodes' too
     ]
-    for slot in s.start_beside:
+    for slot in (x for x in s.start_beside if x in olds):
         why = f"start-first update ({image[slot] or ', '.join(fields[slot])} changed)"
         actions.append(CreateReplica(t, slot, d.revision, why))
-    removes = [RemoveReplica(olds[slot], "replaced: its successor is healthy") for slot in s.remove_old]
+    removes = [RemoveReplica(olds[slot], "replaced: its successor is healthy") for slot in s.remove_old if slot in olds]
     if s.rollout is not None and s.rollout != recorded:
         out.rollouts[key] = s.rollout
     if s.rollout is not None and s.rollout.state in ("paused", "rolling-back"):

@@ -39,7 +39,8 @@ class PlanOutput(BaseModel):
 
 
 class ReplicaRow(BaseModel):
-    """One container of `dabctl ps --output json`."""
+    """One container of `dabctl ps --output json`; with `--tasks`, also each slot's previous tasks (`task` set,
+    no container: desired state `shutdown`, the container's exit code and the error it ended with)."""
 
     stack: str
     service: str
@@ -51,6 +52,8 @@ class ReplicaRow(BaseModel):
     exit_code: int | None
     spec: str
     revision: str
+    task: str | None = None
+    error: str = ""
 
 
 class SyncStatus(BaseModel):

@@ -109,3 +109,22 @@ class RestartRecord(Record):
     attempts: tuple[float, ...] = ()
     last_start: float | None = None
     total: int = 0
+
+
+class TaskRecord(Record):
+    """One task of a replica slot, as SwarmKit's: the spec it runs (`target`, a spec hash), the node it is assigned
+    to, its desired state, when the orchestrator created it (epoch seconds), whether it was recorded healthy (a
+    start-first handover: the old task is shut down in the same transaction), and how it ended (`ended_at`, the
+    container's exit code, an error)."""
+
+    task_id: str
+    slot: str
+    node: str
+    target: str
+    desired: Literal["running", "shutdown"] = "running"
+    created_at: float
+    created_revision: int = 0  # the state revision it was planned from: orders tasks created in the same second
+    healthy: bool = False
+    ended_at: float | None = None
+    exit_code: int | None = None
+    error: str = ""

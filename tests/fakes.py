@@ -501,3 +501,26 @@ def unreachable(runtime: FakeRuntime) -> Iterator[None]:
         yield
     finally:
         runtime.reachable = True
+
+
+class CountingLog:
+    """A real state log that counts the write calls made on it (put, delete, txn); reads pass through."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.writes: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.log, name)
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        self.writes.append(f"put {key}")
+        return int(self.log.put(key, value, lease))
+
+    def delete(self, key: str, prefix: bool = False) -> int:
+        self.writes.append(f"delete {key}")
+        return int(self.log.delete(key, prefix))
+
+    def txn(self, compares: Sequence[Any], then_ops: Sequence[Any], else_ops: Sequence[Any] = ()) -> Any:
+        self.writes.append("txn " + ", ".join(getattr(op, "key", "?") for op in then_ops))
+        return self.log.txn(compares, then_ops, else_ops)

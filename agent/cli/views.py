@@ -22,11 +22,20 @@ from schemas.output import ReplicaRow
 @click.argument("stack", required=False)
 @engine_options
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
-def ps(stack: str | None, config_path: Path | None, fmt: str, **opts: Any) -> None:
-    """List managed containers per slot (all stacks, or STACK) with state and spec revision."""
+@click.option(
+    "--tasks/--no-tasks",
+    "show_tasks",
+    default=True,
+    help="Also list each slot's previous tasks with how they ended: exit code and error (default: on; in JSON, "
+    "rows with `task` set).",
+)
+def ps(stack: str | None, config_path: Path | None, fmt: str, show_tasks: bool, **opts: Any) -> None:
+    """List managed containers per slot (all stacks, or STACK) with state and spec revision, and each slot's
+    previous tasks (as `docker service ps` does)."""
     cfg = load(config_path, **opts)
     with open_engine(cfg, read_only=True) as engine:
         replicas = engine.services.observe()
+        tasks = engine.records.tasks() if show_tasks else {}
     rows = [
         ReplicaRow(
             stack=r.stack,
@@ -40,9 +49,31 @@ def ps(stack: str | None, config_path: Path | None, fmt: str, **opts: Any) -> No
             spec=r.spec_hash,
             revision=r.revision,
         )
-        for r in sorted(replicas, key=lambda r: (r.stack, r.service, slot_order(r.slot), r.name))
+        for r in replicas
         if stack is None or r.stack == stack
     ]
+    rows += [
+        ReplicaRow(
+            stack=key[0],
+            service=key[1],
+            slot=key[2],
+            container="",
+            id="",
+            state=t.desired,
+            health=None,
+            exit_code=t.exit_code,
+            spec=t.target,
+            revision="",
+            task=t.task_id,
+            error=t.error,
+        )
+        for key, slot_tasks in tasks.items()
+        if stack is None or key[0] == stack
+        for t in reversed(slot_tasks)
+        if t.desired == "shutdown"
+    ]
+    # Each slot's containers, then its previous tasks, newest first (the sort is stable).
+    rows.sort(key=lambda r: (r.stack, r.service, slot_order(r.slot), r.task is not None, r.container))
     if stack is not None and not rows:
         raise UserError(f"no containers of stack {stack!r} on this node; `dabctl ps` lists every stack")
     if fmt == "json":
@@ -55,6 +86,9 @@ def ps(stack: str | None, config_path: Path | None, fmt: str, **opts: Any) -> No
         state = (
             r.state + (f" ({r.exit_code})" if r.exit_code is not None else "") + (f" {r.health}" if r.health else "")
         )
+        if r.task is not None:
+            table.add_row("", "", "", f" \\_ task {r.task}", state + (f": {r.error}" if r.error else ""), r.spec, "")
+            continue
         table.add_row(r.stack, r.service, r.slot, r.container, state, r.spec, short_revision(r.revision))
     console().print(table)
 

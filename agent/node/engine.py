@@ -13,16 +13,25 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import KW_ONLY, dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
+from agent.cluster.orchestrate import (
+    Desired,
+    Intent,
+    Observations,
+    PlannedImage,
+    ResolvedImage,
+    apply_pins,
+    orchestrate,
+    stacks_known,
+)
+from agent.cluster.snapshot import Assignments, Snapshot
 from agent.drivers.balancer import listening_ports, open_balancer
 from agent.drivers.docker_engine import ImageUnavailable
 from agent.node.admission import PolicyRefused, admit
 from agent.node.runtime import Runtime
-from agent.node.scheduler import Assignments, assign
 from agent.state.records import Records
-from bundles import InvalidBundles, parse_bundle
 from bundles.desired import (
     DesiredState,
     ServiceTarget,
@@ -33,20 +42,24 @@ from bundles.desired import (
     stack_volumes,
     with_volume_names,
 )
-from bundles.policy import Policy, count_violations, stack_violations
-from reconcilers import loadbalancer, networks, rollout, services, volumes
+from bundles.policy import Policy
+from reconcilers import loadbalancer, networks, services, volumes
 from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
-from reconcilers.networks import NetworkAction, NetworksReconciler
+from reconcilers.networks import NetworkAction, NetworksReconciler, ObservedNetwork
 from reconcilers.notes import Note, NoteKind
 from reconcilers.outcome import Outcome, Result
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
-from reconcilers.services import ImageChange, ServiceAction, ServiceDesired, ServicesReconciler, pending_image
+from reconcilers.services import ImageChange, ServiceAction, ServicesReconciler, pending_image
 from schemas.errors import DabctlError
 from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
 
 Action = ServiceAction | NetworkAction | BalancerAction | volumes.MigrateVolume
 AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction] | Result[volumes.MigrateVolume]
+
+
+REPLAN_ATTEMPTS = 5
+LOST_RACE = "the state changed while this pass planned, every time it tried; the next pass plans again"
 
 
 class EmptySourceRefused(DabctlError):
@@ -70,30 +83,6 @@ class StackPlan:
     @property
     def actions(self) -> list[Action]:
         return [*self.network_actions, *self.volume_actions, *self.service_actions, *self.balancer_actions]
-
-
-@dataclass(frozen=True)
-class PlannedImage:
-    """What a service's replicas are created from this pass: `reference` is the bundle's, one pinned to a
-    registry `digest`, or a recorded `image_id` (then nothing is looked up when the pass is recorded)."""
-
-    reference: str
-    image_id: str | None = None
-    digest: str | None = None
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """A service's image for this pass: the target to create from, the image ID its replicas must have (with
-    the digest it was pulled by), why it moved while the spec did not, and an image check that failed."""
-
-    target: ServiceTarget
-    image: PlannedImage
-    _: KW_ONLY
-    expected: str | None = None
-    digest: str | None = None
-    change: ImageChange | None = None
-    note: Note | None = None
 
 
 @dataclass(kw_only=True)
@@ -122,6 +111,9 @@ class PassPlan:
     balancer_error: str | None = None  # the balancer cannot be read or written: ports stay as they are
     awaiting_health: int = 0  # replicas of published services still starting: they join the balancer when healthy
     unmoved: set[str] = field(default_factory=set)  # stacks whose volume copy failed: they keep their old names
+    intent: Intent | None = None  # the cluster's decisions this plan acts on, committed before anything acts
+    snapshot: Snapshot | None = None  # the state they were made from
+    inputs: tuple[DesiredState, bool, Collection[str] | None, Collection[str]] | None = None  # to plan again
 
     @property
     def changes(self) -> int:
@@ -185,6 +177,9 @@ class Engine:
         docker.default_pull_policy = pull_policy
         self.clock = clock
         self._pinned: set[str] = set()
+        self._restarts: dict[tuple[str, str, str], RestartRecord] | None = None
+        self.replans = 0  # passes planned again because another writer committed first
+        self.on_replan: Callable[[], None] | None = None
         self._named: dict[str, tuple[StackBundle, StackBundle]] = {}
         self.docker = docker
         self.records = records
@@ -213,7 +208,9 @@ class Engine:
         list, only when a pass creates replicas with scoped volumes)."""
         first = self._plan(desired, allow_empty, only, migrate_volumes, {})
         refused = self._volume_refusals(first)
-        return self._plan(desired, allow_empty, only, migrate_volumes, refused) if refused else first
+        plan = self._plan(desired, allow_empty, only, migrate_volumes, refused) if refused else first
+        plan.inputs = (desired, allow_empty, only, migrate_volumes)
+        return plan
 
     def _volume_refusals(self, plan: PassPlan) -> dict[str, str]:
         """Stacks of `plan` about to create replicas on new, empty scoped volumes while old ones exist."""
@@ -258,13 +255,19 @@ class Engine:
         migrate: Collection[str],
         refused: Mapping[str, str],
     ) -> PassPlan:
-        records = self.records.stacks()
-        suspended = self.records.suspended()
+        # One snapshot of the state at one revision; this node's observations (one list call per kind); then the
+        # cluster's decisions (orchestrate, pure) and this node's part of them (the node pass).
+        snapshot = self.records.snapshot(restarts=self._restarts is None)
+        if self._restarts is None:  # restart bookkeeping is the node's: loaded once, then kept here
+            self._restarts = dict(snapshot.restarts)
+        records = dict(snapshot.stacks)
+        suspended = set(snapshot.suspended)
         now = self.clock()
-        desired, pins_changed, pin_errors = self._apply_pins(desired, self.records.pins())
+        pinned = apply_pins(desired, snapshot, self.policy)
+        self._pinned = set(pinned.stacks)
+        desired = pinned.desired
         moving = {n for n in migrate if n in desired.stacks and n in records and records[n].volume_names == "legacy"}
         desired = self._name_volumes(desired, records, moving)
-        current_assignments = self.records.assignments()
         replicas = self.services.observe()
         observed_networks = self.networks.observe()
 
@@ -275,69 +278,71 @@ class Engine:
                 "refusing to remove them all — pass --allow-empty if that is what you want"
             )
 
-        names = set(desired.stacks) | deployed
+        names = stacks_known(desired, snapshot) | deployed
         in_scope = {n for n in names if (only is None or n in only) and n not in suspended}
         net_targets = [t for stack in desired.stacks.values() for t in desired_networks(stack)]
+        # What this node cannot take this pass, whoever decides the rest: reported to the orchestrator as blocked.
         blocked = networks.conflicts(net_targets, observed_networks, self.owner)
+        blocked.update(pinned.errors)
+        blocked.update(refused)
         held = (names - in_scope) | set(blocked)
-        blocked.update({k: v for k, v in pin_errors.items() if k in in_scope})
-        held |= set(pin_errors)
-        blocked.update({k: v for k, v in refused.items() if k in in_scope})
-        held |= set(refused)
         copies, migration_errors = self._migrations(desired, (moving & in_scope) - held, replicas)
         blocked.update(migration_errors)
         held |= set(migration_errors)
-        recorded_ports = self.records.ports()
-        balance, balancer_error = self._observe_balancer(desired, recorded_ports)
+        balance, balancer_error = self._observe_balancer(desired, snapshot.ports)
         publishing = self.balancer is not None and balancer_error is None
-        allocation = self._allocate(desired, held, balance, recorded_ports)
-        blocked.update({k: v for k, v in allocation.errors.items() if k in in_scope})
-        held |= set(allocation.errors)
-        for key, port in sorted(allocation.conflicts.items()):
-            blocked.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
+        early_held = set(held)
+        early = networks.plan(
+            [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
+        )
+        network_ids = networks.kept_network_ids(observed_networks, early, self.owner)
+        images = {
+            (name, t.name): self._resolve_image(t, _previous(records, name, t.name))
+            for name, stack in desired.stacks.items()
+            if name not in held
+            for t in service_targets(stack)
+        }
+        listening = self._listening(desired, held) if publishing else set()
+        programmed = {f.address for f in balance}
+        intent = orchestrate(
+            Desired(
+                state=desired,
+                images=images,
+                nodes=(self.node,),
+                scope=frozenset(in_scope),
+                pinned=frozenset(pinned.stacks),
+                lifted=pinned.lifted,
+                port_rules=self.ports if publishing else None,
+            ),
+            snapshot,
+            Observations(
+                now=now,
+                slots=[r for r in replicas if r.stack not in held and r.stack not in copies],
+                network_ids=network_ids,
+                busy=frozenset(listening - programmed),
+                listening=frozenset(listening),
+                blocked=blocked,
+            ),
+        )
+        held = intent.held
         stacks = {
             name: StackPlan(
-                name, desired.stacks[name].revision if name in desired.stacks else None, error=blocked.get(name)
+                name, desired.stacks[name].revision if name in desired.stacks else None, error=intent.errors.get(name)
             )
             for name in sorted(in_scope)
         }
-        pinned = set(self._pinned)
-
-        assignments = assign(desired, [self.node])
-        changed = {k: v for k, v in assignments.items() if current_assignments.get(k) != v and k[0] not in held}
-        removed = {k for k in set(current_assignments) - set(assignments) if k[0] not in held}
-
+        # The node pass: this node's slots of the intent, its containers, networks and ruleset -> actions.
         # A blocked stack is left exactly as it is: neither its objects nor its targets enter planning.
-        live_networks = [n for n in observed_networks if not (n.owned_by(self.owner) and n.stack in held)]
-        net_actions = networks.plan([t for t in net_targets if t.stack not in held], live_networks, self.owner)
-        network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
-
-        wanted: list[ServiceDesired] = []
-        images: dict[tuple[str, str], PlannedImage] = {}
-        for name, stack in desired.stacks.items():
-            if name in held:
-                continue
-            record = records.get(name)
-            for target in service_targets(stack):
-                previous = record.services.get(target.name) if record else None
-                slots = assignments.get((name, target.name), {}).get(self.node, [])
-                resolved = self._resolve_image(target, previous)
-                if resolved.note:
-                    stacks[name].notes.append(resolved.note)
-                images[(name, target.name)] = resolved.image
-                wanted.append(
-                    ServiceDesired(
-                        target=resolved.target,
-                        image_id=resolved.expected,
-                        image_change=resolved.change,
-                        image_digest=resolved.digest,
-                        slots=tuple(slots),
-                        revision=stack.revision,
-                        previous_spec=previous.spec if previous else None,
-                        previous_hash=previous.spec_hash if previous else None,
-                        rollback=name in pinned,
-                    )
-                )
+        net_actions = early
+        if held != early_held:  # the orchestrator held more: their networks are left as they are too
+            net_actions = networks.plan(
+                [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
+            )
+            network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
+        wanted = intent.node_services(self.node)
+        for key, resolved in images.items():
+            if resolved.note and key[0] not in held:
+                stacks[key[0]].notes.append(resolved.note)
         # A stack whose volumes are copied stops every replica first: none may write to the old volume meanwhile.
         stopping = [r for r in replicas if r.stack in copies and r.stack not in held]
         live_replicas = [r for r in replicas if r.stack not in held and r.stack not in copies]
@@ -346,70 +351,63 @@ class Engine:
             live_replicas,
             network_ids,
             now=now,
-            rollouts=self.records.rollouts(),
-            restart_records=self.records.restarts(),
+            rollouts=snapshot.rollouts,
+            restart_records=self._restarts,
+            steps=intent.steps,
         )
         for a in net_actions:
             stacks[stack_of(a)].network_actions.append(a)
         _plan_moves(stacks, stopping, copies)
         for s in sp.actions:
             stacks[stack_of(s)].service_actions.append(s)
-        for (stack_name, _), note in sp.notes.items():
-            stacks[stack_name].notes.append(note)
+        for key, note in {**sp.notes, **intent.notes}.items():
+            notes = stacks[key[0]].notes
+            notes[:] = [n for n in notes if not (key in intent.notes and n.service == key[1])]
+            notes.append(note)
         if publishing:
             draining = {
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
             }
             endpoints = _endpoints(_first_networks(d.target for d in wanted), replicas, draining)
-            wanted_balance = loadbalancer.wanted(allocation.ports, endpoints)
+            wanted_balance = loadbalancer.wanted(intent.ports, endpoints)
             for b in loadbalancer.plan(wanted_balance, balance, keep=held):
                 stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
-        rollouts = dict(sp.rollouts)
-        for (stack_name, service), ro in sp.rollouts.items():
-            if ro.state == "rolling-back" and not ro.rollback and stack_name not in pinned:
-                pin = self._rollback_pin(stack_name, desired, ro.reason, now)
-                if pin is None:
-                    stopped = rollout.paused(ro, "no earlier revision to roll back to")
-                    rollouts[(stack_name, service)] = stopped
-                    notes = stacks[stack_name].notes
-                    notes[:] = [n for n in notes if n.service != service]
-                    notes.append(Note(service, NoteKind.ROLLOUT_PAUSED, stopped.reason))
-                else:
-                    pins_changed[stack_name] = pin
-                    sp.recheck(0.0)
+        sp.recheck(intent.recheck_in)
         return PassPlan(
             desired=desired,
             stacks=stacks,
-            assignments=assignments,
-            assignments_changed=changed,
-            assignments_removed=removed,
+            assignments=intent.assignments,
+            assignments_changed=intent.assignments_changed,
+            assignments_removed=intent.assignments_removed,
             records=records,
             suspended=sorted(suspended & names),
             replicas=replicas,
-            rollouts=rollouts,
+            rollouts=intent.rollouts,
             restarts=sp.restarts,
-            pins=pins_changed,
+            pins=intent.pins,
             recheck_in=sp.recheck_in,
-            rolling=bool(sp.rolling) or any(p is not None for p in pins_changed.values()),
-            images=images,
-            ports=allocation.ports,
-            ports_changed=(
-                {k: p for k, p in allocation.ports.items() if recorded_ports.get(k) != p} if publishing else {}
-            ),
-            ports_removed=(
-                {
-                    k
-                    for k in recorded_ports
-                    if k.stack not in held and k not in allocation.ports and k not in allocation.conflicts
-                }
-                if publishing
-                else set()
-            ),
+            rolling=bool(sp.rolling) or intent.rolling,
+            images={k: r.image for k, r in images.items() if k[0] not in held},
+            ports=intent.ports,
+            ports_changed=intent.ports_changed,
+            ports_removed=intent.ports_removed,
             balance=balance,
             held=held,
             balancer_error=balancer_error,
-            awaiting_health=_starting(replicas, allocation.ports) if publishing else 0,
+            awaiting_health=_starting(replicas, intent.ports) if publishing else 0,
+            intent=intent,
+            snapshot=snapshot,
         )
+
+    def _live(self, observed: Sequence[ObservedNetwork], held: Collection[str]) -> list[ObservedNetwork]:
+        """Observed networks, but those of held stacks: they are left exactly as they are."""
+        return [n for n in observed if not (n.owned_by(self.owner) and n.stack in held)]
+
+    def _listening(self, desired: DesiredState, held: Collection[str]) -> set[tuple[str, int]]:
+        """Host ports in use (one socket list), only when a stack this pass may change publishes one."""
+        if any(t.service.ports for n, st in desired.stacks.items() if n not in held for t in service_targets(st)):
+            return self.listening()
+        return set()
 
     def _observe_balancer(
         self, desired: DesiredState, recorded: Mapping[PortKey, int]
@@ -424,36 +422,6 @@ class Engine:
             return self.balancer.observe(), None
         except BalancerUnavailable as exc:
             return {}, str(exc)
-
-    def _allocate(
-        self, desired: DesiredState, held: set[str], balance: Balance, recorded: Mapping[PortKey, int]
-    ) -> loadbalancer.Allocation:
-        """Published ports of the stacks this pass may change; held stacks keep theirs as recorded."""
-        if self.balancer is None:
-            return loadbalancer.Allocation()
-        requests = [
-            loadbalancer.PortRequest(
-                PortKey(name, t.name, p.protocol, p.port),
-                p.published_port,
-                f"{stack.file}: Services.{t.name}.Ports[{i}]",
-            )
-            for name, stack in desired.stacks.items()
-            if name not in held
-            for t in service_targets(stack)
-            for i, p in enumerate(t.service.ports or [])
-        ]
-        programmed = {f.address for f in balance}
-        listening = self.listening() if requests else set()
-        # dabctl's own ports are never handed out, whether or not the agent listens on them right now.
-        busy = (listening - programmed) | {("tcp", p) for p in self.ports.reserved}
-        # Ports recorded for held stacks stay theirs: nobody else may take them.
-        keep = {k: p for k, p in recorded.items() if k.stack in held}
-        allocation = loadbalancer.allocate(
-            [*requests, *(loadbalancer.PortRequest(k, p) for k, p in keep.items())], recorded, busy, self.ports.range
-        )
-        ports = {k: p for k, p in allocation.ports.items() if k.stack not in held}
-        # Checked on every pass, not only when a port is first allocated: a host service started later wins.
-        return loadbalancer.give_way(loadbalancer.Allocation(ports, allocation.errors), listening)
 
     def _resolve_image(self, target: ServiceTarget, previous: ServiceRecord | None) -> ResolvedImage:
         """The image `target`'s replicas run this pass.
@@ -512,60 +480,6 @@ class Engine:
             self._named[name] = (stack, stacks[name])
         return DesiredState(stacks=stacks)
 
-    def _apply_pins(
-        self, desired: DesiredState, pins: dict[str, Pin]
-    ) -> tuple[DesiredState, dict[str, Pin | None], dict[str, str]]:
-        """The desired state with pinned stacks at their pinned revisions (bundle content and image IDs from
-        history); pins whose stack's source revision moved on are lifted."""
-        stacks = dict(desired.stacks)
-        lifted: dict[str, Pin | None] = {}
-        errors: dict[str, str] = {}
-        self._pinned = set()
-        for name, pin in pins.items():
-            source = desired.stacks.get(name)
-            if source is None or source.revision != pin.source_revision:
-                lifted[name] = None  # a commit changed (or removed) this stack's bundle: it leads again
-                continue
-            entry = next((h for h in self.records.history(name) if h.revision == pin.revision), None)
-            if entry is None:
-                errors[name] = (
-                    f"pinned to {pin.revision}, which is no longer in the history; dabctl rollback --unpin {name}"
-                )
-                continue
-            try:
-                stacks[name] = stack_from_record(entry)
-            except InvalidBundles as exc:
-                errors[name] = f"pinned revision {pin.revision} no longer loads: {exc.errors[0]}"
-                continue
-            refused = stack_violations(stacks[name], self.policy)
-            if refused:
-                # Caught here so that no replica of it is planned; its containers are also refused one by one
-                # at create/start (admit) whatever the plan says.
-                errors[name] = f"pinned revision {pin.revision} is refused by the policy: {refused[0]}"
-                stacks[name] = source
-                continue
-            self._pinned.add(name)
-        if self._pinned:
-            for e in count_violations(list(stacks.values()), self.policy):
-                for name in self._pinned:
-                    errors.setdefault(name, f"pinned revision {pins[name].revision} is refused by the policy: {e}")
-        return DesiredState(stacks=stacks), lifted, errors
-
-    def _rollback_pin(self, stack: str, desired: DesiredState, reason: str, now: float) -> Pin | None:
-        """A pin to the revision applied before the current one, or None when there is none."""
-        current = desired.stacks[stack].revision
-        earlier = next((h for h in self.records.history(stack) if h.revision != current), None)
-        if earlier is None:
-            return None
-        return Pin(
-            stack=stack,
-            revision=earlier.revision,
-            reason=f"automatic rollback of {current}: {reason}",
-            automatic=True,
-            source_revision=current,
-            at=datetime.fromtimestamp(now, UTC),
-        )
-
     def apply(
         self,
         plan: PassPlan,
@@ -577,8 +491,8 @@ class Engine:
         Once `stop` is set, actions not yet started are skipped (the next pass plans them again); those
         in flight finish and everything done is recorded."""
         reconcile_id = uuid.uuid4().hex[:12]
-        self.records.write_assignments(plan.assignments_changed, plan.assignments_removed)
-        self.records.write_ports(plan.ports_changed, plan.ports_removed)
+        if not self._commit_intent(plan):
+            return PassReport(reconcile_id, [], [*plan.errors, LOST_RACE])
         all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
         # A stack with a container the policy refuses gets no new network either: nothing of it is created. (Each
         # create and start is checked again right before it runs.)
@@ -631,6 +545,25 @@ class Engine:
             self._rebalance(plan, balance, report)
         self._record(plan, results, reconcile_id)
         return PassReport(reconcile_id, results, plan.errors)
+
+    def _commit_intent(self, plan: PassPlan) -> bool:
+        """Commit the plan's intent before anything acts on it; when another writer committed since its snapshot,
+        plan again from a fresh one (the plan is updated in place) rather than overwrite. False after
+        REPLAN_ATTEMPTS lost races."""
+        for _ in range(REPLAN_ATTEMPTS):
+            if plan.intent is None or plan.snapshot is None:
+                return True
+            if self.records.commit_intent(plan.intent, plan.snapshot):
+                return True
+            self.replans += 1
+            if self.on_replan is not None:
+                self.on_replan()
+            if plan.inputs is None:
+                return False
+            fresh = self.plan(*plan.inputs[:2], plan.inputs[2], migrate_volumes=plan.inputs[3])
+            for f in fields(PassPlan):
+                setattr(plan, f.name, getattr(fresh, f.name))
+        return False
 
     def _apply_balancer(
         self, balance: Balance, actions: Sequence[BalancerAction], report: Callable[[Sequence[AnyResult]], None]
@@ -752,9 +685,9 @@ class Engine:
                     for r in results
                 ],
             )
-        self.records.commit_pass(
-            records, new_revisions, pruned, audit, rollouts=plan.rollouts, restarts=plan.restarts, pins=plan.pins
-        )
+        if self._restarts is not None:
+            self._restarts.update(plan.restarts)
+        self.records.commit_pass(records, new_revisions, pruned, audit, restarts=plan.restarts)
 
 
 def _plan_moves(
@@ -794,19 +727,9 @@ def _starting(replicas: Sequence[services.Replica], ports: Collection[PortKey]) 
     return sum(1 for r in replicas if (r.stack, r.service) in published and r.health == "starting")
 
 
-def stack_from_record(record: StackRecord) -> StackBundle:
-    """A recorded revision as a stack again: its stored bundle content and the image IDs it ran."""
-    suffix = "." + record.file.rsplit(".", 1)[-1] if "." in record.file else ".dab"
-    bundle = parse_bundle(record.content, record.file, suffix.lower())
-    return StackBundle(
-        name=record.stack,
-        file=record.file,
-        bundle=bundle,
-        content=record.content,
-        revision=record.revision,
-        bundle_hash=record.bundle_hash,
-        image_ids={name: s.image_id for name, s in record.services.items() if s.image_id},
-    )
+def _previous(records: Mapping[str, StackRecord], stack: str, service: str) -> ServiceRecord | None:
+    record = records.get(stack)
+    return record.services.get(service) if record else None
 
 
 def _service_of(action: object) -> str | None:

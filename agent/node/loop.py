@@ -152,6 +152,7 @@ class Agent:
         self.page = PageData(self.records, self.node, self._replicas, self._status_of)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
+        self.engine.on_replan = self.metrics.replans.inc
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")

@@ -172,9 +172,17 @@ class EtcdStateLog:
         kvs = doc.get("kvs") or []
         return self._kv(kvs[0]) if kvs else None
 
-    def range(self, prefix: str) -> list[KeyValue]:
+    def range(self, prefix: str, revision: int = 0) -> list[KeyValue]:
         k = self._range_start(prefix)
-        doc = self._call("/kv/range", {"key": _b64(k), "range_end": _b64(prefix_end(k)), "sort_target": "KEY"})
+        body: dict[str, Any] = {"key": _b64(k), "range_end": _b64(prefix_end(k)), "sort_target": "KEY"}
+        if revision:
+            body["revision"] = str(revision)
+        try:
+            doc = self._call("/kv/range", body)
+        except StateLogError as exc:
+            if revision and "future revision" in str(exc):
+                raise StateLogError(f"cannot read revision {revision}: the log is not there yet") from None
+            raise
         return [self._kv(kv) for kv in doc.get("kvs") or []]
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from agent.state.log import Compare, Delete, Op, Put, StateLog
+from agent.cluster.orchestrate import Intent
+from agent.cluster.snapshot import Snapshot
+from agent.cluster.tasks import task_order
+from agent.state.log import Compare, Delete, KeyValue, Op, Put, StateLog, TxnResult
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
 from schemas import state
-from schemas.state import Assignment, AuditEntry, Pin, StackRecord
+from schemas.state import Assignment, AuditEntry, Pin, StackRecord, TaskRecord
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -24,6 +28,32 @@ ROLLOUTS = "/rollouts/"
 RESTARTS = "/restarts/"
 PINS = "/pins/"
 PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> published port
+# Put by every orchestrator commit: a commit compares it to the snapshot's, so two orchestrators that read the same
+# revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
+INTENT_KEY = "/meta/intent"
+TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The leader's term: the create revision of the leader key it holds. A commit carrying it holds only while that
+    same key (not merely a key of that name, nor a lease id) is still there."""
+
+    key: str
+    term: int
+
+
+def port_key(k: PortKey) -> str:
+    return f"{PORTS}{k.stack}/{k.service}/{k.protocol}/{k.target}"
+
+
+def orchestrator_txn(
+    log: StateLog, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None
+) -> TxnResult:
+    """The one way an orchestrator writes: its compares, plus the leader's term when it runs fenced."""
+    if fence is not None:
+        compares = [*compares, Compare(fence.key, "create_revision", "==", fence.term)]
+    return log.txn(compares, ops)
 
 
 def _stamp() -> str:
@@ -36,6 +66,7 @@ class Records:
 
     def __init__(self, log: StateLog, history_limit: int = 10, audit_limit: int = 500) -> None:
         self.log = log
+        self.fence: Fence | None = None  # set by a cluster's leader: its commits then hold only in its term
         self.history_limit = history_limit
         self.audit_limit = audit_limit
         self._owner: str | None = None
@@ -57,11 +88,78 @@ class Records:
         return self._owner
 
     def stacks(self) -> dict[str, StackRecord]:
-        out = {}
-        for kv in self.log.range(STACKS):
-            rec = StackRecord.model_validate_json(kv.value)
-            out[rec.stack] = rec
-        return out
+        return _stacks(self.log.range(STACKS))
+
+    def snapshot(self, *, restarts: bool = True) -> Snapshot:
+        """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
+        for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need);
+        restart records only when asked (a node keeps its own once loaded)."""
+        revision = self.log.revision()
+        versions: dict[str, int] = {}
+
+        def read(prefix: str) -> list[KeyValue]:
+            kvs = self.log.range(prefix, revision=revision)
+            versions.update((kv.key, kv.mod_revision) for kv in kvs)
+            return kvs
+
+        pins = {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in read(PINS)}
+        rollouts = _rollouts(read(ROLLOUTS))
+        rolling = {stack for (stack, _), ro in rollouts.items() if ro.state != "completed"}
+        history = {
+            stack: [
+                StackRecord.model_validate_json(kv.value)
+                for kv in reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))
+            ]
+            for stack in sorted(set(pins) | rolling)
+        }
+        intent = self.log.range(INTENT_KEY, revision=revision)
+        versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
+        return Snapshot(
+            revision=revision,
+            stacks=_stacks(read(STACKS)),
+            suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
+            pins=pins,
+            history=history,
+            assignments=_assignments(read(ASSIGNMENTS)),
+            ports=_ports(read(PORTS)),
+            rollouts=rollouts,
+            restarts=_restarts(read(RESTARTS)) if restarts else {},
+            tasks=_tasks(read(TASKS)),
+            versions=versions,
+        )
+
+    def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
+        """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
+        read and writes changed since, and no other orchestrator committed since it read; whether it did.
+        Nothing is written (and True returned) when the intent changes nothing."""
+        ops: list[Op] = [
+            Put(
+                f"{ASSIGNMENTS}{stack}/{service}",
+                Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode(),
+            )
+            for (stack, service), nodes in sorted(intent.assignments_changed.items())
+        ]
+        ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(intent.assignments_removed)]
+        ops += [Put(port_key(k), str(p).encode()) for k, p in sorted(intent.ports_changed.items())]
+        ops += [Delete(port_key(k)) for k in sorted(intent.ports_removed)]
+        for (stack, service), ro in sorted(intent.rollouts.items()):
+            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
+        for stack, pin in sorted(intent.pins.items()):
+            ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
+        for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
+            ops += [Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed]
+        for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
+            ops += [Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids]
+        if not ops:
+            return True
+        compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
+        compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
+        ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
+        return orchestrator_txn(self.log, compares, ops, self.fence).succeeded
+
+    def tasks(self) -> dict[tuple[str, str, str], list[TaskRecord]]:
+        """Each slot's tasks, oldest first (what `ps` shows of a slot's previous tasks)."""
+        return _tasks(self.log.range(TASKS))
 
     def history(self, stack: str) -> list[StackRecord]:
         """Applied revisions of a stack, newest first."""
@@ -72,19 +170,10 @@ class Records:
         return [AuditEntry.model_validate_json(kv.value) for kv in reversed(self.log.range(AUDIT))]
 
     def rollouts(self) -> dict[tuple[str, str], Rollout]:
-        out = {}
-        for kv in self.log.range(ROLLOUTS):
-            stack, _, service = kv.key.removeprefix(ROLLOUTS).partition("/")
-            out[(stack, service)] = rollout_from_record(state.RolloutRecord.model_validate_json(kv.value))
-        return out
+        return _rollouts(self.log.range(ROLLOUTS))
 
     def restarts(self) -> dict[tuple[str, str, str], RestartRecord]:
-        out = {}
-        for kv in self.log.range(RESTARTS):
-            stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
-            rec = state.RestartRecord.model_validate_json(kv.value)
-            out[(stack, service, slot)] = RestartRecord(rec.attempts, rec.last_start, rec.total)
-        return out
+        return _restarts(self.log.range(RESTARTS))
 
     def pins(self) -> dict[str, Pin]:
         return {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in self.log.range(PINS)}
@@ -128,6 +217,7 @@ class Records:
                 Delete(f"{ROLLOUTS}{stack}/", prefix=True),
                 Delete(f"{RESTARTS}{stack}/", prefix=True),
                 Delete(PINS + stack),
+                Delete(f"{TASKS}{stack}/", prefix=True),
             ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
@@ -148,19 +238,11 @@ class Records:
         return self.log.txn([Compare(key, "create_revision", ">", 0)], [Delete(key)]).succeeded
 
     def assignments(self) -> dict[tuple[str, str], dict[str, list[str]]]:
-        out = {}
-        for kv in self.log.range(ASSIGNMENTS):
-            stack, _, service = kv.key.removeprefix(ASSIGNMENTS).partition("/")
-            out[(stack, service)] = Assignment.model_validate_json(kv.value).nodes
-        return out
+        return _assignments(self.log.range(ASSIGNMENTS))
 
     def ports(self) -> dict[PortKey, int]:
         """Published port per service port: allocated once, kept across passes and restarts."""
-        out = {}
-        for kv in self.log.range(PORTS):
-            stack, service, protocol, target = kv.key.removeprefix(PORTS).split("/")
-            out[PortKey(stack, service, protocol, int(target))] = int(kv.value)
-        return out
+        return _ports(self.log.range(PORTS))
 
     def write_ports(self, changed: Mapping[PortKey, int], removed: set[PortKey]) -> None:
         """Record changed and forget removed published ports in one transaction (nothing when both are empty)."""
@@ -186,6 +268,57 @@ class Records:
         ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(removed)]
         if ops:
             self.log.txn([], ops)
+
+
+def _stacks(kvs: Sequence[KeyValue]) -> dict[str, StackRecord]:
+    out = {}
+    for kv in kvs:
+        rec = StackRecord.model_validate_json(kv.value)
+        out[rec.stack] = rec
+    return out
+
+
+def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:
+    out: dict[tuple[str, str, str], list[TaskRecord]] = {}
+    for kv in kvs:
+        stack, service, slot, _ = kv.key.removeprefix(TASKS).split("/", 3)
+        out.setdefault((stack, service, slot), []).append(TaskRecord.model_validate_json(kv.value))
+    for tasks in out.values():
+        tasks.sort(key=task_order)
+    return out
+
+
+def _rollouts(kvs: Sequence[KeyValue]) -> dict[tuple[str, str], Rollout]:
+    out = {}
+    for kv in kvs:
+        stack, _, service = kv.key.removeprefix(ROLLOUTS).partition("/")
+        out[(stack, service)] = rollout_from_record(state.RolloutRecord.model_validate_json(kv.value))
+    return out
+
+
+def _restarts(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], RestartRecord]:
+    out = {}
+    for kv in kvs:
+        stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
+        rec = state.RestartRecord.model_validate_json(kv.value)
+        out[(stack, service, slot)] = RestartRecord(rec.attempts, rec.last_start, rec.total)
+    return out
+
+
+def _assignments(kvs: Sequence[KeyValue]) -> dict[tuple[str, str], dict[str, list[str]]]:
+    out = {}
+    for kv in kvs:
+        stack, _, service = kv.key.removeprefix(ASSIGNMENTS).partition("/")
+        out[(stack, service)] = Assignment.model_validate_json(kv.value).nodes
+    return out
+
+
+def _ports(kvs: Sequence[KeyValue]) -> dict[PortKey, int]:
+    out = {}
+    for kv in kvs:
+        stack, service, protocol, target = kv.key.removeprefix(PORTS).split("/")
+        out[PortKey(stack, service, protocol, int(target))] = int(kv.value)
+    return out
 
 
 def rollout_record(ro: Rollout) -> state.RolloutRecord:

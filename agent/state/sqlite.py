@@ -195,12 +195,57 @@ class SqliteStateLog:
         row = self._db.execute(f"{_KV} WHERE key=?", (key,)).fetchone()
         return _kv(row) if row else None
 
-    def range(self, prefix: str) -> list[KeyValue]:
+    def range(self, prefix: str, revision: int = 0) -> list[KeyValue]:
         with self._mutex:
             rows = self._db.execute(
                 f"{_KV} WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + _PREFIX_END)
             ).fetchall()
-        return [_kv(r) for r in rows]
+            current = [_kv(r) for r in rows]
+            if not revision or revision == self._meta("revision"):
+                return current
+            return self._range_at(prefix, revision, current)
+
+    def _range_at(self, prefix: str, revision: int, current: list[KeyValue]) -> list[KeyValue]:
+        """`prefix` at an earlier `revision`: today's keys with the changes made since undone from the events."""
+        if revision > self._meta("revision"):
+            raise StateLogError(f"cannot read revision {revision}: the log is at {self._meta('revision')}")
+        compacted = self._meta("compact_revision")
+        if revision < compacted:
+            raise Compacted(compacted)
+        later = {
+            str(r[0])
+            for r in self._db.execute(
+                "SELECT DISTINCT key FROM events WHERE revision > ? AND key >= ? AND key < ?",
+                (revision, prefix, prefix + _PREFIX_END),
+            )
+        }
+        out = {kv.key: kv for kv in current if kv.key not in later}
+        for key in later:
+            first_after = self._db.execute(
+                "SELECT type, create_revision FROM events WHERE key = ? AND revision > ? "
+                "ORDER BY revision, seq LIMIT 1",
+                (key, revision),
+            ).fetchone()
+            last = self._db.execute(
+                "SELECT revision, type, value, create_revision, version FROM events WHERE key = ? AND revision <= ? "
+                "ORDER BY revision DESC, seq DESC LIMIT 1",
+                (key, revision),
+            ).fetchone()
+            if last is not None:
+                if last[1] == "put":
+                    out[key] = KeyValue(
+                        key=key,
+                        value=bytes(last[2]),
+                        create_revision=int(last[3]),
+                        mod_revision=int(last[0]),
+                        version=int(last[4]),
+                    )
+                continue
+            if first_after[0] == "put" and int(first_after[1]) > revision:
+                continue  # created after `revision`
+            # The key lived at `revision` but the change that made it is compacted away.
+            raise Compacted(compacted)
+        return [out[k] for k in sorted(out)]
 
     # --- writes -----------------------------------------------------------------------------------------------
 

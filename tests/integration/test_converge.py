@@ -247,6 +247,18 @@ def test_samples_converge(ws: Workspace) -> None:
     assert ws.plan("--detailed-exitcode").returncode == 0
 
 
+def test_ps_shows_a_slots_previous_tasks_with_how_they_ended(ws: Workspace) -> None:
+    ws.write("tasks", {"Services": {"s": service(1)}})
+    ws.reconcile(check=True)
+    ws.write("tasks", {"Services": {"s": service(1, Env=["V=2"])}})
+    ws.reconcile(check=True)
+    ps = ws.run("ps", ws.stack("tasks"), check=True).stdout
+    assert ps.count("running") == 1 and ps.count("\\_ task t") == 1 and "shutdown" in ps
+    rows = json.loads(ws.run("ps", ws.stack("tasks"), "--output", "json", check=True).stdout)
+    assert [(r["state"], r["task"] is not None) for r in rows] == [("running", False), ("shutdown", True)]
+    assert json.loads(ws.run("ps", ws.stack("tasks"), "--no-tasks", "--output", "json", check=True).stdout) == rows[:1]
+
+
 def test_logs_prefix_every_line_with_its_slot(ws: Workspace) -> None:
     talker = service(2, Args=["echo hello from $(hostname); trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"])
     ws.write("talk", {"Services": {"s": talker}})

@@ -201,7 +201,7 @@ def test_a_pinned_revision_is_checked_at_create_even_when_planned(
     converge(engine, current)
     engine.policy = Policy()
     pin_stack(records, "web", None)
-    monkeypatch.setattr("agent.node.engine.stack_violations", lambda stack, policy: [])
+    monkeypatch.setattr("agent.cluster.orchestrate.stack_violations", lambda stack, policy: [])
     runtime.calls.clear()
     _, report = converge(engine, current)
     [error] = refusals(report.results)  # type: ignore[arg-type]

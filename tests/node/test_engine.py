@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from agent.cluster.orchestrate import Intent, stack_from_record
 from agent.drivers.docker_engine import EngineError
-from agent.node.engine import EmptySourceRefused, Engine, stack_from_record
+from agent.node.engine import EmptySourceRefused, Engine
 from agent.node.rollback import pin_stack
 from agent.state.records import Records
 from agent.state.sqlite import SqliteStateLog
@@ -17,7 +18,7 @@ from reconcilers import loadbalancer, networks, services
 from reconcilers.loadbalancer import LoadBalancerReconciler, PortKey
 from reconcilers.notes import NoteKind
 from reconcilers.outcome import Outcome
-from tests.fakes import FakeRuleset, FakeRuntime, api_error, unreachable
+from tests.fakes import CountingLog, FakeRuleset, FakeRuntime, api_error, unreachable
 from tests.node.conftest import NODE, Clock, bundle, converge, desired, service, texts
 
 HEALTHCHECK = {"Test": ["CMD", "true"], "Interval": "1s"}
@@ -79,6 +80,45 @@ def test_a_converged_pass_makes_one_list_call_per_kind_and_writes_nothing(
     assert plan.changes == 0 and report.results == [] and not report.failed
     assert runtime.calls == [("list_replicas", engine.owner), ("list_networks",)]
     assert state_log.revision() == revision, "a converged pass writes nothing to the state log"
+
+
+def test_a_converged_pass_makes_no_state_log_write_call(
+    runtime: FakeRuntime, state_log: SqliteStateLog, clock: Clock
+) -> None:
+    counting = CountingLog(state_log)
+    engine = Engine(runtime, Records(counting), NODE, clock=clock)
+    state = desired(web=bundle({"front": service(Deploy={"Replicas": 3})}), api=bundle({"a": service()}))
+    converge(engine, state)
+    assert counting.writes, "the first pass writes"
+    counting.writes.clear()
+    runtime.calls.clear()
+
+    plan, report = converge(engine, state)
+
+    assert plan.changes == 0 and not report.failed
+    assert runtime.calls == [("list_replicas", engine.owner), ("list_networks",)] and runtime.writes() == []
+    assert counting.writes == [], "no put, delete or txn on a converged pass"
+
+
+def test_a_pass_that_lost_the_race_plans_again_and_never_overwrites(
+    runtime: FakeRuntime, records: Records, clock: Clock
+) -> None:
+    engine = Engine(runtime, records, NODE, clock=clock)
+    engine.balancer = LoadBalancerReconciler(FakeRuleset())
+    engine.listening = set
+    state = desired(web=bundle({"front": service(Ports=[{"Port": 80}])}))
+    plan = engine.plan(state, only={"web"})
+    assert plan.ports == {PortKey("web", "front", "tcp", 80): 30000}
+    # Another orchestrator commits in between: it took that port for its own stack.
+    other = PortKey("api", "a", "tcp", 80)
+    snapshot = records.snapshot()
+    assert records.commit_intent(Intent(assignments={}, ports_changed={other: 30000}), snapshot)
+
+    report = engine.apply(plan)
+
+    assert not report.failed and engine.replans == 1
+    assert records.ports() == {other: 30000, PortKey("web", "front", "tcp", 80): 30001}
+    assert plan.ports == {PortKey("web", "front", "tcp", 80): 30001}, "the plan was made again"
 
 
 def test_plan_alone_changes_nothing(engine: Engine, runtime: FakeRuntime, records: Records) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from agent.cluster.orchestrate import Intent
 from agent.node.engine import Engine
-from agent.state.records import Records
+from agent.state.records import Fence, Records
 from agent.state.sqlite import SqliteStateLog
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
@@ -75,3 +76,17 @@ def test_ports_rollouts_and_restarts_read_back_as_written(records: Records) -> N
     )
     assert records.rollouts() == {("web", "front"): rollout}
     assert records.restarts() == {("web", "front", "1"): restart}
+
+
+def test_an_orchestrator_commit_under_a_fence_holds_only_in_the_leaders_term(records: Records) -> None:
+    key = PortKey("web", "front", "tcp", 80)
+    records.log.put("/leader", b"node-1")
+    term = records.log.get("/leader")
+    assert term is not None
+    records.fence = Fence("/leader", term.create_revision)
+    assert records.commit_intent(Intent(assignments={}, ports_changed={key: 30000}), records.snapshot())
+    # A new leader key (another term), even under the same name and value: the old leader's commits fail.
+    records.log.delete("/leader")
+    records.log.put("/leader", b"node-1")
+    assert not records.commit_intent(Intent(assignments={}, ports_changed={key: 30001}), records.snapshot())
+    assert records.ports() == {key: 30000}

@@ -129,6 +129,35 @@ def test_range_is_by_prefix_in_key_order(log: StateLog) -> None:
     assert all(k.value == k.key.encode() for k in log.range(""))
 
 
+def test_range_at_a_revision_sees_the_keys_as_they_were_then(log: StateLog) -> None:
+    r = log.revision()
+    log.put("/s/a", b"a1")  # r+1
+    log.put("/s/b", b"b1")  # r+2
+    log.put("/other", b"o")  # r+3
+    snapshot = log.revision()
+    log.put("/s/a", b"a2")  # a later write ...
+    log.delete("/s/b")  # ... a later delete ...
+    log.put("/s/c", b"c1")  # ... and a later create are all invisible at the snapshot's revision
+    at = log.range("/s/", revision=snapshot)
+    assert [(k.key, k.value, k.mod_revision, k.create_revision, k.version) for k in at] == [
+        ("/s/a", b"a1", r + 1, r + 1, 1),
+        ("/s/b", b"b1", r + 2, r + 2, 1),
+    ]
+    assert [k.key for k in log.range("/s/", revision=r + 1)] == ["/s/a"]
+    assert [(k.key, k.value) for k in log.range("/s/", revision=log.revision())] == [("/s/a", b"a2"), ("/s/c", b"c1")]
+    assert log.range("/s/", revision=snapshot) == at, "a read at a revision is repeatable"
+
+
+def test_range_at_a_compacted_revision_raises_compacted(log: StateLog) -> None:
+    r = log.revision()
+    for i in range(4):
+        log.put("/k/x", str(i).encode())  # r+1 .. r+4
+    log.compact(r + 3)
+    with pytest.raises(Compacted):
+        log.range("/k/", revision=r + 1)
+    assert [k.value for k in log.range("/k/", revision=r + 3)] == [b"2"]
+
+
 def test_delete_prefix_removes_only_that_prefix_in_one_revision(log: StateLog) -> None:
     r = log.revision()
     for key in ("/assignments/web/a", "/assignments/web/b", "/assignments/webx/a", "/assignments/api/a"):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.node.scheduler import Assignments, assign
+from agent.cluster.scheduler import Assignments, assign
 from bundles import DesiredState, StackBundle, parse_bundle
 from bundles.desired import bundle_hash
 

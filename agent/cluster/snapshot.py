@@ -1,0 +1,34 @@
+"""The state log as one reader saw it at one revision, typed: what `orchestrate` plans from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from reconcilers.loadbalancer import PortKey
+from reconcilers.restarts import RestartRecord
+from reconcilers.rollout import Rollout
+from schemas.state import Pin, StackRecord, TaskRecord
+
+ServiceKey = tuple[str, str]
+SlotKey = tuple[str, str, str]
+Assignments = dict[ServiceKey, dict[str, list[str]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """Every kind of record at `revision`; `versions` holds the mod revision of each key read (a key absent from
+    it was absent then), which is what a commit of decisions made from this snapshot compares against.
+    `history` (newest first) is read for the stacks a pin or a rollout in progress may need it for."""
+
+    revision: int
+    stacks: Mapping[str, StackRecord] = field(default_factory=dict)
+    suspended: frozenset[str] = frozenset()
+    pins: Mapping[str, Pin] = field(default_factory=dict)
+    history: Mapping[str, Sequence[StackRecord]] = field(default_factory=dict)
+    assignments: Assignments = field(default_factory=dict)
+    ports: Mapping[PortKey, int] = field(default_factory=dict)
+    rollouts: Mapping[ServiceKey, Rollout] = field(default_factory=dict)
+    restarts: Mapping[SlotKey, RestartRecord] = field(default_factory=dict)
+    tasks: Mapping[SlotKey, Sequence[TaskRecord]] = field(default_factory=dict)  # each slot's, oldest first
+    versions: Mapping[str, int] = field(default_factory=dict)
