@@ -347,8 +347,9 @@ def plan_pass(
                 if old is not None:
                     olds[slot] = old
                 # A failed successor outside the current batch follows the restart policy; the old one stays
-                # until its successor is healthy.
-                if new is None or slot in batch or new.state not in ("exited", "created"):
+                # until its successor is healthy. A successor never started (a pass cut off between its create
+                # and its start, after the batch was recorded) is started, in the batch too.
+                if new is None or new.state not in ("exited", "created") or (slot in batch and new.state != "created"):
                     continue
             assert new is not None
             record = restart_records.get((t.stack, t.name, slot), restarts.RestartRecord())

@@ -359,3 +359,24 @@ def test_replica_on_a_network_this_pass_removes_is_removed_first(
 )
 def test_action_text_is_the_plan(action: ServiceAction, text: str) -> None:
     assert str(action) == text
+
+
+def test_a_successor_created_but_never_started_in_a_recorded_batch_is_started() -> None:
+    """A pass cut off between a start-first successor's create and its start, after the orchestrator recorded the
+    batch: the next pass starts it (else the batch waits for a container that never runs, forever)."""
+    from reconcilers.rollout import Rollout
+    from reconcilers.services import plan_pass, rollout_target
+
+    old = rep(WEB_V2, "1", spec_hash=WEB.spec_hash, cid="old")
+    created = rep(WEB_V2, "1", "created", cid="new", created=200)
+    recorded = Rollout(target=rollout_target(WEB_V2.spec_hash, None), state="updating", batch=("1",))
+    out = plan_pass(
+        [want(WEB_V2, "1", previous=WEB)],
+        [old, created],
+        NETWORK_IDS,
+        now=1000.0,
+        rollouts={("shop", "web"): recorded},
+    )
+    starts = [a for a in out.actions if isinstance(a, StartReplica)]
+    assert [a.replica.id for a in starts] == ["new"], out.actions
+    assert not any(isinstance(a, RemoveReplica) and a.replica.id == "old" for a in out.actions)
