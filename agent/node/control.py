@@ -38,7 +38,7 @@ from schemas.control import (
     SuspendRequest,
     SuspendResult,
 )
-from schemas.output import StatusOutput
+from schemas.output import StackStatus, StatusOutput
 
 T = TypeVar("T")
 Step = Callable[[], tuple[PassPlan, PassReport]]
@@ -99,10 +99,10 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
     )
 
 
-def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
-    """Services that do not run all their replicas healthy, as `stack_service (running/desired status)`."""
+def engine_statuses(engine: Engine, desired: DesiredState | None) -> list[StackStatus]:
+    """Each stack's status from the state and this engine's containers (no source errors: a local view)."""
     records = engine.records
-    statuses = stack_statuses(
+    return stack_statuses(
         desired,
         records.stacks(),
         engine.services.observe(),
@@ -110,7 +110,15 @@ def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
         node=engine.node,
         errors={},
         suspended=records.suspended(),
+        rollouts=records.rollouts(),
+        pins=records.pins(),
+        ports=records.ports(),
     )
+
+
+def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
+    """Services that do not run all their replicas healthy, as `stack_service (running/desired status)`."""
+    statuses = engine_statuses(engine, desired)
     return [
         f"{st.stack}_{s.service} ({s.running}/{s.desired} {s.status.lower()})"
         for st in statuses
@@ -209,19 +217,7 @@ class LocalControl:
     def status(self) -> StatusOutput:
         desired = load_desired(self.cfg) if self.cfg.source else None
         with open_engine(self.cfg, read_only=True) as engine:
-            records = engine.records
-            stacks = stack_statuses(
-                desired,
-                records.stacks(),
-                engine.services.observe(),
-                assignments=records.assignments(),
-                node=engine.node,
-                errors={},
-                suspended=records.suspended(),
-                rollouts=records.rollouts(),
-                pins=records.pins(),
-                ports=records.ports(),
-            )
+            stacks = engine_statuses(engine, desired)
         return StatusOutput(node=engine.node, ready=True, stacks=stacks)
 
 
