@@ -74,6 +74,7 @@ def _bundle(env: str) -> dict[str, Any]:
 def test_one_signed_event_per_transition_none_for_a_repeat(ws: Workspace, receiver: Receiver, tmp_path: Path) -> None:
     secret = tmp_path / "hook-secret"
     secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)  # a secret file others can read is refused, as ssh refuses a readable key
     config = tmp_path / "agent.yaml"
     config.write_text(
         json.dumps(
