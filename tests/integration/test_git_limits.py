@@ -18,6 +18,9 @@ import pytest
 
 from tests.support.gitserver import GitServer
 
+# Real git and a 256 MiB object measured in child processes: the integration tier (the fast tier stays fast).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
 MiB = 1024 * 1024
 ZEROS = 256 * MiB
 
