@@ -97,14 +97,17 @@ def test_a_256_mib_blob_is_refused_before_it_is_inflated(repos: tuple[Path, Path
         "git_max_object_bytes"
     )
     # Without the limit the same fetch takes the whole blob (and more) into memory: the repository is hostile.
-    _, unlimited = fetch(str(zeros), tmp_path / "c", git_max_object_bytes=ZEROS + MiB)
+    accepted, unlimited = fetch(str(zeros), tmp_path / "c", git_max_object_bytes=ZEROS + MiB)
     growth, unlimited_growth = (peak - baseline) / MiB, (unlimited - baseline) / MiB
     print(
         f"\npeak RSS: small repository {baseline / MiB:.1f} MiB; 256 MiB blob refused: +{growth:.1f} MiB; "
         f"accepted (limit raised): +{unlimited_growth:.1f} MiB"
     )
     assert growth < 50
-    assert unlimited_growth > 200
+    # The limit, and nothing else, refused it: raised, the same fetch goes through (and stores the blob). How much
+    # memory that takes is dulwich's business and varies (+23 to +311 MiB seen), so it is printed, not asserted.
+    assert "error" not in accepted, accepted
+    assert sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.pack")) > 0
     assert not list((tmp_path / "b").rglob("*.pack"))  # nothing of it was stored
 
 
