@@ -93,7 +93,7 @@ class Limits:
 
     max_connections: int = 256  # per listener
     request_deadline: float = 10.0  # seconds from a connection (or the previous response) to a whole request
-    backlog: int = 128
+    backlog: int = 1024  # above the connection cap: a flood that fills the queue costs a probe a 1 s SYN retransmit
     control_threads: int = 4  # control calls run at once (each may wait for passes for minutes)
     read_threads: int = 2  # /status and /metrics
     waiting_calls: int = 16  # control calls queued for a thread before new ones are answered 503
