@@ -128,3 +128,68 @@ class TaskRecord(Record):
     ended_at: float | None = None
     exit_code: int | None = None
     error: str = ""
+
+
+# The cluster: who the nodes are, which of them is alive, what each reports, and who leads.
+
+NodeRole = Literal["manager", "worker"]
+Availability = Literal["active", "pause", "drain"]
+
+
+class ClusterRecord(Record):
+    """The cluster, written once by `cluster init` (managers change its settings): its id, when it was made, the
+    lease TTL every node registers under, and the digests of the join tokens' secrets (never the secrets)."""
+
+    cluster_id: str
+    created_at: datetime
+    lease_ttl: int = 6
+    worker_token_digest: str = ""
+    manager_token_digest: str = ""
+    ca_digest: str = ""  # "" until the cluster has a certificate authority
+
+
+class NodeSpec(Record):
+    """A node as the managers keep it: durable (a down node keeps its spec), changed by `node update`."""
+
+    node_id: str
+    name: str
+    role: NodeRole = "worker"
+    labels: dict[str, str] = {}
+    availability: Availability = "active"
+    joined_at: datetime
+
+
+class NodeStatus(Record):
+    """What a live node says of itself, put under its lease (absent: the node is down); rewritten only when it
+    changes."""
+
+    node_id: str
+    advertise_address: str = ""
+    cluster_address: str = ""  # host:port of its cluster listener
+    cpus: int = 0
+    memory_bytes: int = 0
+    busy_ports: list[tuple[str, int]] = []  # (protocol, port) in use by something other than dabctl's balancer
+    dabctl_version: str = ""
+    schema_version: int = 1
+
+
+class SlotReport(Record):
+    """One replica slot as its node last saw it: the task it runs and the container's state."""
+
+    task_id: str = ""
+    container_id: str = ""
+    state: str = ""  # the engine's: created | running | exited | ...
+    health: str | None = None  # starting | healthy | unhealthy, or None without a healthcheck
+    address: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    image_id: str = ""
+    spec_hash: str = ""
+
+
+class LeaderRecord(Record):
+    """The manager that leads, put under its lease; the key's create revision is its term (the fence)."""
+
+    node_id: str
+    name: str
+    cluster_address: str = ""

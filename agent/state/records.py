@@ -32,6 +32,26 @@ PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> publis
 # revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
 INTENT_KEY = "/meta/intent"
 TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
+# The cluster: /cluster (ClusterRecord), /nodes/<id> (NodeSpec, managers write), /leader (LeaderRecord, under the
+# leader's lease; its create revision is the term). Everything a node writes is under /node/<id>/: its status
+# under its lease (absent: down) and its slot reports.
+CLUSTER_KEY = "/cluster"
+NODES = "/nodes/"
+NODE = "/node/"
+LEADER_KEY = "/leader"
+
+
+def node_prefix(node_id: str) -> str:
+    """Every key node `node_id` may write."""
+    return f"{NODE}{node_id}/"
+
+
+def node_status_key(node_id: str) -> str:
+    return f"{node_prefix(node_id)}status"
+
+
+def slot_report_key(node_id: str, stack: str, service: str, slot: str) -> str:
+    return f"{node_prefix(node_id)}reports/{stack}/{service}/{slot}"
 
 
 @dataclass(frozen=True)
