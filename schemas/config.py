@@ -153,6 +153,19 @@ class AgentConfig(BaseModel):
         description="Group allowed to use the control socket <state_dir>/agent.sock (0660; the state "
         "directory becomes 0710 root:GROUP); default root only (0600)",
     )
+    advertise_address: str | None = Field(
+        None,
+        description="The address other nodes reach this one at (cluster nodes; default: the first address of "
+        "the interface holding the default route)",
+    )
+    cluster_listen: str = Field(
+        "0.0.0.0:9421", description="Listener for traffic between cluster nodes (never the `listen` one)"
+    )
+    cluster_insecure: bool = Field(
+        False,
+        description="Run the cluster listener without TLS (tests only: until the cluster has a CA, it is refused "
+        "without this)",
+    )
     webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
     webhook_forge: Literal["github", "gitlab"] = Field(
         "github",
@@ -340,3 +353,18 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     elif name.count(":") == 1:
         name = name.partition(":")[0]
     return is_loopback(name)
+
+
+class ClusterMembership(BaseModel):
+    """`<state_dir>/cluster.json` (0600), written by `cluster init` or `cluster join`: this node belongs to a
+    cluster, and how it reaches the cluster's state log. Its presence makes the agent a cluster node."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="cluster membership")
+
+    cluster_id: str
+    node_id: str
+    state: Annotated[str, Field(pattern=r"^etcd://[^/\s]+(,[^/\s]+)*$")]
+    etcd_prefix: str = "/dabctl"
+    etcd_user: str | None = None  # issued at join: may write only /node/<node_id>/ (managers: the whole prefix)
+    etcd_password: str | None = Field(None, repr=False)
+    managers: list[str] = []  # host:port of managers' cluster listeners, as last known
