@@ -27,6 +27,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     │   ├── LeaseNotFound       agent.state.log              retryable  the lease lapsed: take a new one
     │   ├── StateLocked         agent.state.log              terminal   another process holds the state
     │   └── ReadOnly            agent.state.log              terminal   the state was opened for reading
+    ├── ContentMissing          agent.state.records          terminal   a record's content chunks are not all there
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read
     ├── AgentUnreachable        agent.api.client             retryable  the agent holding the state is silent

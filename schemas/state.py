@@ -49,6 +49,10 @@ class StackRecord(Record):
     applied_at: datetime
     outcome: PassOutcome
     volume_names: Literal["scoped", "legacy"] = "legacy"
+    # A large bundle's content is kept beside the record, in chunks that fit one state-log request each
+    # (agent.state.records): `content` is then "" as stored, and these name the chunks (sha256 of the content).
+    content_digest: str = ""
+    content_chunks: int = 0
 
 
 class Assignment(Record):
@@ -185,6 +189,7 @@ class SlotReport(Record):
     error: str = ""
     image_id: str = ""
     spec_hash: str = ""
+    created: int = 0  # when the container was created (epoch seconds): a rollout's monitor period counts from it
 
 
 class LeaderRecord(Record):

@@ -126,6 +126,8 @@ class Desired:
     pinned: frozenset[str] = frozenset()
     lifted: Mapping[str, Pin | None] = field(default_factory=dict)
     port_rules: loadbalancer.PortRules | None = None
+    # Assignments to follow instead of scheduling: a node that does not lead plans its part of the recorded ones.
+    follow: Assignments | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +191,7 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
     for key, port in sorted(allocation.conflicts.items()):
         errors.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
 
-    assignments = assign(desired.state, list(desired.nodes))
+    assignments = desired.follow if desired.follow is not None else assign(desired.state, list(desired.nodes))
     recorded = snapshot.assignments
     intent = Intent(
         assignments=assignments,
@@ -328,6 +330,48 @@ def _roll(intent: Intent, desired: Desired, snapshot: Snapshot, observations: Ob
             intent.pins[stack] = pin
             intent.recheck_in = 0.0
             intent.rolling = True
+
+
+def follow_steps(
+    wanted: Sequence[ServiceDesired],
+    slots: Sequence[Replica],
+    rollouts: Mapping[ServiceKey, rollout.Rollout],
+    now: float,
+) -> dict[ServiceKey, rollout.Step]:
+    """The rollout steps a node that does not lead takes: the batch the leader recorded, never one it chooses
+    itself (pure). Its own `slots` of the batch are replaced (or, start-first, get a successor beside them), and an
+    old container goes once its successor is healthy; a service with no rollout in progress steps nowhere."""
+    out: dict[ServiceKey, rollout.Step] = {}
+    for d in wanted:
+        key = (d.target.stack, d.target.name)
+        ro = rollouts.get(key)
+        if ro is None or ro.state not in ("updating", "rolling-back") or ro.target.split("@")[0] != d.target.spec_hash:
+            out[key] = rollout.Step(rollout=ro)
+            continue
+        cfg = d.target.service.deploy.rollback_config if d.rollback else d.target.service.deploy.update_config
+        monitor = cfg.monitor.total_seconds()
+        mine = [r for r in slots if (r.stack, r.service) == key]
+        healthy = {
+            r.slot
+            for r in mine
+            if r.spec_hash == d.target.spec_hash
+            and rollout.new_health(
+                rollout.Container(
+                    id=r.id, state=r.state, health=r.health, created=float(r.created), exit_code=r.exit_code
+                ),
+                monitor,
+                now,
+            )
+            == "healthy"
+        }
+        stale = {r.slot for r in mine if r.spec_hash != d.target.spec_hash}
+        remove_old = tuple(sorted(healthy & stale))
+        batch = tuple(x for x in ro.batch if x in stale)
+        if cfg.order == "start-first":
+            out[key] = rollout.Step(start_beside=batch, remove_old=remove_old, rollout=ro, recheck_in=monitor or None)
+        else:
+            out[key] = rollout.Step(replace=batch, remove_old=remove_old, rollout=ro, recheck_in=monitor or None)
+    return out
 
 
 def _moving(wanted: Sequence[ServiceDesired], slots: Sequence[Replica], snapshot: Snapshot) -> set[ServiceKey]:

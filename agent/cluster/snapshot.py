@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
-from schemas.state import Pin, StackRecord, TaskRecord
+from schemas.state import LeaderRecord, NodeSpec, NodeStatus, Pin, SlotReport, StackRecord, TaskRecord
 
 ServiceKey = tuple[str, str]
 SlotKey = tuple[str, str, str]
@@ -32,3 +32,9 @@ class Snapshot:
     restarts: Mapping[SlotKey, RestartRecord] = field(default_factory=dict)
     tasks: Mapping[SlotKey, Sequence[TaskRecord]] = field(default_factory=dict)  # each slot's, oldest first
     versions: Mapping[str, int] = field(default_factory=dict)
+    # The cluster at the same revision: node specs, the statuses of live nodes (a node without one is down), the
+    # leader, and every node's slot reports by node id (a down node's last reports stay; the leader ignores them).
+    nodes: Mapping[str, NodeSpec] = field(default_factory=dict)
+    statuses: Mapping[str, NodeStatus] = field(default_factory=dict)
+    leader: LeaderRecord | None = None
+    reports: Mapping[str, Mapping[SlotKey, SlotReport]] = field(default_factory=dict)

@@ -15,23 +15,29 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
+from agent.cluster.nodes import node_infos
 from agent.cluster.orchestrate import (
     Desired,
     Intent,
     Observations,
+    Pinned,
     PlannedImage,
     ResolvedImage,
     apply_pins,
+    follow_steps,
     orchestrate,
+    stack_from_record,
     stacks_known,
 )
-from agent.cluster.snapshot import Assignments, Snapshot
+from agent.cluster.snapshot import Assignments, SlotKey, Snapshot
 from agent.drivers.balancer import listening_ports, open_balancer
 from agent.drivers.docker_engine import ImageUnavailable
 from agent.node.admission import PolicyRefused, admit
 from agent.node.runtime import Runtime
-from agent.state.records import Records
+from agent.state.log import Unavailable
+from agent.state.records import Fence, Records
 from bundles.desired import (
     DesiredState,
     ServiceTarget,
@@ -52,7 +58,7 @@ from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
 from reconcilers.services import ImageChange, ServiceAction, ServicesReconciler, pending_image
 from schemas.errors import DabctlError
-from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, StackRecord
+from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, SlotReport, StackRecord
 
 Action = ServiceAction | NetworkAction | BalancerAction | volumes.MigrateVolume
 AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction] | Result[volumes.MigrateVolume]
@@ -64,6 +70,25 @@ LOST_RACE = "the state changed while this pass planned, every time it tried; the
 
 class EmptySourceRefused(DabctlError):
     """The source has no stacks while stacks are deployed: pruning everything needs --allow-empty."""
+
+
+class Leadership(Protocol):
+    """Whether this node leads the cluster now, and the fence its orchestrator commits carry
+    (agent.node.membership implements it for a cluster node)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    def fence(self) -> Fence | None: ...
+
+
+class AlwaysLeader:
+    """A node without a cluster: it always leads, unfenced (nobody else writes its state)."""
+
+    is_leader = True
+
+    def fence(self) -> Fence | None:
+        return None
 
 
 @dataclass
@@ -113,6 +138,8 @@ class PassPlan:
     unmoved: set[str] = field(default_factory=set)  # stacks whose volume copy failed: they keep their old names
     intent: Intent | None = None  # the cluster's decisions this plan acts on, committed before anything acts
     snapshot: Snapshot | None = None  # the state they were made from
+    leading: bool = True  # this node decided for the cluster (and records stacks); else it only followed
+    offline: bool = False  # the state log did not answer: planned from the last snapshot, nothing is written
     inputs: tuple[DesiredState, bool, Collection[str] | None, Collection[str]] | None = None  # to plan again
 
     @property
@@ -185,6 +212,12 @@ class Engine:
         self.records = records
         self.node = node
         self.parallelism = parallelism
+        # On a cluster node every pass reads the cluster and plans this node's slots; only while it leads does it
+        # decide for all nodes (orchestrate) and commit that, fenced. None: a node alone, its own leader. The
+        # caller sets it (agent.node.membership) as it sets `policy`.
+        self.cluster: Leadership | None = None
+        self._last: Snapshot | None = None  # the last snapshot read: a node cut off from the state log keeps to it
+        self._from_records: dict[str, tuple[StackRecord, StackBundle]] = {}
         owner = records.owner(create=not read_only)
         self.owner = owner
         self.services = ServicesReconciler(docker, owner, node)
@@ -257,13 +290,18 @@ class Engine:
     ) -> PassPlan:
         # One snapshot of the state at one revision; this node's observations (one list call per kind); then the
         # cluster's decisions (orchestrate, pure) and this node's part of them (the node pass).
-        snapshot = self.records.snapshot(restarts=self._restarts is None)
+        snapshot, offline = self._snapshot()
         if self._restarts is None:  # restart bookkeeping is the node's: loaded once, then kept here
             self._restarts = dict(snapshot.restarts)
+        leading = not offline and (self.cluster is None or self.cluster.is_leader)
         records = dict(snapshot.stacks)
         suspended = set(snapshot.suspended)
         now = self.clock()
-        pinned = apply_pins(desired, snapshot, self.policy)
+        if leading:
+            pinned = apply_pins(desired, snapshot, self.policy)
+        else:  # the leader's records are the desired state: what it applied, pins included
+            desired, allow_empty = self._recorded(snapshot), True
+            pinned = Pinned(desired=desired)
         self._pinned = set(pinned.stacks)
         desired = pinned.desired
         moving = {n for n in migrate if n in desired.stacks and n in records and records[n].volume_names == "legacy"}
@@ -296,34 +334,48 @@ class Engine:
             [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
         )
         network_ids = networks.kept_network_ids(observed_networks, early, self.owner)
+        resolve = self._resolve_image if leading else _recorded_image
         images = {
-            (name, t.name): self._resolve_image(t, _previous(records, name, t.name))
+            (name, t.name): resolve(t, _previous(records, name, t.name))
             for name, stack in desired.stacks.items()
             if name not in held
             for t in service_targets(stack)
         }
         listening = self._listening(desired, held) if publishing else set()
         programmed = {f.address for f in balance}
+        local = [r for r in replicas if r.stack not in held and r.stack not in copies]
+        nodes: tuple[str, ...] = (self.node,)
+        follow, slots, busy, orchestrated_ids = None, local, listening - programmed, network_ids
+        if self.cluster is not None:
+            nodes, follow = self._nodes(snapshot, leading)
+            orchestrated_ids = {**{t.name: "" for t in net_targets}, **network_ids}
+            slots = [*local, *self._reported(snapshot, desired, orchestrated_ids, held | set(copies))]
+            busy |= {(proto, port) for st in snapshot.statuses.values() for proto, port in st.busy_ports}
         intent = orchestrate(
             Desired(
                 state=desired,
                 images=images,
-                nodes=(self.node,),
+                nodes=nodes,
                 scope=frozenset(in_scope),
                 pinned=frozenset(pinned.stacks),
                 lifted=pinned.lifted,
                 port_rules=self.ports if publishing else None,
+                follow=follow,
             ),
             snapshot,
             Observations(
                 now=now,
-                slots=[r for r in replicas if r.stack not in held and r.stack not in copies],
-                network_ids=network_ids,
-                busy=frozenset(listening - programmed),
+                slots=slots,
+                network_ids=orchestrated_ids,
+                busy=frozenset(busy),
                 listening=frozenset(listening),
                 blocked=blocked,
             ),
         )
+        if not leading:  # it follows what the leader recorded (ports, rollout batches) and commits no intent
+            intent.ports = {k: p for k, p in snapshot.ports.items() if k.stack not in intent.held}
+            intent.steps = follow_steps(intent.services, local, snapshot.rollouts, now)
+            intent.rollouts, intent.pins, intent.notes = {}, {}, {}
         held = intent.held
         stacks = {
             name: StackPlan(
@@ -395,9 +447,77 @@ class Engine:
             held=held,
             balancer_error=balancer_error,
             awaiting_health=_starting(replicas, intent.ports) if publishing else 0,
-            intent=intent,
+            intent=intent if leading else None,
             snapshot=snapshot,
+            leading=leading,
+            offline=offline,
         )
+
+    def _snapshot(self) -> tuple[Snapshot, bool]:
+        """This pass's snapshot, and whether it is the last one read because the state log does not answer: a
+        cluster node cut off from it keeps healing what it was last assigned (static stability)."""
+        try:
+            snapshot = self.records.snapshot(restarts=self._restarts is None)
+        except Unavailable:
+            if self.cluster is None or self._last is None:
+                raise
+            return self._last, True
+        self._last = snapshot
+        return snapshot, False
+
+    def _recorded(self, snapshot: Snapshot) -> DesiredState:
+        """The desired state as the leader recorded it (each stack's applied bundle content): what a node that
+        does not lead converges to, with no access to the source. Parsed once per recorded revision."""
+        stacks = {}
+        for name, record in snapshot.stacks.items():
+            cached = self._from_records.get(name)
+            if cached is None or cached[0].revision != record.revision or cached[0].bundle_hash != record.bundle_hash:
+                cached = (record, replace(stack_from_record(record), image_ids={}, volume_names=record.volume_names))
+                self._from_records[name] = cached
+            stacks[name] = cached[1]
+        return DesiredState(stacks=stacks)
+
+    def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[str, ...], Assignments | None]:
+        """The nodes the orchestrator places on (up and active), or, for a node that does not lead, the recorded
+        assignments to follow and the nodes they name."""
+        if leading:
+            return tuple(n.node_id for n in node_infos(snapshot.nodes, snapshot.statuses) if n.schedulable), None
+        follow = {k: dict(v) for k, v in snapshot.assignments.items()}
+        return tuple(sorted({n for v in follow.values() for n in v})), follow
+
+    def _reported(
+        self, snapshot: Snapshot, desired: DesiredState, network_ids: Mapping[str, str], skip: Collection[str]
+    ) -> list[services.Replica]:
+        """The other up nodes' slots as their reports say, in the shape the planners take (a replica counts on
+        its own node's networks: that node's pass keeps them)."""
+        networks_of = {
+            (name, t.name): t.networks for name, stack in desired.stacks.items() for t in service_targets(stack)
+        }
+        out = []
+        for node_id, reports in snapshot.reports.items():
+            if node_id == self.node or node_id not in snapshot.statuses:
+                continue  # this node's own slots are observed, not read; a down node's reports are ignored
+            for (stack, service, slot), rep in reports.items():
+                if stack in skip or not rep.container_id:
+                    continue
+                nets = {n: network_ids.get(n, "") for n in networks_of.get((stack, service), ())}
+                out.append(
+                    services.Replica(
+                        id=rep.container_id,
+                        name=f"{stack}_{service}.{slot}@{node_id}",
+                        stack=stack,
+                        service=service,
+                        slot=slot,
+                        spec_hash=rep.spec_hash,
+                        state=rep.state,
+                        exit_code=rep.exit_code,
+                        health=rep.health,
+                        image_id=rep.image_id,
+                        created=rep.created,
+                        networks=nets,
+                    )
+                )
+        return out
 
     def _live(self, observed: Sequence[ObservedNetwork], held: Collection[str]) -> list[ObservedNetwork]:
         """Observed networks, but those of held stacks: they are left exactly as they are."""
@@ -537,14 +657,45 @@ class Engine:
                 report(
                     [r for r in pool.map(lambda a: None if stop and stop.is_set() else self._apply_one(a), phase) if r]
                 )
-        if (
-            self.balancer is not None
-            and plan.balancer_error is None
-            and any(isinstance(r.action, services.SERVICE_ACTIONS) and r.outcome is not Outcome.FAILED for r in results)
-        ):
-            self._rebalance(plan, balance, report)
-        self._record(plan, results, reconcile_id)
+        changed = any(
+            isinstance(r.action, services.SERVICE_ACTIONS) and r.outcome is not Outcome.FAILED for r in results
+        )
+        # What runs now: this pass's observation, or one more container list when replicas changed and the balancer
+        # or the cluster (the slot reports) needs it.
+        rebalance = self.balancer is not None and plan.balancer_error is None
+        after = self.services.observe() if changed and (rebalance or self.cluster) else plan.replicas
+        if changed and rebalance:
+            self._rebalance(plan, balance, report, after)
+        self._record(plan, results, reconcile_id, self._reports(plan, after) if self.cluster else {})
         return PassReport(reconcile_id, results, plan.errors)
+
+    def _reports(self, plan: PassPlan, after: Sequence[services.Replica]) -> dict[SlotKey, SlotReport | None]:
+        """This node's slot reports that differ from what it last wrote (None: the slot is gone from here)."""
+        if plan.snapshot is None or plan.offline:
+            return {}
+        first = _first_networks(
+            t for name, stack in plan.desired.stacks.items() if name not in plan.held for t in service_targets(stack)
+        )
+        tasks = {k: list(v) for k, v in plan.snapshot.tasks.items()}
+        for k, put in (plan.intent.tasks.put if plan.intent else {}).items():
+            ids = {t.task_id for t in put}
+            tasks[k] = [*(t for t in tasks.get(k, []) if t.task_id not in ids), *put]
+        by_slot: dict[SlotKey, services.Replica] = {}
+        for r in sorted(after, key=lambda r: (r.state == "running", r.created)):
+            by_slot[(r.stack, r.service, r.slot)] = r  # the running, newest one of a slot's containers
+        now: dict[SlotKey, SlotReport] = {}
+        for key, r in by_slot.items():
+            network = first.get(key[:2])
+            address = (r.addresses.get(network, "") if network else "") or next(
+                (a for _, a in sorted(r.addresses.items()) if a), ""
+            )
+            mine = [t for t in tasks.get(key, []) if t.node == self.node and t.desired == "running"]
+            task = next((t.task_id for t in reversed(mine) if t.target == r.spec_hash), "")
+            now[key] = _report(r, address, task or (mine[-1].task_id if mine else ""))
+        before = plan.snapshot.reports.get(self.node, {})
+        changed: dict[SlotKey, SlotReport | None] = {k: v for k, v in now.items() if before.get(k) != v}
+        changed.update({k: None for k in before if k not in now and k[0] not in plan.held})
+        return changed
 
     def _commit_intent(self, plan: PassPlan) -> bool:
         """Commit the plan's intent before anything acts on it; when another writer committed since its snapshot,
@@ -553,6 +704,8 @@ class Engine:
         for _ in range(REPLAN_ATTEMPTS):
             if plan.intent is None or plan.snapshot is None:
                 return True
+            if self.cluster is not None:
+                self.records.fence = self.cluster.fence()  # the leader's term: a deposed leader's commit fails
             if self.records.commit_intent(plan.intent, plan.snapshot):
                 return True
             self.replans += 1
@@ -576,12 +729,17 @@ class Engine:
         failed = any(r.outcome is Outcome.FAILED for r in done)
         return balance if failed else loadbalancer.apply_to(balance, actions)
 
-    def _rebalance(self, plan: PassPlan, balance: Balance, report: Callable[[Sequence[AnyResult]], None]) -> None:
-        """After replicas changed: backends follow what runs now (one more container list)."""
+    def _rebalance(
+        self,
+        plan: PassPlan,
+        balance: Balance,
+        report: Callable[[Sequence[AnyResult]], None],
+        replicas: Sequence[services.Replica],
+    ) -> None:
+        """After replicas changed: backends follow what runs now (`replicas`, listed after the changes)."""
         targets = (
             t for name, stack in plan.desired.stacks.items() if name not in plan.held for t in service_targets(stack)
         )
-        replicas = self.services.observe()
         plan.awaiting_health = _starting(replicas, plan.ports)
         endpoints = _endpoints(_first_networks(targets), replicas, ())
         actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
@@ -608,8 +766,23 @@ class Engine:
             return str(exc)
         return None
 
-    def _record(self, plan: PassPlan, results: Sequence[AnyResult], reconcile_id: str) -> None:
-        """Write a stack's record only when something happened to it or its revision moved."""
+    def _record(
+        self,
+        plan: PassPlan,
+        results: Sequence[AnyResult],
+        reconcile_id: str,
+        reports: Mapping[SlotKey, SlotReport | None],
+    ) -> None:
+        """Write a stack's record only when something happened to it or its revision moved, and this node's slot
+        reports that changed, in one commit. A node that does not lead writes only under its own key (its reports);
+        one cut off from the state log writes nothing (its restart bookkeeping stays in memory)."""
+        if self._restarts is not None:
+            self._restarts.update(plan.restarts)
+        if plan.offline:
+            return
+        if not plan.leading:
+            self.records.commit_pass([], [], [], None, node=self.node, reports=reports)
+            return
         by_stack: dict[str, list[AnyResult]] = {}
         for r in results:
             by_stack.setdefault(stack_of(r.action), []).append(r)
@@ -685,9 +858,9 @@ class Engine:
                     for r in results
                 ],
             )
-        if self._restarts is not None:
-            self._restarts.update(plan.restarts)
-        self.records.commit_pass(records, new_revisions, pruned, audit, restarts=plan.restarts)
+        self.records.commit_pass(
+            records, new_revisions, pruned, audit, restarts=plan.restarts, node=self.node, reports=reports
+        )
 
 
 def _plan_moves(
@@ -725,6 +898,38 @@ def _starting(replicas: Sequence[services.Replica], ports: Collection[PortKey]) 
     """Replicas of published services that run but have not passed their healthcheck yet."""
     published = {(k.stack, k.service) for k in ports}
     return sum(1 for r in replicas if (r.stack, r.service) in published and r.health == "starting")
+
+
+def _recorded_image(target: ServiceTarget, previous: ServiceRecord | None) -> ResolvedImage:
+    """The image a node that does not lead runs: the tag at the registry digest the leader recorded (so every
+    node runs the same image), or, for an image with no registry digest (built or imported locally), the
+    reference as written: each node runs and records its own."""
+    svc = target.service
+    if previous is None or previous.image != svc.image or not previous.repo_digest:
+        return ResolvedImage(target, PlannedImage(svc.image))
+    name = svc.image.split("@", 1)[0]
+    repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+    ref = f"{repo}@{previous.repo_digest}"
+    return ResolvedImage(
+        replace(target, image_id=ref),
+        PlannedImage(ref, digest=previous.repo_digest),
+        expected=previous.image_id or None,
+        digest=previous.repo_digest,
+    )
+
+
+def _report(replica: services.Replica, address: str, task: str) -> SlotReport:
+    return SlotReport(
+        task_id=task,
+        container_id=replica.id,
+        state=replica.state,
+        health=replica.health,
+        address=address,
+        exit_code=replica.exit_code,
+        image_id=replica.image_id,
+        spec_hash=replica.spec_hash,
+        created=replica.created,
+    )
 
 
 def _previous(records: Mapping[str, StackRecord], stack: str, service: str) -> ServiceRecord | None:

@@ -3,10 +3,14 @@ of applied revisions per stack, and the audit trail of passes."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import ValidationError
 
 from agent.cluster.orchestrate import Intent
 from agent.cluster.snapshot import Snapshot
@@ -16,7 +20,18 @@ from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
 from schemas import state
-from schemas.state import Assignment, AuditEntry, Pin, StackRecord, TaskRecord
+from schemas.errors import DabctlError
+from schemas.state import (
+    Assignment,
+    AuditEntry,
+    LeaderRecord,
+    NodeSpec,
+    NodeStatus,
+    Pin,
+    SlotReport,
+    StackRecord,
+    TaskRecord,
+)
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -39,6 +54,19 @@ CLUSTER_KEY = "/cluster"
 NODES = "/nodes/"
 NODE = "/node/"
 LEADER_KEY = "/leader"
+# A bundle's content larger than INLINE_CONTENT is kept beside its records, content-addressed, in chunks of CHUNK
+# bytes: /content/<sha256>/<index>, each written in its own transaction, so that every request fits etcd 3.4's
+# default 1.5 MiB (a 4 MiB bundle is 8 chunks) and a stack record and its history entries share the chunks.
+CONTENT = "/content/"
+INLINE_CONTENT = 256 * 1024
+CHUNK = 512 * 1024
+
+
+K = TypeVar("K")
+
+
+class ContentMissing(DabctlError):
+    """A stack record names content chunks the state does not hold (all of them, at the revision read)."""
 
 
 def node_prefix(node_id: str) -> str:
@@ -52,6 +80,10 @@ def node_status_key(node_id: str) -> str:
 
 def slot_report_key(node_id: str, stack: str, service: str, slot: str) -> str:
     return f"{node_prefix(node_id)}reports/{stack}/{service}/{slot}"
+
+
+def content_prefix(digest: str) -> str:
+    return f"{CONTENT}{digest}/"
 
 
 @dataclass(frozen=True)
@@ -108,7 +140,11 @@ class Records:
         return self._owner
 
     def stacks(self) -> dict[str, StackRecord]:
-        return _stacks(self.log.range(STACKS))
+        return self._contents(_stacks(self.log.range(STACKS)))
+
+    def reports(self, node_id: str) -> dict[tuple[str, str, str], SlotReport]:
+        """The slot reports node `node_id` last wrote."""
+        return dict(_node_keys(self.log.range(node_prefix(node_id)))[1].get(node_id, {}))
 
     def snapshot(self, *, restarts: bool = True) -> Snapshot:
         """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
@@ -134,19 +170,65 @@ class Records:
         }
         intent = self.log.range(INTENT_KEY, revision=revision)
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
+        statuses, reports = _node_keys(self.log.range(NODE, revision=revision))
+        leader = [kv for kv in self.log.range(LEADER_KEY, revision=revision) if kv.key == LEADER_KEY]
+        chunks: dict[str, str] = {}
         return Snapshot(
             revision=revision,
-            stacks=_stacks(read(STACKS)),
+            stacks=self._contents(_stacks(read(STACKS)), revision, chunks),
             suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
             pins=pins,
-            history=history,
+            history={
+                k: list(self._contents(dict(enumerate(v)), revision, chunks).values()) for k, v in history.items()
+            },
             assignments=_assignments(read(ASSIGNMENTS)),
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
             tasks=_tasks(read(TASKS)),
             versions=versions,
+            nodes={kv.key.removeprefix(NODES): NodeSpec.model_validate_json(kv.value) for kv in read(NODES)},
+            statuses=statuses,
+            leader=_leader(leader[0].value) if leader else None,
+            reports=reports,
         )
+
+    def _contents(
+        self, records: Mapping[K, StackRecord], revision: int = 0, cache: dict[str, str] | None = None
+    ) -> dict[K, StackRecord]:
+        """Records with their chunked content read back (at `revision`); inline content as stored."""
+        cache = {} if cache is None else cache
+        out = {}
+        for k, r in records.items():
+            if r.content_chunks and not r.content:
+                if r.content_digest not in cache:
+                    kvs = self.log.range(content_prefix(r.content_digest), revision=revision)
+                    if len(kvs) != r.content_chunks:
+                        raise ContentMissing(
+                            f"stack {r.stack} revision {r.revision}: {len(kvs)} of its {r.content_chunks} content "
+                            f"chunks under {content_prefix(r.content_digest)} are in the state; deploy it again"
+                        )
+                    cache[r.content_digest] = b"".join(kv.value for kv in kvs).decode()
+                r = r.model_copy(update={"content": cache[r.content_digest]})
+            out[k] = r
+        return out
+
+    def _store_contents(self, records: Sequence[StackRecord]) -> list[StackRecord]:
+        """Large contents written as chunks (each its own transaction, once: content-addressed); the records as
+        they are stored (content moved out)."""
+        out = []
+        for r in records:
+            raw = r.content.encode()
+            if len(raw) <= INLINE_CONTENT:
+                out.append(r)
+                continue
+            digest = hashlib.sha256(raw).hexdigest()
+            parts = [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
+            for i, part in enumerate(parts):
+                key = f"{content_prefix(digest)}{i:04d}"
+                self.log.txn([Compare(key, "create_revision", "==", 0)], [Put(key, part)])
+            out.append(r.model_copy(update={"content": "", "content_digest": digest, "content_chunks": len(parts)}))
+        return out
 
     def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
@@ -183,7 +265,8 @@ class Records:
 
     def history(self, stack: str) -> list[StackRecord]:
         """Applied revisions of a stack, newest first."""
-        return [StackRecord.model_validate_json(kv.value) for kv in reversed(self.log.range(f"{HISTORY}{stack}/"))]
+        entries = [StackRecord.model_validate_json(kv.value) for kv in reversed(self.log.range(f"{HISTORY}{stack}/"))]
+        return list(self._contents(dict(enumerate(entries))).values())
 
     def audit(self) -> list[AuditEntry]:
         """Passes that changed something, newest first."""
@@ -214,11 +297,19 @@ class Records:
         rollouts: Mapping[tuple[str, str], Rollout] | None = None,
         restarts: Mapping[tuple[str, str, str], RestartRecord] | None = None,
         pins: Mapping[str, Pin | None] | None = None,
+        node: str = "",
+        reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
     ) -> None:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
-        set or lifted, and the audit entry. Nothing when there is nothing."""
-        ops: list[Op] = [Put(STACKS + r.stack, r.model_dump_json().encode()) for r in records]
+        set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
+        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
+        stored = {r.stack: r for r in self._store_contents([*records, *new_revisions])}
+        ops: list[Op] = [Put(STACKS + r.stack, stored[r.stack].model_dump_json().encode()) for r in records]
+        for (stack, service, slot), report in sorted((reports or {}).items()):
+            key = slot_report_key(node, stack, service, slot)
+            ops.append(Put(key, report.model_dump_json().encode()) if report is not None else Delete(key))
+        dropped: list[bytes] = []  # records deleted by this commit: content chunks only they used go too
         for (stack, service), ro in (rollouts or {}).items():
             ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
         for (stack, service, slot), rr in (restarts or {}).items():
@@ -227,10 +318,13 @@ class Records:
         for stack, pin in (pins or {}).items():
             ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
         for r in new_revisions:
-            ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", r.model_dump_json().encode()))
+            ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", stored[r.stack].model_dump_json().encode()))
             old = self.log.range(f"{HISTORY}{r.stack}/")
-            ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.history_limit)])
+            trimmed = old[: max(0, len(old) + 1 - self.history_limit)]
+            ops.extend(Delete(kv.key) for kv in trimmed)
+            dropped += [kv.value for kv in trimmed]
         for stack in pruned:
+            dropped += [kv.value for kv in self.log.range(STACKS + stack) if kv.key == STACKS + stack]
             ops += [
                 Delete(STACKS + stack),
                 Delete(f"{ASSIGNMENTS}{stack}/", prefix=True),
@@ -245,6 +339,20 @@ class Records:
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
         if ops:
             self.log.txn([], ops)
+        self._drop_contents(dropped)
+
+    def _drop_contents(self, dropped: Sequence[bytes]) -> None:
+        """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
+        digests = {StackRecord.model_validate_json(v).content_digest for v in dropped} - {""}
+        if not digests:
+            return
+        kept = {
+            StackRecord.model_validate_json(kv.value).content_digest
+            for prefix in (STACKS, HISTORY)
+            for kv in self.log.range(prefix)
+        }
+        for digest in sorted(digests - kept):
+            self.log.delete(content_prefix(digest), prefix=True)
 
     def suspended(self) -> set[str]:
         """Stacks an operator suspended: the agent leaves them exactly as they are."""
@@ -296,6 +404,30 @@ def _stacks(kvs: Sequence[KeyValue]) -> dict[str, StackRecord]:
         rec = StackRecord.model_validate_json(kv.value)
         out[rec.stack] = rec
     return out
+
+
+def _leader(value: bytes) -> LeaderRecord | None:
+    """The leader key's record; None when it holds something else (a bare campaign value)."""
+    try:
+        return LeaderRecord.model_validate_json(value)
+    except ValidationError:
+        return None
+
+
+def _node_keys(
+    kvs: Sequence[KeyValue],
+) -> tuple[dict[str, NodeStatus], dict[str, dict[tuple[str, str, str], SlotReport]]]:
+    """Under /node/: each live node's status and every node's slot reports, by node id."""
+    statuses: dict[str, NodeStatus] = {}
+    reports: dict[str, dict[tuple[str, str, str], SlotReport]] = {}
+    for kv in kvs:
+        node_id, _, rest = kv.key.removeprefix(NODE).partition("/")
+        if rest == "status":
+            statuses[node_id] = NodeStatus.model_validate_json(kv.value)
+        elif rest.startswith("reports/"):
+            stack, service, slot = rest.removeprefix("reports/").split("/", 2)
+            reports.setdefault(node_id, {})[(stack, service, slot)] = SlotReport.model_validate_json(kv.value)
+    return statuses, reports
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:

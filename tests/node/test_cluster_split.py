@@ -1,0 +1,279 @@
+"""The orchestrator/node split on a simulated 3-node cluster: three engines, each with its own fake Docker engine and
+node id, on ONE real SQLite state log. The leader decides for every node (and commits fenced); each node plans only
+its own slots, from the leader's records when it has no source, and reports them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.node.engine import Engine
+from agent.state.log import Compare, Put, Unavailable
+from agent.state.records import LEADER_KEY, NODES, Fence, Records, node_status_key, slot_report_key
+from agent.state.sqlite import SqliteStateLog
+from bundles import DesiredState
+from schemas.state import LeaderRecord, NodeSpec, NodeStatus
+from tests.fakes import CountingLog, FakeRuntime
+from tests.node.conftest import Clock, bundle, desired, service
+
+IDS = ("aaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbb", "ccccccccccccccccccccccccc")
+NOTHING = DesiredState(stacks={})  # what a worker's (absent) source gives: it converges from the records
+
+
+class Leading:
+    """The leadership a cluster node's membership gives the pass runner: whether it leads, and its term."""
+
+    def __init__(self, log: SqliteStateLog, node_id: str, leader: bool) -> None:
+        self.log = log
+        self.node_id = node_id
+        self.is_leader = leader
+
+    def fence(self) -> Fence | None:
+        kv = self.log.get(LEADER_KEY)
+        return Fence(LEADER_KEY, kv.create_revision) if kv is not None and self.is_leader else None
+
+
+class CutLog(CountingLog):
+    """A state log that can be cut off: every call raises Unavailable, as an unreachable etcd does."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(log)
+        self.cut = False
+
+    def __getattribute__(self, name: str) -> Any:
+        if name not in ("cut", "log", "writes") and not name.startswith("__") and object.__getattribute__(self, "cut"):
+            raise Unavailable("the state log does not answer (cut off in the test)")
+        return object.__getattribute__(self, name)
+
+
+class Node:
+    def __init__(self, log: SqliteStateLog, node_id: str, clock: Clock, leader: bool) -> None:
+        self.id = node_id
+        self.runtime = FakeRuntime(clock=clock)
+        self.log = CutLog(log)
+        self.records = Records(self.log)
+        self.engine = Engine(self.runtime, self.records, node_id, clock=clock)
+        self.engine.cluster = Leading(log, node_id, leader)
+
+    def pass_(self, state: DesiredState) -> None:
+        plan = self.engine.plan(state)
+        report = self.engine.apply(plan)
+        assert not report.failed, report.errors
+
+    def running(self, prefix: str = "web_front.") -> list[str]:
+        """Slots of the running containers named `prefix`<slot>."""
+        return sorted(
+            c.name.rsplit(".", 1)[0].removeprefix(prefix) for c in self.runtime.by_name(prefix) if c.state == "running"
+        )
+
+
+class Cluster:
+    def __init__(self, log: SqliteStateLog, clock: Clock) -> None:
+        self.log = log
+        self.clock = clock
+        now = datetime.now(UTC)
+        for i, node_id in enumerate(IDS):
+            spec = NodeSpec(
+                node_id=node_id, name=f"node-{i + 1}", role="manager" if i == 0 else "worker", joined_at=now
+            )
+            log.put(NODES + node_id, spec.model_dump_json().encode())
+            self.up(node_id)
+        leader = LeaderRecord(node_id=IDS[0], name="node-1")
+        log.txn([Compare(LEADER_KEY, "create_revision", "==", 0)], [Put(LEADER_KEY, leader.model_dump_json().encode())])
+        self.nodes = [Node(log, node_id, clock, leader=i == 0) for i, node_id in enumerate(IDS)]
+
+    def up(self, node_id: str) -> None:
+        self.log.put(node_status_key(node_id), NodeStatus(node_id=node_id).model_dump_json().encode())
+
+    def down(self, node_id: str) -> None:
+        """The node's lease lapsed: its status key is gone."""
+        self.log.delete(node_status_key(node_id))
+
+    def round(self, state: DesiredState, nodes: Sequence[Node] | None = None) -> list[str]:
+        """One pass on each node, the leader first (only it has the source); the state-log writes it made."""
+        for n in self.nodes:
+            n.log.writes.clear()
+        for n in nodes if nodes is not None else self.nodes:
+            n.pass_(state if n.engine.cluster is not None and n.engine.cluster.is_leader else NOTHING)
+        return [w for n in self.nodes for w in n.log.writes]
+
+    def converge(self, state: DesiredState, nodes: Sequence[Node] | None = None, rounds: int = 6) -> None:
+        """Rounds until one writes nothing to the state log and makes no Docker write, with no rollout moving."""
+        for _ in range(rounds):
+            for n in self.nodes:
+                n.runtime.calls.clear()
+            writes = self.round(state, nodes)
+            rolling = any(ro.state != "completed" for ro in Records(self.log).rollouts().values())
+            if not writes and not rolling and not any(n.runtime.writes() for n in self.nodes):
+                return
+            self.clock.advance(1)
+        raise AssertionError(f"not converged after {rounds} rounds; last writes: {writes}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, clock: Clock) -> Iterator[Cluster]:
+    log = SqliteStateLog(tmp_path / "state.db")
+    yield Cluster(log, clock)
+    log.close()
+
+
+SIX = desired(web=bundle({"front": service(Deploy={"Replicas": 6})}))
+
+
+def test_six_replicas_run_two_on_each_node_and_each_node_reports_its_own(cluster: Cluster) -> None:
+    cluster.round(SIX)
+
+    assert [len(n.running()) for n in cluster.nodes] == [2, 2, 2]
+    assert sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3", "4", "5", "6"]
+    records = Records(cluster.log)
+    assert records.assignments()[("web", "front")] == {IDS[0]: ["1", "4"], IDS[1]: ["2", "5"], IDS[2]: ["3", "6"]}
+    for n in cluster.nodes:
+        reports = records.reports(n.id)
+        assert sorted(slot for (_, _, slot) in reports) == n.running()
+        assert all(r.state == "running" and r.container_id and r.spec_hash and r.task_id for r in reports.values())
+        container = n.runtime.by_name(f"web_front.{n.running()[0]}.")[0]
+        assert reports[("web", "front", n.running()[0])].container_id == container.id
+
+
+def test_a_converged_cluster_round_writes_nothing(cluster: Cluster) -> None:
+    cluster.converge(SIX)  # raises unless a round ends with no state-log write and no Docker write on any node
+
+    for n in cluster.nodes:
+        n.runtime.calls.clear()
+    assert cluster.round(SIX) == [], "zero state-log writes in a converged pass, on every node"
+    for n in cluster.nodes:
+        assert n.runtime.calls == [("list_replicas", n.engine.owner), ("list_networks",)]
+
+
+def test_a_worker_writes_only_under_its_own_node_key(cluster: Cluster) -> None:
+    cluster.round(SIX)
+    for n in cluster.nodes[1:]:
+        keys = [w for w in n.log.writes]
+        assert keys, "a worker reports its slots"
+        for w in keys:
+            written = w.removeprefix("txn ").split(", ")
+            assert all(k.startswith(f"/node/{n.id}/") for k in written), w
+
+
+def test_a_worker_with_no_source_converges_from_the_records(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    v2 = desired(web=bundle({"front": service(Deploy={"Replicas": 6}, Env=["MODE=v2"])}))
+
+    cluster.converge(v2, rounds=40)
+
+    spec = Records(cluster.log).stacks()["web"].services["front"].spec_hash
+    for n in cluster.nodes:
+        assert {c.labels["dabctl.spec"] for c in n.runtime.containers.values()} == {spec}
+        assert len(n.running()) == 2
+        assert {r.spec_hash for r in Records(cluster.log).reports(n.id).values()} == {spec}
+
+
+def test_a_rolling_update_steps_over_the_slots_of_all_nodes_in_the_leaders_batches(cluster: Cluster) -> None:
+    """Parallelism counts cluster-wide: each round replaces at most that many slots over the three nodes, in the
+    batches the leader recorded, and never one a node chose itself."""
+    cluster.converge(SIX)
+    update = {"Parallelism": 2}
+    v2 = desired(web=bundle({"front": service(Deploy={"Replicas": 6, "UpdateConfig": update}, Env=["MODE=v2"])}))
+    replaced: list[list[str]] = []
+    for _ in range(40):
+        for n in cluster.nodes:
+            n.runtime.calls.clear()
+        cluster.round(v2)
+        batch = Records(cluster.log).rollouts()[("web", "front")]
+        creates = sorted(
+            c[1].rsplit(".", 2)[-2] for n in cluster.nodes for c in n.runtime.writes() if c[0] == "create_replica"
+        )
+        if creates:
+            replaced.append(creates)
+            assert len(creates) <= 2 and set(creates) <= set(batch.batch), (creates, batch)
+        if batch.state == "completed":
+            break
+        cluster.clock.advance(1)
+    assert batch.state == "completed"
+    assert sorted(s for b in replaced for s in b) == ["1", "2", "3", "4", "5", "6"], replaced
+    assert len(replaced) == 3
+
+
+def test_a_down_nodes_slots_move_to_the_others(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    lost = cluster.nodes[2]
+    cluster.down(lost.id)
+
+    cluster.converge(SIX, nodes=cluster.nodes[:2])
+
+    live = cluster.nodes[:2]
+    assert sorted(s for n in live for s in n.running()) == ["1", "2", "3", "4", "5", "6"]
+    assert Records(cluster.log).assignments()[("web", "front")].get(lost.id, []) == []
+    assert lost.running() == ["3", "6"], "the lost node was not there to act"
+
+    # It comes back: it learns what moved and removes only what is no longer its own.
+    cluster.up(lost.id)
+    lost.pass_(NOTHING)
+    assert lost.running() == []
+
+
+def test_a_node_cut_off_from_the_state_log_keeps_healing_its_slots(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    cut = cluster.nodes[1]
+    cut.log.cut = True
+    victim = cut.runtime.by_name("web_front.2.")[0]
+    cut.runtime.exit(victim.id, 1)
+
+    cut.pass_(NOTHING)  # planned from its last snapshot; writes nothing
+
+    assert cut.running() == ["2", "5"], "the exited replica was restarted without the state log"
+    # Meanwhile its lease lapsed and the leader moved its slots; when it reconnects it removes them.
+    cluster.down(cut.id)
+    cluster.converge(SIX, nodes=[cluster.nodes[0], cluster.nodes[2]])
+    assert cut.running() == ["2", "5"], "losing the control plane never kills a workload"
+    cut.log.cut = False
+    cut.pass_(NOTHING)
+    assert cut.running() == []
+    assert sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_deposed_leader_commits_nothing(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    leader = cluster.nodes[0]
+    # Another manager took over: the leader key was recreated, so the old term's fence no longer holds.
+    stale = leader.engine.cluster.fence() if leader.engine.cluster else None
+    assert stale is not None
+    cluster.log.delete(LEADER_KEY)
+    cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+    leader.engine.cluster = _Frozen(stale)
+
+    plan = leader.engine.plan(seven)
+    report = leader.engine.apply(plan)
+
+    assert report.failed and report.results == [], "nothing acts on an intent that was not committed"
+    assert ("web", "front") in Records(cluster.log).assignments()
+    assert "7" not in {s for v in Records(cluster.log).assignments()[("web", "front")].values() for s in v}
+
+
+class _Frozen:
+    """A leader that still believes it leads, with the fence of its lost term."""
+
+    is_leader = True
+
+    def __init__(self, fence: Fence) -> None:
+        self._fence = fence
+
+    def fence(self) -> Fence | None:
+        return self._fence
+
+
+def test_reports_of_a_removed_slot_are_deleted(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    three = desired(web=bundle({"front": service(Deploy={"Replicas": 3})}))
+
+    cluster.converge(three)
+
+    assert [n.running() for n in cluster.nodes] == [["1"], ["2"], ["3"]]
+    for n in cluster.nodes:
+        assert [k for k in Records(cluster.log).reports(n.id)] == [("web", "front", n.running()[0])]
+    assert cluster.log.get(slot_report_key(IDS[0], "web", "front", "4")) is None
