@@ -49,10 +49,16 @@ class StackRecord(Record):
     applied_at: datetime
     outcome: PassOutcome
     volume_names: Literal["scoped", "legacy"] = "legacy"
-    # A large bundle's content is kept beside the record, in chunks that fit one state-log request each
-    # (agent.state.records): `content` is then "" as stored, and these name the chunks (sha256 of the content).
-    content_digest: str = ""
-    content_chunks: int = 0
+
+
+class Chunked(BaseModel):
+    """What a key holds instead of a record too large for one state-log request: the sha256 of the record's JSON,
+    kept beside it in `chunks` pieces (agent.state.records)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunked: str
+    chunks: int
 
 
 class Assignment(Record):

@@ -8,9 +8,8 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from agent.cluster.orchestrate import Intent
 from agent.cluster.snapshot import Snapshot
@@ -24,6 +23,7 @@ from schemas.errors import DabctlError
 from schemas.state import (
     Assignment,
     AuditEntry,
+    Chunked,
     LeaderRecord,
     NodeSpec,
     NodeStatus,
@@ -54,15 +54,15 @@ CLUSTER_KEY = "/cluster"
 NODES = "/nodes/"
 NODE = "/node/"
 LEADER_KEY = "/leader"
-# A bundle's content larger than INLINE_CONTENT is kept beside its records, content-addressed, in chunks of CHUNK
-# bytes: /content/<sha256>/<index>, each written in its own transaction, so that every request fits etcd 3.4's
-# default 1.5 MiB (a 4 MiB bundle is 8 chunks) and a stack record and its history entries share the chunks.
+# A stack record larger than INLINE_RECORD (a large bundle: the record holds its content and each service's spec)
+# is kept beside its key, content-addressed, in chunks of CHUNK bytes: /content/<sha256>/<index>, each written in
+# its own transaction, so that every request fits etcd 3.4's default 1.5 MiB; the key holds a Chunked naming them,
+# and a stack record and its history entry share them. Records stored inline (every record of the previous
+# main's) read as they are.
 CONTENT = "/content/"
-INLINE_CONTENT = 256 * 1024
+INLINE_RECORD = 256 * 1024
 CHUNK = 512 * 1024
-
-
-K = TypeVar("K")
+STORED: TypeAdapter[StackRecord | Chunked] = TypeAdapter(StackRecord | Chunked)
 
 
 class ContentMissing(DabctlError):
@@ -140,7 +140,7 @@ class Records:
         return self._owner
 
     def stacks(self) -> dict[str, StackRecord]:
-        return self._contents(_stacks(self.log.range(STACKS)))
+        return {r.stack: r for r in self._load(self.log.range(STACKS))}
 
     def reports(self, node_id: str) -> dict[tuple[str, str, str], SlotReport]:
         """The slot reports node `node_id` last wrote."""
@@ -161,26 +161,21 @@ class Records:
         pins = {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in read(PINS)}
         rollouts = _rollouts(read(ROLLOUTS))
         rolling = {stack for (stack, _), ro in rollouts.items() if ro.state != "completed"}
+        chunks: dict[str, bytes] = {}
         history = {
-            stack: [
-                StackRecord.model_validate_json(kv.value)
-                for kv in reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))
-            ]
+            stack: self._load(list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))), revision, chunks)
             for stack in sorted(set(pins) | rolling)
         }
         intent = self.log.range(INTENT_KEY, revision=revision)
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
         statuses, reports = _node_keys(self.log.range(NODE, revision=revision))
         leader = [kv for kv in self.log.range(LEADER_KEY, revision=revision) if kv.key == LEADER_KEY]
-        chunks: dict[str, str] = {}
         return Snapshot(
             revision=revision,
-            stacks=self._contents(_stacks(read(STACKS)), revision, chunks),
+            stacks={r.stack: r for r in self._load(read(STACKS), revision, chunks)},
             suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
             pins=pins,
-            history={
-                k: list(self._contents(dict(enumerate(v)), revision, chunks).values()) for k, v in history.items()
-            },
+            history=history,
             assignments=_assignments(read(ASSIGNMENTS)),
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
@@ -193,42 +188,41 @@ class Records:
             reports=reports,
         )
 
-    def _contents(
-        self, records: Mapping[K, StackRecord], revision: int = 0, cache: dict[str, str] | None = None
-    ) -> dict[K, StackRecord]:
-        """Records with their chunked content read back (at `revision`); inline content as stored."""
+    def _load(
+        self, kvs: Sequence[KeyValue], revision: int = 0, cache: dict[str, bytes] | None = None
+    ) -> list[StackRecord]:
+        """Stack records as stored: inline, or chunked beside the key (read at `revision`)."""
         cache = {} if cache is None else cache
-        out = {}
-        for k, r in records.items():
-            if r.content_chunks and not r.content:
-                if r.content_digest not in cache:
-                    kvs = self.log.range(content_prefix(r.content_digest), revision=revision)
-                    if len(kvs) != r.content_chunks:
+        out = []
+        for kv in kvs:
+            stored = STORED.validate_json(kv.value)
+            if isinstance(stored, Chunked):
+                if stored.chunked not in cache:
+                    parts = self.log.range(content_prefix(stored.chunked), revision=revision)
+                    if len(parts) != stored.chunks:
                         raise ContentMissing(
-                            f"stack {r.stack} revision {r.revision}: {len(kvs)} of its {r.content_chunks} content "
-                            f"chunks under {content_prefix(r.content_digest)} are in the state; deploy it again"
+                            f"{kv.key}: {len(parts)} of its {stored.chunks} chunks under "
+                            f"{content_prefix(stored.chunked)} are in the state; deploy the stack again"
                         )
-                    cache[r.content_digest] = b"".join(kv.value for kv in kvs).decode()
-                r = r.model_copy(update={"content": cache[r.content_digest]})
-            out[k] = r
+                    cache[stored.chunked] = b"".join(p.value for p in parts)
+                stored = StackRecord.model_validate_json(cache[stored.chunked])
+            out.append(stored)
         return out
 
-    def _store_contents(self, records: Sequence[StackRecord]) -> list[StackRecord]:
-        """Large contents written as chunks (each its own transaction, once: content-addressed); the records as
-        they are stored (content moved out)."""
-        out = []
-        for r in records:
-            raw = r.content.encode()
-            if len(raw) <= INLINE_CONTENT:
-                out.append(r)
-                continue
-            digest = hashlib.sha256(raw).hexdigest()
-            parts = [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
+    def _store(self, record: StackRecord, written: set[str]) -> bytes:
+        """What a key holds for `record`: its JSON, or, above INLINE_RECORD, a Chunked naming its chunks (written
+        first, one transaction each, once: they are content-addressed)."""
+        raw = record.model_dump_json().encode()
+        if len(raw) <= INLINE_RECORD:
+            return raw
+        digest = hashlib.sha256(raw).hexdigest()
+        parts = [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
+        if digest not in written:
             for i, part in enumerate(parts):
                 key = f"{content_prefix(digest)}{i:04d}"
                 self.log.txn([Compare(key, "create_revision", "==", 0)], [Put(key, part)])
-            out.append(r.model_copy(update={"content": "", "content_digest": digest, "content_chunks": len(parts)}))
-        return out
+            written.add(digest)
+        return Chunked(chunked=digest, chunks=len(parts)).model_dump_json().encode()
 
     def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
@@ -265,8 +259,7 @@ class Records:
 
     def history(self, stack: str) -> list[StackRecord]:
         """Applied revisions of a stack, newest first."""
-        entries = [StackRecord.model_validate_json(kv.value) for kv in reversed(self.log.range(f"{HISTORY}{stack}/"))]
-        return list(self._contents(dict(enumerate(entries))).values())
+        return self._load(list(reversed(self.log.range(f"{HISTORY}{stack}/"))))
 
     def audit(self) -> list[AuditEntry]:
         """Passes that changed something, newest first."""
@@ -304,8 +297,8 @@ class Records:
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
         set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
         Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
-        stored = {r.stack: r for r in self._store_contents([*records, *new_revisions])}
-        ops: list[Op] = [Put(STACKS + r.stack, stored[r.stack].model_dump_json().encode()) for r in records]
+        written: set[str] = set()
+        ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
         for (stack, service, slot), report in sorted((reports or {}).items()):
             key = slot_report_key(node, stack, service, slot)
             ops.append(Put(key, report.model_dump_json().encode()) if report is not None else Delete(key))
@@ -318,7 +311,7 @@ class Records:
         for stack, pin in (pins or {}).items():
             ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
         for r in new_revisions:
-            ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", stored[r.stack].model_dump_json().encode()))
+            ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", self._store(r, written)))
             old = self.log.range(f"{HISTORY}{r.stack}/")
             trimmed = old[: max(0, len(old) + 1 - self.history_limit)]
             ops.extend(Delete(kv.key) for kv in trimmed)
@@ -343,14 +336,10 @@ class Records:
 
     def _drop_contents(self, dropped: Sequence[bytes]) -> None:
         """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
-        digests = {StackRecord.model_validate_json(v).content_digest for v in dropped} - {""}
+        digests = {chunk_digest(v) for v in dropped} - {""}
         if not digests:
             return
-        kept = {
-            StackRecord.model_validate_json(kv.value).content_digest
-            for prefix in (STACKS, HISTORY)
-            for kv in self.log.range(prefix)
-        }
+        kept = {chunk_digest(kv.value) for prefix in (STACKS, HISTORY) for kv in self.log.range(prefix)}
         for digest in sorted(digests - kept):
             self.log.delete(content_prefix(digest), prefix=True)
 
@@ -398,12 +387,10 @@ class Records:
             self.log.txn([], ops)
 
 
-def _stacks(kvs: Sequence[KeyValue]) -> dict[str, StackRecord]:
-    out = {}
-    for kv in kvs:
-        rec = StackRecord.model_validate_json(kv.value)
-        out[rec.stack] = rec
-    return out
+def chunk_digest(value: bytes) -> str:
+    """The digest of the chunks a stored record names, or "" for a record stored inline."""
+    stored = STORED.validate_json(value)
+    return stored.chunked if isinstance(stored, Chunked) else ""
 
 
 def _leader(value: bytes) -> LeaderRecord | None:
