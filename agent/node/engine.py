@@ -478,10 +478,12 @@ class Engine:
         return DesiredState(stacks=stacks)
 
     def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[str, ...], Assignments | None]:
-        """The nodes the orchestrator places on (up and active), or, for a node that does not lead, the recorded
-        assignments to follow and the nodes they name."""
-        if leading:
-            return tuple(n.node_id for n in node_infos(snapshot.nodes, snapshot.statuses) if n.schedulable), None
+        """The nodes the orchestrator places on (up and active), or the recorded assignments to follow and the nodes
+        they name: on a node that does not lead, and on a leader that sees no node it may place on."""
+        up = tuple(n.node_id for n in node_infos(snapshot.nodes, snapshot.statuses) if n.schedulable)
+        if leading and up:
+            return up, None
+        # Not leading, or no node to place on (none registered yet or all down): nothing moves, nothing is removed.
         follow = {k: dict(v) for k, v in snapshot.assignments.items()}
         return tuple(sorted({n for v in follow.values() for n in v})), follow
 

@@ -48,7 +48,7 @@ from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
 from agent.state.log import StateLocked
-from agent.state.records import Records
+from agent.state.records import INTENT_KEY, STACKS, Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
@@ -191,6 +191,9 @@ class Agent:
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
             self._spawn(self._resync, "resync")
+        if self.engine.cluster is not None:  # a cluster node acts as soon as the leader commits
+            for prefix in (INTENT_KEY, STACKS):
+                self._spawn(functools.partial(self._follow_state, prefix), f"watch {prefix}")
         observer = self._watch_directory()
         try:
             self._work()
@@ -354,6 +357,28 @@ class Agent:
     def _resync(self) -> None:
         while not self.stop.wait(self.cfg.resync_interval):
             self.queue.add(self.all_keys())
+
+    def _follow_state(self, prefix: str) -> None:
+        """On a cluster node: a change under `prefix` (the key every orchestrator commit puts, the stack records the
+        leader writes) queues every stack; after a lost watch, watch again and queue them all."""
+        backoff = 1.0
+        while not self.stop.is_set():
+            watch = None
+            try:
+                watch = self.log.watch(prefix, self.log.revision() + 1)
+                while not self.stop.is_set() and not watch.cancelled:
+                    if watch.next(timeout=1.0) is not None:
+                        self.queue.add(self.all_keys(), after=EVENT_DEBOUNCE)
+                        backoff = 1.0
+            except DabctlError as exc:
+                log.warning("state watch dropped; watching again", extra={"prefix": prefix, "error": one_line(exc)})
+            finally:
+                if watch is not None:
+                    watch.cancel()
+            if not self.stop.is_set():
+                self.queue.add(self.all_keys())
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     def _follow_events(self) -> None:
         """Docker's event stream -> stack keys; after a dropped stream, reconnect with `since` and resync all."""

@@ -277,3 +277,18 @@ def test_reports_of_a_removed_slot_are_deleted(cluster: Cluster) -> None:
     for n in cluster.nodes:
         assert [k for k in Records(cluster.log).reports(n.id)] == [("web", "front", n.running()[0])]
     assert cluster.log.get(slot_report_key(IDS[0], "web", "front", "4")) is None
+
+
+def test_a_leader_that_sees_no_node_to_place_on_moves_and_removes_nothing(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    for node_id in IDS:
+        cluster.down(node_id)
+
+    cluster.round(SIX)
+
+    assert [n.running() for n in cluster.nodes] == [["1", "4"], ["2", "5"], ["3", "6"]]
+    assert Records(cluster.log).assignments()[("web", "front")] == {
+        IDS[0]: ["1", "4"],
+        IDS[1]: ["2", "5"],
+        IDS[2]: ["3", "6"],
+    }

@@ -9,13 +9,16 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.node.loop import Agent
+from agent.state.records import INTENT_KEY, STACKS
 from schemas.config import AgentConfig
+from schemas.state import PassOutcome, StackRecord
 from tests.fakes import FakeRuntime, unreachable
 from tests.node.conftest import NODE, bundle, service
 
@@ -432,3 +435,58 @@ def test_an_upgrade_that_refuses_bundles_names_each_one_and_its_rule(
     assert "policy rule 'max_replicas_per_service'" in record.errors  # type: ignore[attr-defined]
     assert set(agent.load_errors) == {"ops", "big"}
     assert runtime_of(agent).writes() == []
+
+
+def _record(stack: str) -> StackRecord:
+    content = json.dumps(bundle({"srv": service()}))
+    now = datetime.now(UTC)
+    outcome = PassOutcome(reconcile_id="r", at=now)
+    return StackRecord(
+        stack=stack,
+        revision="r1",
+        file=f"{stack}.dab",
+        bundle_hash="h",
+        content=content,
+        applied_at=now,
+        outcome=outcome,
+    )
+
+
+class _Follower:
+    """A cluster node that does not lead."""
+
+    is_leader = False
+
+    def fence(self) -> None:
+        return None
+
+
+def test_a_cluster_node_passes_as_soon_as_the_leader_commits(make_agent: Callable[..., Agent], signals: None) -> None:
+    runtime = FakeRuntime()
+    agent = make_agent(runtime)
+    agent.engine.cluster = _Follower()
+    failure: list[BaseException] = []
+
+    def passes() -> float:
+        return sum(metric(agent, "dabctl_reconcile_passes_total", result=r) for r in ("noop", "success", "failure"))
+
+    def drive() -> None:
+        try:
+            until(lambda: passes() >= 1)  # the first pass (a worker: it follows the records, empty here)
+            before = passes()
+            agent.log.put(INTENT_KEY, b"1")  # an orchestrator commit
+            until(lambda: passes() > before)
+            before = passes()
+            agent.log.put(STACKS + "other", _record("other").model_dump_json().encode())  # a stack record: watched too
+            until(lambda: passes() > before)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            agent.shutdown()
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    assert agent.run() == 0
+    driver.join(timeout=10)
+    if failure:
+        raise failure[0]
