@@ -502,6 +502,8 @@ class Engine:
             for (stack, service, slot), rep in reports.items():
                 if stack in skip or not rep.container_id:
                     continue
+                if slot not in snapshot.assignments.get((stack, service), {}).get(node_id, ()):
+                    continue  # a container the node has yet to remove: the slot is someone else's now
                 nets = {n: network_ids.get(n, "") for n in networks_of.get((stack, service), ())}
                 out.append(
                     services.Replica(
@@ -668,11 +670,14 @@ class Engine:
         after = self.services.observe() if changed and (rebalance or self.cluster) else plan.replicas
         if changed and rebalance:
             self._rebalance(plan, balance, report, after)
-        self._record(plan, results, reconcile_id, self._reports(plan, after) if self.cluster else {})
+        self._record(plan, results, reconcile_id, self._reports(plan, after, results) if self.cluster else {})
         return PassReport(reconcile_id, results, plan.errors)
 
-    def _reports(self, plan: PassPlan, after: Sequence[services.Replica]) -> dict[SlotKey, SlotReport | None]:
-        """This node's slot reports that differ from what it last wrote (None: the slot is gone from here)."""
+    def _reports(
+        self, plan: PassPlan, after: Sequence[services.Replica], results: Sequence[AnyResult]
+    ) -> dict[SlotKey, SlotReport | None]:
+        """This node's slot reports that differ from what it last wrote (None: the slot is gone from here); a slot
+        whose create or start failed this pass says why."""
         if plan.snapshot is None or plan.offline:
             return {}
         first = _first_networks(
@@ -694,6 +699,11 @@ class Engine:
             mine = [t for t in tasks.get(key, []) if t.node == self.node and t.desired == "running"]
             task = next((t.task_id for t in reversed(mine) if t.target == r.spec_hash), "")
             now[key] = _report(r, address, task or (mine[-1].task_id if mine else ""))
+        for res in results:
+            if res.outcome is Outcome.FAILED and isinstance(res.action, services.SERVICE_ACTIONS):
+                key = res.action.key
+                if not isinstance(res.action, services.RemoveReplica):
+                    now[key] = (now.get(key) or SlotReport()).model_copy(update={"error": res.error})
         before = plan.snapshot.reports.get(self.node, {})
         changed: dict[SlotKey, SlotReport | None] = {k: v for k, v in now.items() if before.get(k) != v}
         changed.update({k: None for k in before if k not in now and k[0] not in plan.held})

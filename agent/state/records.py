@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from agent.cluster.orchestrate import Intent
 from agent.cluster.snapshot import Snapshot
@@ -62,7 +62,6 @@ LEADER_KEY = "/leader"
 CONTENT = "/content/"
 INLINE_RECORD = 256 * 1024
 CHUNK = 512 * 1024
-STORED: TypeAdapter[StackRecord | Chunked] = TypeAdapter(StackRecord | Chunked)
 
 
 class ContentMissing(DabctlError):
@@ -195,7 +194,7 @@ class Records:
         cache = {} if cache is None else cache
         out = []
         for kv in kvs:
-            stored = STORED.validate_json(kv.value)
+            stored = _stored(kv.value)
             if isinstance(stored, Chunked):
                 if stored.chunked not in cache:
                     parts = self.log.range(content_prefix(stored.chunked), revision=revision)
@@ -387,9 +386,18 @@ class Records:
             self.log.txn([], ops)
 
 
+def _stored(value: bytes) -> StackRecord | Chunked:
+    """A stack record's key as stored: the record itself (almost always: tried first, as fast as before), or the
+    Chunked that names its chunks."""
+    try:
+        return StackRecord.model_validate_json(value)
+    except ValidationError:
+        return Chunked.model_validate_json(value)
+
+
 def chunk_digest(value: bytes) -> str:
     """The digest of the chunks a stored record names, or "" for a record stored inline."""
-    stored = STORED.validate_json(value)
+    stored = _stored(value)
     return stored.chunked if isinstance(stored, Chunked) else ""
 
 
