@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
+from agent.cluster.nodes import single_node
 from agent.cluster.orchestrate import (
     Desired,
     Intent,
@@ -308,7 +309,8 @@ class Engine:
             Desired(
                 state=desired,
                 images=images,
-                nodes=(self.node,),
+                nodes=(single_node(self.node),),
+                placement=False,  # one node outside a cluster: Placement is recorded, not applied (as before)
                 scope=frozenset(in_scope),
                 pinned=frozenset(pinned.stacks),
                 lifted=pinned.lifted,
