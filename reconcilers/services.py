@@ -39,6 +39,7 @@ class Replica:
     created: int = 0
     networks: Mapping[str, str] = field(default_factory=dict)  # network name -> network ID
     addresses: Mapping[str, str] = field(default_factory=dict)  # network name -> this replica's IPv4 address
+    node: str = ""  # the node it runs on, when the reports of several nodes are merged ("": the observing node)
 
     @property
     def label(self) -> str:

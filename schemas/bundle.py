@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_pascal
 
+from schemas.constraints import valid_constraint
 from schemas.durations import Duration
 from schemas.quoting import env_name, quoted
 
@@ -146,9 +147,10 @@ class RestartPolicy(Model):
 
 
 class Placement(Model):
-    """Where replicas may run."""
+    """Where replicas may run: on nodes satisfying every constraint (node.id, node.hostname, node.role or
+    node.labels.KEY, then == or != and a value), at most MaxReplicasPerNode per node (0 or unset: no limit)."""
 
-    constraints: list[str] = []
+    constraints: list[Annotated[str, AfterValidator(valid_constraint)]] = []
     max_replicas_per_node: Annotated[int, Field(ge=0)] | None = None
 
 

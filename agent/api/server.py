@@ -9,6 +9,10 @@ Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's
   A request whose `Host` is not a loopback name, the listen address or one of `allowed_hosts` is refused (DNS
   rebinding); `/webhook` is exempt, its signature is the check.
 - `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
+- `cluster` (`cluster_listen`, default 0.0.0.0:9421; cluster nodes only): traffic between the nodes of a cluster,
+  never on `listen`. It serves `POST /cluster/v1/<call>` for the calls the node gives it (today: `join`, which a
+  manager answers) and nothing else: no probe, no page, no control call, no write of intent. Plain HTTP only with
+  `cluster_insecure` until the cluster has a certificate authority.
 - `control` (`<state_dir>/agent.sock`, root-owned, 0600 or 0660 with `control_group`): the CLI's changing calls
   (`POST /api/<call>`) and `/status`. The socket's mode is the check, as for dockerd's API socket.
 
@@ -64,6 +68,7 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 _GET = ("GET", "HEAD")
 _POST = ("POST",)
+CLUSTER_API = "/cluster/v1/"
 _PROBES = ("/healthz", "/readyz", "/metrics", "/status")
 _PAGES = ("/", "/stacks/{stack}", "/events", *(f"/ui/{name}" for name in render.ASSETS))
 
@@ -85,6 +90,7 @@ class Kind(Enum):
     HTTP = "http"
     WEBHOOK = "webhook"
     CONTROL = "control"
+    CLUSTER = "cluster"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +229,7 @@ class AgentHttp:
         api: Mapping[str, ApiCall] | None = None,
         limits: Limits | None = None,
         page: PageSource | None = None,
+        cluster_api: Mapping[str, ApiCall] | None = None,
     ) -> None:
         """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
         self.status = status
@@ -231,6 +238,7 @@ class AgentHttp:
         self.on_webhook = on_webhook
         self.webhook = webhook if webhook is not None and webhook.configured else None
         self.api = dict(api or {})
+        self.cluster_api = dict(cluster_api or {})
         self.limits = limits or Limits()
         self.listeners: list[Listener] = []
         self.rate = RateLimit(self.limits.webhook_per_minute, self.limits.webhook_burst)
@@ -255,6 +263,12 @@ class AgentHttp:
         self.listeners.append(listener)
         return listener
 
+    def add_cluster(self, host: str, port: int) -> Listener:
+        """The cluster listener (before start): `POST /cluster/v1/<call>` for the calls in `cluster_api` only."""
+        listener = Listener(Kind.CLUSTER, tcp=(host, port))
+        self.listeners.append(listener)
+        return listener
+
     def add_unix(self, path: Path, *, group: int | None = None) -> Listener:
         """The control socket (before start): mode 0600, or 0660 owned by `group` when one is given."""
         listener = Listener(Kind.CONTROL, path=path)
@@ -266,6 +280,11 @@ class AgentHttp:
         """Every route of every listener: what a test walks to prove who may reach what."""
         out: list[Route] = []
         for listener in self.listeners:
+            if listener.kind is Kind.CLUSTER:
+                out += [
+                    Route(listener.kind, f"{CLUSTER_API}{n}", _POST, changes=True) for n in sorted(self.cluster_api)
+                ]
+                continue
             if listener.kind is not Kind.CONTROL and self.webhook is not None:
                 out.append(Route(listener.kind, "/webhook", _POST, changes=True))
             if listener.kind is Kind.HTTP:
@@ -427,7 +446,9 @@ class AgentHttp:
         if path == "/webhook":
             return await self._webhook(request, due)
         if path.startswith("/api/"):
-            return await self._api(request, path.removeprefix("/api/"), due)
+            return await self._api(request, self.api[path.removeprefix("/api/")], due)
+        if path.startswith(CLUSTER_API):
+            return await self._api(request, self.cluster_api[path.removeprefix(CLUSTER_API)], due)
         return await self._page(request)
 
     # --- the web page -------------------------------------------------------------------------------------------
@@ -502,8 +523,8 @@ class AgentHttp:
         self.on_webhook()
         return _json(202, {"accepted": True})
 
-    async def _api(self, request: web.BaseRequest, name: str, due: float) -> _Reply:
-        call = self.api[name]  # routes() lists exactly these names
+    async def _api(self, request: web.BaseRequest, call: ApiCall, due: float) -> _Reply:
+        # routes() lists exactly the calls given
         # A browser sends Origin on every POST; the CLI sends none. (A browser cannot reach a unix socket either.)
         if request.headers.get("Origin") is not None:
             return _error(403, "browser requests are not accepted")
@@ -526,7 +547,7 @@ class AgentHttp:
         finally:
             self._calls_in_flight -= 1
         if not isinstance(status, int) or not 200 <= status <= 599:
-            raise ValueError(f"API handler for {name!r} returned status {status!r}")
+            raise ValueError(f"API handler for {request.path!r} returned status {status!r}")
         return _json(status, payload)
 
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from agent.cli import changes, files, serve, views
+from agent.cli import changes, files, join, serve, views
 from bundles import InvalidBundles
 from schemas.errors import DabctlError
 
@@ -41,6 +41,7 @@ for command in (
     changes.suspend,
     changes.resume,
     serve.agent,
+    join.cluster,
 ):
     cli.add_command(command)
 

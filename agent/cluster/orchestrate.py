@@ -13,7 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime
 
-from agent.cluster.scheduler import assign
+from agent.cluster.nodes import NodeInfo
+from agent.cluster.scheduler import Refused, assign
 from agent.cluster.snapshot import Assignments, ServiceKey, SlotKey, Snapshot
 from agent.cluster.tasks import TaskChanges, plan_tasks
 from bundles import InvalidBundles, parse_bundle
@@ -116,18 +117,22 @@ def apply_pins(desired: DesiredState, snapshot: Snapshot, policy: Policy) -> Pin
 @dataclass(frozen=True, kw_only=True)
 class Desired:
     """What the cluster should run this pass, prepared by the caller: `state` with pins applied and volumes
-    named, each service's resolved image, the nodes, the stacks this pass may change (`scope`), the stacks
-    running a pinned revision, pins lifted, and the published-port rules (None: nothing is published)."""
+    named, each service's resolved image, the nodes (one: `agent.cluster.nodes.single_node`), the stacks this
+    pass may change (`scope`), the stacks running a pinned revision, pins lifted, the published-port rules (None:
+    nothing is published), the nodes that refused a service (the scheduler never places it there), and whether
+    placement rules apply (False: one node outside a cluster, which runs every slot as before clusters existed)."""
 
     state: DesiredState
     images: Mapping[ServiceKey, ResolvedImage]
-    nodes: tuple[str, ...]
+    nodes: tuple[NodeInfo, ...]
     scope: frozenset[str]
     pinned: frozenset[str] = frozenset()
     lifted: Mapping[str, Pin | None] = field(default_factory=dict)
     port_rules: loadbalancer.PortRules | None = None
     # Assignments to follow instead of scheduling: a node that does not lead plans its part of the recorded ones.
     follow: Assignments | None = None
+    refused: Refused = field(default_factory=dict)
+    placement: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +154,7 @@ class Intent:
     """The cluster's decisions of one pass, and the changes against the snapshot a commit writes."""
 
     assignments: Assignments
+    pending: dict[SlotKey, str] = field(default_factory=dict)  # slots that fit on no node, and why
     assignments_changed: Assignments = field(default_factory=dict)
     assignments_removed: set[ServiceKey] = field(default_factory=set)
     ports: dict[PortKey, int] = field(default_factory=dict)
@@ -167,10 +173,15 @@ class Intent:
     tasks: TaskChanges = field(default_factory=TaskChanges)
 
     def node_services(self, node: str) -> list[ServiceDesired]:
-        """`node`'s part: each service with the slots assigned to it."""
+        """`node`'s part: each service with the slots assigned to it, and the slots moving away from it whose
+        task there is still desired running (a start-first handover: it stops when the new one is healthy)."""
         out = []
         for d in self.services:
-            slots = tuple(self.assignments.get((d.target.stack, d.target.name), {}).get(node, []))
+            key = (d.target.stack, d.target.name)
+            slots = tuple(self.assignments.get(key, {}).get(node, []))
+            leaving = self.tasks.leaving.get(node, {}).get(key)
+            if leaving:
+                slots = (*slots, *leaving)
             out.append(d if slots == d.slots else replace(d, slots=slots))
         return out
 
@@ -191,11 +202,20 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
     for key, port in sorted(allocation.conflicts.items()):
         errors.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
 
-    assignments = desired.follow if desired.follow is not None else assign(desired.state, list(desired.nodes))
+    if desired.follow is not None:  # a node that does not lead: the recorded assignments, nothing pending
+        assignments, pending = desired.follow, {}
+    else:
+        schedule = assign(
+            desired.state, desired.nodes, snapshot.assignments, desired.refused, placement=desired.placement
+        )
+        assignments, pending = schedule.assignments, schedule.pending
     recorded = snapshot.assignments
     intent = Intent(
         assignments=assignments,
-        assignments_changed={k: v for k, v in assignments.items() if recorded.get(k) != v and k[0] not in held},
+        pending={k: v for k, v in pending.items() if k[0] not in held},
+        assignments_changed={
+            k: v for k, v in assignments.items() if k[0] not in held and not _same(recorded.get(k), v)
+        },
         assignments_removed={k for k in set(recorded) - set(assignments) if k[0] not in held},
         held=held,
         errors=errors,
@@ -220,12 +240,25 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
         slot_nodes,
         [r for r in observations.slots if r.stack not in held],
         steps=intent.steps,
+        pending=intent.pending,
         rollouts={**snapshot.rollouts, **intent.rollouts},
         tasks={k: v for k, v in snapshot.tasks.items() if k[0] not in held},
         now=observations.now,
         revision=snapshot.revision,
     )
+    if intent.tasks.recheck_in is not None:  # a start-first move waits for its new task's monitor period
+        wait = intent.tasks.recheck_in
+        intent.recheck_in = wait if intent.recheck_in is None else min(intent.recheck_in, wait)
     return intent
+
+
+def _same(recorded: Mapping[str, list[str]] | None, new: Mapping[str, list[str]]) -> bool:
+    """The recorded assignment says the same (a node recorded with no slot counts as absent)."""
+    if recorded is None:
+        return False
+    if recorded == new:
+        return True
+    return {n: s for n, s in recorded.items() if s} == new
 
 
 def _names(desired: Desired, snapshot: Snapshot) -> set[str]:
@@ -285,7 +318,7 @@ def _services(
         for target in service_targets(stack):
             previous = record.services.get(target.name) if record else None
             resolved = desired.images[(name, target.name)]
-            slots = [s for node in desired.nodes for s in assignments.get((name, target.name), {}).get(node, [])]
+            slots = [s for node_slots in assignments.get((name, target.name), {}).values() for s in node_slots]
             out.append(
                 ServiceDesired(
                     target=resolved.target,

@@ -17,7 +17,7 @@ from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from agent.cluster.nodes import node_infos
+from agent.cluster.nodes import NodeInfo, node_infos, single_node
 from agent.cluster.orchestrate import (
     Desired,
     Intent,
@@ -344,7 +344,7 @@ class Engine:
         listening = self._listening(desired, held) if publishing else set()
         programmed = {f.address for f in balance}
         local = [r for r in replicas if r.stack not in held and r.stack not in copies]
-        nodes: tuple[str, ...] = (self.node,)
+        nodes: tuple[NodeInfo, ...] = (single_node(self.node),)
         follow, slots, busy, orchestrated_ids = None, local, listening - programmed, network_ids
         if self.cluster is not None:
             nodes, follow = self._nodes(snapshot, leading)
@@ -356,6 +356,7 @@ class Engine:
                 state=desired,
                 images=images,
                 nodes=nodes,
+                placement=self.cluster is not None,  # one node outside a cluster: Placement is recorded, not applied
                 scope=frozenset(in_scope),
                 pinned=frozenset(pinned.stacks),
                 lifted=pinned.lifted,
@@ -477,15 +478,14 @@ class Engine:
             stacks[name] = cached[1]
         return DesiredState(stacks=stacks)
 
-    def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[str, ...], Assignments | None]:
-        """The nodes the orchestrator places on (up and active), or the recorded assignments to follow and the nodes
-        they name: on a node that does not lead, and on a leader that sees no node it may place on."""
-        up = tuple(n.node_id for n in node_infos(snapshot.nodes, snapshot.statuses) if n.schedulable)
-        if leading and up:
-            return up, None
-        # Not leading, or no node to place on (none registered yet or all down): nothing moves, nothing is removed.
-        follow = {k: dict(v) for k, v in snapshot.assignments.items()}
-        return tuple(sorted({n for v in follow.values() for n in v})), follow
+    def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[NodeInfo, ...], Assignments | None]:
+        """Every node for the scheduler (it decides where slots may go), or the recorded assignments to follow: on a
+        node that does not lead, and on a leader that sees no node up (none registered yet, or all down: nothing
+        moves and nothing is removed)."""
+        nodes = node_infos(snapshot.nodes, snapshot.statuses)
+        if leading and any(n.up for n in nodes):
+            return nodes, None
+        return nodes, {k: dict(v) for k, v in snapshot.assignments.items()}
 
     def _reported(
         self, snapshot: Snapshot, desired: DesiredState, network_ids: Mapping[str, str], skip: Collection[str]

@@ -34,6 +34,7 @@ from agent.metrics import Metrics
 from agent.node import notices
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
+from agent.node.join import cluster_api, cluster_membership
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
@@ -125,6 +126,8 @@ class Agent:
             log.error("docker engine unreachable; retrying", extra={"error": str(exc)})
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
         private_dir(cfg.state_path)
+        # A cluster node's slots are assigned to it by node id (cluster init re-keys a single node's by name).
+        self.membership = cluster_membership(cfg)
         holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
         self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
@@ -142,7 +145,7 @@ class Agent:
         self.engine = Engine(
             self.docker,
             self.records,
-            self.node,
+            self.membership.node_id if self.membership is not None else self.node,
             parallelism=cfg.parallelism,
             pull_policy=cfg.pull_policy,
             balancer=cfg.loadbalancer,
@@ -168,8 +171,12 @@ class Agent:
             webhook=webhook,
             api={name: functools.partial(self.api, name) for name in API_CALLS},
             page=self.page,
+            cluster_api=cluster_api(cfg, self.log, self.membership) if self.membership is not None else None,
         )
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
+        self.cluster_listener = None
+        if self.membership is not None:
+            self.cluster_listener = self.http.add_cluster(*split_listen(cfg.cluster_listen))
         if cfg.webhook_listen:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)

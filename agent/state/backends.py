@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 from agent.private import check_secret_file
 from agent.state.etcd import EtcdStateLog
-from agent.state.log import StateLog
+from agent.state.log import StateLog, StateLogError
+from agent.state.membership import membership
 from agent.state.sqlite import SqliteStateLog
-from schemas.config import AgentConfig
+from schemas.config import AgentConfig, is_loopback_endpoint
 
 STATE_FILE = "state.db"
 
@@ -20,7 +21,30 @@ def etcd_endpoints(state: str, tls: bool) -> list[str]:
 
 
 def open_log(cfg: AgentConfig, writer: bool, holder: Mapping[str, str] | None = None) -> StateLog:
-    """The configured state log; `writer` takes the embedded state's exclusive write lock."""
+    """The configured state log; `writer` takes the embedded state's exclusive write lock. A cluster node
+    (`<state_dir>/cluster.json`) opens the cluster's etcd with the credentials it was issued."""
+    member = membership(cfg.state_path)
+    if member is not None:
+        tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
+        if not tls and not cfg.etcd_insecure:
+            remote = [h for h in member.state.removeprefix("etcd://").split(",") if not is_loopback_endpoint(h)]
+            if remote:
+                raise StateLogError(
+                    f"{cfg.state_path / 'cluster.json'}: the cluster's etcd {remote[0]} is plain HTTP to an address "
+                    "other than loopback; configure etcd_ca_file/etcd_cert_file/etcd_key_file, or set "
+                    "etcd_insecure: true to accept the risk"
+                )
+        if cfg.etcd_key_file:
+            check_secret_file(cfg.etcd_key_file, "etcd_key_file")
+        return EtcdStateLog(
+            etcd_endpoints(member.state, tls),
+            prefix=member.etcd_prefix,
+            ca_file=cfg.etcd_ca_file,
+            cert_file=cfg.etcd_cert_file,
+            key_file=cfg.etcd_key_file,
+            user=member.etcd_user,
+            password=member.etcd_password,
+        )
     if cfg.state.startswith("etcd://"):
         tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
         if cfg.etcd_key_file:

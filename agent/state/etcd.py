@@ -4,6 +4,11 @@ Why not etcd3gw: it takes one endpoint, and its watch iterator hangs silently wh
 no error, no end).
 This client fails over between endpoints, uses TLS client certificates, bounds every call with a timeout, and
 serves watches from a thread that notices a dead or silent stream and resumes from the last seen revision.
+
+With a user and password (a cluster node's, issued at join), it authenticates (`/v3/auth/authenticate`) before its
+first call and sends the token in the `Authorization` header; a token etcd no longer knows (simple tokens expire
+after `--auth-token-ttl`, 5 minutes idle, and die with the member that issued them) is renewed once and the call
+sent again. What the user's role does not allow is refused by etcd: `PermissionDenied`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ _TARGET = {"value": "VALUE", "mod_revision": "MOD", "create_revision": "CREATE",
 _RESULT = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 
 
+class PermissionDenied(StateLogError):
+    """etcd refused the call: the authenticated user's role does not allow it (or the credentials are wrong)."""
+
+    retryable = False
+
+
+_STALE_TOKEN = ("invalid auth token", "user name is empty", "auth token is expired")
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -55,6 +69,10 @@ def prefix_end(key: bytes) -> bytes:
     return b"\0"
 
 
+class _StaleToken(StateLogError):
+    """etcd no longer accepts the auth token sent: authenticate again."""
+
+
 class EtcdStateLog:
     """StateLog on an etcd cluster; every key lives under `prefix`."""
 
@@ -68,6 +86,8 @@ class EtcdStateLog:
         cert_file: str | None = None,
         key_file: str | None = None,
         watch_read_timeout: float = 10.0,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         if not endpoints:
             raise StateLogError("no etcd endpoints given; use --state etcd://host:2379[,host2:2379]")
@@ -76,11 +96,16 @@ class EtcdStateLog:
         self.timeout = timeout
         self.watch_read_timeout = watch_read_timeout
         self._current = 0
+        self.tls_args = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         self._tls: dict[str, Any] = {}
         if ca_file:
             self._tls["verify"] = ca_file
         if cert_file:
             self._tls["cert"] = (cert_file, key_file) if key_file else cert_file
+        self._user = user
+        self._password = password
+        self._token: str | None = None
+        self._auth_lock = threading.Lock()
         self._session = self._new_session()
         self._closed = threading.Event()
         self._watch_sessions: list[requests.Session] = []
@@ -103,14 +128,51 @@ class EtcdStateLog:
 
     # --- transport --------------------------------------------------------------------------------------------
 
+    def _headers(self) -> dict[str, str]:
+        if self._user is None:
+            return {}
+        token = self._token
+        if token is None:
+            token = self._authenticate()
+        return {"Authorization": token}
+
+    def _authenticate(self, stale: str | None = None) -> str:
+        """A fresh token (one caller at a time authenticates; others use its token unless it is `stale`)."""
+        with self._auth_lock:
+            if self._token is not None and self._token != stale:
+                return self._token
+            self._token = None
+            body = {"name": self._user, "password": self._password}
+            try:
+                doc = self._post("/auth/authenticate", body, retry_reads=True, headers={})
+            except PermissionDenied:
+                raise PermissionDenied(
+                    f"etcd refused the credentials of user {self._user!r}: the cluster may have removed this node; "
+                    "check <state_dir>/cluster.json or join again"
+                ) from None
+            self._token = str(doc["token"])
+            return self._token
+
     def _call(self, path: str, body: dict[str, Any], retry_reads: bool = True) -> dict[str, Any]:
+        """POST with this client's credentials; a token etcd no longer accepts is renewed once."""
+        headers = self._headers()
+        try:
+            return self._post(path, body, retry_reads, headers)
+        except _StaleToken:
+            headers = {"Authorization": self._authenticate(stale=headers.get("Authorization"))}
+            try:
+                return self._post(path, body, retry_reads, headers)
+            except _StaleToken as exc:
+                raise StateLogError(f"etcd refused a fresh auth token: {exc}") from None
+
+    def _post(self, path: str, body: dict[str, Any], retry_reads: bool, headers: dict[str, str]) -> dict[str, Any]:
         """POST to the first endpoint that answers; a refused connection moves on to the next one."""
         errors = []
         for i in range(len(self.endpoints)):
             index = (self._current + i) % len(self.endpoints)
             url = f"{self.endpoints[index]}/v3{path}"
             try:
-                resp = self._session.post(url, data=json.dumps(body), timeout=self.timeout)
+                resp = self._session.post(url, data=json.dumps(body), timeout=self.timeout, headers=headers)
             except requests.exceptions.SSLError as exc:
                 raise StateLogError(
                     f"TLS with etcd at {self.endpoints[index]} failed: {exc}; check the CA and client certificate"
@@ -136,6 +198,10 @@ class EtcdStateLog:
             message = str(doc.get("message") or doc.get("error") or resp.status_code)
             if "lease not found" in message:
                 raise LeaseNotFound(message)
+            if any(stale in message for stale in _STALE_TOKEN):
+                raise _StaleToken(message)
+            if "permission denied" in message or "authentication failed" in message:
+                raise PermissionDenied(f"etcd refused the request: {message}")
             if "compacted" in message:
                 raise Compacted(0)
             raise StateLogError(f"etcd refused the request: {message}")
@@ -164,7 +230,8 @@ class EtcdStateLog:
     # --- key-value ----------------------------------------------------------------------------------------------
 
     def revision(self) -> int:
-        doc = self._call("/kv/range", {"key": _b64(self._key("")), "count_only": True, "limit": 1})
+        # A key inside the prefix ("<prefix>/"), which a node's role may read; the header carries the revision.
+        doc = self._call("/kv/range", {"key": _b64(self._key("/")), "count_only": True, "limit": 1})
         return int(doc["header"]["revision"])
 
     def get(self, key: str) -> KeyValue | None:
@@ -290,13 +357,17 @@ class EtcdStateLog:
         self._watch_sessions.append(session)
         w.on_cancel.append(session.close)  # unblocks a read waiting on a silent stream
         try:
+            headers = self._headers()
             with session.post(
                 f"{endpoint}/v3/watch",
                 data=json.dumps(body),
+                headers=headers,
                 stream=True,
                 timeout=(self.timeout, self.watch_read_timeout),
             ) as resp:
                 if resp.status_code >= 400:
+                    if self._user is not None and any(t in resp.text for t in _STALE_TOKEN):
+                        self._authenticate(stale=headers.get("Authorization"))
                     raise requests.exceptions.ConnectionError(f"watch refused: {resp.status_code}")
                 for line in resp.iter_lines():
                     if w.cancelled:
@@ -307,6 +378,9 @@ class EtcdStateLog:
                     if result.get("compact_revision") and result.get("canceled"):
                         raise Compacted(int(result["compact_revision"]))
                     if result.get("canceled"):
+                        reason = str(result.get("cancel_reason", ""))
+                        if self._user is not None and any(t in reason for t in _STALE_TOKEN):
+                            self._authenticate(stale=headers.get("Authorization"))
                         raise requests.exceptions.ConnectionError(f"watch canceled: {result.get('cancel_reason')}")
                     events = result.get("events") or []
                     for ev in events:

@@ -207,6 +207,8 @@ def test_a_down_nodes_slots_move_to_the_others(cluster: Cluster) -> None:
 
     live = cluster.nodes[:2]
     assert sorted(s for n in live for s in n.running()) == ["1", "2", "3", "4", "5", "6"]
+    assert {"1", "4"} <= set(live[0].running()) and {"2", "5"} <= set(live[1].running()), "only the lost slots move"
+    assert sorted(len(n.running()) for n in live) == [3, 3]
     assert Records(cluster.log).assignments()[("web", "front")].get(lost.id, []) == []
     assert lost.running() == ["3", "6"], "the lost node was not there to act"
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.cluster.nodes import NodeInfo
 from agent.cluster.orchestrate import Desired, Intent, Observations, PlannedImage, ResolvedImage, orchestrate
 from agent.cluster.snapshot import Snapshot
 from bundles import DesiredState
@@ -26,7 +27,7 @@ def plan(
     state: DesiredState,
     snapshot: Snapshot | None = None,
     *,
-    nodes: tuple[str, ...] = ("n1",),
+    nodes: tuple[str | NodeInfo, ...] = ("n1",),
     slots: tuple[Replica, ...] = (),
     busy: frozenset[tuple[str, int]] = frozenset(),
     scope: set[str] | None = None,
@@ -42,7 +43,7 @@ def plan(
         Desired(
             state=state,
             images=images,
-            nodes=nodes,
+            nodes=tuple(n if isinstance(n, NodeInfo) else NodeInfo(node_id=n, name=n) for n in nodes),
             scope=frozenset(scope if scope is not None else set(state.stacks) | set(snap.stacks)),
             port_rules=RULES,
         ),

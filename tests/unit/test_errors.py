@@ -16,22 +16,27 @@ import bundles
 import reconcilers
 import schemas
 from agent.api.client import AgentRefused, AgentUnreachable, ControlDenied
+from agent.api.join import JoinRefused
 from agent.cli.options import UserError
 from agent.config import ConfigError
 from agent.drivers.docker_engine import EngineError, ImageUnavailable
 from agent.drivers.ipvs import IpvsError
 from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
+from agent.node.join import ClusterSetupError
 from agent.node.loop import ControlRefused, PassNotRun, UnknownStack
 from agent.node.rollback import RollbackError
 from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
+from agent.state.etcd import PermissionDenied
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
+from agent.state.membership import MembershipError
 from bundles.errors import InvalidBundles, SourceError
 from reconcilers.loadbalancer import BalancerUnavailable
 from schemas.errors import DabctlError
+from schemas.join import InvalidToken
 
 RETRYABLE: dict[type[DabctlError], bool] = {
     InvalidBundles: False,
@@ -61,6 +66,11 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     ControlDenied: False,
     UnknownStack: False,
     PassNotRun: True,
+    PermissionDenied: False,
+    MembershipError: False,
+    InvalidToken: False,
+    JoinRefused: False,
+    ClusterSetupError: False,
 }
 
 

@@ -154,11 +154,17 @@ restart_policies = optional(
     Window=durations,
 )
 resource_specs = optional(Cpus=cpus, Memory=memories)
+constraints = st.builds(
+    "{}{}{}".format,
+    st.sampled_from(["node.id", "node.hostname", "node.labels.zone", "node.labels.com.example/tier"]),
+    st.sampled_from(["==", " != "]),
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,10}[A-Za-z0-9]", fullmatch=True),
+) | st.sampled_from(["node.role==manager", "node.role != worker"])
 deploy_common = {
     "UpdateConfig": update_configs,
     "RollbackConfig": rollback_configs,
     "RestartPolicy": restart_policies,
-    "Placement": optional(Constraints=st.lists(texts, max_size=2), MaxReplicasPerNode=st.integers(0, 100)),
+    "Placement": optional(Constraints=st.lists(constraints, max_size=2), MaxReplicasPerNode=st.integers(0, 100)),
     "Resources": optional(Limits=resource_specs, Reservations=resource_specs),
 }
 deploys = st.one_of(

@@ -148,7 +148,7 @@ def test_spec_document_holds_only_container_fields() -> None:
             "Replicas": 2,
             "UpdateConfig": {"Parallelism": 2},
             "RestartPolicy": {"Condition": "none"},
-            "Placement": {"Constraints": ["x==y"]},
+            "Placement": {"Constraints": ["node.labels.x==y"]},
             "Resources": {"Limits": {"Cpus": "1"}},
         },
         Healthcheck={"Test": ["NONE"]},

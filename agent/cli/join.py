@@ -1,0 +1,151 @@
+"""`dabctl cluster init | join | join-token`: make a cluster, join one, print or rotate its join tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.cli.options import UserError, config_option, load
+from agent.node.join import InitOptions, init_cluster, join_cluster, join_token
+from agent.private import read_secret_file
+from agent.state.backends import open_log
+from schemas.config import ClusterMembership
+
+
+@click.group()
+def cluster() -> None:
+    """Make a cluster of nodes, join one, and manage its join tokens.
+
+    A cluster shares one etcd: `cluster init` on the first node (a manager) turns etcd's authentication on for
+    the cluster's prefix and prints the join commands; `cluster join` on each other node admits it (as a worker
+    or a manager, by its token) and gives it an etcd user that may write only its own keys. Restart the agent
+    afterwards: it then runs as a cluster node. Until the cluster has a certificate authority, the cluster
+    listener (port 9421) needs `cluster_insecure: true`.
+    """
+
+
+def _state_dir_option(f: Any) -> Any:
+    return click.option("--state-dir", default=None, help="State directory [default: /var/lib/dabctl].")(f)
+
+
+def _print_joins(member: ClusterMembership, worker: str | None, manager: str | None) -> None:
+    address = member.managers[0] if member.managers else "MANAGER:9421"
+    if worker:
+        click.echo("To add a worker to this cluster, run on it:\n")
+        click.echo(f"    dabctl cluster join --token {worker} {address}\n")
+    if manager:
+        click.echo("To add a manager to this cluster, run on it:\n")
+        click.echo(f"    dabctl cluster join --token {manager} {address}\n")
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+@click.option("--node-name", default=None, help="This node's name [default: the host name].")
+@click.option("--etcd", "etcd", default=None, help="The cluster's etcd: etcd://host:2379[,host:2379] [default: state].")
+@click.option("--etcd-prefix", default=None, help="Key prefix of the cluster in etcd [default: etcd_prefix, /dabctl].")
+@click.option("--lease-ttl", type=click.IntRange(2, 300), default=None, help="Seconds a silent node stays up.")
+@click.option("--advertise-address", default=None, help="Address other nodes reach this one at [default: route].")
+@click.option(
+    "--etcd-root-password-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="etcd's root password (0600): needed when etcd already has auth on; else made and kept by managers.",
+)
+@click.option(
+    "--from-state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Move this single-node install's state (DIR/state.db) into the cluster: no container is recreated.",
+)
+def init(config_path: Path | None, **opts: Any) -> None:
+    """Make a cluster with this node as its first manager.
+
+    Writes the cluster record (its id and the join tokens' digests) and this node's record (a manager) under the
+    etcd prefix, turns etcd's authentication on (creating its root user unless --etcd-root-password-file names
+    one), writes <state_dir>/cluster.json and cluster-secrets.json (0600), and prints the join commands.
+
+    With --from-state DIR (stop the agent first; containers keep running) the single-node state moves into
+    etcd — owner id, stacks, history, assignments, ports, tasks, rollouts, pins — so that the agent, restarted as
+    a cluster node, adopts every container. DIR/state.db stays as it was, unused.
+    """
+    from_state = opts.pop("from_state")
+    cfg = load(config_path, state_dir=opts["state_dir"], node_name=opts["node_name"], etcd_prefix=opts["etcd_prefix"])
+    state = opts["etcd"] or cfg.state
+    if not state.startswith("etcd://"):
+        raise UserError(
+            "a cluster keeps its state in etcd: pass --etcd etcd://host:2379[,host:2379] (or set state: etcd://... "
+            "in the config)"
+        )
+    password = None
+    if opts["etcd_root_password_file"]:
+        password = read_secret_file(opts["etcd_root_password_file"], "--etcd-root-password-file")
+    result = init_cluster(
+        cfg,
+        InitOptions(
+            state=state,
+            prefix=cfg.etcd_prefix,
+            advertise_address=opts["advertise_address"],
+            lease_ttl=opts["lease_ttl"],
+            root_password=password,
+            from_state=from_state,
+        ),
+    )
+    member = result.membership
+    click.echo(f"Cluster {member.cluster_id} created; this node ({member.node_id}) is its first manager.")
+    if from_state is not None:
+        moved = ", ".join(f"{n} {kind}" for kind, n in sorted(result.moved.items())) or "nothing"
+        click.echo(f"Moved from {from_state}: {moved}.")
+    click.echo("Restart the agent (with cluster_insecure: true until the cluster has a CA) to run as a cluster node.\n")
+    _print_joins(member, result.secrets.worker_token, result.secrets.manager_token)
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+@click.option("--node-name", default=None, help="This node's name [default: the host name].")
+@click.option("--token", required=True, help="A join token from `dabctl cluster join-token` (its role is the token's).")
+@click.option("--advertise-address", default=None, help="Address other nodes reach this one at.")
+@click.argument("manager")
+def join(config_path: Path | None, token: str, manager: str, **opts: Any) -> None:
+    """Join the cluster of the manager at MANAGER (host:port of its cluster listener, port 9421 by default).
+
+    Sends the token with this node's name and id (made once, kept in <state_dir>/node-id); the manager checks
+    the token, refuses a name that a live node of another id holds, records this node with the token's role
+    and issues it an etcd user. The answer is written to <state_dir>/cluster.json (0600). Restart the agent.
+    """
+    cfg = load(config_path, state_dir=opts["state_dir"], node_name=opts["node_name"])
+    if ":" not in manager:
+        manager = f"{manager}:9421"
+    response = join_cluster(cfg, token, manager, opts["advertise_address"])
+    click.echo(f"This node joined cluster {response.cluster_id} as a {response.role} (node id {response.node_id}).")
+    click.echo("Restart the agent (with cluster_insecure: true until the cluster has a CA) to run as a cluster node.")
+
+
+@cluster.command("join-token")
+@config_option
+@_state_dir_option
+@click.option("--rotate", is_flag=True, help="Make a new token: the old one admits no more nodes.")
+@click.option("-q", "--quiet", is_flag=True, help="Print the token only.")
+@click.argument("role", type=click.Choice(["worker", "manager"]))
+def join_token_command(config_path: Path | None, role: str, rotate: bool, quiet: bool, **opts: Any) -> None:
+    """Print (or --rotate) the token that admits a node as ROLE (worker or manager). Managers only."""
+    from agent.state.membership import membership
+
+    cfg = load(config_path, state_dir=opts["state_dir"])
+    member = membership(cfg.state_path)
+    if member is None:
+        raise UserError("this node is not in a cluster: run it on a manager (or `dabctl cluster init` first)")
+    log = open_log(cfg, writer=False)
+    try:
+        token = join_token(cfg, log, "manager" if role == "manager" else "worker", rotate)
+    finally:
+        log.close()
+    if quiet:
+        click.echo(token)
+        return
+    if rotate:
+        click.echo(f"The {role} join token was rotated; the old one admits no more nodes.\n")
+    _print_joins(member, token if role == "worker" else None, token if role == "manager" else None)
