@@ -38,6 +38,7 @@ from agent.node.admission import PolicyRefused, admit
 from agent.node.runtime import Runtime
 from agent.state.log import Unavailable
 from agent.state.records import Fence, Records
+from bundles import InvalidBundles
 from bundles.desired import (
     DesiredState,
     ServiceTarget,
@@ -300,8 +301,8 @@ class Engine:
         if leading:
             pinned = apply_pins(desired, snapshot, self.policy)
         else:  # the leader's records are the desired state: what it applied, pins included
-            desired, allow_empty = self._recorded(snapshot), True
-            pinned = Pinned(desired=desired)
+            desired, unloadable = self._recorded(snapshot)
+            pinned, allow_empty = Pinned(desired=desired, errors=unloadable), True
         self._pinned = set(pinned.stacks)
         desired = pinned.desired
         moving = {n for n in migrate if n in desired.stacks and n in records and records[n].volume_names == "legacy"}
@@ -466,17 +467,24 @@ class Engine:
         self._last = snapshot
         return snapshot, False
 
-    def _recorded(self, snapshot: Snapshot) -> DesiredState:
+    def _recorded(self, snapshot: Snapshot) -> tuple[DesiredState, dict[str, str]]:
         """The desired state as the leader recorded it (each stack's applied bundle content): what a node that
-        does not lead converges to, with no access to the source. Parsed once per recorded revision."""
+        does not lead converges to, with no access to the source. Parsed once per recorded revision; a record that
+        no longer loads (a bundle format this version refuses) holds its stack as it is, with the reason."""
         stacks = {}
+        errors = {}
         for name, record in snapshot.stacks.items():
             cached = self._from_records.get(name)
             if cached is None or cached[0].revision != record.revision or cached[0].bundle_hash != record.bundle_hash:
-                cached = (record, replace(stack_from_record(record), image_ids={}, volume_names=record.volume_names))
+                try:
+                    stack = stack_from_record(record)
+                except InvalidBundles as exc:
+                    errors[name] = f"the recorded revision {record.revision} does not load here: {exc.errors[0]}"
+                    continue
+                cached = (record, replace(stack, image_ids={}, volume_names=record.volume_names))
                 self._from_records[name] = cached
             stacks[name] = cached[1]
-        return DesiredState(stacks=stacks)
+        return DesiredState(stacks=stacks), errors
 
     def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[NodeInfo, ...], Assignments | None]:
         """Every node for the scheduler (it decides where slots may go), or the recorded assignments to follow: on a

@@ -311,3 +311,16 @@ def test_a_slot_that_fails_to_start_reports_why(cluster: Cluster) -> None:
     cluster.converge(SIX)
     assert worker.running() == ["2", "5"]
     assert all(not r.error for r in Records(cluster.log).reports(worker.id).values())
+
+
+def test_a_record_a_worker_cannot_load_holds_its_stack_as_it_is(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    worker = cluster.nodes[1]
+    broken = Records(cluster.log).stacks()["web"].model_copy(update={"content": "{not a bundle", "revision": "r2"})
+    cluster.log.put("/stacks/web", broken.model_dump_json().encode())
+
+    plan = worker.engine.plan(NOTHING)
+    report = worker.engine.apply(plan)
+
+    assert "web" in plan.held and worker.running() == ["2", "5"], "nothing of the stack is removed"
+    assert any("r2 does not load here" in e for e in report.errors)
