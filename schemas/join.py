@@ -123,3 +123,6 @@ class JoinResponse(JoinMessage):
     etcd_password: str | None = Field(None, repr=False)
     managers: list[str] = []
     secrets: ClusterSecrets | None = None  # managers only
+    # A manager joining a cluster that runs its own etcd: the members (node id -> peer URL), its own already added
+    # as a learner; it starts its member with these and `initial-cluster-state existing`.
+    etcd_members: dict[str, str] = {}

@@ -1,4 +1,5 @@
-"""`dabctl cluster init | join | join-token`: make a cluster, join one, print or rotate its join tokens."""
+"""`dabctl cluster init | join | join-token | leave`: make a cluster, join one, print or rotate its join tokens,
+leave it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import click
 
 from agent.cli.options import UserError, config_option, load
-from agent.node.join import InitOptions, init_cluster, join_cluster, join_token
+from agent.node.join import InitOptions, init_cluster, join_cluster, join_token, leave_cluster
 from agent.private import read_secret_file
 from agent.state.backends import open_log
 from schemas.config import ClusterMembership
@@ -18,8 +19,10 @@ from schemas.config import ClusterMembership
 def cluster() -> None:
     """Make a cluster of nodes, join one, and manage its join tokens.
 
-    A cluster shares one etcd: `cluster init` on the first node (a manager) turns etcd's authentication on for
-    the cluster's prefix and prints the join commands; `cluster join` on each other node admits it (as a worker
+    A cluster shares one etcd: without --etcd, `cluster init` runs it on the first manager (an etcd member with
+    TLS, under <state_dir>/etcd/) and every manager that joins adds its own member (3 managers: 3 voting members).
+    `cluster init` on the first node (a manager) turns etcd's authentication on for the cluster's prefix and
+    prints the join commands; `cluster join` on each other node admits it (as a worker
     or a manager, by its token) and gives it an etcd user that may write only its own keys. Restart the agent
     afterwards: it then runs as a cluster node. Until the cluster has a certificate authority, the cluster
     listener (port 9421) needs `cluster_insecure: true`.
@@ -44,7 +47,13 @@ def _print_joins(member: ClusterMembership, worker: str | None, manager: str | N
 @config_option
 @_state_dir_option
 @click.option("--node-name", default=None, help="This node's name [default: the host name].")
-@click.option("--etcd", "etcd", default=None, help="The cluster's etcd: etcd://host:2379[,host:2379] [default: state].")
+@click.option(
+    "--etcd",
+    "etcd",
+    default=None,
+    help="An existing etcd for the cluster: etcd://host:2379[,host:2379] [default: state if etcd://, else this "
+    "node runs the cluster's etcd member].",
+)
 @click.option("--etcd-prefix", default=None, help="Key prefix of the cluster in etcd [default: etcd_prefix, /dabctl].")
 @click.option("--lease-ttl", type=click.IntRange(2, 300), default=None, help="Seconds a silent node stays up.")
 @click.option("--advertise-address", default=None, help="Address other nodes reach this one at [default: route].")
@@ -67,18 +76,21 @@ def init(config_path: Path | None, **opts: Any) -> None:
     etcd prefix, turns etcd's authentication on (creating its root user unless --etcd-root-password-file names
     one), writes <state_dir>/cluster.json and cluster-secrets.json (0600), and prints the join commands.
 
+    Without --etcd (and no `state: etcd://...` in the config) this node runs the cluster's etcd: etcd-server's
+    /usr/bin/etcd with its data under <state_dir>/etcd/, client port 2379 and peer port 2380 on the advertise
+    address, TLS with client certificates on both from the node's certificate (etcd_ca_file, etcd_cert_file,
+    etcd_key_file). It runs in its own process group: stopping or restarting the agent leaves it running; the
+    agent re-adopts it at start. `dabctl cluster leave` stops it.
+
     With --from-state DIR (stop the agent first; containers keep running) the single-node state moves into
     etcd — owner id, stacks, history, assignments, ports, tasks, rollouts, pins — so that the agent, restarted as
     a cluster node, adopts every container. DIR/state.db stays as it was, unused.
     """
     from_state = opts.pop("from_state")
     cfg = load(config_path, state_dir=opts["state_dir"], node_name=opts["node_name"], etcd_prefix=opts["etcd_prefix"])
-    state = opts["etcd"] or cfg.state
-    if not state.startswith("etcd://"):
-        raise UserError(
-            "a cluster keeps its state in etcd: pass --etcd etcd://host:2379[,host:2379] (or set state: etcd://... "
-            "in the config)"
-        )
+    state = opts["etcd"] or (cfg.state if cfg.state.startswith("etcd://") else None)
+    if state is not None and not state.startswith("etcd://"):
+        raise UserError(f"--etcd {state}: expected etcd://host:2379[,host:2379]")
     password = None
     if opts["etcd_root_password_file"]:
         password = read_secret_file(opts["etcd_root_password_file"], "--etcd-root-password-file")
@@ -115,6 +127,9 @@ def join(config_path: Path | None, token: str, manager: str, **opts: Any) -> Non
     Sends the token with this node's name and id (made once, kept in <state_dir>/node-id); the manager checks
     the token, refuses a name that a live node of another id holds, records this node with the token's role
     and issues it an etcd user. The answer is written to <state_dir>/cluster.json (0600). Restart the agent.
+
+    A manager joining a cluster that runs its own etcd starts its etcd member here: added as a learner by the
+    manager it joins through, promoted to a voting member once it has caught up (join returns then).
     """
     cfg = load(config_path, state_dir=opts["state_dir"], node_name=opts["node_name"])
     if ":" not in manager:
@@ -149,3 +164,21 @@ def join_token_command(config_path: Path | None, role: str, rotate: bool, quiet:
     if rotate:
         click.echo(f"The {role} join token was rotated; the old one admits no more nodes.\n")
     _print_joins(member, token if role == "worker" else None, token if role == "manager" else None)
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+def leave(config_path: Path | None, **opts: Any) -> None:
+    """Leave the cluster: stop the agent first. A manager that runs an etcd member removes it from the cluster's
+    etcd (refused, with the reason, when the members left would lose quorum), stops it and deletes its data;
+    cluster.json and cluster-secrets.json are removed (node-id stays: joining again is the same node). The
+    node's record stays in the cluster until `dabctl node rm` on a manager. Containers keep running."""
+    from agent.state.holder import AGENT_LOCK, HolderLock
+
+    cfg = load(config_path, state_dir=opts["state_dir"])
+    holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
+    if holder is not None:
+        raise UserError(f"an agent runs on {cfg.state_path} ({holder.get('api', '?')}): stop it first")
+    ran = leave_cluster(cfg)
+    click.echo("This node left its cluster" + (" and stopped its etcd member." if ran else "."))

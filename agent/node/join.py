@@ -8,6 +8,7 @@ the whole prefix. The cluster listener offers joining only: nothing on it writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -20,11 +21,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.api.join import JoinRefused, post_join
+from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, TlsFiles, host_port
 from agent.state.backends import STATE_FILE, etcd_endpoints
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT, EtcdAuth, random_password
+from agent.state.etcdcluster import EtcdMembership, MemberChangeRefused, member_status
 from agent.state.log import Compare, KeyValue, Op, Put, StateLog
 from agent.state.membership import (
+    MEMBERSHIP_FILE,
+    SECRETS_FILE,
     cluster_secrets,
     membership,
     node_id,
@@ -33,6 +38,7 @@ from agent.state.membership import (
 )
 from agent.state.records import ASSIGNMENTS, CLUSTER_KEY, NODES, OWNER_KEY, TASKS, node_status_key
 from agent.state.sqlite import SqliteStateLog
+from reconcilers.etcdmembers import Member, removal_refusal
 from schemas.config import AgentConfig, ClusterMembership, split_listen
 from schemas.errors import DabctlError
 from schemas.join import ClusterSecrets, InvalidToken, JoinRequest, JoinResponse, JoinToken, Role, role_of
@@ -78,7 +84,7 @@ def default_address() -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class InitOptions:
-    state: str  # etcd://host:2379,...
+    state: str | None  # etcd://host:2379,...; None: this node runs the cluster's first etcd member
     prefix: str
     advertise_address: str | None = None
     lease_ttl: int | None = None
@@ -108,30 +114,93 @@ def _etcd(
     )
 
 
+def node_tls(cfg: AgentConfig) -> TlsFiles | None:
+    """The node's certificate from the cluster CA, its key and the CA (for etcd's ports and the agent's etcd
+    client): the config's etcd_ca_file, etcd_cert_file and etcd_key_file."""
+    if cfg.etcd_ca_file and cfg.etcd_cert_file and cfg.etcd_key_file:
+        return TlsFiles(ca=cfg.etcd_ca_file, cert=cfg.etcd_cert_file, key=cfg.etcd_key_file)
+    return None
+
+
+def _require_tls(cfg: AgentConfig) -> TlsFiles:
+    tls = node_tls(cfg)
+    if tls is None:
+        raise ClusterSetupError(
+            "running the cluster's etcd on this node needs its certificate from the cluster CA: set etcd_ca_file, "
+            "etcd_cert_file and etcd_key_file in the config (or give the cluster an etcd with --etcd)"
+        )
+    return tls
+
+
+def _advertise_host(cfg: AgentConfig, advertise: str | None) -> str:
+    return advertise or cfg.advertise_address or default_address()
+
+
+def start_first_member(cfg: AgentConfig, nid: str, cluster_id: str, host: str) -> tuple[LocalMember, str]:
+    """Start this node's etcd member as a new one-member cluster and wait until it serves: (member, state)."""
+    tls = _require_tls(cfg)
+    local = LocalMember(cfg.state_path)
+    if local.spec() is not None:
+        raise ClusterSetupError(
+            f"{local.dir} holds an etcd member already (of a cluster this node left?): remove that directory first"
+        )
+    spec = MemberSpec(
+        name=nid,
+        address=host,
+        ca_file=tls.ca,
+        cert_file=tls.cert,
+        key_file=tls.key,
+        cluster_token=cluster_id,
+        initial_cluster={nid: f"https://{host_port(host, PEER_PORT)}"},
+        new_cluster=True,
+    )
+    local.start(spec)
+    try:
+        local.wait_started()
+    except BaseException:
+        local.destroy()
+        raise
+    return local, f"etcd://{host_port(host, CLIENT_PORT)}"
+
+
 def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
-    """Make a cluster with this node as its first manager (see `dabctl cluster init --help`)."""
-    state_dir = cfg.state_path
-    existing = membership(state_dir)
+    """Make a cluster with this node as its first manager (see `dabctl cluster init --help`); with no etcd given,
+    this node runs the cluster's etcd (its first member), removed again when init fails."""
+    existing = membership(cfg.state_path)
     if existing is not None:
         raise ClusterSetupError(
-            f"this node already belongs to cluster {existing.cluster_id} ({state_dir / 'cluster.json'}); "
+            f"this node already belongs to cluster {existing.cluster_id} ({cfg.state_path / MEMBERSHIP_FILE}); "
             "`dabctl cluster leave` it first"
         )
+    cluster_id = _cluster_id()
+    if opts.state is not None:
+        return _init_cluster(cfg, opts, opts.state, cluster_id)
+    nid = node_id(cfg.state_path)
+    local, state = start_first_member(cfg, nid, cluster_id, _advertise_host(cfg, opts.advertise_address))
+    try:
+        return _init_cluster(cfg, opts, state, cluster_id)
+    except BaseException:
+        local.destroy()
+        raise
+
+
+def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: str) -> InitResult:
+    state_dir = cfg.state_path
     nid = node_id(state_dir)
     name = node_name(cfg)
     address = cluster_address(cfg, opts.advertise_address)
-    anonymous = _etcd(cfg, opts.state, opts.prefix)
+    anonymous = _etcd(cfg, state, opts.prefix)
     try:
         auth_on = EtcdAuth(anonymous).enabled()
     finally:
         anonymous.close()
     if auth_on and not opts.root_password:
         raise ClusterSetupError(
-            f"etcd at {opts.state} already has authentication on: pass --etcd-root-password-file FILE (mode 0600) "
+            f"etcd at {state} already has authentication on: pass --etcd-root-password-file FILE (mode 0600) "
             "holding its root user's password, so that init can create this cluster's roles and users"
         )
     root_password = opts.root_password or random_password()
-    admin = _etcd(cfg, opts.state, opts.prefix, *((ROOT, root_password) if auth_on else (None, None)))
+    admin = _etcd(cfg, state, opts.prefix, *((ROOT, root_password) if auth_on else (None, None)))
     try:
         found = admin.get(CLUSTER_KEY)
         if found is not None:
@@ -151,7 +220,7 @@ def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
         worker, manager = JoinToken.new(), JoinToken.new()
         now = datetime.now(UTC)
         record = ClusterRecord(
-            cluster_id=_cluster_id(),
+            cluster_id=cluster_id,
             created_at=now,
             worker_token_digest=worker.digest,
             manager_token_digest=manager.digest,
@@ -182,7 +251,7 @@ def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
     member = ClusterMembership(
         cluster_id=record.cluster_id,
         node_id=nid,
-        state=opts.state,
+        state=state,
         etcd_prefix=opts.prefix,
         etcd_user=user,
         etcd_password=password,
@@ -305,6 +374,7 @@ class Admission:
         root = _etcd(self.cfg, self.member.state, self.member.etcd_prefix, ROOT, secrets.etcd_root_password)
         try:
             user, password = EtcdAuth(root).issue_node_user(request.node_id, manager=role == "manager")
+            etcd_members = self._add_member(root, request) if role == "manager" else {}
         finally:
             root.close()
         return JoinResponse(
@@ -317,7 +387,28 @@ class Admission:
             etcd_password=password,
             managers=self._managers(),
             secrets=secrets if role == "manager" else None,
+            etcd_members=etcd_members,
         )
+
+    def _add_member(self, root: EtcdStateLog, request: JoinRequest) -> dict[str, str]:
+        """When this cluster runs its own etcd, add the joining manager's member as a learner: the members it
+        starts with (node id -> peer URL). A node returning with its member still there is not added twice."""
+        if LocalMember(self.cfg.state_path).spec() is None:
+            return {}
+        if not request.advertise_address:
+            raise JoinRefused(
+                400, "a manager joins this cluster's etcd at its advertise address: pass --advertise-address"
+            )
+        peer = f"https://{host_port(request.advertise_address, PEER_PORT)}"
+        members = EtcdMembership(root)
+        try:
+            found = members.members()
+            if not any(peer in m.peer_urls for m in found):
+                members.add_learner(peer)
+                found = members.members()
+        except MemberChangeRefused as exc:
+            raise JoinRefused(503, f"etcd did not take the new member: {exc}") from None
+        return {(m.name or request.node_id): m.peer_urls[0] for m in found if m.peer_urls}
 
     def _check_name(self, request: JoinRequest) -> KeyValue | None:
         """The joining node's own spec (a node returning), refusing a name a live node of another id holds."""
@@ -393,16 +484,19 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
         token=str(token),
         node_id=node_id(state_dir),
         name=node_name(cfg),
-        advertise_address=advertise or cfg.advertise_address or "",
+        advertise_address=_advertise_host(cfg, advertise),
     )
     response = post_join(manager, request)
     managers = [manager, *(m for m in response.managers if m != manager)]
+    state = response.state
+    if response.etcd_members:
+        state = start_joining_member(cfg, response, request.advertise_address)
     write_membership(
         state_dir,
         ClusterMembership(
             cluster_id=response.cluster_id,
             node_id=response.node_id,
-            state=response.state,
+            state=state,
             etcd_prefix=response.etcd_prefix,
             etcd_user=response.etcd_user,
             etcd_password=response.etcd_password,
@@ -412,6 +506,123 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
     if response.secrets is not None:
         write_cluster_secrets(state_dir, response.secrets)
     return response
+
+
+def _endpoints_of(state: str) -> list[str]:
+    return [h for h in state.removeprefix("etcd://").split(",") if h]
+
+
+def _root_client(tls: TlsFiles, state: str, password: str | None) -> EtcdStateLog:
+    return EtcdStateLog(
+        [f"https://{h}" for h in _endpoints_of(state)],
+        prefix="/",
+        user=ROOT if password else None,
+        password=password,
+        **tls.client(),
+    )
+
+
+def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) -> str:
+    """Start this manager's etcd member (a learner the admitting manager added), promote it once it has caught up,
+    and wait until it serves: the state setting with its own endpoint first. On failure the learner is removed
+    from the cluster and its files from this node."""
+    tls = _require_tls(cfg)
+    if response.secrets is None or not response.secrets.etcd_root_password:
+        raise ClusterSetupError("the manager sent no etcd root password: this node cannot join the cluster's etcd")
+    local = LocalMember(cfg.state_path)
+    spec = MemberSpec(
+        name=response.node_id,
+        address=host,
+        ca_file=tls.ca,
+        cert_file=tls.cert,
+        key_file=tls.key,
+        cluster_token=response.cluster_id,
+        initial_cluster=response.etcd_members,
+        new_cluster=False,
+    )
+    root = _root_client(tls, response.state, response.secrets.etcd_root_password)
+    members = EtcdMembership(root)
+    try:
+        if local.pid() is None:
+            local.start(spec)
+        local.wait_started(ready=False)
+        me = next((m for m in members.members() if spec.peer_url in m.peer_urls), None)
+        if me is None:
+            raise ClusterSetupError(f"the cluster's etcd has no member at {spec.peer_url}: join again")
+        if me.learner:
+            members.promote(me.id, timeout=120)
+        local.wait_started(ready=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mine = [m for m in members.members() if spec.peer_url in m.peer_urls]
+            for m in mine:
+                members.remove(m.id)
+        local.destroy()
+        raise
+    finally:
+        root.close()
+    own = host_port(host, CLIENT_PORT)
+    return "etcd://" + ",".join([own, *(h for h in _endpoints_of(response.state) if h != own)])
+
+
+# --- leaving ---------------------------------------------------------------------------------------------------
+
+
+def remove_member(cfg: AgentConfig, member: ClusterMembership, target: str) -> bool:
+    """Remove node `target`'s etcd member from the cluster's etcd, refusing (ClusterSetupError, with the reason)
+    when the members left would lose quorum. False when it has none (a worker, or an etcd not run by dabctl).
+    For `cluster leave`, `node rm` and `node update --role worker` of a manager."""
+    secrets = cluster_secrets(cfg.state_path)
+    tls = node_tls(cfg)
+    if secrets is None or not secrets.etcd_root_password or tls is None:
+        raise ClusterSetupError(
+            "changing etcd's members needs a manager's etcd root password (cluster-secrets.json) and certificate"
+        )
+    # Listing members needs no user and no quorum (each member answers from its own copy): the quorum check comes
+    # before anything that would need a leader, such as authenticating as root.
+    plain = _root_client(tls, member.state, None)
+    try:
+        found = EtcdMembership(plain).members()
+    finally:
+        plain.close()
+    theirs = next((m for m in found if m.name == target), None)
+    if theirs is None:
+        return False
+    refusal = removal_refusal(found, theirs.id, _answering(found, tls))
+    if refusal is not None:
+        raise ClusterSetupError(f"node {target}'s etcd member stays: removing it now would lose quorum: {refusal}")
+    root = _root_client(tls, member.state, secrets.etcd_root_password)
+    try:
+        members = EtcdMembership(root)
+        try:
+            members.remove(theirs.id)
+        except MemberChangeRefused as exc:
+            raise ClusterSetupError(str(exc)) from None
+        return True
+    finally:
+        root.close()
+
+
+def _answering(members: list[Member], tls: TlsFiles) -> list[str]:
+    return [m.id for m in members if any(member_status(u, tls.client()) is not None for u in m.client_urls)]
+
+
+def leave_cluster(cfg: AgentConfig) -> bool:
+    """This node leaves its cluster: its etcd member (if it runs one) is removed from the cluster's members and
+    stopped, its data deleted; the membership files go (node-id stays). The agent must not be running.
+    True when it ran an etcd member."""
+    member = membership(cfg.state_path)
+    if member is None:
+        raise ClusterSetupError(f"this node is in no cluster (no {cfg.state_path / MEMBERSHIP_FILE})")
+    local = LocalMember(cfg.state_path)
+    ran = local.spec() is not None
+    if ran:
+        remove_member(cfg, member, member.node_id)
+        local.destroy()
+    for name in (MEMBERSHIP_FILE, SECRETS_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (cfg.state_path / name).unlink()
+    return ran
 
 
 # --- join tokens ----------------------------------------------------------------------------------------------

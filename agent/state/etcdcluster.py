@@ -1,0 +1,105 @@
+"""An etcd cluster's membership over the JSON gateway (`/v3/cluster/member/...`, `/v3/maintenance/...`).
+
+With auth on, adding, promoting and removing members is etcd's root user's (managers hold its password); listing
+members and a member's status need no user. A learner answers status only, so readiness of a joining member is its
+status, and of a voting one a read (`ready`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
+
+from agent.state.etcd import EtcdStateLog
+from agent.state.log import StateLogError, Unavailable
+from reconcilers.etcdmembers import Member
+
+_NOT_CAUGHT_UP = ("can only promote a learner member which is in sync with leader", "not in sync")
+# etcd admits one learner at a time, and (--strict-reconfig-check) adds a member only when every voting member has
+# been connected for its health interval (5 s): right after a promotion it answers "unhealthy cluster" for a while.
+_ADD_LATER = ("too many learner members", "unhealthy cluster")
+
+
+class TlsArgs(TypedDict):
+    """EtcdStateLog's TLS keyword arguments."""
+
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+
+
+class MemberChangeRefused(StateLogError):
+    """etcd refused a membership change (the message says why)."""
+
+    retryable = False
+
+
+def _member(doc: dict[str, Any]) -> Member:
+    return Member(
+        id=str(doc.get("ID", "")),
+        name=str(doc.get("name", "")),
+        peer_urls=tuple(str(u) for u in doc.get("peerURLs") or []),
+        client_urls=tuple(str(u) for u in doc.get("clientURLs") or []),
+        learner=bool(doc.get("isLearner", False)),
+    )
+
+
+class EtcdMembership:
+    """Members of the etcd that `log` talks to (a root client for changes)."""
+
+    def __init__(self, log: EtcdStateLog) -> None:
+        self.log = log
+
+    def members(self) -> list[Member]:
+        return [_member(m) for m in self.log._call("/cluster/member/list", {}).get("members") or []]
+
+    def add_learner(self, peer_url: str, timeout: float = 60) -> Member:
+        """Add a learner at `peer_url`; waits (backoff) while etcd cannot take one yet (see _ADD_LATER)."""
+        body = {"peerURLs": [peer_url], "isLearner": True}
+        doc = _retry(
+            lambda: self.log._call("/cluster/member/add", body, retry_reads=False), _ADD_LATER, timeout
+        )
+        return _member(doc["member"])
+
+    def promote(self, member_id: str, timeout: float = 60) -> None:
+        """Promote a learner once it has caught up with the leader (etcd refuses before: retried with backoff)."""
+        body = {"ID": member_id}
+        _retry(lambda: self.log._call("/cluster/member/promote", body, retry_reads=False), _NOT_CAUGHT_UP, timeout)
+
+    def remove(self, member_id: str) -> None:
+        try:
+            self.log._call("/cluster/member/remove", {"ID": member_id}, retry_reads=False)
+        except StateLogError as exc:
+            raise MemberChangeRefused(f"etcd refused to remove member {member_id}: {exc}") from None
+
+
+def _retry(call: Callable[[], dict[str, Any]], transient: str | Sequence[str], timeout: float) -> dict[str, Any]:
+    marks = (transient,) if isinstance(transient, str) else tuple(transient)
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except StateLogError as exc:
+            if not any(m in str(exc) for m in marks) or time.monotonic() + delay > deadline:
+                raise MemberChangeRefused(str(exc)) from None
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def member_status(endpoint: str, tls: TlsArgs, timeout: float = 2.0) -> dict[str, Any] | None:
+    """`/v3/maintenance/status` of the member at `endpoint` (learners answer it too); None when it does not answer."""
+    client = EtcdStateLog([endpoint], prefix="/", timeout=timeout, **tls)
+    try:
+        return client._call("/maintenance/status", {})
+    except (Unavailable, StateLogError):
+        return None
+    finally:
+        client.close()
+
+
+def member_ready(endpoint: str, tls: TlsArgs, timeout: float = 2.0) -> bool:
+    """Whether the member at `endpoint` answers and knows a leader (a cluster with quorum)."""
+    status = member_status(endpoint, tls, timeout)
+    return status is not None and str(status.get("leader", "0")) != "0"

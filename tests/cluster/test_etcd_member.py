@@ -1,0 +1,170 @@
+"""The etcd that `cluster init` runs for a cluster (agent/node/etcdmember.py), on the multi-node harness: each
+manager's member runs in its node's namespace on the node's address (2379/2380, TLS with client certificates),
+as the product runs it. The harness's own etcd is not used here. Every member, its data and the agents are
+removed afterwards, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.node.etcdmember import LocalMember
+from agent.state.etcd import EtcdStateLog
+from agent.state.etcdauth import ROOT
+from agent.state.etcdcluster import EtcdMembership
+from agent.state.log import StateLogError
+from tests.integration.agentproc import eventually
+from tests.support.cluster import Cluster, Node
+from tests.support.nodecerts import NodeCert, make_node_certs
+from tests.support.polling import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def members(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster; afterwards no agent and no etcd member of these tests runs, and their data is gone."""
+    yield cluster
+    for node in cluster.nodes:
+        node.stop_agent()
+        local = LocalMember(node.state_dir)
+        local.stop(timeout=5)
+        local.destroy()
+        assert local.pid() is None
+
+
+def _agent(node: Node, source: Path, cert: NodeCert) -> Any:
+    config = {
+        "source": str(source),
+        "cluster_insecure": True,
+        "cluster_listen": f"{node.address}:9421",
+        "allow_empty": True,
+        **cert.config(),
+    }
+    agent = node.start_agent(config=config, ready=False)
+    eventually(lambda: node.connects(node.address, 9421), agent, timeout=60)
+    return agent
+
+
+def _token(init_stdout: str, role: str) -> str:
+    lines = init_stdout.splitlines()
+    for i, line in enumerate(lines):
+        if f"add a {role}" in line:
+            return next(ln for ln in lines[i + 1 :] if "--token" in ln).split("--token", 1)[1].split()[0]
+    raise AssertionError(f"no {role} token in:\n{init_stdout}")
+
+
+def _root(node: Node, cert: NodeCert, endpoints: list[str]) -> EtcdStateLog:
+    password = json.loads((node.state_dir / "cluster-secrets.json").read_text())["etcd_root_password"]
+    return EtcdStateLog(
+        endpoints, prefix="/", user=ROOT, password=password, ca_file=str(cert.ca), cert_file=str(cert.cert),
+        key_file=str(cert.key), timeout=3,
+    )  # fmt: skip
+
+
+def _voters(root: EtcdStateLog) -> list[str]:
+    return sorted(m.name for m in EtcdMembership(root).members() if not m.learner and m.name)
+
+
+def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members(
+    members: Cluster, tmp_path: Path
+) -> None:
+    cluster = members
+    n1, n2, n3 = cluster.nodes
+    certs = make_node_certs(tmp_path / "pki", {n.name: n.address for n in cluster.nodes})
+    source = tmp_path / "stacks"
+    source.mkdir()
+    url = {n.name: f"https://{n.address}:2379" for n in cluster.nodes}
+
+    t0 = time.monotonic()
+    out = n1.dabctl("cluster", "init", "--node-name", "n1", "--advertise-address", n1.address, env=certs["n1"].env())
+    assert out.returncode == 0, out.stderr
+    t_init = time.monotonic() - t0
+    local1 = LocalMember(n1.state_dir)
+    pid1 = local1.pid()
+    assert pid1 is not None
+    assert os.stat(f"/proc/{pid1}/ns/net").st_ino == os.stat(f"/var/run/netns/{n1.netns}").st_ino
+    assert os.getsid(pid1) == pid1  # its own session
+    member = json.loads((n1.state_dir / "cluster.json").read_text())
+    assert member["state"] == f"etcd://{n1.address}:2379"
+    root = _root(n1, certs["n1"], [url["n1"]])
+    try:
+        assert len(EtcdMembership(root).members()) == 1
+
+        agent1 = _agent(n1, source, certs["n1"])
+        t1 = time.monotonic()
+        manager_token = _token(out.stdout, "manager")
+        for node in (n2, n3):
+            joined = node.dabctl(
+                "cluster", "join", "--token", manager_token, "--node-name", node.name, "--advertise-address",
+                node.address, f"{n1.address}:9421", env=certs[node.name].env(),
+            )  # fmt: skip
+            assert joined.returncode == 0, joined.stderr + agent1.log()[-3000:]
+            assert "as a manager" in joined.stdout
+        t_joins = time.monotonic() - t1
+        ids = {n.name: (n.state_dir / "node-id").read_text().strip() for n in cluster.nodes}
+        assert _voters(root) == sorted(ids.values())
+        t_total = time.monotonic() - t0
+        print(
+            f"managed etcd: init {t_init:.2f} s (1 TLS member), 2 manager joins {t_joins:.2f} s, "
+            f"init to 3 voting members {t_total:.2f} s (agent start on n1 included)"
+        )
+        n3_state = json.loads((n3.state_dir / "cluster.json").read_text())["state"]
+        assert n3_state.startswith(f"etcd://{n3.address}:2379,")
+
+        # A client without a cluster certificate is refused: none, or one from another CA.
+        stranger = make_node_certs(tmp_path / "other", {"x": "127.0.0.1"}, ca_name="another CA")["x"]
+        for cert_file, key_file in ((None, None), (str(stranger.cert), str(stranger.key))):
+            probe = EtcdStateLog(
+                [url["n1"]], prefix="/", ca_file=str(certs["n1"].ca), cert_file=cert_file, key_file=key_file,
+                timeout=3,
+            )  # fmt: skip
+            try:
+                with pytest.raises(StateLogError, match="TLS with etcd"):
+                    probe.revision()
+            finally:
+                probe.close()
+
+        # An agent restart keeps its member running: the same process, adopted.
+        agent2 = _agent(n2, source, certs["n2"])
+        pid2 = LocalMember(n2.state_dir).pid()
+        assert pid2 is not None
+        assert n2.stop_agent() == 0
+        assert LocalMember(n2.state_dir).pid() == pid2
+        agent2 = _agent(n2, source, certs["n2"])
+        eventually(lambda: "etcd member adopted" in agent2.log(), agent2, timeout=30)
+        assert LocalMember(n2.state_dir).pid() == pid2
+        # A killed agent too.
+        n1.agent.kill()
+        n1.agent = None
+        assert local1.pid() == pid1
+
+        # One member killed: quorum kept, writes go on.
+        pid3 = LocalMember(n3.state_dir).pid()
+        assert pid3 is not None
+        os.kill(pid3, signal.SIGKILL)
+        wait_for(lambda: LocalMember(n3.state_dir).pid() is None, timeout=10)
+        root.put("/dabctl-quorum-check", b"1")
+        assert root.get("/dabctl-quorum-check") is not None
+
+        # Leaving: n3 (its member down) may go, 2 voters answering stay; then n1 may not (n2 killed: no quorum).
+        left = n3.dabctl("cluster", "leave", env=certs["n3"].env())
+        assert left.returncode == 0, left.stderr
+        assert not (n3.state_dir / "etcd").exists()
+        assert _voters(root) == sorted([ids["n1"], ids["n2"]])
+        assert n2.stop_agent() == 0
+        os.kill(pid2, signal.SIGKILL)
+        wait_for(lambda: LocalMember(n2.state_dir).pid() is None, timeout=10)
+        refused = n1.dabctl("cluster", "leave", env=certs["n1"].env())
+        assert refused.returncode == 1 and "would lose quorum" in refused.stderr, refused.stderr
+        assert local1.pid() == pid1
+    finally:
+        root.close()
