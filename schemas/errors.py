@@ -27,11 +27,13 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     │   ├── LeaseNotFound       agent.state.log              retryable  the lease lapsed: take a new one
     │   ├── StateLocked         agent.state.log              terminal   another process holds the state
     │   ├── ReadOnly            agent.state.log              terminal   the state was opened for reading
-    │   └── PermissionDenied    agent.state.etcd             terminal   etcd auth: this node's user may not do that
+    │   ├── PermissionDenied    agent.state.etcd             terminal   etcd auth: this node's user may not do that
+    │   └── MemberChangeRefused agent.state.etcdcluster      terminal   etcd refused adding/promoting/removing a member
     ├── MembershipError         agent.state.membership       terminal   cluster.json or node-id cannot be used
     ├── InvalidToken            schemas.join                 terminal   a string that is not a join token
     ├── JoinRefused             agent.api.join               terminal   a manager refused a join (or is unreachable)
     ├── ClusterSetupError       agent.node.join              terminal   cluster init / join / join-token cannot run
+    ├── EtcdMemberError         agent.node.etcdmember        terminal   this node's etcd member cannot start or stop
     ├── ContentMissing          agent.state.records          terminal   a record's content chunks are not all there
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read

@@ -26,7 +26,7 @@ from agent.state.backends import STATE_FILE, etcd_endpoints
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT, EtcdAuth, random_password
 from agent.state.etcdcluster import EtcdMembership, MemberChangeRefused, member_status
-from agent.state.log import Compare, KeyValue, Op, Put, StateLog
+from agent.state.log import Compare, KeyValue, Op, Put, StateLog, StateLogError
 from agent.state.membership import (
     MEMBERSHIP_FILE,
     SECRETS_FILE,
@@ -377,11 +377,15 @@ class Admission:
             etcd_members = self._add_member(root, request) if role == "manager" else {}
         finally:
             root.close()
+        state = self.member.state
+        tls = node_tls(self.cfg)
+        if LocalMember(self.cfg.state_path).spec() is not None and tls is not None:
+            state = member_endpoints(tls, state)
         return JoinResponse(
             cluster_id=record.cluster_id,
             node_id=request.node_id,
             role=role,
-            state=self.member.state,
+            state=state,
             etcd_prefix=self.member.etcd_prefix,
             etcd_user=user,
             etcd_password=password,
@@ -518,6 +522,7 @@ def _root_client(tls: TlsFiles, state: str, password: str | None) -> EtcdStateLo
         prefix="/",
         user=ROOT if password else None,
         password=password,
+        timeout=15,  # membership changes are consensus writes: a loaded member takes its time
         **tls.client(),
     )
 
@@ -563,6 +568,37 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
         root.close()
     own = host_port(host, CLIENT_PORT)
     return "etcd://" + ",".join([own, *(h for h in _endpoints_of(response.state) if h != own)])
+
+
+def member_endpoints(tls: TlsFiles, state: str, first: str | None = None) -> str:
+    """The state setting naming every voting member's client address (`first` first), as the cluster's etcd
+    lists them now; `state` when none answers."""
+    plain = _root_client(tls, state, None)
+    try:
+        found = EtcdMembership(plain).members()
+    except StateLogError:
+        return state
+    finally:
+        plain.close()
+    hosts = [u.removeprefix("https://") for m in found if not m.learner for u in m.client_urls]
+    if not hosts:
+        return state
+    ordered = [first] if first in hosts else []
+    return "etcd://" + ",".join([*ordered, *(h for h in hosts if h not in ordered)])
+
+
+def refresh_endpoints(cfg: AgentConfig) -> None:
+    """A manager running an etcd member: bring cluster.json's endpoints up to the cluster's voting members (its
+    own first), so that its agent fails over to every member, not only to those known when it joined."""
+    member = membership(cfg.state_path)
+    spec = LocalMember(cfg.state_path).spec()
+    tls = node_tls(cfg)
+    if member is None or spec is None or tls is None:
+        return
+    fresh = member_endpoints(tls, member.state, host_port(spec.address, spec.client_port))
+    if fresh != member.state:
+        write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
+        log.info("etcd endpoints updated", extra={"state": fresh})
 
 
 # --- leaving ---------------------------------------------------------------------------------------------------

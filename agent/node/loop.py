@@ -35,7 +35,7 @@ from agent.node import notices
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.etcdmember import EtcdMemberError, LocalMember
-from agent.node.join import cluster_api, cluster_membership
+from agent.node.join import cluster_api, cluster_membership, refresh_endpoints
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
@@ -136,7 +136,7 @@ class Agent:
         except Held as held:
             raise StateLocked(f"another agent runs on the state directory {cfg.state_dir}: {held.holder}") from None
         if self.membership is not None:
-            _ensure_etcd_member(cfg.state_path)
+            _ensure_etcd_member(cfg)
         try:
             self.log = open_log(cfg, writer=True, holder=holder)
             if control_gid is not None:
@@ -763,10 +763,11 @@ def run_agent(cfg: AgentConfig) -> int:
     return agent.run()
 
 
-def _ensure_etcd_member(state_dir: Path) -> None:
+def _ensure_etcd_member(cfg: AgentConfig) -> None:
     """Adopt this manager's etcd member, or start it when it does not run (it outlived the last agent otherwise).
     A member that fails to start is logged, not fatal: the agent reaches the cluster's other members."""
     try:
-        LocalMember(state_dir).ensure()
+        LocalMember(cfg.state_path).ensure()
     except EtcdMemberError as exc:
         log.error("etcd member not running", extra={"error": str(exc)})
+    refresh_endpoints(cfg)

@@ -15,6 +15,8 @@ from agent.state.etcd import EtcdStateLog
 from agent.state.log import StateLogError, Unavailable
 from reconcilers.etcdmembers import Member
 
+_PROMOTED = "can only promote a learner member"  # and it is not one (any more)
+_NO_ANSWER = ("no etcd endpoint answers",)  # a loaded member timing out: the call is safe to send again
 _NOT_CAUGHT_UP = ("can only promote a learner member which is in sync with leader", "not in sync")
 # etcd admits one learner at a time, and (--strict-reconfig-check) adds a member only when every voting member has
 # been connected for its health interval (5 s): right after a promotion it answers "unhealthy cluster" for a while.
@@ -57,15 +59,23 @@ class EtcdMembership:
     def add_learner(self, peer_url: str, timeout: float = 60) -> Member:
         """Add a learner at `peer_url`; waits (backoff) while etcd cannot take one yet (see _ADD_LATER)."""
         body = {"peerURLs": [peer_url], "isLearner": True}
-        doc = _retry(
-            lambda: self.log._call("/cluster/member/add", body, retry_reads=False), _ADD_LATER, timeout
-        )
+        doc = _retry(lambda: self.log._call("/cluster/member/add", body, retry_reads=False), _ADD_LATER, timeout)
         return _member(doc["member"])
 
     def promote(self, member_id: str, timeout: float = 60) -> None:
-        """Promote a learner once it has caught up with the leader (etcd refuses before: retried with backoff)."""
+        """Promote a learner once it has caught up with the leader (etcd refuses before: retried with backoff).
+        A promotion whose answer was lost is sent again: etcd then says the member is no learner, which is done."""
+
+        def once() -> dict[str, Any]:
+            try:
+                return self.log._call("/cluster/member/promote", body, retry_reads=False)
+            except StateLogError as exc:
+                if _PROMOTED in str(exc) and not any(m in str(exc) for m in _NOT_CAUGHT_UP):
+                    return {}
+                raise
+
         body = {"ID": member_id}
-        _retry(lambda: self.log._call("/cluster/member/promote", body, retry_reads=False), _NOT_CAUGHT_UP, timeout)
+        _retry(once, (*_NOT_CAUGHT_UP, *_NO_ANSWER), timeout)
 
     def remove(self, member_id: str) -> None:
         try:

@@ -70,6 +70,10 @@ def _root(node: Node, cert: NodeCert, endpoints: list[str]) -> EtcdStateLog:
     )  # fmt: skip
 
 
+def _etcd_logs(cluster: Cluster) -> str:
+    return "".join(f"\n--- etcd on {n.name}:\n{LocalMember(n.state_dir).log_tail(25)}" for n in cluster.nodes)
+
+
 def _voters(root: EtcdStateLog) -> list[str]:
     return sorted(m.name for m in EtcdMembership(root).members() if not m.learner and m.name)
 
@@ -107,7 +111,7 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
                 "cluster", "join", "--token", manager_token, "--node-name", node.name, "--advertise-address",
                 node.address, f"{n1.address}:9421", env=certs[node.name].env(),
             )  # fmt: skip
-            assert joined.returncode == 0, joined.stderr + agent1.log()[-3000:]
+            assert joined.returncode == 0, joined.stderr + agent1.log()[-3000:] + _etcd_logs(cluster)
             assert "as a manager" in joined.stdout
         t_joins = time.monotonic() - t1
         ids = {n.name: (n.state_dir / "node-id").read_text().strip() for n in cluster.nodes}
@@ -146,6 +150,11 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         n1.agent.kill()
         n1.agent = None
         assert local1.pid() == pid1
+        _agent(n1, source, certs["n1"])
+        assert local1.pid() == pid1
+        # ... and the restarted agent's endpoints are every voting member's, its own first.
+        hosts = json.loads((n1.state_dir / "cluster.json").read_text())["state"].removeprefix("etcd://").split(",")
+        assert hosts[0] == f"{n1.address}:2379" and sorted(hosts) == sorted(f"{n.address}:2379" for n in cluster.nodes)
 
         # One member killed: quorum kept, writes go on.
         pid3 = LocalMember(n3.state_dir).pid()
@@ -163,6 +172,7 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         assert n2.stop_agent() == 0
         os.kill(pid2, signal.SIGKILL)
         wait_for(lambda: LocalMember(n2.state_dir).pid() is None, timeout=10)
+        assert n1.stop_agent() == 0
         refused = n1.dabctl("cluster", "leave", env=certs["n1"].env())
         assert refused.returncode == 1 and "would lose quorum" in refused.stderr, refused.stderr
         assert local1.pid() == pid1

@@ -1,0 +1,136 @@
+"""The managed etcd's member planner (reconcilers/etcdmembers.py) as tables, and the member's command line and
+adoption from its pid file (agent/node/etcdmember.py) against real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
+from reconcilers.etcdmembers import AddLearner, Member, MemberAction, Promote, Remove, plan_members, removal_refusal
+
+P = {n: f"https://10.0.0.{i}:2380" for i, n in enumerate(("a", "b", "c", "d"), start=1)}
+
+
+def voter(name: str, learner: bool = False, started: bool = True) -> Member:
+    return Member(id=f"id-{name}", name=name if started else "", peer_urls=(P[name],), learner=learner)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "members", "actions"),
+    [
+        pytest.param("a", [voter("a")], [], id="converged: one"),
+        pytest.param("abc", [voter("a"), voter("b"), voter("c")], [], id="converged: three"),
+        pytest.param("ab", [voter("a")], [AddLearner("b", P["b"])], id="a new manager: learner"),
+        pytest.param("abc", [voter("a")], [AddLearner("b", P["b"])], id="one learner at a time"),
+        pytest.param("abc", [voter("a"), voter("b", learner=True)], [Promote("id-b", "b")], id="promote, then add"),
+        pytest.param(
+            "ab", [voter("a"), voter("b", learner=True, started=False)], [Promote("id-b", "b")], id="unstarted learner"
+        ),
+        pytest.param("ab", [voter("a"), voter("b"), voter("c")], [Remove("id-c", "c")], id="demoted manager"),
+        pytest.param("b", [voter("a")], [AddLearner("b", P["b"])], id="the last voter stays: add first"),
+        pytest.param("a", [voter("a"), voter("d", learner=True)], [Remove("id-d", "d")], id="a learner not wanted"),
+    ],
+)
+def test_plan_members(wanted: str, members: list[Member], actions: list[MemberAction]) -> None:
+    assert plan_members({n: P[n] for n in wanted}, members) == actions
+
+
+THREE = [voter("a"), voter("b"), voter("c")]
+
+
+@pytest.mark.parametrize(
+    ("members", "target", "up", "safe"),
+    [
+        pytest.param(THREE, "id-c", ["id-a", "id-b", "id-c"], True, id="all up"),
+        pytest.param(THREE, "id-c", ["id-a", "id-b"], True, id="the one that is down"),
+        pytest.param(THREE, "id-a", ["id-a", "id-b"], False, id="a live one while another is down"),
+        pytest.param([voter("a"), voter("b")], "id-a", ["id-a"], False, id="leaves one voter, down"),
+        pytest.param([voter("a"), voter("b")], "id-a", ["id-a", "id-b"], True, id="leaves one voter, up"),
+        pytest.param([voter("a")], "id-a", ["id-a"], False, id="the last voter"),
+        pytest.param([voter("a"), voter("b", learner=True)], "id-b", [], True, id="a learner always"),
+        pytest.param(THREE, "id-x", [], True, id="no such member"),
+    ],
+)
+def test_removal_refusal(members: list[Member], target: str, up: list[str], safe: bool) -> None:
+    reason = removal_refusal(members, target, up)
+    assert (reason is None) == safe, reason
+
+
+def _spec(new: bool = True) -> MemberSpec:
+    return MemberSpec(
+        name="n1", address="10.0.0.1", ca_file="/p/ca.crt", cert_file="/p/n1.crt", key_file="/p/n1.key",
+        cluster_token="c1", initial_cluster={"n1": "https://10.0.0.1:2380", "n0": "https://10.0.0.9:2380"},
+        new_cluster=new,
+    )  # fmt: skip
+
+
+def test_the_member_speaks_tls_with_client_certificates_on_both_ports() -> None:
+    argv = etcd_argv(_spec(new=False), Path("/s/etcd/data"))
+    assert argv[0] == "/usr/bin/etcd"
+    for flag in (
+        "--client-cert-auth",
+        "--peer-client-cert-auth",
+        "--listen-client-urls=https://10.0.0.1:2379,https://127.0.0.1:2379",
+        "--listen-peer-urls=https://10.0.0.1:2380",
+        "--initial-cluster=n0=https://10.0.0.9:2380,n1=https://10.0.0.1:2380",
+        "--initial-cluster-state=existing",
+        "--data-dir=/s/etcd/data",
+        "--trusted-ca-file=/p/ca.crt",
+        "--peer-trusted-ca-file=/p/ca.crt",
+    ):
+        assert flag in argv
+    assert not any(a.startswith("http://") or "=http://" in a for a in argv)
+    assert "--initial-cluster-state=new" in etcd_argv(_spec(), Path("/d"))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def _fake(procs: list[subprocess.Popen[bytes]], argv0: str, *args: str) -> int:
+    """A sleeping process whose command line reads `argv0 -c ... args` (argv[0] set by `exec -a`)."""
+    code = "import time; time.sleep(60)"
+    p = subprocess.Popen(["bash", "-c", f'exec -a "$0" "{sys.executable}" -c "{code}" "$@"', argv0, *args])
+    procs.append(p)
+    return p.pid
+
+
+def _wait_cmdline(pid: int, argv0: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 5
+    while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(argv0.encode()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_member_is_adopted_only_when_its_pid_is_etcd_on_this_data_directory(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    local = LocalMember(tmp_path)
+    assert local.pid() is None  # no pid file
+    local.dir.mkdir()
+    ours = _fake(procs, "/usr/bin/etcd", "--name=n1", f"--data-dir={local.data_dir}")
+    other_dir = _fake(procs, "/usr/bin/etcd", f"--data-dir={tmp_path / 'elsewhere'}")
+    not_etcd = _fake(procs, "/usr/bin/sleepy", f"--data-dir={local.data_dir}")
+    for pid, argv0 in ((ours, "/usr/bin/etcd"), (other_dir, "/usr/bin/etcd"), (not_etcd, "/usr/bin/sleepy")):
+        _wait_cmdline(pid, argv0)
+    for pid, adopted in ((ours, ours), (other_dir, None), (not_etcd, None), (999_999_999, None)):
+        local.pid_file.write_text(f"{pid}\n")
+        assert local.pid() == adopted
+    local.pid_file.write_text("garbage")
+    assert local.pid() is None
+    local.pid_file.write_text(f"{ours}\n")
+    local.stop(timeout=5)  # SIGTERM; the fake exits
+    procs[0].wait(timeout=5)
+    assert local.pid() is None and not local.pid_file.exists()
