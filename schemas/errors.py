@@ -34,6 +34,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── JoinRefused             agent.api.join               terminal   a manager refused a join (or is unreachable)
     ├── ClusterSetupError       agent.node.join              terminal   cluster init / join / join-token cannot run
     ├── EtcdMemberError         agent.node.etcdmember        terminal   this node's etcd member cannot start or stop
+    ├── BackupError             agent.state.backup           terminal   a cluster backup is foreign, damaged or locked
     ├── ContentMissing          agent.state.records          terminal   a record's content chunks are not all there
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read

@@ -166,19 +166,97 @@ def join_token_command(config_path: Path | None, role: str, rotate: bool, quiet:
     _print_joins(member, token if role == "worker" else None, token if role == "manager" else None)
 
 
+def _no_agent(cfg: Any) -> None:
+    from agent.state.holder import AGENT_LOCK, HolderLock
+
+    holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
+    if holder is not None:
+        raise UserError(f"an agent runs on {cfg.state_path} ({holder.get('api', '?')}): stop it first")
+
+
 @cluster.command()
 @config_option
 @_state_dir_option
-def leave(config_path: Path | None, **opts: Any) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Do not ask the cluster's etcd (this node was removed, or the cluster was recovered without it): only "
+    "stop this node's member and delete its files.",
+)
+def leave(config_path: Path | None, force: bool, **opts: Any) -> None:
     """Leave the cluster: stop the agent first. A manager that runs an etcd member removes it from the cluster's
     etcd (refused, with the reason, when the members left would lose quorum), stops it and deletes its data;
     cluster.json and cluster-secrets.json are removed (node-id stays: joining again is the same node). The
     node's record stays in the cluster until `dabctl node rm` on a manager. Containers keep running."""
-    from agent.state.holder import AGENT_LOCK, HolderLock
+    cfg = load(config_path, state_dir=opts["state_dir"])
+    _no_agent(cfg)
+    ran = leave_cluster(cfg, force=force)
+    click.echo("This node left its cluster" + (" and stopped its etcd member." if ran else "."))
+
+
+def _passphrase(path: str) -> bytes:
+    text = read_secret_file(path, "--passphrase-file")
+    if len(text) < 12:
+        raise UserError(f"--passphrase-file {path}: the passphrase has {len(text)} characters; use at least 12")
+    return text.encode()
+
+
+_PASSPHRASE = click.option(
+    "--passphrase-file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File (0600) holding the passphrase the backup is encrypted with (at least 12 characters).",
+)
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+@_PASSPHRASE
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup(config_path: Path | None, passphrase_file: str, file: Path, **opts: Any) -> None:
+    """Write a backup of the cluster to FILE (0600), on a manager: etcd's snapshot (every record of the cluster)
+    and this manager's node-id, cluster.json, cluster-secrets.json and pki/, encrypted with AES-256-GCM under a
+    key made from the passphrase (scrypt). Keep the passphrase apart from the file: both make a manager."""
+    from agent.node.recovery import backup_cluster
 
     cfg = load(config_path, state_dir=opts["state_dir"])
-    holder = HolderLock.holder_of(cfg.state_path / AGENT_LOCK)
-    if holder is not None:
-        raise UserError(f"an agent runs on {cfg.state_path} ({holder.get('api', '?')}): stop it first")
-    ran = leave_cluster(cfg)
-    click.echo("This node left its cluster" + (" and stopped its etcd member." if ran else "."))
+    result = backup_cluster(cfg, file, _passphrase(passphrase_file))
+    click.echo(
+        f"Backed up cluster {result.cluster_id} to {file}: etcd snapshot {result.snapshot_bytes} bytes, "
+        f"{result.files} files."
+    )
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+def recover(config_path: Path | None, **opts: Any) -> None:
+    """Recover a cluster that lost quorum from this manager (stop its agent first): its etcd member restarts with
+    --force-new-cluster, keeping its data and dropping every other member, so the cluster goes on with this one
+    voting member. Then on every other manager that comes back: `dabctl cluster leave --force` and join again
+    with a manager token. Containers keep running throughout."""
+    from agent.node.recovery import recover_cluster
+
+    cfg = load(config_path, state_dir=opts["state_dir"])
+    _no_agent(cfg)
+    state = recover_cluster(cfg)
+    click.echo(f"The cluster's etcd now has one member, this node ({state}). Start the agent, then rejoin managers.")
+
+
+@cluster.command()
+@config_option
+@_state_dir_option
+@_PASSPHRASE
+@click.option("--advertise-address", default=None, help="Address other nodes reach this one at [default: route].")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def restore(config_path: Path | None, passphrase_file: str, file: Path, **opts: Any) -> None:
+    """Restore a cluster from a backup FILE onto this node (in no cluster, agent stopped), when no manager's etcd
+    member survived: the node becomes the backed-up manager (its node-id, cluster.json, cluster-secrets.json)
+    with a one-member etcd made from the snapshot. Other managers then leave (--force) and join again."""
+    from agent.node.recovery import restore_cluster
+
+    cfg = load(config_path, state_dir=opts["state_dir"])
+    _no_agent(cfg)
+    member = restore_cluster(cfg, file, _passphrase(passphrase_file), opts["advertise_address"])
+    click.echo(f"Restored cluster {member.cluster_id} on this node ({member.node_id}, etcd {member.state}).")

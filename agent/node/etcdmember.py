@@ -178,8 +178,9 @@ class LocalMember:
             return pid
         return self.start(spec)
 
-    def start(self, spec: MemberSpec) -> int:
-        """Start the member of `spec` in its own session (it outlives this process); its pid."""
+    def start(self, spec: MemberSpec, *extra: str) -> int:
+        """Start the member of `spec` in its own session (it outlives this process); its pid. `extra`: more flags
+        for this start only (`--force-new-cluster`)."""
         if self.pid() is not None:
             raise EtcdMemberError(f"an etcd member already runs on {self.data_dir} (pid file {self.pid_file})")
         if not os.access(self.binary, os.X_OK):
@@ -191,7 +192,7 @@ class LocalMember:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         with open(self.log_file, "ab") as out:
             self._child = subprocess.Popen(
-                etcd_argv(spec, self.data_dir, self.binary),
+                [*etcd_argv(spec, self.data_dir, self.binary), *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -643,17 +643,19 @@ def _answering(members: list[Member], tls: TlsFiles) -> list[str]:
     return [m.id for m in members if any(member_status(u, tls.client()) is not None for u in m.client_urls)]
 
 
-def leave_cluster(cfg: AgentConfig) -> bool:
+def leave_cluster(cfg: AgentConfig, force: bool = False) -> bool:
     """This node leaves its cluster: its etcd member (if it runs one) is removed from the cluster's members and
     stopped, its data deleted; the membership files go (node-id stays). The agent must not be running.
-    True when it ran an etcd member."""
+    True when it ran an etcd member. `force`: without asking the cluster's etcd (this node's member was removed,
+    or the cluster recovered without it)."""
     member = membership(cfg.state_path)
     if member is None:
         raise ClusterSetupError(f"this node is in no cluster (no {cfg.state_path / MEMBERSHIP_FILE})")
     local = LocalMember(cfg.state_path)
     ran = local.spec() is not None
-    if ran:
+    if ran and not force:
         remove_member(cfg, member, member.node_id)
+    if ran:
         local.destroy()
     for name in (MEMBERSHIP_FILE, SECRETS_FILE):
         with contextlib.suppress(FileNotFoundError):

@@ -121,6 +121,20 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
             f"managed etcd: init {t_init:.2f} s (1 TLS member), 2 manager joins {t_joins:.2f} s, "
             f"init to 3 voting members {t_total:.2f} s (agent start on n1 included)"
         )
+        # A backup while the cluster is whole (a key to find again after the recoveries).
+        root.put("/dabctl-backup-check", b"before")
+        passphrase = tmp_path / "passphrase"
+        passphrase.write_text("correct horse battery staple\n")
+        passphrase.chmod(0o600)
+        backup_file = tmp_path / "cluster.backup"
+        t2 = time.monotonic()
+        made = n1.dabctl(
+            "cluster", "backup", "--passphrase-file", str(passphrase), str(backup_file), env=certs["n1"].env()
+        )
+        assert made.returncode == 0, made.stderr
+        print(f"cluster backup: {time.monotonic() - t2:.2f} s, {backup_file.stat().st_size} bytes")
+        assert backup_file.stat().st_mode & 0o777 == 0o600
+        assert b"dabctl-backup-check" not in backup_file.read_bytes()  # encrypted
         n3_state = json.loads((n3.state_dir / "cluster.json").read_text())["state"]
         assert n3_state.startswith(f"etcd://{n3.address}:2379,")
 
@@ -176,5 +190,46 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         refused = n1.dabctl("cluster", "leave", env=certs["n1"].env())
         assert refused.returncode == 1 and "would lose quorum" in refused.stderr, refused.stderr
         assert local1.pid() == pid1
+
+        # Quorum lost (n3 gone, n2's member dead): recover from the survivor, n1, keeping its data.
+        with pytest.raises(StateLogError):
+            root.put("/dabctl-lost", b"1")
+        t3 = time.monotonic()
+        recovered = n1.dabctl("cluster", "recover", env=certs["n1"].env())
+        assert recovered.returncode == 0, recovered.stderr + _etcd_logs(cluster)
+        print(f"cluster recover (force-new-cluster): {time.monotonic() - t3:.2f} s")
+        assert _voters(root) == [ids["n1"]]
+        root.put("/dabctl-after-recover", b"1")
+        assert root.get("/dabctl-backup-check") is not None
+        # n2 came back: its member was dropped; it leaves without asking the cluster.
+        forced = n2.dabctl("cluster", "leave", "--force", env=certs["n2"].env())
+        assert forced.returncode == 0, forced.stderr
+        assert not (n2.state_dir / "etcd").exists()
+
+        # No member left at all: a backup restored on n3 (out of any cluster) makes a one-member cluster.
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not the passphrase at all\n")
+        wrong.chmod(0o600)
+        refused = n3.dabctl(
+            "cluster", "restore", "--passphrase-file", str(wrong), "--advertise-address", n3.address, str(backup_file),
+            env=certs["n3"].env(),
+        )  # fmt: skip
+        assert refused.returncode == 1 and "wrong passphrase" in refused.stderr, refused.stderr
+        t4 = time.monotonic()
+        restored = n3.dabctl(
+            "cluster", "restore", "--passphrase-file", str(passphrase), "--advertise-address", n3.address,
+            str(backup_file), env=certs["n3"].env(),
+        )  # fmt: skip
+        assert restored.returncode == 0, restored.stderr + _etcd_logs(cluster)
+        print(f"cluster restore from backup: {time.monotonic() - t4:.2f} s")
+        assert (n3.state_dir / "node-id").read_text().strip() == ids["n1"]
+        root3 = _root(n3, certs["n3"], [url["n3"]])
+        try:
+            assert _voters(root3) == [ids["n1"]]
+            kv = root3.get("/dabctl-backup-check")
+            assert kv is not None and kv.value == b"before"
+            assert root3.get("/dabctl-after-recover") is None  # written after the backup
+        finally:
+            root3.close()
     finally:
         root.close()
