@@ -66,6 +66,17 @@ def cluster_address(cfg: AgentConfig, advertise: str | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _address_towards(peer: str) -> str:
+    """This host's address on its route to `peer` (host:port); "" when there is none (no packet is sent)."""
+    host = peer.rsplit(":", 1)[0].strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return ""
+
+
 def default_address() -> str:
     """The address this host sends from on its default route (no packet is sent: a UDP socket only routes)."""
     try:
@@ -488,7 +499,7 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
         token=str(token),
         node_id=node_id(state_dir),
         name=node_name(cfg),
-        advertise_address=_advertise_host(cfg, advertise),
+        advertise_address=advertise or cfg.advertise_address or _address_towards(manager),
     )
     response = post_join(manager, request)
     managers = [manager, *(m for m in response.managers if m != manager)]

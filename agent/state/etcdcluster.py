@@ -16,7 +16,9 @@ from agent.state.log import StateLogError, Unavailable
 from reconcilers.etcdmembers import Member
 
 _PROMOTED = "can only promote a learner member"  # and it is not one (any more)
-_NO_ANSWER = ("no etcd endpoint answers",)  # a loaded member timing out: the call is safe to send again
+# A loaded member timing out, or etcd's own proposal timing out: the change may or may not have happened, and
+# each call below checks before it is sent again.
+_NO_ANSWER = ("no etcd endpoint answers", "request timed out", "leader changed")
 _NOT_CAUGHT_UP = ("can only promote a learner member which is in sync with leader", "not in sync")
 # etcd admits one learner at a time, and (--strict-reconfig-check) adds a member only when every voting member has
 # been connected for its health interval (5 s): right after a promotion it answers "unhealthy cluster" for a while.
@@ -59,7 +61,14 @@ class EtcdMembership:
     def add_learner(self, peer_url: str, timeout: float = 60) -> Member:
         """Add a learner at `peer_url`; waits (backoff) while etcd cannot take one yet (see _ADD_LATER)."""
         body = {"peerURLs": [peer_url], "isLearner": True}
-        doc = _retry(lambda: self.log._call("/cluster/member/add", body, retry_reads=False), _ADD_LATER, timeout)
+
+        def once() -> dict[str, Any]:
+            for m in self.members():  # an addition whose answer was lost is not made twice
+                if peer_url in m.peer_urls:
+                    return {"member": {"ID": m.id, "name": m.name, "peerURLs": list(m.peer_urls), "isLearner": True}}
+            return self.log._call("/cluster/member/add", body, retry_reads=False)
+
+        doc = _retry(once, (*_ADD_LATER, *_NO_ANSWER), timeout)
         return _member(doc["member"])
 
     def promote(self, member_id: str, timeout: float = 60) -> None:
