@@ -12,11 +12,11 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -38,7 +38,7 @@ from agent.state.membership import (
 )
 from agent.state.records import ASSIGNMENTS, CLUSTER_KEY, NODES, OWNER_KEY, TASKS, node_status_key
 from agent.state.sqlite import SqliteStateLog
-from reconcilers.etcdmembers import Member, removal_refusal
+from reconcilers.etcdmembers import Member, Promote, Remove, plan_members, removal_refusal
 from schemas.config import AgentConfig, ClusterMembership, split_listen
 from schemas.errors import DabctlError
 from schemas.join import ClusterSecrets, InvalidToken, JoinRequest, JoinResponse, JoinToken, Role, role_of
@@ -652,6 +652,62 @@ def remove_member(cfg: AgentConfig, member: ClusterMembership, target: str) -> b
 
 def _answering(members: list[Member], tls: TlsFiles) -> list[str]:
     return [m.id for m in members if any(member_status(u, tls.client()) is not None for u in m.client_urls)]
+
+
+class MemberApi(Protocol):
+    """What converge_members needs of etcd's membership (agent.state.etcdcluster.EtcdMembership)."""
+
+    def members(self) -> list[Member]: ...
+    def promote(self, member_id: str, timeout: float = 60) -> None: ...
+    def remove(self, member_id: str) -> None: ...
+
+
+def converge_members(
+    api: MemberApi, managers: Collection[str], answering: Callable[[list[Member]], list[str]]
+) -> list[str]:
+    """One step towards one voting etcd member per manager (reconcilers.etcdmembers.plan_members): promote the
+    managers' learners, remove the members of nodes that are no longer managers (`node rm`, `node update --role
+    worker`) unless that would lose quorum. Additions are not made here: a manager's member is added when it joins,
+    by the node that starts it, and a learner that has not started yet (no name) is left to its join. What was
+    done or refused, one line each."""
+    found = api.members()
+    wanted = {nid: next((u for m in found if m.name == nid for u in m.peer_urls), "") for nid in managers}
+    done: list[str] = []
+    for action in plan_members(wanted, found):
+        if isinstance(action, Promote):
+            try:
+                api.promote(action.member_id, timeout=5)
+                done.append(str(action))
+            except MemberChangeRefused as exc:
+                done.append(f"{action}: not yet ({exc})")
+        elif isinstance(action, Remove) and action.node_id:
+            refusal = removal_refusal(found, action.member_id, answering(found))
+            if refusal is not None:
+                done.append(f"{action}: refused: {refusal}")
+                continue
+            api.remove(action.member_id)
+            done.append(str(action))
+    return done
+
+
+def converge_cluster_members(cfg: AgentConfig, log_: StateLog) -> list[str]:
+    """converge_members for this manager's cluster, from the node specs in the state log (for the leader's tick
+    and after `node rm` / `node update --role`); nothing when dabctl does not run the cluster's etcd."""
+    member = membership(cfg.state_path)
+    secrets = cluster_secrets(cfg.state_path)
+    tls = node_tls(cfg)
+    if member is None or secrets is None or tls is None or LocalMember(cfg.state_path).spec() is None:
+        return []
+    managers = [
+        spec.node_id
+        for spec in (NodeSpec.model_validate_json(kv.value) for kv in log_.range(NODES))
+        if spec.role == "manager"
+    ]
+    root = _root_client(tls, member.state, secrets.etcd_root_password)
+    try:
+        return converge_members(EtcdMembership(root), managers, lambda found: _answering(found, tls))
+    finally:
+        root.close()
 
 
 def leave_cluster(cfg: AgentConfig, force: bool = False) -> bool:

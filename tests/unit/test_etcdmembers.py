@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
+from agent.node.join import converge_members
+from agent.state.etcdcluster import MemberChangeRefused
 from reconcilers.etcdmembers import AddLearner, Member, MemberAction, Promote, Remove, plan_members, removal_refusal
 
 P = {n: f"https://10.0.0.{i}:2380" for i, n in enumerate(("a", "b", "c", "d"), start=1)}
@@ -134,3 +136,48 @@ def test_a_member_is_adopted_only_when_its_pid_is_etcd_on_this_data_directory(
     local.stop(timeout=5)  # SIGTERM; the fake exits
     procs[0].wait(timeout=5)
     assert local.pid() is None and not local.pid_file.exists()
+
+
+class FakeMembers:
+    """etcd's membership as a list; records the changes asked for; `not_caught_up` learners refuse promotion."""
+
+    def __init__(self, members: list[Member], not_caught_up: tuple[str, ...] = ()) -> None:
+        self.list = list(members)
+        self.not_caught_up = not_caught_up
+        self.calls: list[str] = []
+
+    def members(self) -> list[Member]:
+        return list(self.list)
+
+    def promote(self, member_id: str, timeout: float = 60) -> None:
+        self.calls.append(f"promote {member_id}")
+        if member_id in self.not_caught_up:
+            raise MemberChangeRefused("can only promote a learner member which is in sync with leader")
+
+    def remove(self, member_id: str) -> None:
+        self.calls.append(f"remove {member_id}")
+
+
+@pytest.mark.parametrize(
+    ("members", "managers", "up", "calls", "refused"),
+    [
+        pytest.param(THREE, "abc", "abc", [], 0, id="converged"),
+        pytest.param(THREE, "ab", "abc", ["remove id-c"], 0, id="c demoted or removed"),
+        pytest.param(THREE, "ab", "ac", [], 1, id="removing c would lose quorum (b down)"),
+        pytest.param([voter("a"), voter("b", learner=True)], "ab", "ab", ["promote id-b"], 0, id="promote"),
+        pytest.param([voter("a"), voter("d", learner=True, started=False)], "a", "a", [], 0, id="a join in flight"),
+        pytest.param([voter("a")], "ab", "a", [], 0, id="additions are the joining node's"),
+    ],
+)
+def test_converge_members(members: list[Member], managers: str, up: str, calls: list[str], refused: int) -> None:
+    api = FakeMembers(members)
+    done = converge_members(api, list(managers), lambda found: [f"id-{n}" for n in up])
+    assert api.calls == calls
+    assert sum("refused" in line for line in done) == refused
+
+
+def test_a_learner_not_caught_up_is_promoted_on_a_later_step() -> None:
+    api = FakeMembers([voter("a"), voter("b", learner=True)], not_caught_up=("id-b",))
+    assert converge_members(api, ["a", "b"], lambda found: ["id-a", "id-b"]) == [
+        "promote learner b to a voting member: not yet (can only promote a learner member which is in sync with leader)"
+    ]
