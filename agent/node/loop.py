@@ -34,6 +34,7 @@ from agent.metrics import Metrics
 from agent.node import notices
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
+from agent.node.membership import Member, cluster_config, node_id, read_membership, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
@@ -89,6 +90,10 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, runtime: Runtime | None = None) -> None:
         """`runtime`: the container engine to converge (default: the Docker engine the config names)."""
+        # A cluster node (<state_dir>/cluster.json) uses the cluster's state log, whatever `state` says.
+        membership = read_membership(Path(cfg.state_dir))
+        if membership is not None:
+            cfg = cluster_config(cfg, membership)
         self.cfg = cfg
         self.node = cfg.node_name or socket.gethostname()
         self.stop = threading.Event()
@@ -139,6 +144,17 @@ class Agent:
             self.lock.release()
             raise
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
+        # In a cluster: this node under its lease and, on a manager, the election (`member.fence()` while it leads).
+        self.member: Member | None = None
+        if membership is None:
+            self.metrics.leader.set(1)  # a single node is its own leader
+        else:
+            try:
+                self.member = self._register(membership.node_id)
+            except BaseException:
+                self.log.close()
+                self.lock.release()
+                raise
         self.engine = Engine(
             self.docker,
             self.records,
@@ -174,6 +190,25 @@ class Agent:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)
 
+    def _register(self, expected_id: str) -> Member:
+        state = self.cfg.state_path
+        own = node_id(state)
+        if own != expected_id:
+            raise ConfigError(
+                f"{state / 'cluster.json'} is for node {expected_id} but {state / 'node-id'} holds {own}; "
+                "join the cluster again from this state directory"
+            )
+        member = Member(
+            self.log,
+            node_id=own,
+            name=self.node,
+            status=status_source(self.cfg, own),
+            records=self.records,
+            metrics=self.metrics,
+        )
+        member.register()
+        return member
+
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -187,6 +222,8 @@ class Agent:
         self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
+        if self.member is not None:
+            self.member.start()
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
@@ -217,6 +254,8 @@ class Agent:
         self.notifier.stop()
         for t in self._threads:
             t.join(timeout=5)
+        if self.member is not None:
+            self.member.close()
         self.source.close()
         self.log.close()
         self.docker.close()

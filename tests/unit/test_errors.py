@@ -23,12 +23,14 @@ from agent.drivers.ipvs import IpvsError
 from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
 from agent.node.loop import ControlRefused, PassNotRun, UnknownStack
+from agent.node.membership import NotJoined
 from agent.node.rollback import RollbackError
 from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
+from agent.state.nodes import NodeConflict, NodeNotFound
 from bundles.errors import InvalidBundles, SourceError
 from reconcilers.loadbalancer import BalancerUnavailable
 from schemas.errors import DabctlError
@@ -61,6 +63,9 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     ControlDenied: False,
     UnknownStack: False,
     PassNotRun: True,
+    NodeConflict: False,
+    NodeNotFound: False,
+    NotJoined: False,
 }
 
 
