@@ -62,6 +62,14 @@ def test_usage_errors_exit_1_not_2(args: list[str]) -> None:
     assert result.stderr.strip()
 
 
+@pytest.mark.parametrize("sub", ["ls", "inspect", "update", "rm"])
+def test_node_commands_explain_themselves_and_exit_1_on_usage_errors(sub: str) -> None:
+    helped = dabctl("node", sub, "--help")
+    assert helped.returncode == 0 and "Usage: dabctl node" in helped.stdout and "--config" in helped.stdout
+    bad = dabctl("node", sub, "--availability", "bogus")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.strip()
+
+
 def test_validate_samples_exit_0() -> None:
     result = dabctl("validate", "samples/stacks", "samples/public")
     assert result.returncode == 0, result.stderr

@@ -38,5 +38,6 @@ def write_node_files(state_dir: Path, cluster_id: str, node_id: str, state: str,
     path.write_text(node_id + "\n")
     path.chmod(0o600)
     write_membership(
-        state_dir, ClusterMembership(cluster_id=cluster_id, node_id=node_id, state=state, etcd_prefix=prefix)
+        state_dir,
+        ClusterMembership(cluster_id=cluster_id, node_id=node_id, state=state, etcd_prefix=prefix, etcd_password=None),
     )
