@@ -48,7 +48,7 @@ from agent.sources.source import Source, open_source, read_secret, source_ref, w
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
-from agent.state.log import StateLocked
+from agent.state.log import StateLocked, Unavailable
 from agent.state.records import Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
@@ -206,7 +206,11 @@ class Agent:
             records=self.records,
             metrics=self.metrics,
         )
-        member.register()
+        try:
+            member.register()
+        except Unavailable as exc:
+            # Static stability: the node keeps running its containers; it registers when the state log answers.
+            log.warning("state log unreachable; registering when it answers", extra={"error": str(exc)})
         return member
 
     # --- lifecycle ----------------------------------------------------------------------------------------------

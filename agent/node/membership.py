@@ -193,6 +193,7 @@ class Member:
         self._thread: threading.Thread | None = None
         self.lease_losses = 0  # leases found gone and granted again (tests and logs)
         self.removed = False  # `node rm --force` took this node out while it ran
+        self.registered = False
 
     # --- what the pass runner reads ---
 
@@ -236,6 +237,7 @@ class Member:
             with contextlib.suppress(LeaseNotFound):
                 self.log.revoke(old.lease)
         self._renew_lease()
+        self.registered = True
         if self.role == "manager":
             self._campaign()
         log.info("node registered", extra={"node": self.name, "id": self.node_id, "role": self.role, "ttl": self.ttl})
@@ -309,6 +311,9 @@ class Member:
 
     def tick(self) -> None:
         """Keep the lease alive (or take a new one), rewrite a changed status, follow the spec's role."""
+        if not self.registered:  # the state log did not answer at start
+            self.register()
+            return
         try:
             alive = self.log.keepalive(self.lease) > 0
         except LeaseNotFound:
@@ -381,6 +386,9 @@ class Member:
                     self.tick()
                 except StateLogError as exc:
                     log.warning("membership: state log error", extra={"node": self.name, "error": str(exc)})
+                except (NodeConflict, NotJoined) as exc:  # found when registering late: this node takes no part
+                    log.error("membership: %s", exc, extra={"node": self.name})
+                    return
             wait = max(0.0, next_tick - time.monotonic())
             if self.role != "manager":
                 self._drop_watch()

@@ -16,7 +16,7 @@ import pytest
 
 from agent.metrics import Metrics
 from agent.node.membership import Member, NotJoined, node_id, read_membership
-from agent.state.log import Compare, Put
+from agent.state.log import Compare, Put, Unavailable
 from agent.state.nodes import NodeConflict, NodeRecords
 from agent.state.records import LEADER_KEY, Fence, Records, node_status_key, orchestrator_txn
 from agent.state.sqlite import SqliteStateLog
@@ -216,3 +216,33 @@ def test_when_a_leader_stops_keeping_its_lease_another_manager_leads_within_the_
     took = time.monotonic() - stopped
     assert took < 2 + 2, took
     assert not orchestrator_txn(log, [Compare("/x", "version", "==", 0)], [Put("/x", b"1")], m1.fence()).succeeded
+
+
+class Flaky:
+    """The log, or no answer at all while `down` is set."""
+
+    def __init__(self, log: SqliteStateLog) -> None:
+        self.log = log
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        if self.down:
+            raise Unavailable("no endpoint answers")
+        return getattr(self.log, name)
+
+
+def test_a_node_that_cannot_reach_the_state_log_at_start_registers_when_it_answers(log: SqliteStateLog) -> None:
+    make_cluster(log)
+    nid = add_node(log, "n1")
+    flaky = Flaky(log)
+    m = Member(flaky, node_id=nid, name="n1", status=lambda: NodeStatus(node_id=nid))  # type: ignore[arg-type]
+    flaky.down = True
+    with pytest.raises(Unavailable):
+        m.register()
+    with pytest.raises(Unavailable):
+        m.tick()
+    assert not m.registered and not m.is_leader
+    flaky.down = False
+    m.tick()
+    assert m.registered and m.is_leader and log.get(node_status_key(nid)) is not None
+    m.close()
