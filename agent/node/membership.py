@@ -262,6 +262,11 @@ class Member:
         won = self.nodes.campaign(
             LeaderRecord(node_id=self.node_id, name=self.name, cluster_address=self._address()), self.lease
         )
+        if won is None:
+            # The key may be this node's own, put under its current lease by an earlier campaign: that is a win.
+            held = self.nodes.leader()
+            if held is not None and held.record.node_id == self.node_id and held.lease == self.lease:
+                won = held
         if won is not None:
             with self._lock:
                 self._leading = won
@@ -295,12 +300,14 @@ class Member:
         """A change of `/leader`: campaign when it is gone, step down when another term holds it."""
         if event.key != LEADER_KEY:
             return
+        current = self.fence()
+        if current is not None and event.revision < current.term:
+            return  # an earlier term's change, delivered after this node's own term began (a tick campaigned first)
         if event.type == "delete":
             self._lose_leadership("leader key deleted")
             if self.role == "manager":
                 self._campaign()
             return
-        current = self.fence()
         if current is not None and event.create_revision != current.term:
             self._lose_leadership(f"term {event.create_revision} began")
         if current is None or event.create_revision != current.term:

@@ -18,6 +18,7 @@ import pytest
 from agent.node.membership import DEFAULT_LEASE_TTL, new_node_id
 from agent.state.etcd import EtcdStateLog
 from agent.state.nodes import NodeRecords
+from schemas.state import NodeRole
 from tests.support.cluster import Cluster, Node
 from tests.support.nodes import add_node, make_cluster, write_node_files
 from tests.support.polling import wait_for
@@ -62,19 +63,28 @@ def node_ls(node: Node) -> dict[str, dict[str, object]]:
     return {row["name"]: row for row in json.loads(out.stdout)}
 
 
+ROLES: dict[str, NodeRole] = {"n1": "manager", "n2": "manager", "n3": "worker"}
+
+
+def three_agents(cluster: Cluster, log: EtcdStateLog, source: Path) -> tuple[str, dict[str, str]]:
+    """The cluster record, a spec and files per node, an agent on each: the cluster id and the node ids by name."""
+    source.mkdir()
+    cluster_id = make_cluster(log, lease_ttl=TTL)
+    ids = {}
+    for node in cluster.nodes:
+        ids[node.name] = add_node(log, node.name, role=ROLES[node.name])
+        write_node_files(node.state_dir, cluster_id, ids[node.name], cluster.etcd_state)
+        start(node, source)
+    return cluster_id, ids
+
+
 def test_three_agents_register_a_killed_node_goes_down_a_killed_leader_is_replaced_a_namesake_is_refused(
     cluster: Cluster, log: EtcdStateLog, tmp_path: Path
 ) -> None:
     n1, n2, n3 = cluster.nodes
+    roles = ROLES
     source = tmp_path / "stacks"
-    source.mkdir()
-    cluster_id = make_cluster(log, lease_ttl=TTL)
-    roles = {"n1": "manager", "n2": "manager", "n3": "worker"}
-    ids = {}
-    for node in cluster.nodes:
-        ids[node.name] = add_node(log, node.name, role=roles[node.name])  # type: ignore[arg-type]
-        write_node_files(node.state_dir, cluster_id, ids[node.name], cluster.etcd_state)
-        start(node, source)
+    cluster_id, ids = three_agents(cluster, log, source)
 
     rows = wait_for(lambda: (r := node_ls(n3)) and all(x["state"] == "up" for x in r.values()) and r, timeout=30)
     assert {name: (r["role"], r["address"]) for name, r in rows.items()} == {
@@ -120,3 +130,31 @@ def test_three_agents_register_a_killed_node_goes_down_a_killed_leader_is_replac
     write_node_files(n3.state_dir, cluster_id, other, cluster.etcd_state)
     with pytest.raises(AssertionError, match=rf"(?s)agent exited 1:.*node name '{live.name}' is held by live node"):
         start(n3, source, node_name=live.name)
+
+
+def test_an_etcd_leader_election_takes_no_node_down_and_keeps_the_cluster_leader(
+    cluster: Cluster, log: EtcdStateLog, tmp_path: Path
+) -> None:
+    """What the 6 s TTL is for: a SIGKILLed etcd leader (a new etcd election) costs no node its lease."""
+    assert cluster.etcd is not None
+    _, ids = three_agents(cluster, log, tmp_path / "stacks")
+    records = NodeRecords(log)
+    wait_for(lambda: all(records.status(i) for i in ids.values()) and records.leader(), timeout=30)
+    leader = records.leader()
+    assert leader is not None
+    changes = log.watch("/", start_revision=log.revision() + 1)
+    try:
+        cluster.etcd.kill9(cluster.etcd.leader())
+        wait_for(lambda: cluster.etcd is not None and cluster.etcd.has_quorum(timeout=1), timeout=15)
+        deadline = time.monotonic() + 2 * TTL  # two full leases after the election
+        deleted = []
+        while (left := deadline - time.monotonic()) > 0:
+            event = changes.next(timeout=left)
+            if event is not None and event.type == "delete":
+                deleted.append(event.key)
+    finally:
+        changes.cancel()
+    assert deleted == []
+    now = records.leader()
+    assert now is not None and now.term == leader.term
+    assert all(records.status(i) for i in ids.values())

@@ -201,6 +201,7 @@ def test_a_demoted_leader_resigns_and_a_closing_one_hands_over_at_once(
     assert m3.is_leader
 
 
+@pytest.mark.integration  # waits for a real lease to lapse (2 s): kept out of the fast tier
 def test_when_a_leader_stops_keeping_its_lease_another_manager_leads_within_the_ttl(
     log: SqliteStateLog, members: Callable[..., Member]
 ) -> None:
@@ -246,3 +247,26 @@ def test_a_node_that_cannot_reach_the_state_log_at_start_registers_when_it_answe
     m.tick()
     assert m.registered and m.is_leader and log.get(node_status_key(nid)) is not None
     m.close()
+
+
+def test_a_stale_delete_seen_after_a_tick_campaigned_does_not_depose_the_new_leader(
+    log: SqliteStateLog, members: Callable[..., Member]
+) -> None:
+    """The tick's check and the watch both see the old leader go: whichever campaigns first, the other's late
+    view of the deletion must not take the new term away (it did: the leader then held the key without leading)."""
+    make_cluster(log)
+    m1 = members("m1", add_node(log, "m1"))
+    m2 = members("m2", add_node(log, "m2"))
+    m1.register()
+    m2.register()
+    old = NodeRecords(log).leader()
+    assert old is not None
+    events = log.watch(LEADER_KEY, start_revision=old.term + 1)
+    revoke(log, m1)
+    m2.tick()  # the tick saw no leader first and campaigned
+    assert m2.is_leader
+    stale = events.next(timeout=5)
+    events.cancel()
+    assert stale is not None and stale.type == "delete"
+    m2.on_leader_event(stale)  # the watch's view of the same deletion, delivered late
+    assert m2.is_leader and m2.fence() == NodeRecords(log).leader().fence  # type: ignore[union-attr]
