@@ -45,6 +45,9 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start
     ├── UntrustedPath           agent.node.hostpaths         terminal   a bind source passes an untrusted symlink
     ├── RollbackError           agent.node.rollback          terminal   no such revision to roll back to
+    ├── NodeConflict            agent.state.nodes            terminal   a live node of another id holds the name
+    ├── NodeNotFound            agent.state.nodes            terminal   no node (or several) match a name or id
+    ├── NotJoined               agent.node.membership        terminal   this node id has no spec in the cluster
     ├── DeliveryFailed          agent.notify.sinks           retryable  a notification sink did not take an event
     │   └── DeliveryRefused     agent.notify.sinks           terminal   the sink refused it for good (4xx)
     └── UserError               agent.cli.options            terminal   a command line that cannot work

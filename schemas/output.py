@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from schemas.state import Availability, NodeRole, NodeSpec, NodeStatus
+
 Health = Literal["Healthy", "Progressing", "Degraded"]
 SourceKind = Literal["directory", "git"]
 
@@ -136,3 +138,32 @@ class StatusOutput(BaseModel):
     ready: bool
     source: SourceStatus | None = None
     stacks: list[StackStatus] = []
+
+
+class NodeRow(BaseModel):
+    """One node of `dabctl node ls --output json`: `state` up while its lease holds; `leader` for the one that
+    leads (its term beside it)."""
+
+    id: str
+    name: str
+    role: NodeRole
+    availability: Availability
+    state: Literal["up", "down"]
+    leader: bool
+    term: int | None = None
+    address: str
+    version: str
+    labels: dict[str, str] = {}
+
+
+class NodeDetail(BaseModel):
+    """`dabctl node inspect NODE`: the node's spec (what managers keep), its status (what it says of itself,
+    None while down) and whether it leads."""
+
+    id: str
+    name: str
+    state: Literal["up", "down"]
+    leader: bool
+    term: int | None = None
+    spec: NodeSpec
+    status: NodeStatus | None

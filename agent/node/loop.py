@@ -35,6 +35,7 @@ from agent.node import notices
 from agent.node.control import converge, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.join import cluster_api, cluster_membership
+from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
@@ -48,7 +49,8 @@ from agent.sources.source import Source, open_source, read_secret, source_ref, w
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
-from agent.state.log import StateLocked
+from agent.state.log import StateLocked, Unavailable
+from agent.state.membership import node_id
 from agent.state.records import INTENT_KEY, STACKS, Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
@@ -90,6 +92,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, runtime: Runtime | None = None) -> None:
         """`runtime`: the container engine to converge (default: the Docker engine the config names)."""
+        # A cluster node (<state_dir>/cluster.json) uses the cluster's state log, whatever `state` says.
+        # (cluster_membership refuses a cluster node whose listener would run without TLS unless allowed.)
+        membership = cluster_membership(cfg)
+        if membership is not None:
+            cfg = cluster_config(cfg, membership)
         self.cfg = cfg
         self.node = cfg.node_name or socket.gethostname()
         self.stop = threading.Event()
@@ -127,7 +134,7 @@ class Agent:
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
         private_dir(cfg.state_path)
         # A cluster node's slots are assigned to it by node id (cluster init re-keys a single node's by name).
-        self.membership = cluster_membership(cfg)
+        self.membership = membership
         holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
         self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
@@ -142,6 +149,17 @@ class Agent:
             self.lock.release()
             raise
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
+        # In a cluster: this node under its lease and, on a manager, the election (`member.fence()` while it leads).
+        self.member: Member | None = None
+        if membership is None:
+            self.metrics.leader.set(1)  # a single node is its own leader
+        else:
+            try:
+                self.member = self._register(membership.node_id)
+            except BaseException:
+                self.log.close()
+                self.lock.release()
+                raise
         self.engine = Engine(
             self.docker,
             self.records,
@@ -152,6 +170,8 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
+        # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
+        self.engine.cluster = self.member
         self.page = PageData(self.records, self.node, self._replicas, self._status_of)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
@@ -181,6 +201,29 @@ class Agent:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)
 
+    def _register(self, expected_id: str) -> Member:
+        state = self.cfg.state_path
+        own = node_id(state)
+        if own != expected_id:
+            raise ConfigError(
+                f"{state / 'cluster.json'} is for node {expected_id} but {state / 'node-id'} holds {own}; "
+                "join the cluster again from this state directory"
+            )
+        member = Member(
+            self.log,
+            node_id=own,
+            name=self.node,
+            status=status_source(self.cfg, own),
+            records=self.records,
+            metrics=self.metrics,
+        )
+        try:
+            member.register()
+        except Unavailable as exc:
+            # Static stability: the node keeps running its containers; it registers when the state log answers.
+            log.warning("state log unreachable; registering when it answers", extra={"error": str(exc)})
+        return member
+
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -194,6 +237,8 @@ class Agent:
         self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
+        if self.member is not None:
+            self.member.start()
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
@@ -227,6 +272,8 @@ class Agent:
         self.notifier.stop()
         for t in self._threads:
             t.join(timeout=5)
+        if self.member is not None:
+            self.member.close()
         self.source.close()
         self.log.close()
         self.docker.close()
