@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from agent.api.client import call, get_status, running_agent
+from agent.cluster.snapshot import Snapshot
 from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
-from agent.node.status import stack_statuses
+from agent.node.status import Fleet, fleet, fleet_statuses
 from agent.sources.source import open_source
 from agent.state.backends import open_log
 from agent.state.log import StateLocked
+from agent.state.membership import membership
 from agent.state.records import Records
 from bundles import DesiredState
 from reconcilers.loadbalancer import PortRules
@@ -99,21 +101,18 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
     )
 
 
+def engine_fleet(engine: Engine) -> tuple[Snapshot, Fleet]:
+    """The state at one revision and what runs where: this engine's containers and, in a cluster, every other
+    node's as reported."""
+    snapshot = engine.records.snapshot(restarts=False)
+    return snapshot, fleet(snapshot, engine.node, engine.node, engine.services.observe())
+
+
 def engine_statuses(engine: Engine, desired: DesiredState | None) -> list[StackStatus]:
-    """Each stack's status from the state and this engine's containers (no source errors: a local view)."""
-    records = engine.records
-    return stack_statuses(
-        desired,
-        records.stacks(),
-        engine.services.observe(),
-        assignments=records.assignments(),
-        node=engine.node,
-        errors={},
-        suspended=records.suspended(),
-        rollouts=records.rollouts(),
-        pins=records.pins(),
-        ports=records.ports(),
-    )
+    """Each stack's status from the state and the containers (no source errors: a local view); in a cluster,
+    counted over every node."""
+    snapshot, seen = engine_fleet(engine)
+    return fleet_statuses(desired, snapshot, seen, errors={})
 
 
 def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
@@ -137,6 +136,12 @@ def open_records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
         log.close()
 
 
+def node_key(cfg: AgentConfig) -> str:
+    """This node in the assignments: its node id on a cluster node (`cluster.json`), else its name."""
+    member = membership(cfg.state_path)
+    return member.node_id if member is not None else cfg.node_name or socket.gethostname()
+
+
 @contextmanager
 def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
     """The pass runner on the configured engine and state; `read_only` plans without the state's write lock."""
@@ -148,7 +153,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
             engine = Engine(
                 docker,
                 records,
-                cfg.node_name or socket.gethostname(),
+                node_key(cfg),
                 parallelism=cfg.parallelism,
                 read_only=read_only,
                 pull_policy=cfg.pull_policy,
@@ -217,8 +222,10 @@ class LocalControl:
     def status(self) -> StatusOutput:
         desired = load_desired(self.cfg) if self.cfg.source else None
         with open_engine(self.cfg, read_only=True) as engine:
-            stacks = engine_statuses(engine, desired)
-        return StatusOutput(node=engine.node, ready=True, stacks=stacks)
+            snapshot, seen = engine_fleet(engine)
+        stacks = fleet_statuses(desired, snapshot, seen, errors={})
+        name = self.cfg.node_name or socket.gethostname()
+        return StatusOutput(node=seen.names.get(seen.own, name), ready=True, stacks=stacks, nodes=seen.nodes)
 
 
 def _pin(records: Records, request: RollbackRequest) -> str:

@@ -38,7 +38,7 @@ from agent.node.join import cluster_api, cluster_membership
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
-from agent.node.status import stack_statuses
+from agent.node.status import Fleet, fleet, fleet_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
@@ -152,7 +152,7 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
-        self.page = PageData(self.records, self.node, self._replicas, self._status_of)
+        self.page = PageData(self.records, self.node, self._observe)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
         self.engine.on_replan = self.metrics.replans.inc
@@ -582,25 +582,18 @@ class Agent:
     # --- status and the CLI's API ---------------------------------------------------------------------------------
 
     def status(self) -> StatusOutput:
-        return self._status_of(self._replicas())
+        return self._observe()[1]
 
     def _replicas(self) -> list[Replica]:
         return self.docker.list_replicas(self.engine.owner)
 
-    def _status_of(self, replicas: Sequence[Replica]) -> StatusOutput:
+    def _observe(self) -> tuple[Fleet, StatusOutput]:
+        """The fleet (this node's containers, one list call, and the cluster's reports, one state read) and the
+        status built from it."""
+        snapshot = self.records.snapshot(restarts=False)
+        seen = fleet(snapshot, self.engine.node, self.node, self._replicas())
         errors = {**self.pass_errors, **self.load_errors}
-        stacks = stack_statuses(
-            self.desired,
-            self.records.stacks(),
-            replicas,
-            assignments=self.records.assignments(),
-            node=self.node,
-            errors=errors,
-            suspended=self.records.suspended(),
-            rollouts=self.records.rollouts(),
-            pins=self.records.pins(),
-            ports=self.records.ports(),
-        )
+        stacks = fleet_statuses(self.desired, snapshot, seen, errors=errors)
         revision = None
         if self.source.kind == "git" and self.fingerprint:
             revision = f"{self.source.ref}@sha1:{self.fingerprint}"
@@ -614,7 +607,8 @@ class Agent:
             last_fetch_error=self.source_error,
             verify=self._verify_status(),
         )
-        return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+        status = StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks, nodes=seen.nodes)
+        return seen, status
 
     def _verify_status(self) -> VerifyStatus | None:
         verifier = getattr(self.source, "verification", None)
