@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from agent.api.client import call, get_status, running_agent
+from agent.api.client import call, call_leader, get_status, running_agent
 from agent.cluster.snapshot import Snapshot
 from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
@@ -40,6 +40,7 @@ from schemas.control import (
     SuspendRequest,
     SuspendResult,
 )
+from schemas.errors import DabctlError
 from schemas.output import StackStatus, StatusOutput
 
 T = TypeVar("T")
@@ -297,3 +298,96 @@ def open_control(cfg: AgentConfig, progress: Progress | None = None) -> Control:
     if agent is not None:
         return AgentControl(agent)
     return _AgentOrLocal(cfg, LocalControl(cfg, progress))
+
+
+# --- a cluster node: changing calls are the managers', and run on the leader -----------------------------------
+
+
+class NotAManager(DabctlError):
+    """A changing command on a cluster worker: only managers may change what the cluster runs."""
+
+    retryable = False
+
+
+class NoLeader(DabctlError):
+    """No manager leads the cluster now (an election is under way, or no manager is up)."""
+
+    retryable = True
+
+
+def manager_addresses(snapshot: Snapshot) -> list[str]:
+    """The cluster addresses of the managers that are up (the leader first)."""
+    leader = snapshot.leader.node_id if snapshot.leader is not None else None
+    found = [
+        st.cluster_address or st.advertise_address
+        for node_id, spec in sorted(snapshot.nodes.items(), key=lambda kv: (kv[0] != leader, kv[1].name))
+        if spec.role == "manager" and (st := snapshot.statuses.get(node_id)) is not None
+    ]
+    return [a for a in found if a]
+
+
+def is_manager_peer(snapshot: Snapshot, peer: str) -> bool:
+    """Whether `peer` (the address a cluster call came from) is one a manager that is up records as its own."""
+    peer = peer.removeprefix("::ffff:")
+    for node_id, spec in snapshot.nodes.items():
+        status = snapshot.statuses.get(node_id)
+        if spec.role != "manager" or status is None:
+            continue
+        hosts = {status.advertise_address, status.cluster_address.rpartition(":")[0].strip("[]")}
+        if peer in hosts - {""}:
+            return True
+    return False
+
+
+def leader_of(snapshot: Snapshot, node_id: str) -> str:
+    """The leader's cluster address, for a changing call made on node `node_id`; NotAManager on a worker (or a
+    node the cluster does not know), NoLeader when no manager leads."""
+    spec = snapshot.nodes.get(node_id)
+    if spec is None or spec.role != "manager":
+        managers = ", ".join(manager_addresses(snapshot)) or "none is up now"
+        what = f"a {spec.role}" if spec is not None else "not a known node"
+        raise NotAManager(f"this node is {what} of the cluster: run this on a manager: {managers}")
+    leader = snapshot.leader
+    if leader is None or not leader.cluster_address:
+        raise NoLeader("no manager leads the cluster now (an election takes up to the lease TTL); try again")
+    return leader.cluster_address
+
+
+class LeaderControl:
+    """A manager's changing calls, sent to the leader's cluster listener and run there through its loop (so one
+    orchestrator acts, fenced); `reconcile --wait` then waits for every node's slots. `status` stays local."""
+
+    def __init__(self, cfg: AgentConfig, address: str) -> None:
+        self.cfg = cfg
+        self.address = address
+
+    def _call(self, name: str, body: dict[str, object], timeout: float = 60) -> dict[str, object]:
+        return call_leader(self.address, name, dict(body), timeout=timeout)
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        doc = self._call("reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": f"the leader at {self.address}"})
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        doc = self._call("rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        result = RollbackResult.model_validate(doc)
+        by = f"the leader at {self.address}"
+        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": by})})
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        name = "suspend" if request.suspended else "resume"
+        return SuspendResult.model_validate(self._call(name, {"stack": request.stack}))
+
+    def status(self) -> StatusOutput:
+        return open_control(self.cfg).status()
+
+
+def open_changing(cfg: AgentConfig, progress: Progress | None = None) -> Control:
+    """Where a changing command runs: on a node alone, as `open_control` says; on a cluster node, on the leader
+    (asked over the cluster listener), and never on a worker (NotAManager: the managers' addresses)."""
+    member = membership(cfg.state_path)
+    if member is None:
+        return open_control(cfg, progress)
+    with open_records(cfg, writer=False) as records:
+        snapshot = records.snapshot(restarts=False)
+    return LeaderControl(cfg, leader_of(snapshot, member.node_id))

@@ -32,7 +32,7 @@ from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node import notices
-from agent.node.control import converge, unhealthy
+from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.join import cluster_api, cluster_membership
 from agent.node.page import PageData
@@ -171,7 +171,7 @@ class Agent:
             webhook=webhook,
             api={name: functools.partial(self.api, name) for name in API_CALLS},
             page=self.page,
-            cluster_api=cluster_api(cfg, self.log, self.membership) if self.membership is not None else None,
+            cluster_api=self._cluster_calls(),
         )
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         self.cluster_listener = None
@@ -180,6 +180,28 @@ class Agent:
         if cfg.webhook_listen:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)
+
+    def _cluster_calls(self) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]] | None:
+        """The cluster listener's calls: joining, and the changing calls managers forward to the leader."""
+        if self.membership is None:
+            return None
+        calls = cluster_api(self.cfg, self.log, self.membership)
+        for name in API_CALLS:
+            calls[name] = functools.partial(self.from_manager, name)
+        return calls
+
+    def from_manager(self, name: str, body: dict[str, Any], peer: str) -> tuple[int, dict[str, Any]]:
+        """A changing call another manager forwarded (`dabctl reconcile --once` there): run here while this node
+        leads, and only for a caller at a manager's recorded address (the role check; with certificates, the
+        certificate's role will be)."""
+        snapshot = self.records.snapshot(restarts=False)
+        if not is_manager_peer(snapshot, peer):
+            return 403, {"error": f"{peer} is not the address of a manager that is up: only managers may ask this"}
+        leader = snapshot.leader
+        if leader is None or leader.node_id != self.engine.node:
+            where = f"{leader.name} at {leader.cluster_address}" if leader is not None else "none now"
+            return 409, {"error": f"this node does not lead the cluster (the leader: {where}); try again"}
+        return self.api(name, body)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
