@@ -71,7 +71,8 @@ def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, t
     command returns only when every service runs its replicas healthy, and exits 1 naming the services that
     do not within --timeout. While `dabctl agent` runs on this state directory (any state backend), the passes
     run in the agent with the same meaning of --wait, --timeout and --allow-empty; a --source other than the
-    agent's is refused.
+    agent's is refused. On a cluster node: a manager asks the leader to fetch and converge (with --wait, until
+    every node's slots run the new spec); a worker refuses, naming the managers.
     """
     limit = seconds("--timeout", timeout)
     migrate: tuple[str, ...] = opts.pop("migrate")
