@@ -350,9 +350,11 @@ class Admission:
 
 def cluster_api(
     cfg: AgentConfig, log_: StateLog, member: ClusterMembership
-) -> dict[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, nothing else."""
-    return {JOIN_PATH: Admission(cfg, log_, member)}
+) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]]:
+    """The cluster listener's joining call (`POST /cluster/v1/join`); the peer's address is not its check (the
+    token is)."""
+    admission = Admission(cfg, log_, member)
+    return {JOIN_PATH: lambda body, _peer: admission(body)}
 
 
 def cluster_membership(cfg: AgentConfig) -> ClusterMembership | None:
