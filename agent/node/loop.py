@@ -176,6 +176,7 @@ class Agent:
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
         self.engine.on_replan = self.metrics.replans.inc
+        self.engine.on_fenced = self.metrics.fenced.inc
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")

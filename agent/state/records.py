@@ -226,10 +226,11 @@ class Records:
             written.add(digest)
         return Chunked(chunked=digest, chunks=len(parts)).model_dump_json().encode()
 
-    def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
+    def commit_intent(self, intent: Intent, snapshot: Snapshot, fence: Fence | None = None) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
         read and writes changed since, and no other orchestrator committed since it read; whether it did.
-        Nothing is written (and True returned) when the intent changes nothing."""
+        Nothing is written (and True returned) when the intent changes nothing. `fence`: the term the decision
+        was made in (default `self.fence`); the commit holds only in that term."""
         ops: list[Op] = [
             Put(
                 f"{ASSIGNMENTS}{stack}/{service}",
@@ -254,7 +255,13 @@ class Records:
         compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
         compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
         ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
-        return orchestrator_txn(self.log, compares, ops, self.fence).succeeded
+        return orchestrator_txn(self.log, compares, ops, fence or self.fence).succeeded
+
+    def fence_holds(self, fence: Fence) -> bool:
+        """Whether `fence`'s term still stands (the leader key it names is the same key); a failed fenced commit
+        whose fence no longer holds was refused for the term, not lost to a race."""
+        kv = self.log.get(fence.key)
+        return kv is not None and kv.create_revision == fence.term
 
     def pending(self) -> dict[tuple[str, str, str], str]:
         """Slots the leader could place on no node, with the reason."""
@@ -299,11 +306,13 @@ class Records:
         pins: Mapping[str, Pin | None] | None = None,
         node: str = "",
         reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
-    ) -> None:
+        fence: Fence | None = None,
+    ) -> bool:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
         set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
-        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
+        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each).
+        `fence`: a leader's pass commits only in the term it planned in; whether the commit held."""
         written: set[str] = set()
         ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
         for (stack, service, slot), report in sorted((reports or {}).items()):
@@ -338,9 +347,10 @@ class Records:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
-        if ops:
-            self.log.txn([], ops)
+        if ops and not orchestrator_txn(self.log, [], ops, fence).succeeded:
+            return False
         self._drop_contents(dropped)
+        return True
 
     def _drop_contents(self, dropped: Sequence[bytes]) -> None:
         """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
