@@ -67,8 +67,45 @@ def _ended(task: TaskRecord, containers: Sequence[Replica], now: float, error: s
     return task.model_copy(update={"desired": "shutdown", "ended_at": now, "exit_code": exit_code, "error": error})
 
 
+def _settled(tasks: Sequence[TaskRecord], target: str, containers: Sequence[Replica]) -> bool:
+    """With no rollout step touching the slot, nothing can change for it: one task is desired running, of the
+    current spec, and every container is of that spec (or dead). The common case of a converged pass."""
+    running = [t for t in tasks if t.desired == "running"]
+    return (
+        len(running) == 1
+        and running[0].target == target
+        and all(c.spec_hash == target or c.state == "dead" for c in containers)
+    )
+
+
+def _touches(step: rollout.Step) -> bool:
+    return bool(step.replace or step.start_beside or step.remove_old)
+
+
+def _new_task(s: SlotInput, now: float, revision: int) -> TaskRecord:
+    # Built without validation (model_construct): every field is this module's own, typed value; a cold converge
+    # creates one per slot. It is validated when read back.
+    return TaskRecord.model_construct(
+        task_id=task_id(s.key, s.target, revision),
+        slot=s.key[2],
+        node=s.node,
+        target=s.target,
+        desired="running",
+        created_at=now,
+        created_revision=revision,
+        healthy=False,
+        ended_at=None,
+        exit_code=None,
+        error="",
+    )
+
+
 def slot_tasks(s: SlotInput, now: float, revision: int) -> list[TaskRecord]:
     """The slot's tasks that change this pass (pure)."""
+    if not s.tasks and not s.containers and s.key[2] not in s.step.remove_old:  # an empty slot: its first task
+        return [_new_task(s, now, revision)]
+    if not _touches(s.step) and _settled(s.tasks, s.target, s.containers):
+        return []
     slot = s.key[2]
     running = [t for t in s.tasks if t.desired == "running"]
     current = next((t for t in running if t.target == s.target), None)
@@ -82,14 +119,7 @@ def slot_tasks(s: SlotInput, now: float, revision: int) -> list[TaskRecord]:
     # A slot gets a task when the orchestrator decides a container for it: an empty slot, or a replacement. (Slots
     # whose containers a previous release started get theirs at their next replacement: an upgrade writes nothing.)
     if current is None and (replacing or (not known and not new and not olds)):
-        current = TaskRecord(
-            task_id=task_id(s.key, s.target, revision),
-            slot=slot,
-            node=s.node,
-            target=s.target,
-            created_at=now,
-            created_revision=revision,
-        )
+        current = _new_task(s, now, revision)
         out.append(current)
     handover = slot in s.step.remove_old or slot in s.step.replace
     for t in running:
@@ -138,16 +168,20 @@ def plan_tasks(
         ro = rollouts.get(service)
         failed = ro is not None and ro.state in ("paused", "rolling-back")
         step = steps.get(service, rollout.Step())
+        quiet = not _touches(step)
         for slot in d.slots:
             key = (*service, slot)
             wanted.add(key)
+            old, containers = tasks.get(key, ()), by_slot.get(key, [])
+            if quiet and len(old) <= HISTORY and _settled(old, d.target.spec_hash, containers):
+                continue  # O(changed): a settled slot with no more tasks than the history keeps is skipped
             s = SlotInput(
                 key=key,
                 node=slot_nodes.get(key, ""),
                 target=d.target.spec_hash,
-                containers=by_slot.get(key, []),
+                containers=containers,
                 step=step,
-                tasks=tasks.get(key, ()),
+                tasks=old,
                 failed=failed,
             )
             changed = slot_tasks(s, now, revision)

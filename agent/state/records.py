@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from agent.cluster.orchestrate import Intent
 from agent.cluster.snapshot import Snapshot
@@ -17,6 +18,8 @@ from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
 from schemas import state
 from schemas.state import Assignment, AuditEntry, Pin, StackRecord, TaskRecord
+
+T = TypeVar("T")
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -90,6 +93,10 @@ class Records:
         self.history_limit = history_limit
         self.audit_limit = audit_limit
         self._owner: str | None = None
+        # The last snapshot, and each record it decoded by key with the mod revision it was decoded at: a record
+        # is decoded again only when its key moved (records are frozen, so sharing them is safe).
+        self._last: tuple[Snapshot | None, bool] = (None, False)
+        self._decoded: dict[str, tuple[int, Any]] = {}
 
     def owner(self, create: bool = True) -> str:
         """This state's owner id (label dabctl.owner); created once, atomically, on first use."""
@@ -113,40 +120,75 @@ class Records:
     def snapshot(self, *, restarts: bool = True) -> Snapshot:
         """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
         for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need);
-        restart records only when asked (a node keeps its own once loaded)."""
+        restart records only when asked (a node keeps its own once loaded).
+
+        A state at one revision is the same state: when the revision has not moved since the last snapshot, that
+        snapshot is returned again (one revision read, no range). Otherwise only keys whose mod revision moved are
+        decoded again; the others reuse their decoded (frozen) record."""
         revision = self.log.revision()
+        last, had_restarts = self._last
+        if last is not None and last.revision == revision and (had_restarts or not restarts):
+            return last if restarts or not had_restarts else replace(last, restarts={})
         versions: dict[str, int] = {}
+        seen: dict[str, tuple[int, Any]] = {}
 
         def read(prefix: str) -> list[KeyValue]:
             kvs = self.log.range(prefix, revision=revision)
             versions.update((kv.key, kv.mod_revision) for kv in kvs)
             return kvs
 
-        pins = {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in read(PINS)}
-        rollouts = _rollouts(read(ROLLOUTS))
+        def decoded(kvs: Sequence[KeyValue], parse: Callable[[bytes], T]) -> list[tuple[KeyValue, T]]:
+            out = []
+            for kv in kvs:
+                hit = self._decoded.get(kv.key)
+                if hit is None or hit[0] != kv.mod_revision:
+                    hit = (kv.mod_revision, parse(kv.value))
+                seen[kv.key] = hit
+                out.append((kv, hit[1]))
+            return out
+
+        pins = {kv.key.removeprefix(PINS): pin for kv, pin in decoded(read(PINS), Pin.model_validate_json)}
+        rollouts = {_service_key(kv.key, ROLLOUTS): ro for kv, ro in decoded(read(ROLLOUTS), _parse_rollout)}
         rolling = {stack for (stack, _), ro in rollouts.items() if ro.state != "completed"}
         history = {
             stack: [
-                StackRecord.model_validate_json(kv.value)
-                for kv in reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))
+                rec
+                for _, rec in decoded(
+                    list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))),
+                    StackRecord.model_validate_json,
+                )
             ]
             for stack in sorted(set(pins) | rolling)
         }
         intent = self.log.range(INTENT_KEY, revision=revision)
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
-        return Snapshot(
+        stacks = {rec.stack: rec for _, rec in decoded(read(STACKS), StackRecord.model_validate_json)}
+        tasks: dict[tuple[str, str, str], list[TaskRecord]] = {}
+        for kv, task in decoded(read(TASKS), TaskRecord.model_validate_json):
+            stack, service, slot, _ = kv.key.removeprefix(TASKS).split("/", 3)
+            tasks.setdefault((stack, service, slot), []).append(task)
+        for slot_tasks in tasks.values():
+            slot_tasks.sort(key=task_order)
+        assignments = {
+            _service_key(kv.key, ASSIGNMENTS): a.nodes
+            for kv, a in decoded(read(ASSIGNMENTS), Assignment.model_validate_json)
+        }
+        snapshot = Snapshot(
             revision=revision,
-            stacks=_stacks(read(STACKS)),
+            stacks=stacks,
             suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
             pins=pins,
             history=history,
-            assignments=_assignments(read(ASSIGNMENTS)),
+            assignments=assignments,
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
-            tasks=_tasks(read(TASKS)),
+            tasks=tasks,
             versions=versions,
         )
+        self._decoded = seen
+        self._last = (snapshot, restarts)
+        return snapshot
 
     def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
@@ -244,7 +286,11 @@ class Records:
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
         if ops:
-            self.log.txn([], ops)
+            # Not fsynced on its own (durable=False): losing it to a power cut leaves the state a pass's intent
+            # committed and its actions done but not recorded, exactly what kill -9 before this commit leaves,
+            # which the next pass converges from (tests/integration/test_crash_consistency.py). The next durable
+            # commit (the next intent) or checkpoint puts it on disk with everything before it.
+            self.log.txn([], ops, durable=False)
 
     def suspended(self) -> set[str]:
         """Stacks an operator suspended: the agent leaves them exactly as they are."""
@@ -296,6 +342,15 @@ def _stacks(kvs: Sequence[KeyValue]) -> dict[str, StackRecord]:
         rec = StackRecord.model_validate_json(kv.value)
         out[rec.stack] = rec
     return out
+
+
+def _service_key(key: str, prefix: str) -> tuple[str, str]:
+    stack, _, service = key.removeprefix(prefix).partition("/")
+    return (stack, service)
+
+
+def _parse_rollout(value: bytes) -> Rollout:
+    return rollout_from_record(state.RolloutRecord.model_validate_json(value))
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:
