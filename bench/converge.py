@@ -48,6 +48,7 @@ from common import (
     docker_cli,
     log,
     machine,
+    median,
     netns_engine,
     print_table,
     ratio,
@@ -214,6 +215,37 @@ def run_swarm(engine: object, api: docker.APIClient, n: int) -> float:
         remove_service(api, name)
 
 
+def report(
+    results: dict[int, dict[str, list[float]]],
+    pools: list[int],
+    tag: Callable[[str, int], str],
+    *,
+    baseline: bool,
+    peers: bool,
+) -> None:
+    rows = []
+    for n, res in results.items():
+        for name, xs in res.items():
+            row = [str(n), name, stats(xs)]
+            if baseline:
+                base = name.replace("dabctl", "dabctl baseline", 1) if "baseline" not in name else name
+                row.append(ratio(xs, res[base]) if name.startswith("dabctl") else "-")
+            if peers:
+                row += [ratio(xs, res[tag("raw", pools[0])]), ratio(xs, res["swarm"])]
+            rows.append(tuple(row))
+    several = len(pools) > 1
+    raw_col = f"÷ raw p={pools[0]}" if several else "÷ raw"
+    if baseline:  # runs are interleaved in pairs: the median of each round's ratio is robust to load drift
+        for n, res in results.items():
+            for p in pools:
+                pairs = [a / b for a, b in zip(res[tag("dabctl", p)], res[tag("dabctl baseline", p)], strict=True)]
+                print(f"N={n} p={p}: median of the per-round ratios this/baseline {median(pairs):.2f}x")
+        print()
+    header = ["N", "contender", "seconds"] + (["÷ baseline"] if baseline else [])
+    header += [] if not peers else [raw_col, "÷ swarm"]
+    print_table(header, rows)
+
+
 def main() -> None:
     global URL
     parser = argparse.ArgumentParser(
@@ -279,20 +311,7 @@ def main() -> None:
     print(f"parallelism {args.parallelism} (dabctl and raw), image {IMAGE}, {args.runs} interleaved runs, ")
     print("clock: launch -> engine reports N running; seconds as median (min-max)")
     print()
-    rows = []
-    for n, res in results.items():
-        for name, xs in res.items():
-            row = [str(n), name, stats(xs)]
-            if args.baseline:
-                base = name.replace("dabctl", "dabctl baseline", 1) if "baseline" not in name else name
-                row.append(ratio(xs, res[base]) if name.startswith("dabctl") else "-")
-            if not args.no_peers:
-                row += [ratio(xs, res[tag("raw", pools[0])]), ratio(xs, res["swarm"])]
-            rows.append(tuple(row))
-    raw_col = f"÷ raw p={pools[0]}" if several else "÷ raw"
-    header = ["N", "contender", "seconds"] + (["÷ baseline"] if args.baseline else [])
-    header += [] if args.no_peers else [raw_col, "÷ swarm"]
-    print_table(header, rows)
+    report(results, pools, tag, baseline=args.baseline is not None, peers=not args.no_peers)
 
 
 if __name__ == "__main__":
