@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -33,6 +34,8 @@ from schemas.state import (
     StackRecord,
     TaskRecord,
 )
+
+T = TypeVar("T")
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -101,12 +104,12 @@ def port_key(k: PortKey) -> str:
 
 
 def orchestrator_txn(
-    log: StateLog, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None
+    log: StateLog, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None, *, durable: bool = True
 ) -> TxnResult:
     """The one way an orchestrator writes: its compares, plus the leader's term when it runs fenced."""
     if fence is not None:
         compares = [*compares, Compare(fence.key, "create_revision", "==", fence.term)]
-    return log.txn(compares, ops)
+    return log.txn(compares, ops, durable=durable)
 
 
 def _stamp() -> str:
@@ -123,6 +126,10 @@ class Records:
         self.history_limit = history_limit
         self.audit_limit = audit_limit
         self._owner: str | None = None
+        # The last snapshot, and each record it decoded by key with the mod revision it was decoded at: a record
+        # is decoded again only when its key moved (records are frozen, so sharing them is safe).
+        self._last: tuple[Snapshot | None, bool] = (None, False)
+        self._decoded: dict[str, tuple[int, Any]] = {}
 
     def owner(self, create: bool = True) -> str:
         """This state's owner id (label dabctl.owner); created once, atomically, on first use."""
@@ -150,38 +157,80 @@ class Records:
     def snapshot(self, *, restarts: bool = True) -> Snapshot:
         """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
         for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need);
-        restart records only when asked (a node keeps its own once loaded)."""
+        restart records only when asked (a node keeps its own once loaded).
+
+        A state at one revision is the same state: when the revision has not moved since the last snapshot, that
+        snapshot is returned again (one revision read, no range). Otherwise only keys whose mod revision moved are
+        decoded again; the others reuse their decoded (frozen) record."""
         revision = self.log.revision()
+        last, had_restarts = self._last
+        if last is not None and last.revision == revision and (had_restarts or not restarts):
+            return last if restarts or not had_restarts else replace(last, restarts={})
         versions: dict[str, int] = {}
+        seen: dict[str, tuple[int, Any]] = {}
 
         def read(prefix: str) -> list[KeyValue]:
             kvs = self.log.range(prefix, revision=revision)
             versions.update((kv.key, kv.mod_revision) for kv in kvs)
             return kvs
 
-        pins = {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in read(PINS)}
-        rollouts = _rollouts(read(ROLLOUTS))
+        def decoded(kvs: Sequence[KeyValue], parse: Callable[[KeyValue], T]) -> list[tuple[KeyValue, T]]:
+            out = []
+            for kv in kvs:
+                hit = self._decoded.get(kv.key)
+                if hit is None or hit[0] != kv.mod_revision:
+                    hit = (kv.mod_revision, parse(kv))
+                seen[kv.key] = hit
+                out.append((kv, hit[1]))
+            return out
+
+        pins = {
+            kv.key.removeprefix(PINS): pin
+            for kv, pin in decoded(read(PINS), lambda kv: Pin.model_validate_json(kv.value))
+        }
+        rollouts = {
+            _service_key(kv.key, ROLLOUTS): ro
+            for kv, ro in decoded(read(ROLLOUTS), lambda kv: _parse_rollout(kv.value))
+        }
         rolling = {stack for (stack, _), ro in rollouts.items() if ro.state != "completed"}
         chunks: dict[str, bytes] = {}
+
+        def stack_of(kv: KeyValue) -> StackRecord:
+            return self._stack(kv, revision, chunks)
+
         history = {
-            stack: self._load(list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))), revision, chunks)
+            stack: [
+                rec
+                for _, rec in decoded(list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))), stack_of)
+            ]
             for stack in sorted(set(pins) | rolling)
         }
         intent = self.log.range(INTENT_KEY, revision=revision)
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
         statuses, reports = _node_keys(self.log.range(NODE, revision=revision))
         leader = [kv for kv in self.log.range(LEADER_KEY, revision=revision) if kv.key == LEADER_KEY]
-        return Snapshot(
+        stacks = {rec.stack: rec for _, rec in decoded(read(STACKS), stack_of)}
+        tasks: dict[tuple[str, str, str], list[TaskRecord]] = {}
+        for kv, task in decoded(read(TASKS), lambda kv: TaskRecord.model_validate_json(kv.value)):
+            stack, service, slot, _ = kv.key.removeprefix(TASKS).split("/", 3)
+            tasks.setdefault((stack, service, slot), []).append(task)
+        for slot_tasks in tasks.values():
+            slot_tasks.sort(key=task_order)
+        assignments = {
+            _service_key(kv.key, ASSIGNMENTS): a.nodes
+            for kv, a in decoded(read(ASSIGNMENTS), lambda kv: Assignment.model_validate_json(kv.value))
+        }
+        snapshot = Snapshot(
             revision=revision,
-            stacks={r.stack: r for r in self._load(read(STACKS), revision, chunks)},
+            stacks=stacks,
             suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
             pins=pins,
             history=history,
-            assignments=_assignments(read(ASSIGNMENTS)),
+            assignments=assignments,
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
-            tasks=_tasks(read(TASKS)),
+            tasks=tasks,
             pending=_pending(read(PENDING)),
             versions=versions,
             nodes={kv.key.removeprefix(NODES): NodeSpec.model_validate_json(kv.value) for kv in read(NODES)},
@@ -189,27 +238,31 @@ class Records:
             leader=_leader(leader[0].value) if leader else None,
             reports=reports,
         )
+        self._decoded = seen
+        self._last = (snapshot, restarts)
+        return snapshot
 
     def _load(
         self, kvs: Sequence[KeyValue], revision: int = 0, cache: dict[str, bytes] | None = None
     ) -> list[StackRecord]:
         """Stack records as stored: inline, or chunked beside the key (read at `revision`)."""
         cache = {} if cache is None else cache
-        out = []
-        for kv in kvs:
-            stored = _stored(kv.value)
-            if isinstance(stored, Chunked):
-                if stored.chunked not in cache:
-                    parts = self.log.range(content_prefix(stored.chunked), revision=revision)
-                    if len(parts) != stored.chunks:
-                        raise ContentMissing(
-                            f"{kv.key}: {len(parts)} of its {stored.chunks} chunks under "
-                            f"{content_prefix(stored.chunked)} are in the state; deploy the stack again"
-                        )
-                    cache[stored.chunked] = b"".join(p.value for p in parts)
-                stored = StackRecord.model_validate_json(cache[stored.chunked])
-            out.append(stored)
-        return out
+        return [self._stack(kv, revision, cache) for kv in kvs]
+
+    def _stack(self, kv: KeyValue, revision: int, cache: dict[str, bytes]) -> StackRecord:
+        """One stack record as stored: inline, or a Chunked naming its chunks (read at `revision`, once each)."""
+        stored = _stored(kv.value)
+        if not isinstance(stored, Chunked):
+            return stored
+        if stored.chunked not in cache:
+            parts = self.log.range(content_prefix(stored.chunked), revision=revision)
+            if len(parts) != stored.chunks:
+                raise ContentMissing(
+                    f"{kv.key}: {len(parts)} of its {stored.chunks} chunks under "
+                    f"{content_prefix(stored.chunked)} are in the state; deploy the stack again"
+                )
+            cache[stored.chunked] = b"".join(p.value for p in parts)
+        return StackRecord.model_validate_json(cache[stored.chunked])
 
     def _store(self, record: StackRecord, written: set[str]) -> bytes:
         """What a key holds for `record`: its JSON, or, above INLINE_RECORD, a Chunked naming its chunks (written
@@ -347,7 +400,11 @@ class Records:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
-        if ops and not orchestrator_txn(self.log, [], ops, fence).succeeded:
+        # Not fsynced on its own (durable=False): losing it to a power cut leaves the state a pass's intent committed
+        # and its actions done but not recorded, exactly what kill -9 before this commit leaves, which the next pass
+        # converges from (tests/integration/test_crash_consistency.py). The next durable commit (the next intent)
+        # or checkpoint puts it on disk with everything before it.
+        if ops and not orchestrator_txn(self.log, [], ops, fence, durable=False).succeeded:
             return False
         self._drop_contents(dropped)
         return True
@@ -463,6 +520,15 @@ def _pending(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], str]:
         stack, service, slot = kv.key.removeprefix(PENDING).split("/", 2)
         out[(stack, service, slot)] = PendingSlot.model_validate_json(kv.value).reason
     return out
+
+
+def _service_key(key: str, prefix: str) -> tuple[str, str]:
+    stack, _, service = key.removeprefix(prefix).partition("/")
+    return (stack, service)
+
+
+def _parse_rollout(value: bytes) -> Rollout:
+    return rollout_from_record(state.RolloutRecord.model_validate_json(value))
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:

@@ -4,16 +4,19 @@ rollouts and restarts round-trip."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from agent.cluster.orchestrate import Intent
 from agent.node.engine import Engine
+from agent.state.log import KeyValue
 from agent.state.records import Fence, Records
 from agent.state.sqlite import SqliteStateLog
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
 from schemas.state import AuditAction, AuditEntry
-from tests.node.conftest import bundle, converge, desired, service
+from tests.fakes import FakeRuntime
+from tests.node.conftest import Clock, bundle, converge, desired, service
 
 
 def test_the_owner_is_created_once_and_shared(state_log: SqliteStateLog) -> None:
@@ -90,3 +93,61 @@ def test_an_orchestrator_commit_under_a_fence_holds_only_in_the_leaders_term(rec
     records.log.put("/leader", b"node-1")
     assert not records.commit_intent(Intent(assignments={}, ports_changed={key: 30001}), records.snapshot())
     assert records.ports() == {key: 30000}
+
+
+class _Ranges:
+    """A real state log that counts range reads."""
+
+    def __init__(self, log: SqliteStateLog) -> None:
+        self.log = log
+        self.ranges = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.log, name)
+
+    def range(self, prefix: str, revision: int = 0) -> list[KeyValue]:
+        self.ranges += 1
+        return self.log.range(prefix, revision)
+
+
+def test_a_snapshot_at_an_unmoved_revision_is_reused_and_only_moved_records_are_decoded_again(
+    state_log: SqliteStateLog, runtime: FakeRuntime, clock: Clock
+) -> None:
+    counting = _Ranges(state_log)
+    records = Records(counting)  # type: ignore[arg-type]
+    engine = Engine(runtime, records, "node-1", clock=clock)
+    converge(engine, desired(a=bundle({"web": service()}), b=bundle({"web": service(Deploy={"Replicas": 2})})))
+    first = records.snapshot()
+    reads = counting.ranges
+    assert records.snapshot() is first and counting.ranges == reads  # nothing moved: no range read at all
+    assert records.snapshot(restarts=False).restarts == {} and counting.ranges == reads
+
+    converge(
+        engine, desired(a=bundle({"web": service(Env=["V=2"])}), b=bundle({"web": service(Deploy={"Replicas": 2})}))
+    )
+    second = records.snapshot()
+    assert second.revision > first.revision and counting.ranges > reads
+    assert second.stacks["b"] is first.stacks["b"]  # unchanged key: the decoded record is reused
+    assert second.stacks["a"] is not first.stacks["a"] and second.stacks["a"].revision != first.stacks["a"].revision
+    assert second.tasks[("b", "web", "2")] == first.tasks[("b", "web", "2")]
+    # A fresh reader decodes everything and sees the same state.
+    fresh = Records(state_log).snapshot()
+    assert fresh.stacks == second.stacks and fresh.tasks == second.tasks and fresh.assignments == second.assignments
+    assert fresh.versions == second.versions
+
+
+def test_a_pass_outcome_is_committed_without_its_own_fsync_and_an_intent_with_one(
+    records: Records, state_log: SqliteStateLog
+) -> None:
+    seen: list[bool] = []
+    txn = state_log.txn
+
+    def spy(*args: Any, durable: bool = True, **kw: Any) -> Any:
+        seen.append(durable)
+        return txn(*args, durable=durable, **kw)
+
+    state_log.txn = spy  # type: ignore[method-assign]
+    records.commit_pass([], [], [], AuditEntry(reconcile_id="x", at=datetime.now(UTC), node="n", actions=[]))
+    records.set_suspended("web", True)
+    assert seen == [False, True]
+    assert [a.reconcile_id for a in records.audit()] == ["x"]
