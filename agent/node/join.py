@@ -187,6 +187,7 @@ def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
         etcd_user=user,
         etcd_password=password,
         managers=[address],
+        advertise_address=opts.advertise_address,
     )
     write_cluster_secrets(state_dir, secrets)
     write_membership(state_dir, member)
@@ -407,6 +408,7 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
             etcd_user=response.etcd_user,
             etcd_password=response.etcd_password,
             managers=managers,
+            advertise_address=advertise,
         ),
     )
     if response.secrets is not None:

@@ -48,7 +48,8 @@ class NotJoined(DabctlError):
 
 
 def cluster_config(cfg: AgentConfig, membership: ClusterMembership) -> AgentConfig:
-    """The config with the cluster's state log (endpoints and prefix from cluster.json) in place of `state`."""
+    """The config with the cluster's state log (endpoints and prefix from cluster.json) in place of `state`, and
+    the address given to `cluster init` / `cluster join` unless the config sets advertise_address."""
     remote = [h for h in membership.state.removeprefix("etcd://").split(",") if not is_loopback_endpoint(h)]
     tls = cfg.etcd_ca_file or cfg.etcd_cert_file
     if remote and not tls and not cfg.etcd_insecure:
@@ -56,7 +57,10 @@ def cluster_config(cfg: AgentConfig, membership: ClusterMembership) -> AgentConf
             f"{cfg.state_path / MEMBERSHIP_FILE}: the cluster's state etcd://{remote[0]} is plain HTTP to an address "
             "other than loopback; configure etcd_ca_file/etcd_cert_file/etcd_key_file, or set etcd_insecure: true"
         )
-    return cfg.model_copy(update={"state": membership.state, "etcd_prefix": membership.etcd_prefix})
+    update: dict[str, object] = {"state": membership.state, "etcd_prefix": membership.etcd_prefix}
+    if cfg.advertise_address is None and membership.advertise_address:
+        update["advertise_address"] = membership.advertise_address
+    return cfg.model_copy(update=update)
 
 
 # --- what this node says of itself --------------------------------------------------------------------------------
