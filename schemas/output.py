@@ -77,6 +77,7 @@ class ServiceHealth(BaseModel):
     running: int
     desired: int
     status: Health
+    warnings: list[str] = []  # e.g. an image with no registry digest on a cluster: nodes may run different images
 
 
 class HealthStatus(BaseModel):

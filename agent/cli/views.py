@@ -167,6 +167,9 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 f"{st.stack}: pinned to {st.pinned} (dabctl rollback --unpin {st.stack} to follow the source)",
                 markup=False,
             )
+        for s in st.health.services:
+            for warning in s.warnings:
+                out.print(f"warning: {st.stack}_{s.service}: {warning}", markup=False)
 
 
 @click.command()

@@ -21,7 +21,7 @@ from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
-from agent.node.status import stack_statuses
+from agent.node.status import image_warnings, stack_statuses
 from agent.sources.source import open_source
 from agent.state.backends import open_log
 from agent.state.log import StateLocked
@@ -102,7 +102,7 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
 def engine_statuses(engine: Engine, desired: DesiredState | None) -> list[StackStatus]:
     """Each stack's status from the state and this engine's containers (no source errors: a local view)."""
     records = engine.records
-    return stack_statuses(
+    statuses = stack_statuses(
         desired,
         records.stacks(),
         engine.services.observe(),
@@ -114,6 +114,7 @@ def engine_statuses(engine: Engine, desired: DesiredState | None) -> list[StackS
         pins=records.pins(),
         ports=records.ports(),
     )
+    return image_warnings(statuses, records.stacks()) if engine.cluster is not None else statuses
 
 
 def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:

@@ -39,7 +39,7 @@ from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
-from agent.node.status import stack_statuses
+from agent.node.status import image_warnings, stack_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
@@ -648,6 +648,8 @@ class Agent:
             pins=self.records.pins(),
             ports=self.records.ports(),
         )
+        if self.engine.cluster is not None:
+            stacks = image_warnings(stacks, self.records.stacks())
         revision = None
         if self.source.kind == "git" and self.fingerprint:
             revision = f"{self.source.ref}@sha1:{self.fingerprint}"

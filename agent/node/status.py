@@ -118,3 +118,20 @@ def stack_statuses(
             )
         )
     return out
+
+
+def image_warnings(statuses: Sequence[StackStatus], records: Mapping[str, StackRecord]) -> list[StackStatus]:
+    """A cluster's statuses with a warning on each service whose image the leader recorded no registry digest
+    for (built or imported locally, or never pulled where the leader resolved it): every node runs its own image
+    of that reference, which may differ from node to node. (Every other image runs by the recorded digest.)"""
+    for st in statuses:
+        record = records.get(st.stack)
+        for s in st.health.services:
+            recorded = record.services.get(s.service) if record is not None else None
+            if "@" in s.image or recorded is None or recorded.image != s.image or recorded.repo_digest:
+                continue
+            s.warnings.append(
+                f"image {s.image} has no registry digest: each node runs its own image of that name, so replicas "
+                "may differ between nodes (push it to a registry, or pin it by digest)"
+            )
+    return list(statuses)
