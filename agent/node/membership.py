@@ -48,8 +48,7 @@ class NotJoined(DabctlError):
 
 
 def cluster_config(cfg: AgentConfig, membership: ClusterMembership) -> AgentConfig:
-    """The config with the cluster's state log (endpoints and prefix from cluster.json) in place of `state`, and
-    the address given to `cluster init` / `cluster join` unless the config sets advertise_address."""
+    """The config with the cluster's state log (endpoints and prefix from cluster.json) in place of `state`."""
     remote = [h for h in membership.state.removeprefix("etcd://").split(",") if not is_loopback_endpoint(h)]
     tls = cfg.etcd_ca_file or cfg.etcd_cert_file
     if remote and not tls and not cfg.etcd_insecure:
@@ -59,7 +58,7 @@ def cluster_config(cfg: AgentConfig, membership: ClusterMembership) -> AgentConf
         )
     update: dict[str, object] = {"state": membership.state, "etcd_prefix": membership.etcd_prefix}
     if cfg.advertise_address is None and membership.advertise_address:
-        update["advertise_address"] = membership.advertise_address
+        update["advertise_address"] = membership.advertise_address  # the address init/join was given
     return cfg.model_copy(update=update)
 
 

@@ -27,6 +27,7 @@ from schemas.state import (
     LeaderRecord,
     NodeSpec,
     NodeStatus,
+    PendingSlot,
     Pin,
     SlotReport,
     StackRecord,
@@ -47,6 +48,7 @@ PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> publis
 # revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
 INTENT_KEY = "/meta/intent"
 TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
+PENDING = "/pending/"  # /pending/<stack>/<service>/<slot> -> PendingSlot: placed on no node, and why
 # The cluster: /cluster (ClusterRecord), /nodes/<id> (NodeSpec, managers write), /leader (LeaderRecord, under the
 # leader's lease; its create revision is the term). Everything a node writes is under /node/<id>/: its status
 # under its lease (absent: down) and its slot reports.
@@ -182,6 +184,7 @@ class Records:
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
             tasks=_tasks(read(TASKS)),
+            pending=_pending(read(PENDING)),
             versions=versions,
             nodes={kv.key.removeprefix(NODES): NodeSpec.model_validate_json(kv.value) for kv in read(NODES)},
             statuses=statuses,
@@ -225,10 +228,11 @@ class Records:
             written.add(digest)
         return Chunked(chunked=digest, chunks=len(parts)).model_dump_json().encode()
 
-    def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
+    def commit_intent(self, intent: Intent, snapshot: Snapshot, fence: Fence | None = None) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
         read and writes changed since, and no other orchestrator committed since it read; whether it did.
-        Nothing is written (and True returned) when the intent changes nothing.
+        Nothing is written (and True returned) when the intent changes nothing. `fence`: the term the decision
+        was made in (default `self.fence`); the commit holds only in that term.
 
         An intent too large for one etcd transaction (MAX_TXN_OPS, e.g. the first deploy of 300 services) is
         written in a chain of transactions, each with the same guards for its own keys, the fence, and a compare
@@ -236,20 +240,29 @@ class Records:
         holds whole services (a service's assignment, ports, rollout and tasks), or, for a service too large
         alone, whole slots with the service's other keys in its last part; a chain that stops part-way leaves
         whole services decided from this snapshot, which the next pass (planned from a fresh one) goes on from."""
-        groups = _intent_groups(intent)
+        groups = _intent_groups(intent) + [[[op]] for op in _pending_ops(intent, snapshot)]
         if not groups:
             return True
         mod = snapshot.versions.get(INTENT_KEY, 0)
         for ops in _batches(groups, MAX_TXN_OPS - 2):  # room for INTENT_KEY's put and compare, and the fence
             compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
             compares.append(Compare(INTENT_KEY, "mod_revision", "==", mod))
-            done = orchestrator_txn(
-                self.log, compares, [*ops, Put(INTENT_KEY, str(snapshot.revision).encode())], self.fence
-            )
+            put = Put(INTENT_KEY, str(snapshot.revision).encode())
+            done = orchestrator_txn(self.log, compares, [*ops, put], fence or self.fence)
             if not done.succeeded:
                 return False
             mod = done.revision
         return True
+
+    def fence_holds(self, fence: Fence) -> bool:
+        """Whether `fence`'s term still stands (the leader key it names is the same key); a failed fenced commit
+        whose fence no longer holds was refused for the term, not lost to a race."""
+        kv = self.log.get(fence.key)
+        return kv is not None and kv.create_revision == fence.term
+
+    def pending(self) -> dict[tuple[str, str, str], str]:
+        """Slots the leader could place on no node, with the reason."""
+        return _pending(self.log.range(PENDING))
 
     def tasks(self) -> dict[tuple[str, str, str], list[TaskRecord]]:
         """Each slot's tasks, oldest first (what `ps` shows of a slot's previous tasks)."""
@@ -290,11 +303,13 @@ class Records:
         pins: Mapping[str, Pin | None] | None = None,
         node: str = "",
         reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
-    ) -> None:
+        fence: Fence | None = None,
+    ) -> bool:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
         set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
-        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
+        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each).
+        `fence`: a leader's pass commits only in the term it planned in; whether the commit held."""
         written: set[str] = set()
         ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
         for (stack, service, slot), report in sorted((reports or {}).items()):
@@ -323,18 +338,21 @@ class Records:
                 Delete(f"{RESTARTS}{stack}/", prefix=True),
                 Delete(PINS + stack),
                 Delete(f"{TASKS}{stack}/", prefix=True),
+                Delete(f"{PENDING}{stack}/", prefix=True),
             ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
-        # Above etcd's MAX_TXN_OPS (a node's first report of a hundred slots) the commit goes in parts, the
-        # stack records, history and audit last: a stack is recorded as applied only once the rest is written.
+        # Above etcd's MAX_TXN_OPS (a node's first report of a hundred slots) the commit goes in parts, each
+        # fenced, the stack records, history and audit last: a stack is recorded as applied once the rest is.
         last = [op for op in ops if op.key.startswith((STACKS, HISTORY, AUDIT))]
         ordered = [op for op in ops if not op.key.startswith((STACKS, HISTORY, AUDIT))] + last
         for i in range(0, len(ordered), MAX_TXN_OPS):
-            self.log.txn([], ordered[i : i + MAX_TXN_OPS])
+            if not orchestrator_txn(self.log, [], ordered[i : i + MAX_TXN_OPS], fence).succeeded:
+                return False
         self._drop_contents(dropped)
+        return True
 
     def _drop_contents(self, dropped: Sequence[bytes]) -> None:
         """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
@@ -476,6 +494,27 @@ def _node_keys(
             stack, service, slot = rest.removeprefix("reports/").split("/", 2)
             reports.setdefault(node_id, {})[(stack, service, slot)] = SlotReport.model_validate_json(kv.value)
     return statuses, reports
+
+
+def _pending_ops(intent: Intent, snapshot: Snapshot) -> list[Op]:
+    """The pending slots that changed against the snapshot: put when new or with another reason, deleted when
+    placed (or gone); those of held stacks stay as recorded. None in a converged pass."""
+    ops: list[Op] = []
+    for (stack, service, slot), reason in sorted(intent.pending.items()):
+        if snapshot.pending.get((stack, service, slot)) != reason:
+            ops.append(Put(f"{PENDING}{stack}/{service}/{slot}", PendingSlot(reason=reason).model_dump_json().encode()))
+    for key in sorted(snapshot.pending):
+        if key not in intent.pending and key[0] not in intent.held:
+            ops.append(Delete(f"{PENDING}{key[0]}/{key[1]}/{key[2]}"))
+    return ops
+
+
+def _pending(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], str]:
+    out = {}
+    for kv in kvs:
+        stack, service, slot = kv.key.removeprefix(PENDING).split("/", 2)
+        out[(stack, service, slot)] = PendingSlot.model_validate_json(kv.value).reason
+    return out
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:
