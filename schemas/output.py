@@ -87,6 +87,7 @@ class ServiceHealth(BaseModel):
     desired: int
     status: Health
     pending: list[PendingReplica] = []
+    warnings: list[str] = []  # e.g. an image with no registry digest on a cluster: nodes may run different images
 
 
 class HealthStatus(BaseModel):

@@ -196,6 +196,8 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
         for svc in st.health.services:
             for p in svc.pending:
                 out.print(f"{st.stack}_{svc.service}.{p.slot}: pending: {p.reason}", markup=False)
+            for warning in svc.warnings:
+                out.print(f"warning: {st.stack}_{svc.service}: {warning}", markup=False)
         if st.sync.error:
             out.print(f"{st.stack}: {st.sync.error}", markup=False)
         if st.rollout.state != "idle":

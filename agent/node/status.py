@@ -140,10 +140,11 @@ def fleet_statuses(
     errors: Mapping[str, str],
 ) -> list[StackStatus]:
     """Each stack's status over the fleet: on a node alone, its slots; in a cluster, every node's. A cluster node
-    with no source of its own (a worker) shows the desired state the leader recorded."""
+    with no source of its own (a worker) shows the desired state the leader recorded, and a service whose image
+    has no registry digest carries a warning."""
     if desired is None and seen.cluster:
         desired = recorded(snapshot)
-    return stack_statuses(
+    statuses = stack_statuses(
         desired,
         snapshot.stacks,
         seen.replicas,
@@ -154,6 +155,7 @@ def fleet_statuses(
         pins=snapshot.pins,
         ports=snapshot.ports,
     )
+    return image_warnings(statuses, snapshot.stacks) if seen.cluster else statuses
 
 
 def _ports(stack: str, service: str, spec: object, published: Mapping[PortKey, int]) -> list[str]:
@@ -285,3 +287,20 @@ def stack_statuses(
             )
         )
     return out
+
+
+def image_warnings(statuses: Sequence[StackStatus], records: Mapping[str, StackRecord]) -> list[StackStatus]:
+    """A cluster's statuses with a warning on each service whose image the leader recorded no registry digest
+    for (built or imported locally, or never pulled where the leader resolved it): every node runs its own image
+    of that reference, which may differ from node to node. (Every other image runs by the recorded digest.)"""
+    for st in statuses:
+        record = records.get(st.stack)
+        for s in st.health.services:
+            recorded = record.services.get(s.service) if record is not None else None
+            if "@" in s.image or recorded is None or recorded.image != s.image or recorded.repo_digest:
+                continue
+            s.warnings.append(
+                f"image {s.image} has no registry digest: each node runs its own image of that name, so replicas "
+                "may differ between nodes (push it to a registry, or pin it by digest)"
+            )
+    return list(statuses)

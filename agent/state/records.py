@@ -67,6 +67,8 @@ LEADER_KEY = "/leader"
 CONTENT = "/content/"
 INLINE_RECORD = 256 * 1024
 CHUNK = 512 * 1024
+# etcd 3.4's default --max-txn-ops: a transaction's compares, and each branch's operations, count separately.
+MAX_TXN_OPS = 128
 
 
 class ContentMissing(DabctlError):
@@ -283,32 +285,27 @@ class Records:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
         read and writes changed since, and no other orchestrator committed since it read; whether it did.
         Nothing is written (and True returned) when the intent changes nothing. `fence`: the term the decision
-        was made in (default `self.fence`); the commit holds only in that term."""
-        ops: list[Op] = [
-            Put(
-                f"{ASSIGNMENTS}{stack}/{service}",
-                Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode(),
-            )
-            for (stack, service), nodes in sorted(intent.assignments_changed.items())
-        ]
-        ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(intent.assignments_removed)]
-        ops += [Put(port_key(k), str(p).encode()) for k, p in sorted(intent.ports_changed.items())]
-        ops += [Delete(port_key(k)) for k in sorted(intent.ports_removed)]
-        for (stack, service), ro in sorted(intent.rollouts.items()):
-            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
-        for stack, pin in sorted(intent.pins.items()):
-            ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
-        for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
-            ops += [Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed]
-        for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
-            ops += [Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids]
-        ops += _pending_ops(intent, snapshot)
-        if not ops:
+        was made in (default `self.fence`); the commit holds only in that term.
+
+        An intent too large for one etcd transaction (MAX_TXN_OPS, e.g. the first deploy of 300 services) is
+        written in a chain of transactions, each with the same guards for its own keys, the fence, and a compare
+        on INTENT_KEY as the previous one left it (so no other orchestrator's commit comes in between). Each
+        holds whole services (a service's assignment, ports, rollout and tasks), or, for a service too large
+        alone, whole slots with the service's other keys in its last part; a chain that stops part-way leaves
+        whole services decided from this snapshot, which the next pass (planned from a fresh one) goes on from."""
+        groups = _intent_groups(intent) + [[[op]] for op in _pending_ops(intent, snapshot)]
+        if not groups:
             return True
-        compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
-        compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
-        ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
-        return orchestrator_txn(self.log, compares, ops, fence or self.fence).succeeded
+        mod = snapshot.versions.get(INTENT_KEY, 0)
+        for ops in _batches(groups, MAX_TXN_OPS - 2):  # room for INTENT_KEY's put and compare, and the fence
+            compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
+            compares.append(Compare(INTENT_KEY, "mod_revision", "==", mod))
+            put = Put(INTENT_KEY, str(snapshot.revision).encode())
+            done = orchestrator_txn(self.log, compares, [*ops, put], fence or self.fence)
+            if not done.succeeded:
+                return False
+            mod = done.revision
+        return True
 
     def fence_holds(self, fence: Fence) -> bool:
         """Whether `fence`'s term still stands (the leader key it names is the same key); a failed fenced commit
@@ -400,12 +397,17 @@ class Records:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
+        # Above etcd's MAX_TXN_OPS (a node's first report of a hundred slots) the commit goes in parts, each
+        # fenced, the stack records, history and audit last: a stack is recorded as applied once the rest is.
         # Not fsynced on its own (durable=False): losing it to a power cut leaves the state a pass's intent committed
         # and its actions done but not recorded, exactly what kill -9 before this commit leaves, which the next pass
         # converges from (tests/integration/test_crash_consistency.py). The next durable commit (the next intent)
         # or checkpoint puts it on disk with everything before it.
-        if ops and not orchestrator_txn(self.log, [], ops, fence, durable=False).succeeded:
-            return False
+        last = [op for op in ops if op.key.startswith((STACKS, HISTORY, AUDIT))]
+        ordered = [op for op in ops if not op.key.startswith((STACKS, HISTORY, AUDIT))] + last
+        for i in range(0, len(ordered), MAX_TXN_OPS):
+            if not orchestrator_txn(self.log, [], ordered[i : i + MAX_TXN_OPS], fence, durable=False).succeeded:
+                return False
         self._drop_contents(dropped)
         return True
 
@@ -460,6 +462,56 @@ class Records:
         ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(removed)]
         if ops:
             self.log.txn([], ops)
+
+
+def _intent_groups(intent: Intent) -> list[list[list[Op]]]:
+    """An intent's writes in groups that go to the state log together, each a list of units never split: one
+    group per service (a unit per task slot, then one of its assignment, ports and rollout), one per pin."""
+    own: dict[tuple[str, str], list[Op]] = {}
+    slots: dict[tuple[str, str], list[list[Op]]] = {}
+    for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
+        puts: list[Op] = [
+            Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed
+        ]
+        slots.setdefault((stack, service), []).append(puts)
+    for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
+        slots.setdefault((stack, service), []).append([Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids])
+    for (stack, service), nodes in sorted(intent.assignments_changed.items()):
+        value = Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode()
+        own.setdefault((stack, service), []).append(Put(f"{ASSIGNMENTS}{stack}/{service}", value))
+    for stack, service in sorted(intent.assignments_removed):
+        own.setdefault((stack, service), []).append(Delete(f"{ASSIGNMENTS}{stack}/{service}"))
+    for k, p in sorted(intent.ports_changed.items()):
+        own.setdefault((k.stack, k.service), []).append(Put(port_key(k), str(p).encode()))
+    for k in sorted(intent.ports_removed):
+        own.setdefault((k.stack, k.service), []).append(Delete(port_key(k)))
+    for (stack, service), ro in sorted(intent.rollouts.items()):
+        put = Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode())
+        own.setdefault((stack, service), []).append(put)
+    groups = [[*slots.get(svc, []), own.get(svc, [])] for svc in sorted(set(own) | set(slots))]
+    groups += [
+        [[Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack)]]
+        for stack, pin in sorted(intent.pins.items())
+    ]
+    return [[u for u in g if u] for g in groups if any(g)]
+
+
+def _batches(groups: Sequence[Sequence[Sequence[Op]]], limit: int) -> list[list[Op]]:
+    """Groups packed in order into batches of at most `limit` operations; a group larger than `limit` is split
+    between its units (a service's own keys, its last unit, then go in its last part)."""
+    out: list[list[Op]] = []
+    current: list[Op] = []
+    for group in groups:
+        size = sum(len(u) for u in group)
+        units = [[op for u in group for op in u]] if size <= limit else [list(u) for u in group]
+        for unit in units:
+            if len(current) + len(unit) > limit and current:
+                out.append(current)
+                current = []
+            current += unit
+    if current:
+        out.append(current)
+    return out
 
 
 def _stored(value: bytes) -> StackRecord | Chunked:

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import Metrics
-from agent.node.membership import Member, NotJoined
+from agent.node.membership import Member, NotJoined, cluster_config, status_source
 from agent.state.log import Compare, Put, Unavailable
 from agent.state.membership import membership as read_membership
 from agent.state.membership import node_id
 from agent.state.nodes import NodeConflict, NodeRecords
 from agent.state.records import LEADER_KEY, Fence, Records, node_status_key, orchestrator_txn
 from agent.state.sqlite import SqliteStateLog
+from schemas.config import AgentConfig, ClusterMembership
 from schemas.state import NodeStatus
 from tests.support.nodes import add_node, make_cluster, write_node_files
 from tests.support.polling import wait_for
@@ -272,3 +273,15 @@ def test_a_stale_delete_seen_after_a_tick_campaigned_does_not_depose_the_new_lea
     assert stale is not None and stale.type == "delete"
     m2.on_leader_event(stale)  # the watch's view of the same deletion, delivered late
     assert m2.is_leader and m2.fence() == NodeRecords(log).leader().fence  # type: ignore[union-attr]
+
+
+def test_the_address_given_to_cluster_init_or_join_is_what_the_agent_advertises(tmp_path: Path) -> None:
+    member = ClusterMembership(cluster_id="c", node_id="n", state="etcd://127.0.0.1:2379", advertise_address="10.0.0.7")
+    cfg = cluster_config(AgentConfig(state_dir=str(tmp_path)), member)
+    status = status_source(cfg, "n", listening=set)()
+    assert (status.advertise_address, status.cluster_address) == ("10.0.0.7", "10.0.0.7:9421")
+    # The config's own advertise_address wins; a cluster.json written before this field still loads.
+    cfg = cluster_config(AgentConfig(state_dir=str(tmp_path), advertise_address="10.0.0.8"), member)
+    assert cfg.advertise_address == "10.0.0.8"
+    old = ClusterMembership.model_validate_json('{"cluster_id": "c", "node_id": "n", "state": "etcd://127.0.0.1:2379"}')
+    assert old.advertise_address is None

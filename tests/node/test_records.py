@@ -3,18 +3,20 @@ rollouts and restarts round-trip."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.cluster.orchestrate import Intent
+from agent.cluster.tasks import TaskChanges
 from agent.node.engine import Engine
-from agent.state.log import KeyValue
-from agent.state.records import Fence, Records
+from agent.state.log import Compare, KeyValue, Op, TxnResult
+from agent.state.records import INTENT_KEY, MAX_TXN_OPS, Fence, Records
 from agent.state.sqlite import SqliteStateLog
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout, SlotFailure
-from schemas.state import AuditAction, AuditEntry
+from schemas.state import AuditAction, AuditEntry, SlotReport, TaskRecord
 from tests.fakes import FakeRuntime
 from tests.node.conftest import Clock, bundle, converge, desired, service
 
@@ -151,3 +153,68 @@ def test_a_pass_outcome_is_committed_without_its_own_fsync_and_an_intent_with_on
     records.set_suspended("web", True)
     assert seen == [False, True]
     assert [a.reconcile_id for a in records.audit()] == ["x"]
+
+
+class _Limited:
+    """A state log that refuses a transaction above etcd 3.4's default 128 operations, as etcd does, and keeps
+    the size of each one it ran."""
+
+    def __init__(self, log: SqliteStateLog) -> None:
+        self.log = log
+        self.sizes: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.log, name)
+
+    def txn(self, compares: Sequence[Compare], ops: Sequence[Op], *, durable: bool = True) -> TxnResult:
+        if max(len(compares), len(ops)) > MAX_TXN_OPS:
+            raise AssertionError(f"etcd refuses a transaction of {len(compares)} compares and {len(ops)} ops")
+        self.sizes.append((len(compares), len(ops)))
+        return self.log.txn(compares, ops, durable=durable)
+
+
+def _big_intent(services: int, replicas: int) -> Intent:
+    changes = TaskChanges()
+    assignments: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for i in range(services):
+        slots = [str(s) for s in range(1, replicas + 1)]
+        assignments[("big", f"s{i:03d}")] = {"n1": slots}
+        for s in slots:
+            task = TaskRecord(task_id=f"t{i}-{s}", slot=s, node="n1", target="h", created_at=0.0)
+            changes.put[("big", f"s{i:03d}", s)] = [task]
+    return Intent(assignments=assignments, assignments_changed=assignments, tasks=changes)
+
+
+def test_an_intent_above_etcds_128_operations_commits_in_fenced_chained_parts_of_whole_services(
+    state_log: SqliteStateLog,
+) -> None:
+    limited = _Limited(state_log)
+    records = Records(limited)  # type: ignore[arg-type]  # a StateLog by duck typing
+    state_log.put("/leader", b"n1")
+    term = state_log.get("/leader")
+    assert term is not None
+    records.fence = Fence("/leader", term.create_revision)
+    intent = _big_intent(300, 1)  # 600 writes: 300 assignments and 300 tasks
+    assert records.commit_intent(intent, records.snapshot())
+    assert len(records.assignments()) == 300 and len(records.tasks()) == 300
+    assert len(limited.sizes) == 5 and all(c <= MAX_TXN_OPS and o <= MAX_TXN_OPS for c, o in limited.sizes)
+    # One service with more slots than a transaction holds goes in parts too, its assignment in its last.
+    limited.sizes.clear()
+    assert records.commit_intent(_big_intent(1, 200), records.snapshot())
+    assert len(limited.sizes) == 2 and len(records.tasks()) == 300 + 200 - 1
+    # A commit that stops part-way: another orchestrator's commit (INTENT_KEY moved) fails the next part.
+    snapshot = records.snapshot()
+    state_log.put(INTENT_KEY, b"someone else")
+    assert not records.commit_intent(_big_intent(300, 2), snapshot)
+    # ... and the leader's term ends: its commits fail whatever their size.
+    state_log.delete("/leader")
+    assert not records.commit_intent(_big_intent(300, 2), records.snapshot())
+
+
+def test_a_pass_commit_above_128_operations_goes_in_parts_the_stack_records_last(state_log: SqliteStateLog) -> None:
+    limited = _Limited(state_log)
+    records = Records(limited)  # type: ignore[arg-type]
+    reports = {("big", f"s{i:03d}", "1"): SlotReport(state="running") for i in range(300)}
+    records.commit_pass([], [], [], None, node="n1", reports=reports)
+    assert len(records.reports("n1")) == 300
+    assert [o for _, o in limited.sizes] == [128, 128, 44]
