@@ -84,6 +84,22 @@ class Metrics:
             ["stack", "service", "state"],
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "dabctl_cluster_leader",
+            "1 while this node leads the cluster (a manager that won the election), else 0.",
+            registry=self.registry,
+        )
+        self.term = Gauge(
+            "dabctl_cluster_leader_term",
+            "The current leader's term as this node last saw it (the leader key's create revision; 0: none seen).",
+            registry=self.registry,
+        )
+        self.nodes = Gauge(
+            "dabctl_cluster_nodes",
+            "Nodes of the cluster by state (up: its lease holds; down: it lapsed), as the leader last counted.",
+            ["state"],
+            registry=self.registry,
+        )
         # The replace-a-series setters are read-modify-write across two calls; one lock keeps them whole.
         self._lock = threading.Lock()
         self._stack_error_labels: dict[str, str] = {}
@@ -133,6 +149,10 @@ class Metrics:
             for (stack, service, state), count in counts.items():
                 self.managed_containers.labels(stack=stack, service=service, state=state).set(count)
             self._container_keys = set(counts)
+
+    def set_nodes(self, up: int, down: int) -> None:
+        self.nodes.labels(state="up").set(up)
+        self.nodes.labels(state="down").set(down)
 
     def watch_certificate(self, expiry: Callable[[], datetime | None]) -> None:
         """Export `dabctl_node_certificate_expiry_seconds` (a cluster node only), read from `expiry` at each scrape:

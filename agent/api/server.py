@@ -11,7 +11,8 @@ Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's
 - `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
 - `cluster` (`cluster_listen`, default 0.0.0.0:9421; cluster nodes only): traffic between the nodes of a cluster,
   never on `listen`. It serves `POST /cluster/v1/<call>` for the calls the node gives it (today: `join`, which a
-  manager answers) and nothing else: no probe, no page, no control call, no write of intent. TLS with the node's
+  manager answers, and on the leader the changing calls other managers forward: `reconcile`, `rollback`,
+  `suspend`, `resume`, for managers only) and nothing else: no probe, no page, no status. TLS with the node's
   certificate from the cluster CA (`ClusterTls`): `GET /cluster/v1/ca` and the calls a node without a certificate
   must make (joining) are open; every other call requires a client certificate from the cluster CA, and calls
   for managers only a manager's (the role is read from the certificate). A plain-HTTP request fails the
@@ -79,6 +80,9 @@ _PAGES = ("/", "/stacks/{stack}", "/events", *(f"/ui/{name}" for name in render.
 
 T = TypeVar("T")
 ApiCall = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+# A call on the cluster listener also gets the peer's address: until nodes present certificates (the PKI issue),
+# the address a manager's status records is all that says a caller is one.
+ClusterCall = Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]
 
 
 class PageSource(Protocol):
@@ -249,7 +253,7 @@ class AgentHttp:
         api: Mapping[str, ApiCall] | None = None,
         limits: Limits | None = None,
         page: PageSource | None = None,
-        cluster_api: Mapping[str, ApiCall] | None = None,
+        cluster_api: Mapping[str, ClusterCall] | None = None,
     ) -> None:
         """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
         self.status = status
@@ -492,7 +496,9 @@ class AgentHttp:
             if refused is not None:
                 _LOG.warning("cluster call %s from %s refused: %s", name, request.remote, refused.body.decode())
                 return refused
-        return await self._api(request, self.cluster_api[name], due)
+        call = self.cluster_api[name]
+        peer = request.remote or ""
+        return await self._api(request, lambda body: call(body, peer), due)
 
     # --- the web page -------------------------------------------------------------------------------------------
 

@@ -423,7 +423,7 @@ class Engine:
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
             }
             endpoints = _endpoints(_first_networks(d.target for d in wanted), replicas, draining)
-            wanted_balance = loadbalancer.wanted(intent.ports, endpoints)
+            wanted_balance = self._forwarded(loadbalancer.wanted(intent.ports, endpoints), snapshot)
             for b in loadbalancer.plan(wanted_balance, balance, keep=held):
                 stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
         sp.recheck(intent.recheck_in)
@@ -530,6 +530,12 @@ class Engine:
                     )
                 )
         return out
+
+    def _forwarded(self, balance: Balance, snapshot: Snapshot) -> Balance:
+        """On a cluster node, published ports with no ready replica here forward to the nodes that report one."""
+        if self.cluster is None:
+            return balance
+        return loadbalancer.forwarded(balance, _ready_peers(snapshot, self.node))
 
     def _live(self, observed: Sequence[ObservedNetwork], held: Collection[str]) -> list[ObservedNetwork]:
         """Observed networks, but those of held stacks: they are left exactly as they are."""
@@ -762,7 +768,10 @@ class Engine:
         )
         plan.awaiting_health = _starting(replicas, plan.ports)
         endpoints = _endpoints(_first_networks(targets), replicas, ())
-        actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
+        wanted: Balance = loadbalancer.wanted(plan.ports, endpoints)
+        if plan.snapshot is not None:
+            wanted = self._forwarded(wanted, plan.snapshot)
+        actions = loadbalancer.plan(wanted, balance, keep=plan.held)
         for a in actions:
             plan.stacks.setdefault(a.stack, StackPlan(a.stack, None)).balancer_actions.append(a)
         self._apply_balancer(balance, actions, report)
@@ -911,6 +920,22 @@ def _endpoints(
         address = address or next((a for a in r.addresses.values() if a), "")
         ready = r.state == "running" and r.health in (None, "healthy") and r.id not in draining
         out.append(loadbalancer.Endpoint(r.stack, r.service, address, ready))
+    return out
+
+
+def _ready_peers(snapshot: Snapshot, node: str) -> dict[tuple[str, str], set[str]]:
+    """(stack, service) -> the addresses of the other up nodes that report a ready replica of it in a slot still
+    assigned to them."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for node_id, reports in snapshot.reports.items():
+        status = snapshot.statuses.get(node_id)
+        if node_id == node or status is None or not status.advertise_address:
+            continue
+        for (stack, service, slot), rep in reports.items():
+            if rep.state != "running" or rep.health not in (None, "healthy"):
+                continue
+            if slot in snapshot.assignments.get((stack, service), {}).get(node_id, ()):
+                out.setdefault((stack, service), set()).add(status.advertise_address)
     return out
 
 

@@ -469,17 +469,23 @@ def manager_secrets(cfg: AgentConfig) -> Callable[[dict[str, Any]], tuple[int, d
 
 def cluster_api(
     cfg: AgentConfig, log_: StateLog, member: ClusterMembership
-) -> dict[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, and a new manager's secrets."""
-    calls: dict[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]] = {JOIN_PATH: Admission(cfg, log_, member)}
+) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]]:
+    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, and a new manager's secrets (the peer's
+    address is not their check: the token is, and the certificate's role)."""
+    admission = Admission(cfg, log_, member)
+    calls: dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]] = {
+        JOIN_PATH: lambda body, _peer: admission(body)
+    }
     if PkiPaths.of(cfg.state_path).has_node_certificate():
-        calls[SECRETS_PATH] = manager_secrets(cfg)
+        secrets = manager_secrets(cfg)
+        calls[SECRETS_PATH] = lambda body, _peer: secrets(body)
     return calls
 
 
-def cluster_tls(cfg: AgentConfig) -> ClusterTls | None:
+def cluster_tls(cfg: AgentConfig, manager_calls: frozenset[str] = frozenset()) -> ClusterTls | None:
     """TLS for this node's cluster listener from its certificate, or None for a node without one (which runs only
-    with `cluster_insecure`: `cluster_membership`)."""
+    with `cluster_insecure`: `cluster_membership`). `manager_calls` (with the secrets) need a manager's
+    certificate."""
     paths = PkiPaths.of(cfg.state_path)
     if not paths.has_node_certificate():
         return None
@@ -498,7 +504,7 @@ def cluster_tls(cfg: AgentConfig) -> ClusterTls | None:
         ca_pem=ca_pem,
         role_of=role_of_certificate,
         open_calls=frozenset({JOIN_PATH}),
-        manager_calls=frozenset({SECRETS_PATH}),
+        manager_calls=frozenset({SECRETS_PATH, *manager_calls}),
     )
 
 

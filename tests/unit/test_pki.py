@@ -194,9 +194,9 @@ def listening(ca: tuple[bytes, bytes], tmp_path: Path) -> Iterator[Listening]:
         on_webhook=lambda: None,
         webhook=None,
         cluster_api={
-            "join": lambda body: (200, {"joined": True}),
-            "secrets": lambda body: (200, {"secret": 1}),
-            "ping": lambda body: (200, {}),
+            "join": lambda body, peer: (200, {"joined": True}),
+            "secrets": lambda body, peer: (200, {"secret": 1}),
+            "ping": lambda body, peer: (200, {}),
         },
     )
     tls = ClusterTls(
@@ -270,7 +270,7 @@ def test_the_ca_route_is_listed_only_with_tls() -> None:
         metrics=Metrics(),
         on_webhook=lambda: None,
         webhook=None,
-        cluster_api={"join": lambda body: (200, {})},
+        cluster_api={"join": lambda body, peer: (200, {})},
     )
     http.add_cluster("127.0.0.1", 0)
     assert [r.path for r in http.routes() if r.kind is Kind.CLUSTER] == ["/cluster/v1/join"]
