@@ -98,7 +98,7 @@ def ls(config_path: Path | None, fmt: str, as_json: bool, **opts: Any) -> None:
         m = records.membership()
     rows = sorted((_row(m, spec) for spec in m.specs.values()), key=lambda r: (r.name, r.id))
     if fmt == "json" or as_json:
-        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("ID", "NAME", "ROLE", "AVAILABILITY", "STATE", "LEADER", "ADDRESS", "VERSION", "CERT EXPIRES"):

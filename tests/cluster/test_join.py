@@ -106,6 +106,7 @@ def _agent_config(node: Node, source: Path, **more: Any) -> dict[str, Any]:
         "source": str(source),
         "etcd_insecure": True,
         "cluster_listen": f"{node.address}:9421",
+        "advertise_address": node.address,  # the harness's nodes have no default route to take it from
         "allow_empty": True,
         **more,
     }
@@ -212,7 +213,7 @@ def test_init_and_join_give_each_node_an_etcd_user_that_writes_only_its_own_keys
         mlog.put("/assignments/web/app", b"{}")
     finally:
         mlog.close()
-    for path in ("/api/reconcile", "/cluster/v1/reconcile", "/cluster/v1/node", "/status", "/webhook"):
+    for path in ("/api/reconcile", "/cluster/v1/node", "/status", "/webhook"):
         assert _curl(n2, f"https://{n1.address}:9421{path}") == "404", path
     _check_listener_tls(n1, n2, n3)
 
@@ -291,6 +292,10 @@ def _check_listener_tls(n1: Node, n2: Node, n3: Node) -> None:
     pki2, pki3 = n2.state_dir / "pki", n3.state_dir / "pki"
     assert _curl(n2, secrets_url, "--cert", str(pki2 / "node.crt"), "--key", str(pki2 / "node.key")) == "403"
     assert _curl(n3, secrets_url, "--cert", str(pki3 / "node.crt"), "--key", str(pki3 / "node.key")) == "200"
+    # The changing calls managers forward to the leader: a manager's certificate only.
+    reconcile_url = f"https://{base}/cluster/v1/reconcile"
+    assert _curl(n2, reconcile_url) == "401"
+    assert _curl(n2, reconcile_url, "--cert", str(pki2 / "node.crt"), "--key", str(pki2 / "node.key")) == "403"
     # A client that checks the server against the cluster CA (as nodes do) is answered; against another CA not.
     out = n2.sh(
         "curl",
