@@ -6,7 +6,10 @@ tests) in one process do not collide and nothing a library registers globally le
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -156,6 +159,20 @@ class Metrics:
     def set_nodes(self, up: int, down: int) -> None:
         self.nodes.labels(state="up").set(up)
         self.nodes.labels(state="down").set(down)
+
+    def watch_certificate(self, expiry: Callable[[], datetime | None]) -> None:
+        """Export `dabctl_node_certificate_expiry_seconds` (a cluster node only), read from `expiry` at each scrape:
+        seconds until this node's certificate expires (negative once it has; absent without one)."""
+
+        def seconds() -> float:
+            when = expiry()
+            return (when - datetime.now(UTC)).total_seconds() if when is not None else math.nan
+
+        Gauge(
+            "dabctl_node_certificate_expiry_seconds",
+            "Seconds until this node's cluster certificate expires (renewed at 2/3 of its life).",
+            registry=self.registry,
+        ).set_function(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for /metrics."""

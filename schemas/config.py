@@ -163,8 +163,8 @@ class AgentConfig(BaseModel):
     )
     cluster_insecure: bool = Field(
         False,
-        description="Run the cluster listener without TLS (tests only: until the cluster has a CA, it is refused "
-        "without this)",
+        description="Let a cluster node without a certificate run its cluster listener in plain HTTP (tests only; "
+        "a node with a certificate always serves TLS)",
     )
     webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
     webhook_forge: Literal["github", "gitlab"] = Field(

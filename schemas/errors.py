@@ -32,6 +32,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── InvalidToken            schemas.join                 terminal   a string that is not a join token
     ├── JoinRefused             agent.api.join               terminal   a manager refused a join (or is unreachable)
     ├── ClusterSetupError       agent.node.join              terminal   cluster init / join / join-token cannot run
+    ├── CertificateRefused      agent.pki.ca                 terminal   a certificate or CSR the cluster does not accept
     ├── ContentMissing          agent.state.records          terminal   a record's content chunks are not all there
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel
@@ -182,6 +183,7 @@ class NodeRow(BaseModel):
     address: str
     version: str
     labels: dict[str, str] = {}
+    certificate_expires_at: datetime | None = None  # the node's cluster certificate, as it last reported it
 
 
 class NodeDetail(BaseModel):

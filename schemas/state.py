@@ -155,7 +155,8 @@ class ClusterRecord(Record):
     lease_ttl: int = 6
     worker_token_digest: str = ""
     manager_token_digest: str = ""
-    ca_digest: str = ""  # "" until the cluster has a certificate authority
+    ca_digest: str = ""  # sha256 of the cluster CA certificate's DER ("" for a cluster made without a CA)
+    certificate_days: int = 90  # life of a node certificate issued at join
 
 
 class NodeSpec(Record):
@@ -181,6 +182,7 @@ class NodeStatus(Record):
     busy_ports: list[tuple[str, int]] = []  # (protocol, port) in use by something other than dabctl's balancer
     dabctl_version: str = ""
     schema_version: int = 1
+    certificate_expires_at: datetime | None = None  # this node's certificate (agent.pki.files.certificate_expiry)
 
 
 class SlotReport(Record):

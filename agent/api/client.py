@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -130,13 +131,20 @@ def get_status(path: Path, timeout: float = 30) -> dict[str, Any]:
     return doc
 
 
-def call_leader(address: str, name: str, body: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+def call_leader(
+    address: str, name: str, body: dict[str, Any], timeout: float = 900, tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
     """POST /cluster/v1/<name> on the leader's cluster listener (`address`, host:port) and return its JSON answer.
 
-    Plain HTTP while the cluster runs with `cluster_insecure` (no certificate yet: the leader checks that the
-    caller's address is a manager's)."""
+    Mutual TLS with this node's certificate (`tls`: the leader's listener requires a manager's); plain HTTP only for
+    a node without a certificate (`cluster_insecure`: the leader then checks that the caller's address is a
+    manager's)."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection(host.strip("[]"), int(port), timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
     try:
         conn.request("POST", f"/cluster/v1/{name}", body=json.dumps(body).encode(), headers=_JSON)
         resp = conn.getresponse()

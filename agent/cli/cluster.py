@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,16 @@ def _row(m: Membership, spec: NodeSpec) -> NodeRow:
         address=status.advertise_address if status else "",
         version=status.dabctl_version if status else "",
         labels=dict(spec.labels),
+        certificate_expires_at=status.certificate_expires_at if status else None,
     )
+
+
+def _expires(when: datetime | None) -> str:
+    """`2026-03-05 (89d)`: a certificate's expiry and the days left; blank without one."""
+    if when is None:
+        return ""
+    days = (when - datetime.now(UTC)).days
+    return f"{when:%Y-%m-%d} ({days}d)" if days >= 0 else f"{when:%Y-%m-%d} (EXPIRED)"
 
 
 def output_option(f: Any) -> Any:
@@ -83,18 +93,20 @@ def node() -> None:
 @output_option
 def ls(config_path: Path | None, fmt: str, as_json: bool, **opts: Any) -> None:
     """List the nodes: id, name, role, availability, state (up while the node's lease holds; down within the
-    lease TTL of losing it), the leader (*), address and dabctl version."""
+    lease TTL of losing it), the leader (*), address, dabctl version and when the node's certificate expires."""
     with _nodes(config_path, opts, manager=False) as records:
         m = records.membership()
     rows = sorted((_row(m, spec) for spec in m.specs.values()), key=lambda r: (r.name, r.id))
     if fmt == "json" or as_json:
-        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("ID", "NAME", "ROLE", "AVAILABILITY", "STATE", "LEADER", "ADDRESS", "VERSION"):
+    for col in ("ID", "NAME", "ROLE", "AVAILABILITY", "STATE", "LEADER", "ADDRESS", "VERSION", "CERT EXPIRES"):
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(r.id, r.name, r.role, r.availability, r.state, "*" if r.leader else "", r.address, r.version)
+        leader = "*" if r.leader else ""
+        expires = _expires(r.certificate_expires_at)
+        table.add_row(r.id, r.name, r.role, r.availability, r.state, leader, r.address, r.version, expires)
     console().print(table)
 
 

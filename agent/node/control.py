@@ -23,6 +23,7 @@ from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.status import Fleet, fleet, fleet_statuses
+from agent.pki.files import PkiPaths
 from agent.sources.source import open_source
 from agent.state.backends import open_log
 from agent.state.log import StateLocked
@@ -362,7 +363,9 @@ class LeaderControl:
         self.address = address
 
     def _call(self, name: str, body: dict[str, object], timeout: float = 60) -> dict[str, object]:
-        return call_leader(self.address, name, dict(body), timeout=timeout)
+        paths = PkiPaths.of(self.cfg.state_path)
+        tls = paths.client_context() if paths.has_node_certificate() else None
+        return call_leader(self.address, name, dict(body), timeout=timeout, tls=tls)
 
     def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
         doc = self._call("reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)

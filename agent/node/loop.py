@@ -34,7 +34,7 @@ from agent.metrics import Metrics
 from agent.node import notices
 from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
-from agent.node.join import cluster_api, cluster_membership
+from agent.node.join import cluster_api, cluster_membership, cluster_tls
 from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
@@ -44,6 +44,7 @@ from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
 from agent.notify.events import Observed, changes
+from agent.pki.files import certificate_expiry
 from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
@@ -197,7 +198,11 @@ class Agent:
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         self.cluster_listener = None
         if self.membership is not None:
-            self.cluster_listener = self.http.add_cluster(*split_listen(cfg.cluster_listen))
+            self.cluster_listener = self.http.add_cluster(
+                *split_listen(cfg.cluster_listen), tls=cluster_tls(cfg, frozenset(API_CALLS))
+            )
+            if certificate_expiry(cfg.state_path) is not None:
+                self.metrics.watch_certificate(lambda: certificate_expiry(cfg.state_path))
         if cfg.webhook_listen:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)

@@ -25,6 +25,7 @@ from importlib import metadata
 from agent.config import ConfigError
 from agent.drivers.balancer import listening_ports
 from agent.metrics import Metrics
+from agent.pki.files import certificate_expiry
 from agent.state.log import Event, LeaseNotFound, StateLog, StateLogError, Watch
 from agent.state.membership import MEMBERSHIP_FILE
 from agent.state.nodes import Leader, NodeConflict, NodeRecords
@@ -96,6 +97,7 @@ def status_source(
     version = dabctl_version()
     cpus = os.cpu_count() or 0
     memory = memory_bytes()
+    certificate = certificate_expiry(cfg.state_path)  # renewal (a later issue) will make this a read per call
 
     def read() -> NodeStatus:
         return NodeStatus(
@@ -106,6 +108,7 @@ def status_source(
             memory_bytes=memory,
             busy_ports=sorted(listening()),
             dabctl_version=version,
+            certificate_expires_at=certificate,
         )
 
     return read

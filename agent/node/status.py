@@ -91,7 +91,6 @@ def fleet(snapshot: Snapshot, own: str, own_name: str, local: Sequence[Replica])
             leader=n.node_id == leader,
             address=n.address,
             replicas=sum(1 for r in everyone if r.node == n.node_id and r.state == "running"),
-            # issue 20 adds the node's certificate to its status; until then the column stays blank
             certificate_expires_at=_expiry(snapshot, n.node_id),
         )
         for n in node_infos(snapshot.nodes, snapshot.statuses)

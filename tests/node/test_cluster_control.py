@@ -30,6 +30,8 @@ from tests.node.test_cluster_split import IDS, Cluster
 
 MANAGER = "10.0.9.1"
 
+NO_PKI = Path("/nonexistent")  # a node without a certificate: plain HTTP (the TLS path: tests/unit/test_pki.py)
+
 
 @pytest.fixture
 def cluster(tmp_path: Path, clock: Clock) -> Iterator[Cluster]:
@@ -142,13 +144,13 @@ def test_the_leader_runs_a_managers_reconcile_and_refuses_any_other_caller(
     request = ReconcileRequest(wait=True, timeout=5)
 
     with pytest.raises(AgentRefused, match=r"127\.0\.0\.1 is not the address of a manager"):
-        LeaderControl(SimpleNamespace(), address(http)).reconcile(request)  # type: ignore[arg-type]
+        LeaderControl(SimpleNamespace(state_path=NO_PKI), address(http)).reconcile(request)  # type: ignore[arg-type]
     assert ran == []
 
     # The manager's recorded address is loopback here: the call is its own.
     status = NodeStatus(node_id=IDS[0], advertise_address="127.0.0.1", cluster_address=address(http))
     cluster.log.put(node_status_key(IDS[0]), status.model_dump_json().encode())
-    result = LeaderControl(SimpleNamespace(), address(http)).reconcile(request)  # type: ignore[arg-type]
+    result = LeaderControl(SimpleNamespace(state_path=NO_PKI), address(http)).reconcile(request)  # type: ignore[arg-type]
 
     assert result.ok and result.by_agent == f"the leader at {address(http)}"
     assert [(r["name"], r["wait"]) for r in ran] == [("reconcile", True)]
@@ -157,5 +159,5 @@ def test_the_leader_runs_a_managers_reconcile_and_refuses_any_other_caller(
     cluster.log.delete(LEADER_KEY)
     cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
     with pytest.raises(AgentRefused, match="does not lead the cluster"):
-        LeaderControl(SimpleNamespace(), address(http)).reconcile(request)  # type: ignore[arg-type]
+        LeaderControl(SimpleNamespace(state_path=NO_PKI), address(http)).reconcile(request)  # type: ignore[arg-type]
     assert len(ran) == 1
