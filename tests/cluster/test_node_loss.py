@@ -194,16 +194,17 @@ def test_pause_drain_kill_and_cut_move_replicas_and_leave_one_task_and_one_conta
 
     # cut n3: its containers keep running; the leader moves its slots; healed, one task and one container per slot.
     cut_at = time.monotonic()
-    before = {c["Id"] for c in n3.client.containers(filters={"label": f"dabctl.stack={STACK}"})}
+    on_n3 = lambda: {c["Id"] for c in n3.client.containers(filters={"label": f"dabctl.stack={STACK}"})}  # noqa: E731
+    before = on_n3()
     assert before
-    with Poller(lambda: {c["Id"] for c in n3.client.containers(filters={"label": f"dabctl.stack={STACK}"})}) as kept:
-        n3.cut()
-        try:
+    n3.cut()
+    try:
+        with Poller(on_n3) as kept:  # the whole cut, ending before the heal
             dab.wait(lambda: "n3" not in dab.up(), what="n3 down")
             dab.wait(lambda: sum(checks.running("web", [n1, n2]).values()) == 9, what="web on n1 and n2")
             cut_s = time.monotonic() - cut_at
-        finally:
-            n3.heal()
+    finally:
+        n3.heal()
     assert len(kept.samples) > 20 and all(s >= before for s in kept.samples), "a container on the cut node stopped"
     dab.wait(lambda: "n3" in dab.up(), what="n3 up again")
     dab.wait(lambda: checks.one_each("web", 9) and checks.one_each("api", 3), what="one task and container per slot")
