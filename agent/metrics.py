@@ -47,6 +47,12 @@ class Metrics:
             "Passes planned again because another writer committed to the state between their read and commit.",
             registry=self.registry,
         )
+        self.fenced = Counter(
+            "dabctl_orchestrator_fenced_total",
+            "Commits of this node refused by the leader fence: it planned as leader and its term ended before it "
+            "committed (a deposed leader's writes; it follows the new leader).",
+            registry=self.registry,
+        )
         self.git_fetch_failures = Counter(
             "dabctl_git_fetch_failures_total",
             "Failed fetches of the bundle repository.",

@@ -368,3 +368,4 @@ class ClusterMembership(BaseModel):
     etcd_user: str | None = None  # issued at join: may write only /node/<node_id>/ (managers: the whole prefix)
     etcd_password: str | None = Field(None, repr=False)
     managers: list[str] = []  # host:port of managers' cluster listeners, as last known
+    advertise_address: str | None = None  # as given to init/join; the config's advertise_address overrides it

@@ -41,6 +41,8 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
     │   └── UnknownStack        agent.node.loop              terminal   a call names a stack the node does not know
     ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
+    ├── NotAManager             agent.node.control           terminal   a changing command on a cluster worker
+    ├── NoLeader                agent.node.control           retryable  no manager leads the cluster now
     ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
     ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start
     ├── UntrustedPath           agent.node.hostpaths         terminal   a bind source passes an untrusted symlink

@@ -56,6 +56,7 @@ class ReplicaRow(BaseModel):
     revision: str
     task: str | None = None
     error: str = ""
+    node: str = ""  # the name of the node the container runs on ("" for a pending slot: it runs nowhere)
 
 
 class SyncStatus(BaseModel):
@@ -67,8 +68,16 @@ class SyncStatus(BaseModel):
     at: str | None = None
 
 
+class PendingReplica(BaseModel):
+    """A slot of a service that fits on no node, with the scheduler's reason (what to change to place it)."""
+
+    slot: str
+    reason: str
+
+
 class ServiceHealth(BaseModel):
-    """Replicas running (and healthy, where a healthcheck exists) against those desired on this node."""
+    """Replicas running (and healthy, where a healthcheck exists) against those desired: on a node alone, on this
+    node; in a cluster, on every node (from the nodes' slot reports), pending slots counted as desired."""
 
     service: str
     mode: str
@@ -77,6 +86,7 @@ class ServiceHealth(BaseModel):
     running: int
     desired: int
     status: Health
+    pending: list[PendingReplica] = []
 
 
 class HealthStatus(BaseModel):
@@ -131,13 +141,30 @@ class SourceStatus(BaseModel):
     verify: VerifyStatus | None = None
 
 
+class NodeSummary(BaseModel):
+    """One node of a cluster as `status` and the web page show it: `state` up while its lease holds, `leader` for
+    the one that leads, `replicas` the containers its reports (or, for this node, its engine) say run there.
+    `certificate_expires_at` stays None until nodes report their certificate."""
+
+    id: str
+    name: str
+    role: Literal["manager", "worker"]
+    availability: Literal["active", "pause", "drain"]
+    state: Literal["up", "down"]
+    leader: bool = False
+    address: str = ""
+    replicas: int = 0
+    certificate_expires_at: str | None = None
+
+
 class StatusOutput(BaseModel):
-    """`dabctl status --output json` and the agent's `/status`."""
+    """`dabctl status --output json` and the agent's `/status`; `nodes` only on a cluster node."""
 
     node: str
     ready: bool
     source: SourceStatus | None = None
     stacks: list[StackStatus] = []
+    nodes: list[NodeSummary] = []
 
 
 class NodeRow(BaseModel):

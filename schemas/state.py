@@ -198,6 +198,13 @@ class SlotReport(Record):
     created: int = 0  # when the container was created (epoch seconds): a rollout's monitor period counts from it
 
 
+class PendingSlot(Record):
+    """A replica slot the leader could place on no node, and why (`/pending/<stack>/<service>/<slot>`): written by
+    the leader's orchestrator commit only when the pending set changes, read by `status`, `ps` and the page."""
+
+    reason: str
+
+
 class LeaderRecord(Record):
     """The manager that leads, put under its lease; the key's create revision is its term (the fence)."""
 

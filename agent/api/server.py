@@ -11,8 +11,9 @@ Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's
 - `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
 - `cluster` (`cluster_listen`, default 0.0.0.0:9421; cluster nodes only): traffic between the nodes of a cluster,
   never on `listen`. It serves `POST /cluster/v1/<call>` for the calls the node gives it (today: `join`, which a
-  manager answers) and nothing else: no probe, no page, no control call, no write of intent. Plain HTTP only with
-  `cluster_insecure` until the cluster has a certificate authority.
+  manager answers, and on the leader the changing calls other managers forward: `reconcile`, `rollback`,
+  `suspend`, `resume`, each answered only to a manager's recorded address) and nothing else: no probe, no page,
+  no status. Plain HTTP only with `cluster_insecure` until the cluster has a certificate authority.
 - `control` (`<state_dir>/agent.sock`, root-owned, 0600 or 0660 with `control_group`): the CLI's changing calls
   (`POST /api/<call>`) and `/status`. The socket's mode is the check, as for dockerd's API socket.
 
@@ -74,6 +75,9 @@ _PAGES = ("/", "/stacks/{stack}", "/events", *(f"/ui/{name}" for name in render.
 
 T = TypeVar("T")
 ApiCall = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+# A call on the cluster listener also gets the peer's address: until nodes present certificates (the PKI issue),
+# the address a manager's status records is all that says a caller is one.
+ClusterCall = Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]
 
 
 class PageSource(Protocol):
@@ -229,7 +233,7 @@ class AgentHttp:
         api: Mapping[str, ApiCall] | None = None,
         limits: Limits | None = None,
         page: PageSource | None = None,
-        cluster_api: Mapping[str, ApiCall] | None = None,
+        cluster_api: Mapping[str, ClusterCall] | None = None,
     ) -> None:
         """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
         self.status = status
@@ -448,7 +452,9 @@ class AgentHttp:
         if path.startswith("/api/"):
             return await self._api(request, self.api[path.removeprefix("/api/")], due)
         if path.startswith(CLUSTER_API):
-            return await self._api(request, self.cluster_api[path.removeprefix(CLUSTER_API)], due)
+            call = self.cluster_api[path.removeprefix(CLUSTER_API)]
+            peer = request.remote or ""
+            return await self._api(request, lambda body: call(body, peer), due)
         return await self._page(request)
 
     # --- the web page -------------------------------------------------------------------------------------------

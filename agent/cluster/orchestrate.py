@@ -202,8 +202,8 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
     for key, port in sorted(allocation.conflicts.items()):
         errors.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
 
-    if desired.follow is not None:  # a node that does not lead: the recorded assignments, nothing pending
-        assignments, pending = desired.follow, {}
+    if desired.follow is not None:  # following the recorded assignments: what is pending stays as recorded
+        assignments, pending = desired.follow, dict(snapshot.pending)
     else:
         schedule = assign(
             desired.state, desired.nodes, snapshot.assignments, desired.refused, placement=desired.placement

@@ -187,6 +187,7 @@ def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
         etcd_user=user,
         etcd_password=password,
         managers=[address],
+        advertise_address=address.rpartition(":")[0].strip("[]"),
     )
     write_cluster_secrets(state_dir, secrets)
     write_membership(state_dir, member)
@@ -350,9 +351,11 @@ class Admission:
 
 def cluster_api(
     cfg: AgentConfig, log_: StateLog, member: ClusterMembership
-) -> dict[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, nothing else."""
-    return {JOIN_PATH: Admission(cfg, log_, member)}
+) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]]:
+    """The cluster listener's joining call (`POST /cluster/v1/join`); the peer's address is not its check (the
+    token is)."""
+    admission = Admission(cfg, log_, member)
+    return {JOIN_PATH: lambda body, _peer: admission(body)}
 
 
 def cluster_membership(cfg: AgentConfig) -> ClusterMembership | None:
@@ -407,6 +410,7 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
             etcd_user=response.etcd_user,
             etcd_password=response.etcd_password,
             managers=managers,
+            advertise_address=request.advertise_address or None,
         ),
     )
     if response.secrets is not None:

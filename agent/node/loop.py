@@ -32,14 +32,14 @@ from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node import notices
-from agent.node.control import converge, unhealthy
+from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.join import cluster_api, cluster_membership
 from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
-from agent.node.status import stack_statuses
+from agent.node.status import Fleet, fleet, fleet_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
@@ -172,10 +172,11 @@ class Agent:
         self.engine.policy = policy_of(cfg)
         # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
         self.engine.cluster = self.member
-        self.page = PageData(self.records, self.node, self._replicas, self._status_of)
+        self.page = PageData(self.records, self.node, self._observe)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
         self.engine.on_replan = self.metrics.replans.inc
+        self.engine.on_fenced = self.metrics.fenced.inc
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")
@@ -191,7 +192,7 @@ class Agent:
             webhook=webhook,
             api={name: functools.partial(self.api, name) for name in API_CALLS},
             page=self.page,
-            cluster_api=cluster_api(cfg, self.log, self.membership) if self.membership is not None else None,
+            cluster_api=self._cluster_calls(),
         )
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         self.cluster_listener = None
@@ -223,6 +224,28 @@ class Agent:
             # Static stability: the node keeps running its containers; it registers when the state log answers.
             log.warning("state log unreachable; registering when it answers", extra={"error": str(exc)})
         return member
+
+    def _cluster_calls(self) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]] | None:
+        """The cluster listener's calls: joining, and the changing calls managers forward to the leader."""
+        if self.membership is None:
+            return None
+        calls = cluster_api(self.cfg, self.log, self.membership)
+        for name in API_CALLS:
+            calls[name] = functools.partial(self.from_manager, name)
+        return calls
+
+    def from_manager(self, name: str, body: dict[str, Any], peer: str) -> tuple[int, dict[str, Any]]:
+        """A changing call another manager forwarded (`dabctl reconcile --once` there): run here while this node
+        leads, and only for a caller at a manager's recorded address (the role check; with certificates, the
+        certificate's role will be)."""
+        snapshot = self.records.snapshot(restarts=False)
+        if not is_manager_peer(snapshot, peer):
+            return 403, {"error": f"{peer} is not the address of a manager that is up: only managers may ask this"}
+        leader = snapshot.leader
+        if leader is None or leader.node_id != self.engine.node:
+            where = f"{leader.name} at {leader.cluster_address}" if leader is not None else "none now"
+            return 409, {"error": f"this node does not lead the cluster (the leader: {where}); try again"}
+        return self.api(name, body)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -638,25 +661,18 @@ class Agent:
     # --- status and the CLI's API ---------------------------------------------------------------------------------
 
     def status(self) -> StatusOutput:
-        return self._status_of(self._replicas())
+        return self._observe()[1]
 
     def _replicas(self) -> list[Replica]:
         return self.docker.list_replicas(self.engine.owner)
 
-    def _status_of(self, replicas: Sequence[Replica]) -> StatusOutput:
+    def _observe(self) -> tuple[Fleet, StatusOutput]:
+        """The fleet (this node's containers, one list call, and the cluster's reports, one state read) and the
+        status built from it."""
+        snapshot = self.records.snapshot(restarts=False)
+        seen = fleet(snapshot, self.engine.node, self.node, self._replicas())
         errors = {**self.pass_errors, **self.load_errors}
-        stacks = stack_statuses(
-            self.desired,
-            self.records.stacks(),
-            replicas,
-            assignments=self.records.assignments(),
-            node=self.node,
-            errors=errors,
-            suspended=self.records.suspended(),
-            rollouts=self.records.rollouts(),
-            pins=self.records.pins(),
-            ports=self.records.ports(),
-        )
+        stacks = fleet_statuses(self.desired, snapshot, seen, errors=errors)
         revision = None
         if self.source.kind == "git" and self.fingerprint:
             revision = f"{self.source.ref}@sha1:{self.fingerprint}"
@@ -670,7 +686,8 @@ class Agent:
             last_fetch_error=self.source_error,
             verify=self._verify_status(),
         )
-        return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+        status = StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks, nodes=seen.nodes)
+        return seen, status
 
     def _verify_status(self) -> VerifyStatus | None:
         verifier = getattr(self.source, "verification", None)

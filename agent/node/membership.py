@@ -56,7 +56,10 @@ def cluster_config(cfg: AgentConfig, membership: ClusterMembership) -> AgentConf
             f"{cfg.state_path / MEMBERSHIP_FILE}: the cluster's state etcd://{remote[0]} is plain HTTP to an address "
             "other than loopback; configure etcd_ca_file/etcd_cert_file/etcd_key_file, or set etcd_insecure: true"
         )
-    return cfg.model_copy(update={"state": membership.state, "etcd_prefix": membership.etcd_prefix})
+    update: dict[str, object] = {"state": membership.state, "etcd_prefix": membership.etcd_prefix}
+    if cfg.advertise_address is None and membership.advertise_address:
+        update["advertise_address"] = membership.advertise_address  # the address init/join was given
+    return cfg.model_copy(update=update)
 
 
 # --- what this node says of itself --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from schemas.state import (
     LeaderRecord,
     NodeSpec,
     NodeStatus,
+    PendingSlot,
     Pin,
     SlotReport,
     StackRecord,
@@ -47,6 +48,7 @@ PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> publis
 # revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
 INTENT_KEY = "/meta/intent"
 TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
+PENDING = "/pending/"  # /pending/<stack>/<service>/<slot> -> PendingSlot: placed on no node, and why
 # The cluster: /cluster (ClusterRecord), /nodes/<id> (NodeSpec, managers write), /leader (LeaderRecord, under the
 # leader's lease; its create revision is the term). Everything a node writes is under /node/<id>/: its status
 # under its lease (absent: down) and its slot reports.
@@ -180,6 +182,7 @@ class Records:
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
             tasks=_tasks(read(TASKS)),
+            pending=_pending(read(PENDING)),
             versions=versions,
             nodes={kv.key.removeprefix(NODES): NodeSpec.model_validate_json(kv.value) for kv in read(NODES)},
             statuses=statuses,
@@ -223,10 +226,11 @@ class Records:
             written.add(digest)
         return Chunked(chunked=digest, chunks=len(parts)).model_dump_json().encode()
 
-    def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
+    def commit_intent(self, intent: Intent, snapshot: Snapshot, fence: Fence | None = None) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
         read and writes changed since, and no other orchestrator committed since it read; whether it did.
-        Nothing is written (and True returned) when the intent changes nothing."""
+        Nothing is written (and True returned) when the intent changes nothing. `fence`: the term the decision
+        was made in (default `self.fence`); the commit holds only in that term."""
         ops: list[Op] = [
             Put(
                 f"{ASSIGNMENTS}{stack}/{service}",
@@ -245,12 +249,23 @@ class Records:
             ops += [Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed]
         for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
             ops += [Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids]
+        ops += _pending_ops(intent, snapshot)
         if not ops:
             return True
         compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
         compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
         ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
-        return orchestrator_txn(self.log, compares, ops, self.fence).succeeded
+        return orchestrator_txn(self.log, compares, ops, fence or self.fence).succeeded
+
+    def fence_holds(self, fence: Fence) -> bool:
+        """Whether `fence`'s term still stands (the leader key it names is the same key); a failed fenced commit
+        whose fence no longer holds was refused for the term, not lost to a race."""
+        kv = self.log.get(fence.key)
+        return kv is not None and kv.create_revision == fence.term
+
+    def pending(self) -> dict[tuple[str, str, str], str]:
+        """Slots the leader could place on no node, with the reason."""
+        return _pending(self.log.range(PENDING))
 
     def tasks(self) -> dict[tuple[str, str, str], list[TaskRecord]]:
         """Each slot's tasks, oldest first (what `ps` shows of a slot's previous tasks)."""
@@ -291,11 +306,13 @@ class Records:
         pins: Mapping[str, Pin | None] | None = None,
         node: str = "",
         reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
-    ) -> None:
+        fence: Fence | None = None,
+    ) -> bool:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
         set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
-        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
+        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each).
+        `fence`: a leader's pass commits only in the term it planned in; whether the commit held."""
         written: set[str] = set()
         ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
         for (stack, service, slot), report in sorted((reports or {}).items()):
@@ -324,14 +341,16 @@ class Records:
                 Delete(f"{RESTARTS}{stack}/", prefix=True),
                 Delete(PINS + stack),
                 Delete(f"{TASKS}{stack}/", prefix=True),
+                Delete(f"{PENDING}{stack}/", prefix=True),
             ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
-        if ops:
-            self.log.txn([], ops)
+        if ops and not orchestrator_txn(self.log, [], ops, fence).succeeded:
+            return False
         self._drop_contents(dropped)
+        return True
 
     def _drop_contents(self, dropped: Sequence[bytes]) -> None:
         """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
@@ -423,6 +442,27 @@ def _node_keys(
             stack, service, slot = rest.removeprefix("reports/").split("/", 2)
             reports.setdefault(node_id, {})[(stack, service, slot)] = SlotReport.model_validate_json(kv.value)
     return statuses, reports
+
+
+def _pending_ops(intent: Intent, snapshot: Snapshot) -> list[Op]:
+    """The pending slots that changed against the snapshot: put when new or with another reason, deleted when
+    placed (or gone); those of held stacks stay as recorded. None in a converged pass."""
+    ops: list[Op] = []
+    for (stack, service, slot), reason in sorted(intent.pending.items()):
+        if snapshot.pending.get((stack, service, slot)) != reason:
+            ops.append(Put(f"{PENDING}{stack}/{service}/{slot}", PendingSlot(reason=reason).model_dump_json().encode()))
+    for key in sorted(snapshot.pending):
+        if key not in intent.pending and key[0] not in intent.held:
+            ops.append(Delete(f"{PENDING}{key[0]}/{key[1]}/{key[2]}"))
+    return ops
+
+
+def _pending(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], str]:
+    out = {}
+    for kv in kvs:
+        stack, service, slot = kv.key.removeprefix(PENDING).split("/", 2)
+        out[(stack, service, slot)] = PendingSlot.model_validate_json(kv.value).reason
+    return out
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:

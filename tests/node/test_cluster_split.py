@@ -257,6 +257,49 @@ def test_a_deposed_leader_commits_nothing(cluster: Cluster) -> None:
     assert "7" not in {s for v in Records(cluster.log).assignments()[("web", "front")].values() for s in v}
 
 
+def test_a_leader_deposed_between_its_plan_and_its_commit_writes_nothing_and_counts_it(cluster: Cluster) -> None:
+    """Its membership noticed the loss (no fence now): the plan still commits only in the term it was made in."""
+    cluster.converge(SIX)
+    leader = cluster.nodes[0]
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+    plan = leader.engine.plan(seven)
+    assert plan.leading and plan.fence is not None
+    cluster.log.delete(LEADER_KEY)  # its lease lapsed (SIGSTOP); another manager leads in a new term
+    cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
+    assert isinstance(leader.engine.cluster, Leading)
+    leader.engine.cluster.is_leader = False
+    before = cluster.log.revision()
+
+    report = leader.engine.apply(plan)
+
+    assert report.failed and report.results == [] and "term as leader ended" in report.errors[-1]
+    assert cluster.log.revision() == before, "a deposed leader writes nothing"
+    assert leader.engine.fenced == 1 and leader.engine.replans == 0
+
+
+def test_a_leader_deposed_while_it_acts_records_nothing(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    leader = cluster.nodes[0]
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+    plan = leader.engine.plan(seven)
+    assert plan.fence is not None
+    records = Records(cluster.log)
+    committed = (
+        records.commit_intent(plan.intent, plan.snapshot, plan.fence) if plan.intent and plan.snapshot else False
+    )
+    assert committed
+    plan.intent = None  # committed above; now the term ends while the pass acts
+    cluster.log.delete(LEADER_KEY)
+    cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
+    stack_before = cluster.log.get("/stacks/web")
+
+    leader.engine.apply(plan)
+
+    after = cluster.log.get("/stacks/web")
+    assert stack_before is not None and after is not None and after.mod_revision == stack_before.mod_revision
+    assert leader.engine.fenced == 1
+
+
 class _Frozen:
     """A leader that still believes it leads, with the fence of its lost term."""
 

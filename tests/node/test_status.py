@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.node.engine import Engine
-from agent.node.status import stack_statuses
+from agent.node.status import Slots, stack_statuses
 from agent.state.records import Records
 from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
@@ -21,8 +21,7 @@ def statuses(
         state,  # type: ignore[arg-type]
         records.stacks(),
         runtime.list_replicas(engine.owner),
-        assignments=records.assignments(),
-        node=NODE,
+        slots=Slots(records.assignments(), NODE),
         errors=extra.pop("errors", {}),  # type: ignore[arg-type]
         suspended=records.suspended(),
         rollouts=records.rollouts(),
