@@ -359,7 +359,9 @@ class Engine:
         if self.cluster is not None:
             nodes, follow = self._nodes(snapshot, leading)
             orchestrated_ids = {**{t.name: "" for t in net_targets}, **network_ids}
-            slots = [*local, *self._reported(snapshot, desired, orchestrated_ids, held | set(copies))]
+            # Every slot's containers name their node: a moved slot's old container here is not its new one there.
+            mine = [replace(r, node=self.node) for r in local]
+            slots = [*mine, *self._reported(snapshot, desired, orchestrated_ids, held | set(copies))]
             busy |= {(proto, port) for st in snapshot.statuses.values() for proto, port in st.busy_ports}
         intent = orchestrate(
             Desired(
@@ -537,6 +539,7 @@ class Engine:
                         image_id=rep.image_id,
                         created=rep.created,
                         networks=nets,
+                        node=node_id,
                     )
                 )
         return out

@@ -52,7 +52,7 @@ from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
 from agent.state.log import StateLocked, Unavailable
 from agent.state.membership import node_id
-from agent.state.records import INTENT_KEY, STACKS, Records
+from agent.state.records import INTENT_KEY, NODE, NODES, STACKS, Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
@@ -274,6 +274,10 @@ class Agent:
         if self.engine.cluster is not None:  # a cluster node acts as soon as the leader commits
             for prefix in (INTENT_KEY, STACKS):
                 self._spawn(functools.partial(self._follow_state, prefix), f"watch {prefix}")
+            # The leader acts as soon as a node changes: a lease lapsing (its status key deleted), a node joining or
+            # returning, `node update`, a report (a slot started, turned healthy, failed), not at the next resync.
+            for prefix in (NODE, NODES):
+                self._spawn(functools.partial(self._follow_state, prefix, self._leading), f"watch {prefix}")
         observer = self._watch_directory()
         try:
             self._work()
@@ -440,16 +444,20 @@ class Agent:
         while not self.stop.wait(self.cfg.resync_interval):
             self.queue.add(self.all_keys())
 
-    def _follow_state(self, prefix: str) -> None:
+    def _leading(self) -> bool:
+        return self.engine.cluster is not None and self.engine.cluster.is_leader
+
+    def _follow_state(self, prefix: str, when: Callable[[], bool] = lambda: True) -> None:
         """On a cluster node: a change under `prefix` (the key every orchestrator commit puts, the stack records the
-        leader writes) queues every stack; after a lost watch, watch again and queue them all."""
+        leader writes, the nodes' records for the leader) queues every stack while `when()` holds; after a lost
+        watch, watch again and queue them all."""
         backoff = 1.0
         while not self.stop.is_set():
             watch = None
             try:
                 watch = self.log.watch(prefix, self.log.revision() + 1)
                 while not self.stop.is_set() and not watch.cancelled:
-                    if watch.next(timeout=1.0) is not None:
+                    if watch.next(timeout=1.0) is not None and when():
                         self.queue.add(self.all_keys(), after=EVENT_DEBOUNCE)
                         backoff = 1.0
             except DabctlError as exc:
@@ -458,7 +466,8 @@ class Agent:
                 if watch is not None:
                     watch.cancel()
             if not self.stop.is_set():
-                self.queue.add(self.all_keys())
+                if when():
+                    self.queue.add(self.all_keys())
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 

@@ -367,3 +367,37 @@ def test_a_record_a_worker_cannot_load_holds_its_stack_as_it_is(cluster: Cluster
 
     assert "web" in plan.held and worker.running() == ["2", "5"], "nothing of the stack is removed"
     assert any("r2 does not load here" in e for e in report.errors)
+
+
+def test_a_drained_nodes_start_first_slot_keeps_running_until_its_new_task_is_healthy(cluster: Cluster) -> None:
+    """The drained node must not take its own old container for the slot's new one (both carry the same spec): it
+    keeps it until the new container on the other node runs healthy, so the service never has fewer healthy."""
+    deploy = {"Replicas": 3, "UpdateConfig": {"Order": "start-first"}}
+    state = desired(web=bundle({"front": service(Deploy=deploy, Healthcheck={"Test": ["CMD", "true"]})}))
+
+    def healthy() -> int:
+        return sum(1 for n in cluster.nodes for c in n.runtime.by_name("web_front.") if c.health == "healthy")
+
+    def heal_all() -> None:
+        for n in cluster.nodes:
+            for c in n.runtime.by_name("web_front."):
+                if c.state == "running" and c.health == "starting":
+                    n.runtime.set_health(c.id, "healthy")
+
+    for _ in range(3):
+        cluster.round(state)
+        heal_all()
+    assert healthy() == 3 and [len(n.running()) for n in cluster.nodes] == [1, 1, 1]
+    drained = cluster.nodes[2]
+    spec = NodeSpec.model_validate_json(cluster.log.get(NODES + drained.id).value)  # type: ignore[union-attr]
+    cluster.log.put(NODES + drained.id, spec.model_copy(update={"availability": "drain"}).model_dump_json().encode())
+
+    for _ in range(6):
+        for n in cluster.nodes:  # each node's pass, leader first; the new container stays starting meanwhile
+            n.pass_(state if n is cluster.nodes[0] else NOTHING)
+            assert healthy() >= 3, f"fewer than 3 healthy after {n.id}'s pass"
+        heal_all()
+        cluster.clock.advance(1)
+
+    assert drained.running() == [] and sorted(len(n.running()) for n in cluster.nodes[:2]) == [1, 2]
+    assert healthy() == 3
