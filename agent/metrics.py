@@ -6,7 +6,10 @@ tests) in one process do not collide and nothing a library registers globally le
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -47,6 +50,12 @@ class Metrics:
             "Passes planned again because another writer committed to the state between their read and commit.",
             registry=self.registry,
         )
+        self.fenced = Counter(
+            "dabctl_orchestrator_fenced_total",
+            "Commits of this node refused by the leader fence: it planned as leader and its term ended before it "
+            "committed (a deposed leader's writes; it follows the new leader).",
+            registry=self.registry,
+        )
         self.git_fetch_failures = Counter(
             "dabctl_git_fetch_failures_total",
             "Failed fetches of the bundle repository.",
@@ -79,6 +88,22 @@ class Metrics:
             "dabctl_managed_containers",
             "Containers the agent manages, by stack, service and state.",
             ["stack", "service", "state"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "dabctl_cluster_leader",
+            "1 while this node leads the cluster (a manager that won the election), else 0.",
+            registry=self.registry,
+        )
+        self.term = Gauge(
+            "dabctl_cluster_leader_term",
+            "The current leader's term as this node last saw it (the leader key's create revision; 0: none seen).",
+            registry=self.registry,
+        )
+        self.nodes = Gauge(
+            "dabctl_cluster_nodes",
+            "Nodes of the cluster by state (up: its lease holds; down: it lapsed), as the leader last counted.",
+            ["state"],
             registry=self.registry,
         )
         # The replace-a-series setters are read-modify-write across two calls; one lock keeps them whole.
@@ -130,6 +155,24 @@ class Metrics:
             for (stack, service, state), count in counts.items():
                 self.managed_containers.labels(stack=stack, service=service, state=state).set(count)
             self._container_keys = set(counts)
+
+    def set_nodes(self, up: int, down: int) -> None:
+        self.nodes.labels(state="up").set(up)
+        self.nodes.labels(state="down").set(down)
+
+    def watch_certificate(self, expiry: Callable[[], datetime | None]) -> None:
+        """Export `dabctl_node_certificate_expiry_seconds` (a cluster node only), read from `expiry` at each scrape:
+        seconds until this node's certificate expires (negative once it has; absent without one)."""
+
+        def seconds() -> float:
+            when = expiry()
+            return (when - datetime.now(UTC)).total_seconds() if when is not None else math.nan
+
+        Gauge(
+            "dabctl_node_certificate_expiry_seconds",
+            "Seconds until this node's cluster certificate expires (renewed at 2/3 of its life).",
+            registry=self.registry,
+        ).set_function(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for /metrics."""

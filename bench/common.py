@@ -35,11 +35,27 @@ from tests.support.dockerd import NetnsDockerd  # noqa: E402
 IMAGE = "dabctl/sample:1"
 IMAGE2 = "dabctl/sample:bench2"  # the same image under another reference: a spec change for every contender
 DABCTL = str(ROOT / ".venv" / "bin" / "dabctl")
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
 POLL = 0.02
 TIMEOUT = 300.0
 
 # SIGTERM (e.g. `kill PID`) unwinds through the finally blocks, so engines, agents and namespaces are removed.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def dabctl_cmd(tree: Path | None = None) -> list[str]:
+    """The dabctl command of this tree, or of another commit's tree (`--baseline DIR`, made with
+    `git archive <commit> | tar -x -C DIR`): this venv's interpreter with DIR first on sys.path, so that both run
+    on the same interpreter and libraries and differ only in dabctl's own code."""
+    if tree is None:
+        return [DABCTL]
+    boot = f"import sys; sys.path.insert(0, {str(tree.resolve())!r}); from agent.cli import main; sys.exit(main())"
+    return [PYTHON, "-c", boot]
+
+
+def tree_of(cmd: Sequence[str]) -> str:
+    """Which tree a dabctl command runs (for log lines)."""
+    return "this tree" if cmd[0] == DABCTL else "baseline"
 
 
 def log(msg: str) -> None:
@@ -221,7 +237,7 @@ class _Answer:
 class Agent:
     """`dabctl agent` as a process on a free loopback port; log in the work directory; killed by `stop()`."""
 
-    def __init__(self, work: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, work: Path, *args: str, env: dict[str, str] | None = None, tree: Path | None = None) -> None:
         import requests
 
         self.port = free_port()
@@ -229,7 +245,7 @@ class Agent:
         self.log_path = work / f"agent-{self.port}.log"
         state = work / f"state-{self.port}"
         self.socket = state / "agent.sock"  # the control socket: POST /api/* goes there, as the CLI's calls do
-        self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
+        self.cmd = [*dabctl_cmd(tree), "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
         self.env = {**base, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None

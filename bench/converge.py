@@ -42,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docker
 import docker.errors
 from common import (
-    DABCTL,
     IMAGE,
     TIMEOUT,
+    dabctl_cmd,
     docker_cli,
     log,
     machine,
+    median,
     netns_engine,
     print_table,
     ratio,
@@ -89,8 +90,9 @@ def cleanup(api: docker.APIClient, prefix: str) -> None:
     remove_by_label(api, f"dabctl.stack={prefix}")
 
 
-def run_dabctl(api: docker.APIClient, n: int, parallelism: int) -> tuple[float, float]:
-    """One cold converge by the CLI; returns (seconds to N running, seconds to CLI exit)."""
+def run_dabctl(api: docker.APIClient, n: int, parallelism: int, tree: Path | None = None) -> tuple[float, float]:
+    """One cold converge by the CLI (of this tree, or of the `--baseline` tree); returns (seconds to N running,
+    seconds to CLI exit)."""
     stack = f"bench-{secrets.token_hex(4)}"
     work = Path(tempfile.mkdtemp(prefix=f"{stack}-"))
     source, state = work / "stacks", work / "state"
@@ -101,7 +103,17 @@ def run_dabctl(api: docker.APIClient, n: int, parallelism: int) -> tuple[float, 
     }
     (source / f"{stack}.dab").write_text(json.dumps(bundle, indent=2))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
-    argv = [DABCTL, "reconcile", "--once", "--source", str(source), "--state-dir", str(state), "--docker-host", URL]
+    argv = [
+        *dabctl_cmd(tree),
+        "reconcile",
+        "--once",
+        "--source",
+        str(source),
+        "--state-dir",
+        str(state),
+        "--docker-host",
+        URL,
+    ]
     argv += ["--parallelism", str(parallelism)]
     proc: subprocess.Popen[bytes] | None = None
     exited: list[float] = []
@@ -203,6 +215,37 @@ def run_swarm(engine: object, api: docker.APIClient, n: int) -> float:
         remove_service(api, name)
 
 
+def report(
+    results: dict[int, dict[str, list[float]]],
+    pools: list[int],
+    tag: Callable[[str, int], str],
+    *,
+    baseline: bool,
+    peers: bool,
+) -> None:
+    rows = []
+    for n, res in results.items():
+        for name, xs in res.items():
+            row = [str(n), name, stats(xs)]
+            if baseline:
+                base = name.replace("dabctl", "dabctl baseline", 1) if "baseline" not in name else name
+                row.append(ratio(xs, res[base]) if name.startswith("dabctl") else "-")
+            if peers:
+                row += [ratio(xs, res[tag("raw", pools[0])]), ratio(xs, res["swarm"])]
+            rows.append(tuple(row))
+    several = len(pools) > 1
+    raw_col = f"÷ raw p={pools[0]}" if several else "÷ raw"
+    if baseline:  # runs are interleaved in pairs: the median of each round's ratio is robust to load drift
+        for n, res in results.items():
+            for p in pools:
+                pairs = [a / b for a, b in zip(res[tag("dabctl", p)], res[tag("dabctl baseline", p)], strict=True)]
+                print(f"N={n} p={p}: median of the per-round ratios this/baseline {median(pairs):.2f}x")
+        print()
+    header = ["N", "contender", "seconds"] + (["÷ baseline"] if baseline else [])
+    header += [] if not peers else [raw_col, "÷ swarm"]
+    print_table(header, rows)
+
+
 def main() -> None:
     global URL
     parser = argparse.ArgumentParser(
@@ -218,6 +261,13 @@ def main() -> None:
         "--parallelism", default="8", help="engine calls in flight, dabctl and raw; comma-separated for several (8)"
     )
     parser.add_argument("--quick", action="store_true", help="N = 10,40 only")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another commit's tree (git archive <commit> | tar -x -C DIR): its dabctl runs as one more contender, "
+        "interleaved with this tree's",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="dabctl only (with --baseline: this vs baseline)")
     args = parser.parse_args()
     counts = [int(x) for x in ("10,40" if args.quick else args.replicas).split(",") if x.strip()]
     pools = [int(x) for x in args.parallelism.split(",") if x.strip()]
@@ -235,16 +285,23 @@ def main() -> None:
         for n in counts:
             res = results[n] = {}
             for p in pools:
-                res.update({tag("dabctl", p): [], tag("dabctl (CLI exit)", p): [], tag("raw", p): []})
-            res["swarm"] = []
+                res.update({tag("dabctl", p): [], tag("dabctl (CLI exit)", p): []})
+                if args.baseline:
+                    res.update({tag("dabctl baseline", p): [], tag("dabctl baseline (CLI exit)", p): []})
+                if not args.no_peers:
+                    res[tag("raw", p)] = []
+            if not args.no_peers:
+                res["swarm"] = []
             for i in range(args.runs):
-                order = [("dabctl", p) for p in pools] + [("raw", p) for p in pools] + [("swarm", 0)]
+                order = [("dabctl", p) for p in pools]
+                order += [("dabctl baseline", p) for p in pools] if args.baseline else []
+                order += [] if args.no_peers else [("raw", p) for p in pools] + [("swarm", 0)]
                 rng.shuffle(order)
                 for kind, p in order:
-                    if kind == "dabctl":
-                        conv, exit_s = run_dabctl(api, n, p)
-                        res[tag("dabctl", p)].append(conv)
-                        res[tag("dabctl (CLI exit)", p)].append(exit_s)
+                    if kind.startswith("dabctl"):
+                        conv, exit_s = run_dabctl(api, n, p, args.baseline if kind == "dabctl baseline" else None)
+                        res[tag(kind, p)].append(conv)
+                        res[tag(f"{kind} (CLI exit)", p)].append(exit_s)
                     elif kind == "raw":
                         res[tag("raw", p)].append(run_raw(raw_api, api, n, p))
                     else:
@@ -254,13 +311,7 @@ def main() -> None:
     print(f"parallelism {args.parallelism} (dabctl and raw), image {IMAGE}, {args.runs} interleaved runs, ")
     print("clock: launch -> engine reports N running; seconds as median (min-max)")
     print()
-    rows = []
-    for n, res in results.items():
-        base = res[tag("raw", pools[0])]
-        for name, xs in res.items():
-            rows.append((str(n), name, stats(xs), ratio(xs, base), ratio(xs, res["swarm"])))
-    raw_col = f"÷ raw p={pools[0]}" if several else "÷ raw"
-    print_table(("N", "contender", "seconds", raw_col, "÷ swarm"), rows)
+    report(results, pools, tag, baseline=args.baseline is not None, peers=not args.no_peers)
 
 
 if __name__ == "__main__":

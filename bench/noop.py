@@ -14,7 +14,11 @@ same image) against the same engine through its own recording proxy; the clock r
 state, everything running, holds throughout). CLI start-up (`dabctl --help`, `docker-compose version`) is timed
 apart. Runs are interleaved.
 
-    sudo .venv/bin/python bench/noop.py [--services 10,100,300] [--runs 5] [--quick]
+    sudo .venv/bin/python bench/noop.py [--services 10,100,300] [--runs 5] [--quick] [--baseline DIR]
+
+With `--baseline DIR` (another commit's tree: `git archive <commit> | tar -x -C DIR`) the peer is that tree's
+agent instead: two agents, each on its own stack of S services and behind its own recording proxy, their passes
+interleaved one by one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,6 +78,88 @@ def calls_summary(counter: Counter[str]) -> str:
     return ", ".join(f"{n}x {ep}" for ep, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
+class Side:
+    """One contender of a --baseline run: an agent of one tree on its own stack, behind its own recording proxy."""
+
+    def __init__(self, engine: Any, work: Path, stack: str, s: int, tree: Path | None) -> None:
+        self.stack = stack
+        self.proxy = DockerProxy(upstream=str(engine.socket_path)).start()
+        src = work / stack / "stacks"
+        src.mkdir(parents=True)
+        services = {
+            f"s{i}": {"Image": IMAGE, "StopGracePeriod": "1s", "Deploy": {"Replicas": 1 + i % 2}} for i in range(s)
+        }
+        (src / f"{stack}.dab").write_text(dab(services))
+        args = ("--source", str(src), "--docker-host", self.proxy.url, "--poll-interval", "0", "--resync-interval", "0")
+        self.agent = Agent(work / stack, *args, tree=tree)
+        self.wall: list[float] = []
+        self.inner: list[float] = []
+        self.writes = 0
+        self.calls = 0
+
+    def one_pass(self) -> None:
+        self.proxy.reset()
+        h0 = self.agent.metric("dabctl_reconcile_duration_seconds_sum")
+        t0 = time.perf_counter()
+        doc = self.agent.post("/api/reconcile", json={}).json()
+        self.wall.append(time.perf_counter() - t0)
+        self.inner.append(self.agent.metric("dabctl_reconcile_duration_seconds_sum") - h0)
+        if not doc.get("ok") or any(doc.get(k) for k in ("created", "updated", "removed")):
+            raise RuntimeError(f"{self.stack}: not a no-op pass: {doc}")
+        self.calls = len(self.proxy.calls)
+        self.writes = sum(1 for c in self.proxy.calls if not c.endpoint.startswith(("GET", "HEAD")))
+
+    def stop(self, api: Any) -> None:
+        self.agent.stop()
+        self.proxy.stop()
+        remove_by_label(api, f"dabctl.stack={self.stack}")
+
+
+def against_baseline(baseline: Path, counts: list[int], runs: int) -> None:
+    """This tree's agent vs the baseline tree's, each converged on its own stack of S services; passes interleaved."""
+    rows = []
+    with netns_engine() as engine:
+        api = engine.client
+        for s in counts:
+            work = Path(tempfile.mkdtemp(prefix=f"bench-noop{s}-"))
+            sides: dict[str, Side] = {}
+            try:
+                for name, tree in (("dabctl", None), ("dabctl baseline", baseline)):
+                    sides[name] = side = Side(engine, work, f"noop{s}" + ("b" if tree else ""), s, tree)
+                    side.agent.start(timeout=600)
+                    label, n = f"dabctl.stack={side.stack}", replicas(s)
+                    wait_until(lambda label=label, n=n: len(running(api, label)) >= n, f"{label}: {n}", timeout=600)
+                    side.agent.post("/api/reconcile", json={})  # settle: the pass after the first converge
+                for i in range(runs):
+                    for side in sides.values():
+                        side.one_pass()
+                    log(
+                        f"S={s} run {i + 1}/{runs}: "
+                        + ", ".join(f"{k} {v.wall[-1] * 1000:.1f} ms" for k, v in sides.items())
+                    )
+                base = sides["dabctl baseline"]
+                for name, side in sides.items():
+                    rows.append(
+                        (
+                            str(s),
+                            name,
+                            f"{median(side.wall) * 1000:.1f} ({min(side.wall) * 1000:.1f}-{max(side.wall) * 1000:.1f})",
+                            f"{median(side.inner) * 1000:.1f}",
+                            f"{side.calls} ({side.writes} writes)",
+                            f"{median(side.wall) / median(base.wall):.2f}x",
+                        )
+                    )
+            finally:
+                for side in sides.values():
+                    side.stop(api)
+                shutil.rmtree(work, ignore_errors=True)
+        print(f"machine: {machine(engine)}")
+    print(f"{runs} interleaved passes per S and tree; ms as median (min-max); writes = API calls other than GET/HEAD")
+    print()
+    header = ("S", "contender", "pass ms (trigger->end)", "pass ms (histogram)", "API calls", "÷ baseline")
+    print_table(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--services", default="10,100,300", help="comma-separated service counts S (10,100,300)")
@@ -81,9 +168,13 @@ def main() -> None:
     parser.add_argument(
         "--compose-max", type=int, default=10**6, help="run the docker-compose peer only for S up to this (all)"
     )
+    parser.add_argument("--baseline", type=Path, help="compare with another commit's tree (no compose peer)")
     args = parser.parse_args()
     runs = 3 if args.quick else args.runs
     counts = [int(x) for x in args.services.split(",") if x.strip()]
+    if args.baseline:
+        against_baseline(args.baseline, counts, runs)
+        return
 
     rows = []
     calls_rows = []

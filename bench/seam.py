@@ -73,10 +73,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, required=True, help="a directory holding the other commit's tree")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds; median reported (3)")
+    parser.add_argument(
+        "--cases", default="", help="only these cases, e.g. noop:300,rollout:40 (default: all six rows)"
+    )
     args = parser.parse_args()
     here = Path(__file__).resolve().parent.parent
     trees = {"baseline": args.baseline.resolve(), "this": here}
     cases = [("converge", 100), ("converge", 300), ("noop", 10), ("noop", 100), ("noop", 300), ("rollout", 40)]
+    if args.cases:
+        cases = [(kind, int(size)) for kind, _, size in (c.partition(":") for c in args.cases.split(","))]
     results: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(args.runs):
         for kind, size in cases:

@@ -202,6 +202,23 @@ def wanted(ports: Mapping[PortKey, int], endpoints: Iterable[Endpoint]) -> dict[
     return out
 
 
+def forwarded(
+    balance: Mapping[Frontend, tuple[Backend, ...]], peers: Mapping[tuple[str, str], Iterable[str]]
+) -> dict[Frontend, tuple[Backend, ...]]:
+    """A cluster's published port answers on every node: a frontend with no ready replica on this node forwards to
+    the same published port on the nodes (`peers`: their addresses by service) that report a ready one (pure).
+
+    Only a node with no local backend forwards, and only to nodes whose own replicas are ready, so a connection
+    crosses at most one node on its way when the reports are current."""
+    out = dict(balance)
+    for frontend, backends in balance.items():
+        if backends:
+            continue
+        addresses = set(peers.get((frontend.stack, frontend.service), ()))
+        out[frontend] = tuple(sorted(Backend(a, frontend.port) for a in addresses if a))
+    return out
+
+
 # --- actions: their text is the plan -------------------------------------------------------------------------
 
 

@@ -163,8 +163,8 @@ class AgentConfig(BaseModel):
     )
     cluster_insecure: bool = Field(
         False,
-        description="Run the cluster listener without TLS (tests only: until the cluster has a CA, it is refused "
-        "without this)",
+        description="Let a cluster node without a certificate run its cluster listener in plain HTTP (tests only; "
+        "a node with a certificate always serves TLS)",
     )
     webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
     webhook_forge: Literal["github", "gitlab"] = Field(
@@ -368,3 +368,7 @@ class ClusterMembership(BaseModel):
     etcd_user: str | None = None  # issued at join: may write only /node/<node_id>/ (managers: the whole prefix)
     etcd_password: str | None = Field(None, repr=False)
     managers: list[str] = []  # host:port of managers' cluster listeners, as last known
+    advertise_address: str | None = None  # as given to init/join; the config's advertise_address overrides it
+    # The cluster's etcd is the one dabctl runs (`cluster init` without --etcd): TLS on its ports, every node's
+    # client certificate its node certificate from the cluster CA (<state_dir>/pki/).
+    etcd_tls: bool = False

@@ -34,7 +34,8 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── JoinRefused             agent.api.join               terminal   a manager refused a join (or is unreachable)
     ├── ClusterSetupError       agent.node.join              terminal   cluster init / join / join-token cannot run
     ├── EtcdMemberError         agent.node.etcdmember        terminal   this node's etcd member cannot start or stop
-    ├── BackupError             agent.state.backup           terminal   a cluster backup is foreign, damaged or locked
+    ├── BackupError             agent.pki.seal               terminal   a cluster backup is foreign, damaged or locked
+    ├── CertificateRefused      agent.pki.ca                 terminal   a certificate or CSR the cluster does not accept
     ├── ContentMissing          agent.state.records          terminal   a record's content chunks are not all there
     ├── Held                    agent.state.holder           terminal   another process holds a lock file
     ├── PrivateFileRefused      agent.private                terminal   a state dir or secret file others could read
@@ -44,10 +45,15 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     ├── ControlRefused          agent.node.loop              terminal   the agent will not run a call as asked
     │   └── UnknownStack        agent.node.loop              terminal   a call names a stack the node does not know
     ├── PassNotRun              agent.node.loop              retryable  a control call's pass could not run
+    ├── NotAManager             agent.node.control           terminal   a changing command on a cluster worker
+    ├── NoLeader                agent.node.control           retryable  no manager leads the cluster now
     ├── EmptySourceRefused      agent.node.engine            terminal   pruning every stack needs --allow-empty
     ├── PolicyRefused           agent.node.admission         terminal   a container was refused at create/start
     ├── UntrustedPath           agent.node.hostpaths         terminal   a bind source passes an untrusted symlink
     ├── RollbackError           agent.node.rollback          terminal   no such revision to roll back to
+    ├── NodeConflict            agent.state.nodes            terminal   a live node of another id holds the name
+    ├── NodeNotFound            agent.state.nodes            terminal   no node (or several) match a name or id
+    ├── NotJoined               agent.node.membership        terminal   this node id has no spec in the cluster
     ├── DeliveryFailed          agent.notify.sinks           retryable  a notification sink did not take an event
     │   └── DeliveryRefused     agent.notify.sinks           terminal   the sink refused it for good (4xx)
     └── UserError               agent.cli.options            terminal   a command line that cannot work

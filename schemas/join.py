@@ -99,12 +99,13 @@ class JoinRequest(JoinMessage):
     node_id: str = Field(pattern=NODE_ID.pattern)
     name: str = Field(pattern=NODE_NAME.pattern)
     advertise_address: str = ""
+    csr: str = ""  # PEM: the node's key stays on the node; the manager signs this (required once the cluster has a CA)
 
 
 class ClusterSecrets(JoinMessage):
     """What only managers hold (`<state_dir>/cluster-secrets.json`, 0600): the join tokens' secrets (the cluster
     record keeps only their digests) and the password of etcd's root user, which creates a user for each node that
-    joins. The cluster CA's key joins them when the cluster has one."""
+    joins. The cluster CA's key is kept beside them, in `<state_dir>/pki/ca.key`."""
 
     worker_token: str = Field(repr=False)
     manager_token: str = Field(repr=False)
@@ -122,7 +123,18 @@ class JoinResponse(JoinMessage):
     etcd_user: str | None = None
     etcd_password: str | None = Field(None, repr=False)
     managers: list[str] = []
-    secrets: ClusterSecrets | None = None  # managers only
+    secrets: ClusterSecrets | None = None  # managers of a cluster without a CA only (with one: ManagerSecrets)
     # A manager joining a cluster that runs its own etcd: the members (node id -> peer URL), its own already added
     # as a learner; it starts its member with these and `initial-cluster-state existing`.
     etcd_members: dict[str, str] = {}
+    etcd_tls: bool = False  # the cluster's etcd is dabctl's: TLS, the node's certificate as its client certificate
+    certificate: str = ""  # PEM: the node's certificate, naming its id and role
+    ca_certificate: str = ""  # PEM: the cluster CA's (the node checked its digest against the token's)
+
+
+class ManagerSecrets(JoinMessage):
+    """What a manager hands a new manager over mutual TLS (`POST /cluster/v1/secrets`, manager certificates only):
+    the cluster's secrets and the CA's key, so that every manager can admit nodes and sign their certificates."""
+
+    secrets: ClusterSecrets
+    ca_key: str = Field(repr=False)

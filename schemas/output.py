@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel
+
+from schemas.state import Availability, NodeRole, NodeSpec, NodeStatus
 
 Health = Literal["Healthy", "Progressing", "Degraded"]
 SourceKind = Literal["directory", "git"]
@@ -54,6 +57,7 @@ class ReplicaRow(BaseModel):
     revision: str
     task: str | None = None
     error: str = ""
+    node: str = ""  # the name of the node the container runs on ("" for a pending slot: it runs nowhere)
 
 
 class SyncStatus(BaseModel):
@@ -65,8 +69,16 @@ class SyncStatus(BaseModel):
     at: str | None = None
 
 
+class PendingReplica(BaseModel):
+    """A slot of a service that fits on no node, with the scheduler's reason (what to change to place it)."""
+
+    slot: str
+    reason: str
+
+
 class ServiceHealth(BaseModel):
-    """Replicas running (and healthy, where a healthcheck exists) against those desired on this node."""
+    """Replicas running (and healthy, where a healthcheck exists) against those desired: on a node alone, on this
+    node; in a cluster, on every node (from the nodes' slot reports), pending slots counted as desired."""
 
     service: str
     mode: str
@@ -75,6 +87,8 @@ class ServiceHealth(BaseModel):
     running: int
     desired: int
     status: Health
+    pending: list[PendingReplica] = []
+    warnings: list[str] = []  # e.g. an image with no registry digest on a cluster: nodes may run different images
 
 
 class HealthStatus(BaseModel):
@@ -129,10 +143,57 @@ class SourceStatus(BaseModel):
     verify: VerifyStatus | None = None
 
 
+class NodeSummary(BaseModel):
+    """One node of a cluster as `status` and the web page show it: `state` up while its lease holds, `leader` for
+    the one that leads, `replicas` the containers its reports (or, for this node, its engine) say run there.
+    `certificate_expires_at` stays None until nodes report their certificate."""
+
+    id: str
+    name: str
+    role: Literal["manager", "worker"]
+    availability: Literal["active", "pause", "drain"]
+    state: Literal["up", "down"]
+    leader: bool = False
+    address: str = ""
+    replicas: int = 0
+    certificate_expires_at: str | None = None
+
+
 class StatusOutput(BaseModel):
-    """`dabctl status --output json` and the agent's `/status`."""
+    """`dabctl status --output json` and the agent's `/status`; `nodes` only on a cluster node."""
 
     node: str
     ready: bool
     source: SourceStatus | None = None
     stacks: list[StackStatus] = []
+    nodes: list[NodeSummary] = []
+
+
+class NodeRow(BaseModel):
+    """One node of `dabctl node ls --output json`: `state` up while its lease holds; `leader` for the one that
+    leads (its term beside it)."""
+
+    id: str
+    name: str
+    role: NodeRole
+    availability: Availability
+    state: Literal["up", "down"]
+    leader: bool
+    term: int | None = None
+    address: str
+    version: str
+    labels: dict[str, str] = {}
+    certificate_expires_at: datetime | None = None  # the node's cluster certificate, as it last reported it
+
+
+class NodeDetail(BaseModel):
+    """`dabctl node inspect NODE`: the node's spec (what managers keep), its status (what it says of itself,
+    None while down) and whether it leads."""
+
+    id: str
+    name: str
+    state: Literal["up", "down"]
+    leader: bool
+    term: int | None = None
+    spec: NodeSpec
+    status: NodeStatus | None

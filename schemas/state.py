@@ -155,7 +155,8 @@ class ClusterRecord(Record):
     lease_ttl: int = 6
     worker_token_digest: str = ""
     manager_token_digest: str = ""
-    ca_digest: str = ""  # "" until the cluster has a certificate authority
+    ca_digest: str = ""  # sha256 of the cluster CA certificate's DER ("" for a cluster made without a CA)
+    certificate_days: int = 90  # life of a node certificate issued at join
 
 
 class NodeSpec(Record):
@@ -181,6 +182,7 @@ class NodeStatus(Record):
     busy_ports: list[tuple[str, int]] = []  # (protocol, port) in use by something other than dabctl's balancer
     dabctl_version: str = ""
     schema_version: int = 1
+    certificate_expires_at: datetime | None = None  # this node's certificate (agent.pki.files.certificate_expiry)
 
 
 class SlotReport(Record):
@@ -196,6 +198,13 @@ class SlotReport(Record):
     image_id: str = ""
     spec_hash: str = ""
     created: int = 0  # when the container was created (epoch seconds): a rollout's monitor period counts from it
+
+
+class PendingSlot(Record):
+    """A replica slot the leader could place on no node, and why (`/pending/<stack>/<service>/<slot>`): written by
+    the leader's orchestrator commit only when the pending set changes, read by `status`, `ps` and the page."""
+
+    reason: str
 
 
 class LeaderRecord(Record):

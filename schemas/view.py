@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from schemas.output import StatusOutput
+from schemas.output import NodeSummary, StatusOutput
 
 
 class SlotView(BaseModel):
@@ -24,6 +24,7 @@ class SlotView(BaseModel):
     exit_code: int | None = None
     spec: str
     image: str
+    error: str = ""  # a pending slot: why no node takes it
 
 
 class RolloutView(BaseModel):
@@ -63,7 +64,8 @@ class AuditView(BaseModel):
 
 
 class FleetView(BaseModel):
-    """The fleet page: the node's status, every slot, rollouts in progress and pins."""
+    """The fleet page: the node's status, every slot, rollouts in progress, pins and the nodes (one row for a node
+    alone)."""
 
     generation: int
     built_at: str
@@ -71,6 +73,7 @@ class FleetView(BaseModel):
     slots: dict[str, list[SlotView]] = {}  # per stack
     rollouts: dict[str, list[RolloutView]] = {}  # per stack, only those not completed
     pins: list[PinView] = []
+    nodes: list[NodeSummary] = []
 
 
 class StackView(BaseModel):

@@ -521,6 +521,8 @@ class CountingLog:
         self.writes.append(f"delete {key}")
         return int(self.log.delete(key, prefix))
 
-    def txn(self, compares: Sequence[Any], then_ops: Sequence[Any], else_ops: Sequence[Any] = ()) -> Any:
+    def txn(
+        self, compares: Sequence[Any], then_ops: Sequence[Any], else_ops: Sequence[Any] = (), *, durable: bool = True
+    ) -> Any:
         self.writes.append("txn " + ", ".join(getattr(op, "key", "?") for op in then_ops))
-        return self.log.txn(compares, then_ops, else_ops)
+        return self.log.txn(compares, then_ops, else_ops, durable=durable)

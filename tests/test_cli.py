@@ -62,6 +62,13 @@ def test_usage_errors_exit_1_not_2(args: list[str]) -> None:
     assert result.stderr.strip()
 
 
+def test_node_commands_explain_themselves_and_exit_1_on_usage_errors() -> None:
+    helped = dabctl("node", "--help")
+    assert helped.returncode == 0 and all(f"  {sub} " in helped.stdout for sub in ("ls", "inspect", "update", "rm"))
+    bad = dabctl("node", "update", "n1", "--availability", "bogus")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "bogus" in bad.stderr
+
+
 def test_validate_samples_exit_0() -> None:
     result = dabctl("validate", "samples/stacks", "samples/public")
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,42 @@ def get_status(path: Path, timeout: float = 30) -> dict[str, Any]:
     if status != 200:
         raise AgentUnreachable(f"the agent on {path} answered /status with {status}")
     return doc
+
+
+def call_leader(
+    address: str, name: str, body: dict[str, Any], timeout: float = 900, tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
+    """POST /cluster/v1/<name> on the leader's cluster listener (`address`, host:port) and return its JSON answer.
+
+    Mutual TLS with this node's certificate (`tls`: the leader's listener requires a manager's); plain HTTP only for
+    a node without a certificate (`cluster_insecure`: the leader then checks that the caller's address is a
+    manager's)."""
+    host, _, port = address.rpartition(":")
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection(host.strip("[]"), int(port), timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("POST", f"/cluster/v1/{name}", body=json.dumps(body).encode(), headers=_JSON)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise AgentUnreachable(
+            f"the cluster's leader does not answer at {address} ({type(exc).__name__}); `dabctl status` shows the "
+            "nodes, try again once a leader is elected"
+        ) from None
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise AgentUnreachable(f"the leader at {address} answered {resp.status} without JSON") from None
+    if not isinstance(doc, dict):
+        raise AgentUnreachable(f"the leader at {address} answered {resp.status} with no JSON object")
+    if resp.status >= 400:
+        raise AgentRefused(f"the leader at {address} refused {name}: {doc.get('error', resp.status)}")
+    return doc
+
+
+_JSON = {"Content-Type": "application/json"}

@@ -1,21 +1,29 @@
-"""The joining node's call to a manager's cluster listener: `POST /cluster/v1/join`.
+"""A node's calls to another node's cluster listener (`/cluster/v1/<call>`).
 
-Plain HTTP until the cluster has a certificate authority (then: TLS, the manager's certificate checked against the
-token's CA digest before anything is sent); the cluster listener runs only with `cluster_insecure: true` meanwhile.
+With a cluster CA (the default) every call is TLS: a joining node first fetches the CA certificate without
+checking it (`fetch_ca`), checks its digest against the token's, and only then sends its token and CSR over a
+connection whose server certificate must be the cluster CA's and a manager's (`check_peer`). Later calls carry
+the node's own certificate (mutual TLS). Plain HTTP is kept for a cluster made without a CA (`cluster_insecure`).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
+from collections.abc import Callable
+from typing import Any
 
-import requests
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.errors import DabctlError
 from schemas.join import JoinRequest, JoinResponse
 
+CLUSTER_PATH = "/cluster/v1/"
 JOIN_URL = "/cluster/v1/join"
+CA_URL = "/cluster/v1/ca"
 TIMEOUT = 30.0
+MAX_REPLY = 1 << 20
 
 
 class JoinRefused(DabctlError):
@@ -26,35 +34,104 @@ class JoinRefused(DabctlError):
         self.status = status
 
 
-def post_join(manager: str, request: JoinRequest) -> JoinResponse:
-    """Send the join to `manager` (host:port of its cluster listener); the manager's answer or JoinRefused."""
-    url = f"http://{manager}{JOIN_URL}"
-    session = requests.Session()
-    session.trust_env = False  # a proxy from the environment must never see the token
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _unreachable(address: str, exc: Exception) -> JoinRefused:
+    why = type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        why = f"TLS: {exc.reason or exc}"
+    return JoinRefused(
+        0,
+        f"cannot reach the cluster listener at {address}: {why}; check the address (the node's advertise address "
+        "and cluster_listen port, 9421 by default) and that its agent runs",
+    )
+
+
+def call(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes | None,
+    *,
+    tls: ssl.SSLContext | None,
+    check_peer: Callable[[bytes], None] | None = None,
+) -> tuple[int, bytes]:
+    """One request to the cluster listener at `address` (host:port): (status, body). With `tls`, `check_peer`
+    sees the server's certificate (DER) before anything is sent, and may raise to stop there."""
+    host, port = _split(address)
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT, context=tls)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
     try:
-        resp = session.post(
-            url, data=request.model_dump_json(), headers={"Content-Type": "application/json"}, timeout=TIMEOUT
-        )
-    except requests.RequestException as exc:
-        raise JoinRefused(
-            0,
-            f"cannot reach the manager's cluster listener at {manager}: {type(exc).__name__}; check the address "
-            "(the manager's advertise address and cluster_listen port, 9421 by default) and that its agent runs",
-        ) from None
+        try:
+            conn.connect()
+            if tls is not None and check_peer is not None:
+                sock = conn.sock
+                assert isinstance(sock, ssl.SSLSocket)
+                der = sock.getpeercert(binary_form=True)
+                if der is None:
+                    raise JoinRefused(0, f"{address} showed no certificate")
+                check_peer(der)
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read(MAX_REPLY)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise _unreachable(address, exc) from None
     finally:
-        session.close()
+        conn.close()
+
+
+def fetch_ca(address: str) -> bytes:
+    """The CA certificate (PEM) the node at `address` shows, not checked: the caller compares its digest with
+    the token's before it sends anything else."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # nothing is sent but this GET; what comes back is checked by its digest
+    status, body = call(address, "GET", CA_URL, None, tls=ctx)
+    if status != 200 or not body.startswith(b"-----BEGIN CERTIFICATE-----"):
+        raise JoinRefused(status, f"{address} answered {status} without a CA certificate: not a dabctl manager?")
+    return body
+
+
+def post(
+    address: str,
+    name: str,
+    message: BaseModel,
+    reply: type[Any],
+    *,
+    tls: ssl.SSLContext | None,
+    check_peer: Callable[[bytes], None] | None = None,
+) -> Any:
+    """POST `message` to `/cluster/v1/<name>`; the answer as `reply`, or JoinRefused with the node's error."""
+    status, body = call(
+        address, "POST", f"{CLUSTER_PATH}{name}", message.model_dump_json().encode(), tls=tls, check_peer=check_peer
+    )
     try:
-        doc = resp.json()
+        doc = json.loads(body)
     except ValueError:
-        raise JoinRefused(
-            resp.status_code, f"{manager} answered {resp.status_code} without JSON: not a dabctl manager?"
-        ) from None
-    if resp.status_code != 200:
-        message = doc.get("error") if isinstance(doc, dict) else None
-        raise JoinRefused(resp.status_code, f"{manager} refused the join: {message or resp.status_code}")
+        raise JoinRefused(status, f"{address} answered {status} without JSON: not a dabctl manager?") from None
+    if status != 200:
+        error = doc.get("error") if isinstance(doc, dict) else None
+        raise JoinRefused(status, f"{address} refused the {name}: {error or status}")
     try:
-        return JoinResponse.model_validate_json(json.dumps(doc))
+        return reply.model_validate_json(json.dumps(doc))
     except ValidationError:
-        raise JoinRefused(
-            resp.status_code, f"{manager} answered a join with something else: not a dabctl manager?"
-        ) from None
+        raise JoinRefused(status, f"{address} answered a {name} with something else: not a dabctl manager?") from None
+
+
+def post_join(
+    manager: str,
+    request: JoinRequest,
+    *,
+    tls: ssl.SSLContext | None = None,
+    check_peer: Callable[[bytes], None] | None = None,
+) -> JoinResponse:
+    """Send the join to `manager` (host:port of its cluster listener); the manager's answer or JoinRefused."""
+    response: JoinResponse = post(manager, "join", request, JoinResponse, tls=tls, check_peer=check_peer)
+    return response

@@ -11,8 +11,12 @@ Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's
 - `webhook` (`webhook_listen`): `/webhook` only, because git forges cannot present client certificates.
 - `cluster` (`cluster_listen`, default 0.0.0.0:9421; cluster nodes only): traffic between the nodes of a cluster,
   never on `listen`. It serves `POST /cluster/v1/<call>` for the calls the node gives it (today: `join`, which a
-  manager answers) and nothing else: no probe, no page, no control call, no write of intent. Plain HTTP only with
-  `cluster_insecure` until the cluster has a certificate authority.
+  manager answers, and on the leader the changing calls other managers forward: `reconcile`, `rollback`,
+  `suspend`, `resume`, for managers only) and nothing else: no probe, no page, no status. TLS with the node's
+  certificate from the cluster CA (`ClusterTls`): `GET /cluster/v1/ca` and the calls a node without a certificate
+  must make (joining) are open; every other call requires a client certificate from the cluster CA, and calls
+  for managers only a manager's (the role is read from the certificate). A plain-HTTP request fails the
+  handshake. Plain HTTP only for a node without a certificate and with `cluster_insecure`.
 - `control` (`<state_dir>/agent.sock`, root-owned, 0600 or 0660 with `control_group`): the CLI's changing calls
   (`POST /api/<call>`) and `/status`. The socket's mode is the check, as for dockerd's API socket.
 
@@ -41,6 +45,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -69,11 +74,15 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 _GET = ("GET", "HEAD")
 _POST = ("POST",)
 CLUSTER_API = "/cluster/v1/"
+CLUSTER_CA = "/cluster/v1/ca"
 _PROBES = ("/healthz", "/readyz", "/metrics", "/status")
 _PAGES = ("/", "/stacks/{stack}", "/events", *(f"/ui/{name}" for name in render.ASSETS))
 
 T = TypeVar("T")
 ApiCall = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
+# A call on the cluster listener also gets the peer's address: until nodes present certificates (the PKI issue),
+# the address a manager's status records is all that says a caller is one.
+ClusterCall = Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]
 
 
 class PageSource(Protocol):
@@ -186,6 +195,20 @@ class RateLimit:
         return 0.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterTls:
+    """TLS for the cluster listener: the server context (this node's certificate; client certificates asked for
+    and verified against the cluster CA when given), the CA certificate served at `GET /cluster/v1/ca`, who a
+    client certificate names (`role_of`: its role from the DER, raising a DabctlError for one the cluster does not
+    accept), the calls open to a client without a certificate and the calls for managers only."""
+
+    context: ssl.SSLContext
+    ca_pem: bytes
+    role_of: Callable[[bytes], str]
+    open_calls: frozenset[str] = frozenset({"join"})
+    manager_calls: frozenset[str] = frozenset()
+
+
 class Listener:
     """One bound socket of the agent's server: a TCP address or a unix socket path."""
 
@@ -195,6 +218,7 @@ class Listener:
         self.path = path
         self.allowed_hosts: frozenset[str] = frozenset()
         self.group: int | None = None
+        self.tls: ClusterTls | None = None
         self.sock: socket.socket | None = None
         self.server: _GuardedServer | None = None
 
@@ -229,7 +253,7 @@ class AgentHttp:
         api: Mapping[str, ApiCall] | None = None,
         limits: Limits | None = None,
         page: PageSource | None = None,
-        cluster_api: Mapping[str, ApiCall] | None = None,
+        cluster_api: Mapping[str, ClusterCall] | None = None,
     ) -> None:
         """`ready` and `on_webhook` run on the server loop and must not block; the others run in thread pools."""
         self.status = status
@@ -263,9 +287,11 @@ class AgentHttp:
         self.listeners.append(listener)
         return listener
 
-    def add_cluster(self, host: str, port: int) -> Listener:
-        """The cluster listener (before start): `POST /cluster/v1/<call>` for the calls in `cluster_api` only."""
+    def add_cluster(self, host: str, port: int, tls: ClusterTls | None = None) -> Listener:
+        """The cluster listener (before start): `POST /cluster/v1/<call>` for the calls in `cluster_api` only,
+        and with `tls`, `GET /cluster/v1/ca`."""
         listener = Listener(Kind.CLUSTER, tcp=(host, port))
+        listener.tls = tls
         self.listeners.append(listener)
         return listener
 
@@ -281,6 +307,8 @@ class AgentHttp:
         out: list[Route] = []
         for listener in self.listeners:
             if listener.kind is Kind.CLUSTER:
+                if listener.tls is not None:
+                    out.append(Route(listener.kind, CLUSTER_CA, _GET, changes=False))
                 out += [
                     Route(listener.kind, f"{CLUSTER_API}{n}", _POST, changes=True) for n in sorted(self.cluster_api)
                 ]
@@ -359,7 +387,14 @@ class AgentHttp:
             server = _GuardedServer(self, listener)
             listener.server = server
             assert listener.sock is not None
-            await loop.create_server(server, sock=listener.sock, backlog=self.limits.backlog)
+            tls = listener.tls.context if listener.tls is not None else None
+            await loop.create_server(
+                server,
+                sock=listener.sock,
+                backlog=self.limits.backlog,
+                ssl=tls,
+                ssl_handshake_timeout=self.limits.request_deadline if tls is not None else None,
+            )
         self._sweeper = asyncio.create_task(self._sweep())
         started.set_result(None)
 
@@ -448,8 +483,22 @@ class AgentHttp:
         if path.startswith("/api/"):
             return await self._api(request, self.api[path.removeprefix("/api/")], due)
         if path.startswith(CLUSTER_API):
-            return await self._api(request, self.cluster_api[path.removeprefix(CLUSTER_API)], due)
+            return await self._cluster(listener, request, due)
         return await self._page(request)
+
+    async def _cluster(self, listener: Listener, request: web.BaseRequest, due: float) -> _Reply:
+        tls = listener.tls
+        if request.path == CLUSTER_CA and tls is not None:
+            return _Reply(200, tls.ca_pem, "application/x-pem-file")
+        name = request.path.removeprefix(CLUSTER_API)
+        if tls is not None and name not in tls.open_calls:
+            refused = _client_refused(tls, request, name)
+            if refused is not None:
+                _LOG.warning("cluster call %s from %s refused: %s", name, request.remote, refused.body.decode())
+                return refused
+        call = self.cluster_api[name]
+        peer = request.remote or ""
+        return await self._api(request, lambda body: call(body, peer), due)
 
     # --- the web page -------------------------------------------------------------------------------------------
 
@@ -725,6 +774,23 @@ async def _read_body(request: web.BaseRequest, due: float) -> bytes | _Reply:
     except asyncio.IncompleteReadError:
         return _error(400, "request body shorter than Content-Length")
     return body
+
+
+def _client_refused(tls: ClusterTls, request: web.BaseRequest, name: str) -> _Reply | None:
+    """None when the client's certificate (verified against the cluster CA in the handshake) may make call
+    `name`; else the refusal: 401 without a certificate, 403 for one the cluster does not accept or a worker's
+    on a call for managers."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+    if der is None:
+        return _error(401, "this call needs a client certificate from the cluster's CA (a node's own)")
+    try:
+        role = tls.role_of(der)
+    except Exception as exc:  # a DabctlError naming why; anything else is refused the same way
+        return _error(403, f"client certificate refused: {exc}")
+    if name in tls.manager_calls and role != "manager":
+        return _error(403, f"{name} is for managers only: a {role}'s certificate may not call it")
+    return None
 
 
 def _host_allowed(request: web.BaseRequest, listener: Listener) -> bool:

@@ -1,5 +1,6 @@
 """The `dabctl` command line, one module per theme: files.py (validate, schema, bundle), changes.py (plan,
-reconcile, rollback, suspend, resume), views.py (ps, history, status, logs), serve.py (agent); options.py holds
+reconcile, rollback, suspend, resume), views.py (ps, history, status, logs), serve.py (agent),
+cluster.py (node ls, inspect, update, rm); options.py holds
 what they share and render.py the plan and result views.
 
 Exit codes everywhere: 0 success, 1 any error (usage errors included), 2 only from `plan --detailed-exitcode`
@@ -12,7 +13,7 @@ import sys
 
 import click
 
-from agent.cli import changes, files, join, serve, views
+from agent.cli import changes, cluster, files, join, serve, views
 from bundles import InvalidBundles
 from schemas.errors import DabctlError
 
@@ -42,6 +43,7 @@ for command in (
     changes.resume,
     serve.agent,
     join.cluster,
+    cluster.node,
 ):
     cli.add_command(command)
 

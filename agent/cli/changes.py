@@ -16,7 +16,7 @@ from rich.console import Console
 
 from agent.cli.options import console, engine_options, load, seconds, source_options
 from agent.cli.render import plan_output, render_plan, result_line
-from agent.node.control import load_desired, open_control, open_engine
+from agent.node.control import load_desired, open_changing, open_engine
 from agent.node.engine import AnyResult, PassPlan
 from agent.sources.source import source_ref
 from reconcilers.outcome import Outcome
@@ -71,7 +71,8 @@ def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, t
     command returns only when every service runs its replicas healthy, and exits 1 naming the services that
     do not within --timeout. While `dabctl agent` runs on this state directory (any state backend), the passes
     run in the agent with the same meaning of --wait, --timeout and --allow-empty; a --source other than the
-    agent's is refused.
+    agent's is refused. On a cluster node: a manager asks the leader to fetch and converge (with --wait, until
+    every node's slots run the new spec); a worker refuses, naming the managers.
     """
     limit = seconds("--timeout", timeout)
     migrate: tuple[str, ...] = opts.pop("migrate")
@@ -90,7 +91,7 @@ def reconcile(once: bool, config_path: Path | None, dry_run: bool, wait: bool, t
         allow_empty=opts.get("allow_empty"),
         migrate_volumes=list(migrate),
     )
-    result = open_control(cfg, _progress(out)).reconcile(request)
+    result = open_changing(cfg, _progress(out)).reconcile(request)
     return _report(result, out)
 
 
@@ -112,7 +113,8 @@ def rollback(stack: str, config_path: Path | None, to: str | None, unpin: bool, 
     limit = seconds("--timeout", timeout)
     cfg = load(config_path, **opts)
     out = console()
-    result = open_control(cfg, _progress(out)).rollback(RollbackRequest(stack=stack, to=to, unpin=unpin, timeout=limit))
+    control = open_changing(cfg, _progress(out))
+    result = control.rollback(RollbackRequest(stack=stack, to=to, unpin=unpin, timeout=limit))
     out.print(result.message, markup=False)
     return _report(result.passes, out)
 
@@ -134,7 +136,7 @@ def resume(stack: str, config_path: Path | None, **opts: Any) -> None:
 
 
 def _suspension(stack: str, suspended: bool, cfg: Any) -> None:
-    result = open_control(cfg).suspend(SuspendRequest(stack=stack, suspended=suspended))
+    result = open_changing(cfg).suspend(SuspendRequest(stack=stack, suspended=suspended))
     verb = "suspended" if suspended else "resumed"
     click.echo(f"{stack}: {verb}" if result.changed else f"{stack}: already {verb}")
 

@@ -24,8 +24,12 @@ def cluster() -> None:
     `cluster init` on the first node (a manager) turns etcd's authentication on for the cluster's prefix and
     prints the join commands; `cluster join` on each other node admits it (as a worker
     or a manager, by its token) and gives it an etcd user that may write only its own keys. Restart the agent
-    afterwards: it then runs as a cluster node. Until the cluster has a certificate authority, the cluster
-    listener (port 9421) needs `cluster_insecure: true`.
+    afterwards: it then runs as a cluster node.
+
+    `cluster init` also makes the cluster's certificate authority; every node that joins gets a certificate
+    naming its id and role (its key is made on the node and never leaves it), and the cluster listener (port
+    9421) serves mutual TLS with it. A join token pins the CA's digest: a joining node refuses a cluster whose CA
+    does not match it, before it sends anything.
     """
 
 
@@ -69,18 +73,28 @@ def _print_joins(member: ClusterMembership, worker: str | None, manager: str | N
     default=None,
     help="Move this single-node install's state (DIR/state.db) into the cluster: no container is recreated.",
 )
+@click.option(
+    "--cert-expiry",
+    "certificate_days",
+    type=click.IntRange(1, 3650),
+    default=None,
+    help="Days a node certificate issued at join is valid [default: 90]; renewed at 2/3 of its life.",
+)
 def init(config_path: Path | None, **opts: Any) -> None:
     """Make a cluster with this node as its first manager.
 
     Writes the cluster record (its id and the join tokens' digests) and this node's record (a manager) under the
     etcd prefix, turns etcd's authentication on (creating its root user unless --etcd-root-password-file names
-    one), writes <state_dir>/cluster.json and cluster-secrets.json (0600), and prints the join commands.
+    one), makes the cluster CA (ECDSA P-256, 20 years) and this node's key and certificate under
+    <state_dir>/pki/ (keys 0600, never in the state log), writes <state_dir>/cluster.json and
+    cluster-secrets.json (0600), and prints the join commands (their tokens pin the CA's digest).
 
     Without --etcd (and no `state: etcd://...` in the config) this node runs the cluster's etcd: etcd-server's
     /usr/bin/etcd with its data under <state_dir>/etcd/, client port 2379 and peer port 2380 on the advertise
-    address, TLS with client certificates on both from the node's certificate (etcd_ca_file, etcd_cert_file,
-    etcd_key_file). It runs in its own process group: stopping or restarting the agent leaves it running; the
-    agent re-adopts it at start. `dabctl cluster leave` stops it.
+    address, TLS with client certificates on both from this node's certificate of the cluster CA
+    (<state_dir>/pki/; every node's agent uses its own certificate as its etcd client certificate). It runs in
+    its own process group: stopping or restarting the agent leaves it running; the agent re-adopts it at start.
+    `dabctl cluster leave` stops it.
 
     With --from-state DIR (stop the agent first; containers keep running) the single-node state moves into
     etcd — owner id, stacks, history, assignments, ports, tasks, rollouts, pins — so that the agent, restarted as
@@ -103,6 +117,7 @@ def init(config_path: Path | None, **opts: Any) -> None:
             lease_ttl=opts["lease_ttl"],
             root_password=password,
             from_state=from_state,
+            certificate_days=opts["certificate_days"],
         ),
     )
     member = result.membership
@@ -110,7 +125,9 @@ def init(config_path: Path | None, **opts: Any) -> None:
     if from_state is not None:
         moved = ", ".join(f"{n} {kind}" for kind, n in sorted(result.moved.items())) or "nothing"
         click.echo(f"Moved from {from_state}: {moved}.")
-    click.echo("Restart the agent (with cluster_insecure: true until the cluster has a CA) to run as a cluster node.\n")
+    click.echo(
+        "Restart the agent to run as a cluster node (its cluster listener serves TLS with this node's certificate).\n"
+    )
     _print_joins(member, result.secrets.worker_token, result.secrets.manager_token)
 
 
@@ -124,19 +141,23 @@ def init(config_path: Path | None, **opts: Any) -> None:
 def join(config_path: Path | None, token: str, manager: str, **opts: Any) -> None:
     """Join the cluster of the manager at MANAGER (host:port of its cluster listener, port 9421 by default).
 
-    Sends the token with this node's name and id (made once, kept in <state_dir>/node-id); the manager checks
-    the token, refuses a name that a live node of another id holds, records this node with the token's role
-    and issues it an etcd user. The answer is written to <state_dir>/cluster.json (0600). Restart the agent.
+    First fetches the manager's CA certificate and checks it against the token's CA digest: a mismatch refuses
+    the cluster before anything is sent. Then makes this node's key (it never leaves the node) and sends a CSR
+    with the token and this node's name and id (made once, kept in <state_dir>/node-id) over TLS; the manager
+    checks the token, refuses a name that a live node of another id holds, records this node with the token's
+    role, signs its certificate and issues it an etcd user. A new manager then fetches the cluster's secrets and
+    CA key over mutual TLS. Written: <state_dir>/cluster.json and <state_dir>/pki/ (0600). Restart the agent.
 
-    A manager joining a cluster that runs its own etcd starts its etcd member here: added as a learner by the
-    manager it joins through, promoted to a voting member once it has caught up (join returns then).
+    A manager joining a cluster whose etcd dabctl runs starts its etcd member here (TLS with the certificate it
+    was just issued): added as a learner by the manager it joins through, promoted to a voting member once it has
+    caught up (join returns then).
     """
     cfg = load(config_path, state_dir=opts["state_dir"], node_name=opts["node_name"])
     if ":" not in manager:
         manager = f"{manager}:9421"
     response = join_cluster(cfg, token, manager, opts["advertise_address"])
     click.echo(f"This node joined cluster {response.cluster_id} as a {response.role} (node id {response.node_id}).")
-    click.echo("Restart the agent (with cluster_insecure: true until the cluster has a CA) to run as a cluster node.")
+    click.echo("Restart the agent to run as a cluster node.")
 
 
 @cluster.command("join-token")

@@ -13,9 +13,10 @@ from rich.table import Table
 from agent.cli.options import UserError, console, engine_options, load, source_options
 from agent.cli.render import short_revision
 from agent.drivers.docker_engine import DockerEngine
-from agent.node.control import open_control, open_engine, open_records
+from agent.node.control import engine_fleet, open_control, open_engine, open_records
+from agent.node.status import Fleet
 from reconcilers.rollout import slot_order
-from schemas.output import ReplicaRow
+from schemas.output import NodeSummary, ReplicaRow
 
 
 @click.command()
@@ -30,27 +31,31 @@ from schemas.output import ReplicaRow
     "rows with `task` set).",
 )
 def ps(stack: str | None, config_path: Path | None, fmt: str, show_tasks: bool, **opts: Any) -> None:
-    """List managed containers per slot (all stacks, or STACK) with state and spec revision, and each slot's
-    previous tasks (as `docker service ps` does)."""
+    """List managed containers per slot (all stacks, or STACK) with their node, state and spec revision, the slots
+    pending on no node with the reason, and each slot's previous tasks (as `docker service ps` does).
+
+    On a cluster node: every node's containers, as the nodes report them (a down node's last report is marked
+    `node down`)."""
     cfg = load(config_path, **opts)
     with open_engine(cfg, read_only=True) as engine:
-        replicas = engine.services.observe()
+        _, seen = engine_fleet(engine)
         tasks = engine.records.tasks() if show_tasks else {}
-    rows = [
+    rows = _container_rows(seen, stack) + [
         ReplicaRow(
-            stack=r.stack,
-            service=r.service,
-            slot=r.slot,
-            container=r.name,
-            id=r.id[:12],
-            state=r.state,
-            health=r.health,
-            exit_code=r.exit_code,
-            spec=r.spec_hash,
-            revision=r.revision,
+            stack=key[0],
+            service=key[1],
+            slot=key[2],
+            container="",
+            id="",
+            state="pending",
+            health=None,
+            exit_code=None,
+            spec="",
+            revision="",
+            error=reason,
         )
-        for r in replicas
-        if stack is None or r.stack == stack
+        for key, reason in seen.pending.items()
+        if stack is None or key[0] == stack
     ]
     rows += [
         ReplicaRow(
@@ -66,6 +71,7 @@ def ps(stack: str | None, config_path: Path | None, fmt: str, show_tasks: bool, 
             revision="",
             task=t.task_id,
             error=t.error,
+            node=seen.name_of(t.node),
         )
         for key, slot_tasks in tasks.items()
         if stack is None or key[0] == stack
@@ -75,22 +81,49 @@ def ps(stack: str | None, config_path: Path | None, fmt: str, show_tasks: bool, 
     # Each slot's containers, then its previous tasks, newest first (the sort is stable).
     rows.sort(key=lambda r: (r.stack, r.service, slot_order(r.slot), r.task is not None, r.container))
     if stack is not None and not rows:
-        raise UserError(f"no containers of stack {stack!r} on this node; `dabctl ps` lists every stack")
+        where = "in the cluster" if seen.cluster else "on this node"
+        raise UserError(f"no containers of stack {stack!r} {where}; `dabctl ps` lists every stack")
     if fmt == "json":
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("STACK", "SERVICE", "SLOT", "CONTAINER", "STATE", "SPEC", "REVISION"):
+    for col in ("STACK", "SERVICE", "SLOT", "NODE", "CONTAINER", "STATE", "SPEC", "REVISION"):
         table.add_column(col, no_wrap=True)
     for r in rows:
         state = (
             r.state + (f" ({r.exit_code})" if r.exit_code is not None else "") + (f" {r.health}" if r.health else "")
         )
         if r.task is not None:
-            table.add_row("", "", "", f" \\_ task {r.task}", state + (f": {r.error}" if r.error else ""), r.spec, "")
+            line = state + (f": {r.error}" if r.error else "")
+            table.add_row("", "", "", r.node, f" \\_ task {r.task}", line, r.spec, "")
             continue
-        table.add_row(r.stack, r.service, r.slot, r.container, state, r.spec, short_revision(r.revision))
+        if r.state == "pending":
+            table.add_row(r.stack, r.service, r.slot, "-", "-", f"pending: {r.error}", "-", "-")
+            continue
+        table.add_row(r.stack, r.service, r.slot, r.node, r.container, state, r.spec, short_revision(r.revision))
     console().print(table)
+
+
+def _container_rows(seen: Fleet, stack: str | None) -> list[ReplicaRow]:
+    """Every node's containers as rows; a down node's marked (its slots move elsewhere)."""
+    listed = [(r, False) for r in seen.replicas] + [(r, True) for r in seen.stale]
+    return [
+        ReplicaRow(
+            stack=r.stack,
+            service=r.service,
+            slot=r.slot,
+            container=r.name,
+            id=r.id[:12],
+            state=r.state + (" (node down)" if stale else ""),
+            health=r.health,
+            exit_code=r.exit_code,
+            spec=r.spec_hash,
+            revision=r.revision,
+            node=seen.name_of(r.node),
+        )
+        for r, stale in listed
+        if stack is None or r.stack == stack
+    ]
 
 
 @click.command()
@@ -130,10 +163,12 @@ def history(stack: str, config_path: Path | None, fmt: str, **opts: Any) -> None
 @engine_options
 @click.option("--output", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
 def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
-    """Stacks and services like `docker service ls`: replicas running/desired, image, ports, revision, sync.
+    """Stacks and services like `docker service ls`: replicas running/desired, image, ports, revision, sync; slots
+    pending on no node with the reason.
 
-    Asks the running agent when there is one; otherwise reads the state and the engine (and the source, when
-    --source is given, to tell Synced from OutOfSync).
+    On a cluster node, replicas count over every node (from the nodes' slot reports) and the nodes follow: role,
+    up or down, availability, the leader, replicas on each. Asks the running agent when there is one; otherwise
+    reads the state and the engine (and the source, when --source is given, to tell Synced from OutOfSync).
     """
     cfg = load(config_path, **opts)
     result = open_control(cfg).status()
@@ -158,6 +193,11 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
     if refused is not None:
         out.print(f"source: {refused.message}", markup=False)
     for st in result.stacks:
+        for svc in st.health.services:
+            for p in svc.pending:
+                out.print(f"{st.stack}_{svc.service}.{p.slot}: pending: {p.reason}", markup=False)
+            for warning in svc.warnings:
+                out.print(f"warning: {st.stack}_{svc.service}: {warning}", markup=False)
         if st.sync.error:
             out.print(f"{st.stack}: {st.sync.error}", markup=False)
         if st.rollout.state != "idle":
@@ -167,6 +207,18 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 f"{st.stack}: pinned to {st.pinned} (dabctl rollback --unpin {st.stack} to follow the source)",
                 markup=False,
             )
+    if result.nodes:
+        out.print(_nodes_table(result.nodes))
+
+
+def _nodes_table(nodes: list[NodeSummary]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NODE", "ROLE", "STATE", "AVAILABILITY", "LEADER", "ADDRESS", "REPLICAS"):
+        table.add_column(col, no_wrap=True)
+    for n in nodes:
+        leader = "leader" if n.leader else ""
+        table.add_row(n.name, n.role, n.state, n.availability, leader, n.address or "-", str(n.replicas))
+    return table
 
 
 @click.command()

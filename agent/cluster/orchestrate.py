@@ -202,8 +202,8 @@ def orchestrate(desired: Desired, snapshot: Snapshot, observations: Observations
     for key, port in sorted(allocation.conflicts.items()):
         errors.setdefault(key.stack, loadbalancer.conflict_error(key, port))  # Failed, but not held
 
-    if desired.follow is not None:  # a node that does not lead: the recorded assignments, nothing pending
-        assignments, pending = desired.follow, {}
+    if desired.follow is not None:  # following the recorded assignments: what is pending stays as recorded
+        assignments, pending = desired.follow, dict(snapshot.pending)
     else:
         schedule = assign(
             desired.state, desired.nodes, snapshot.assignments, desired.refused, placement=desired.placement
@@ -384,10 +384,12 @@ def follow_steps(
         cfg = d.target.service.deploy.rollback_config if d.rollback else d.target.service.deploy.update_config
         monitor = cfg.monitor.total_seconds()
         mine = [r for r in slots if (r.stack, r.service) == key]
+        # Current: the target spec on the image the leader recorded (a tag's new digest changes no spec hash).
+        current = {r.id for r in mine if r.spec_hash == d.target.spec_hash and d.image_id in (None, r.image_id)}
         healthy = {
             r.slot
             for r in mine
-            if r.spec_hash == d.target.spec_hash
+            if r.id in current
             and rollout.new_health(
                 rollout.Container(
                     id=r.id, state=r.state, health=r.health, created=float(r.created), exit_code=r.exit_code
@@ -397,7 +399,7 @@ def follow_steps(
             )
             == "healthy"
         }
-        stale = {r.slot for r in mine if r.spec_hash != d.target.spec_hash}
+        stale = {r.slot for r in mine if r.id not in current}
         remove_old = tuple(sorted(healthy & stale))
         batch = tuple(x for x in ro.batch if x in stale)
         if cfg.order == "start-first":

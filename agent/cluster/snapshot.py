@@ -38,3 +38,4 @@ class Snapshot:
     statuses: Mapping[str, NodeStatus] = field(default_factory=dict)
     leader: LeaderRecord | None = None
     reports: Mapping[str, Mapping[SlotKey, SlotReport]] = field(default_factory=dict)
+    pending: Mapping[SlotKey, str] = field(default_factory=dict)  # slots the leader placed nowhere, and why

@@ -82,8 +82,32 @@ def _ready(c: Replica, monitor: float, now: float) -> bool:
     return c.state == "running" and (c.health == "healthy" or (c.health is None and now - c.created >= monitor))
 
 
+def _touches(step: rollout.Step) -> bool:
+    return bool(step.replace or step.start_beside or step.remove_old)
+
+
+def _new_task(s: SlotInput, now: float, revision: int) -> TaskRecord:
+    # Built without validation (model_construct): every field is this module's own, typed value; a cold converge
+    # creates one per slot. It is validated when read back.
+    return TaskRecord.model_construct(
+        task_id=task_id(s.key, s.target, revision),
+        slot=s.key[2],
+        node=s.node,
+        target=s.target,
+        desired="running",
+        created_at=now,
+        created_revision=revision,
+        healthy=False,
+        ended_at=None,
+        exit_code=None,
+        error="",
+    )
+
+
 def slot_tasks(s: SlotInput, now: float, revision: int) -> list[TaskRecord]:
     """The slot's tasks that change this pass (pure)."""
+    if not s.tasks and not s.containers and s.key[2] not in s.step.remove_old:  # an empty slot: its first task
+        return [_new_task(s, now, revision)]
     slot = s.key[2]
     running = [t for t in s.tasks if t.desired == "running"]
     here = [t for t in running if t.node == s.node]
@@ -102,14 +126,7 @@ def slot_tasks(s: SlotInput, now: float, revision: int) -> list[TaskRecord]:
     # (Slots whose containers a previous release started get theirs at their next replacement: an upgrade writes
     # nothing.)
     if current is None and (replacing or bool(away) or (not known and not new and not olds)):
-        current = TaskRecord(
-            task_id=task_id(s.key, s.target, revision),
-            slot=slot,
-            node=s.node,
-            target=s.target,
-            created_at=now,
-            created_revision=revision,
-        )
+        current = _new_task(s, now, revision)
         out.append(current)
     handover = slot in s.step.remove_old or slot in s.step.replace
     moved = current is not None and any(_ready(c, s.monitor, now) for c in new)  # the new task here runs healthy
@@ -175,13 +192,13 @@ def plan_tasks(
         step = steps.get(service, rollout.Step())
         update = d.target.service.deploy.update_config
         start_first = update.order == "start-first"
-        quiet = not (step.replace or step.start_beside or step.remove_old)
+        quiet = not _touches(step)
         for slot in d.slots:
             key = (*service, slot)
             wanted.add(key)
             node = slot_nodes.get(key, "")
             known = tasks.get(key, ())
-            if quiet and _settled(known, node, d.target.spec_hash, by_slot.get(key, ())):
+            if quiet and len(known) <= HISTORY and _settled(known, node, d.target.spec_hash, by_slot.get(key, ())):
                 continue  # the converged case, most slots of a large cluster: nothing can change
             s = SlotInput(
                 key=key,
@@ -221,10 +238,12 @@ def plan_tasks(
 
 
 def _settled(tasks: Sequence[TaskRecord], node: str, target: str, containers: Sequence[Replica]) -> bool:
-    """The slot's one task runs `target` on its node and every container reported for it runs that spec."""
-    if len(tasks) != 1:
+    """The slot's one task desired running runs `target` on its node and every container reported for it runs that
+    spec (ended tasks are history: they change nothing)."""
+    running = [t for t in tasks if t.desired == "running"]
+    if len(running) != 1:
         return False
-    t = tasks[0]
+    t = running[0]
     return (
         t.desired == "running"
         and t.node == node

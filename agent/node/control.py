@@ -16,15 +16,18 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from agent.api.client import call, get_status, running_agent
+from agent.api.client import call, call_leader, get_status, running_agent
+from agent.cluster.snapshot import Snapshot
 from agent.config import policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
-from agent.node.status import stack_statuses
+from agent.node.status import Fleet, fleet, fleet_statuses
+from agent.pki.files import PkiPaths
 from agent.sources.source import open_source
 from agent.state.backends import open_log
 from agent.state.log import StateLocked
+from agent.state.membership import membership
 from agent.state.records import Records
 from bundles import DesiredState
 from reconcilers.loadbalancer import PortRules
@@ -38,6 +41,7 @@ from schemas.control import (
     SuspendRequest,
     SuspendResult,
 )
+from schemas.errors import DabctlError
 from schemas.output import StackStatus, StatusOutput
 
 T = TypeVar("T")
@@ -99,21 +103,18 @@ def converge(step: Step, unhealthy: Callable[[], list[str]], *, wait: bool, dead
     )
 
 
+def engine_fleet(engine: Engine) -> tuple[Snapshot, Fleet]:
+    """The state at one revision and what runs where: this engine's containers and, in a cluster, every other
+    node's as reported."""
+    snapshot = engine.records.snapshot(restarts=False)
+    return snapshot, fleet(snapshot, engine.node, engine.node, engine.services.observe())
+
+
 def engine_statuses(engine: Engine, desired: DesiredState | None) -> list[StackStatus]:
-    """Each stack's status from the state and this engine's containers (no source errors: a local view)."""
-    records = engine.records
-    return stack_statuses(
-        desired,
-        records.stacks(),
-        engine.services.observe(),
-        assignments=records.assignments(),
-        node=engine.node,
-        errors={},
-        suspended=records.suspended(),
-        rollouts=records.rollouts(),
-        pins=records.pins(),
-        ports=records.ports(),
-    )
+    """Each stack's status from the state and the containers (no source errors: a local view); in a cluster,
+    counted over every node."""
+    snapshot, seen = engine_fleet(engine)
+    return fleet_statuses(desired, snapshot, seen, errors={})
 
 
 def unhealthy(engine: Engine, desired: DesiredState) -> list[str]:
@@ -137,6 +138,12 @@ def open_records(cfg: AgentConfig, writer: bool) -> Iterator[Records]:
         log.close()
 
 
+def node_key(cfg: AgentConfig) -> str:
+    """This node in the assignments: its node id on a cluster node (`cluster.json`), else its name."""
+    member = membership(cfg.state_path)
+    return member.node_id if member is not None else cfg.node_name or socket.gethostname()
+
+
 @contextmanager
 def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
     """The pass runner on the configured engine and state; `read_only` plans without the state's write lock."""
@@ -148,7 +155,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
             engine = Engine(
                 docker,
                 records,
-                cfg.node_name or socket.gethostname(),
+                node_key(cfg),
                 parallelism=cfg.parallelism,
                 read_only=read_only,
                 pull_policy=cfg.pull_policy,
@@ -217,8 +224,10 @@ class LocalControl:
     def status(self) -> StatusOutput:
         desired = load_desired(self.cfg) if self.cfg.source else None
         with open_engine(self.cfg, read_only=True) as engine:
-            stacks = engine_statuses(engine, desired)
-        return StatusOutput(node=engine.node, ready=True, stacks=stacks)
+            snapshot, seen = engine_fleet(engine)
+        stacks = fleet_statuses(desired, snapshot, seen, errors={})
+        name = self.cfg.node_name or socket.gethostname()
+        return StatusOutput(node=seen.names.get(seen.own, name), ready=True, stacks=stacks, nodes=seen.nodes)
 
 
 def _pin(records: Records, request: RollbackRequest) -> str:
@@ -290,3 +299,98 @@ def open_control(cfg: AgentConfig, progress: Progress | None = None) -> Control:
     if agent is not None:
         return AgentControl(agent)
     return _AgentOrLocal(cfg, LocalControl(cfg, progress))
+
+
+# --- a cluster node: changing calls are the managers', and run on the leader -----------------------------------
+
+
+class NotAManager(DabctlError):
+    """A changing command on a cluster worker: only managers may change what the cluster runs."""
+
+    retryable = False
+
+
+class NoLeader(DabctlError):
+    """No manager leads the cluster now (an election is under way, or no manager is up)."""
+
+    retryable = True
+
+
+def manager_addresses(snapshot: Snapshot) -> list[str]:
+    """The cluster addresses of the managers that are up (the leader first)."""
+    leader = snapshot.leader.node_id if snapshot.leader is not None else None
+    found = [
+        st.cluster_address or st.advertise_address
+        for node_id, spec in sorted(snapshot.nodes.items(), key=lambda kv: (kv[0] != leader, kv[1].name))
+        if spec.role == "manager" and (st := snapshot.statuses.get(node_id)) is not None
+    ]
+    return [a for a in found if a]
+
+
+def is_manager_peer(snapshot: Snapshot, peer: str) -> bool:
+    """Whether `peer` (the address a cluster call came from) is one a manager that is up records as its own."""
+    peer = peer.removeprefix("::ffff:")
+    for node_id, spec in snapshot.nodes.items():
+        status = snapshot.statuses.get(node_id)
+        if spec.role != "manager" or status is None:
+            continue
+        hosts = {status.advertise_address, status.cluster_address.rpartition(":")[0].strip("[]")}
+        if peer in hosts - {""}:
+            return True
+    return False
+
+
+def leader_of(snapshot: Snapshot, node_id: str) -> str:
+    """The leader's cluster address, for a changing call made on node `node_id`; NotAManager on a worker (or a
+    node the cluster does not know), NoLeader when no manager leads."""
+    spec = snapshot.nodes.get(node_id)
+    if spec is None or spec.role != "manager":
+        managers = ", ".join(manager_addresses(snapshot)) or "none is up now"
+        what = f"a {spec.role}" if spec is not None else "not a known node"
+        raise NotAManager(f"this node is {what} of the cluster: run this on a manager: {managers}")
+    leader = snapshot.leader
+    if leader is None or not leader.cluster_address:
+        raise NoLeader("no manager leads the cluster now (an election takes up to the lease TTL); try again")
+    return leader.cluster_address
+
+
+class LeaderControl:
+    """A manager's changing calls, sent to the leader's cluster listener and run there through its loop (so one
+    orchestrator acts, fenced); `reconcile --wait` then waits for every node's slots. `status` stays local."""
+
+    def __init__(self, cfg: AgentConfig, address: str) -> None:
+        self.cfg = cfg
+        self.address = address
+
+    def _call(self, name: str, body: dict[str, object], timeout: float = 60) -> dict[str, object]:
+        paths = PkiPaths.of(self.cfg.state_path)
+        tls = paths.client_context() if paths.has_node_certificate() else None
+        return call_leader(self.address, name, dict(body), timeout=timeout, tls=tls)
+
+    def reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        doc = self._call("reconcile", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        return ReconcileResult.model_validate(doc).model_copy(update={"by_agent": f"the leader at {self.address}"})
+
+    def rollback(self, request: RollbackRequest) -> RollbackResult:
+        doc = self._call("rollback", request.model_dump(mode="json"), timeout=request.timeout + 60)
+        result = RollbackResult.model_validate(doc)
+        by = f"the leader at {self.address}"
+        return result.model_copy(update={"passes": result.passes.model_copy(update={"by_agent": by})})
+
+    def suspend(self, request: SuspendRequest) -> SuspendResult:
+        name = "suspend" if request.suspended else "resume"
+        return SuspendResult.model_validate(self._call(name, {"stack": request.stack}))
+
+    def status(self) -> StatusOutput:
+        return open_control(self.cfg).status()
+
+
+def open_changing(cfg: AgentConfig, progress: Progress | None = None) -> Control:
+    """Where a changing command runs: on a node alone, as `open_control` says; on a cluster node, on the leader
+    (asked over the cluster listener), and never on a worker (NotAManager: the managers' addresses)."""
+    member = membership(cfg.state_path)
+    if member is None:
+        return open_control(cfg, progress)
+    with open_records(cfg, writer=False) as records:
+        snapshot = records.snapshot(restarts=False)
+    return LeaderControl(cfg, leader_of(snapshot, member.node_id))

@@ -8,6 +8,7 @@ and created before the containers that join it — and, when replicas changed, t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -67,6 +68,9 @@ AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerActio
 
 REPLAN_ATTEMPTS = 5
 LOST_RACE = "the state changed while this pass planned, every time it tried; the next pass plans again"
+FENCED = "this node's term as leader ended while it planned: its decisions were refused; it follows the new leader"
+
+log = logging.getLogger("dabctl.engine")
 
 
 class EmptySourceRefused(DabctlError):
@@ -141,6 +145,7 @@ class PassPlan:
     snapshot: Snapshot | None = None  # the state they were made from
     leading: bool = True  # this node decided for the cluster (and records stacks); else it only followed
     offline: bool = False  # the state log did not answer: planned from the last snapshot, nothing is written
+    fence: Fence | None = None  # the leader's term this plan was made in: its commits hold only in that term
     inputs: tuple[DesiredState, bool, Collection[str] | None, Collection[str]] | None = None  # to plan again
 
     @property
@@ -208,6 +213,8 @@ class Engine:
         self._restarts: dict[tuple[str, str, str], RestartRecord] | None = None
         self.replans = 0  # passes planned again because another writer committed first
         self.on_replan: Callable[[], None] | None = None
+        self.fenced = 0  # commits refused because this node's term as leader ended (a deposed leader's)
+        self.on_fenced: Callable[[], None] | None = None
         self._named: dict[str, tuple[StackBundle, StackBundle]] = {}
         self.docker = docker
         self.records = records
@@ -294,6 +301,8 @@ class Engine:
         snapshot, offline = self._snapshot()
         if self._restarts is None:  # restart bookkeeping is the node's: loaded once, then kept here
             self._restarts = dict(snapshot.restarts)
+        # The term is read once, with the decision to lead: a plan made as leader commits only in that term.
+        fence = self.cluster.fence() if self.cluster is not None and not offline else None
         leading = not offline and (self.cluster is None or self.cluster.is_leader)
         records = dict(snapshot.stacks)
         suspended = set(snapshot.suspended)
@@ -350,7 +359,9 @@ class Engine:
         if self.cluster is not None:
             nodes, follow = self._nodes(snapshot, leading)
             orchestrated_ids = {**{t.name: "" for t in net_targets}, **network_ids}
-            slots = [*local, *self._reported(snapshot, desired, orchestrated_ids, held | set(copies))]
+            # Every slot's containers name their node: a moved slot's old container here is not its new one there.
+            mine = [replace(r, node=self.node) for r in local]
+            slots = [*mine, *self._reported(snapshot, desired, orchestrated_ids, held | set(copies))]
             busy |= {(proto, port) for st in snapshot.statuses.values() for proto, port in st.busy_ports}
         intent = orchestrate(
             Desired(
@@ -423,7 +434,7 @@ class Engine:
                 a.replica.id for a in sp.actions if isinstance(a, (services.RemoveReplica, services.ReplaceReplica))
             }
             endpoints = _endpoints(_first_networks(d.target for d in wanted), replicas, draining)
-            wanted_balance = loadbalancer.wanted(intent.ports, endpoints)
+            wanted_balance = self._forwarded(loadbalancer.wanted(intent.ports, endpoints), snapshot)
             for b in loadbalancer.plan(wanted_balance, balance, keep=held):
                 stacks.setdefault(b.stack, StackPlan(b.stack, None)).balancer_actions.append(b)
         sp.recheck(intent.recheck_in)
@@ -453,6 +464,7 @@ class Engine:
             snapshot=snapshot,
             leading=leading,
             offline=offline,
+            fence=fence if leading else None,
         )
 
     def _snapshot(self) -> tuple[Snapshot, bool]:
@@ -527,9 +539,16 @@ class Engine:
                         image_id=rep.image_id,
                         created=rep.created,
                         networks=nets,
+                        node=node_id,
                     )
                 )
         return out
+
+    def _forwarded(self, balance: Balance, snapshot: Snapshot) -> Balance:
+        """On a cluster node, published ports with no ready replica here forward to the nodes that report one."""
+        if self.cluster is None:
+            return balance
+        return loadbalancer.forwarded(balance, _ready_peers(snapshot, self.node))
 
     def _live(self, observed: Sequence[ObservedNetwork], held: Collection[str]) -> list[ObservedNetwork]:
         """Observed networks, but those of held stacks: they are left exactly as they are."""
@@ -623,8 +642,8 @@ class Engine:
         Once `stop` is set, actions not yet started are skipped (the next pass plans them again); those
         in flight finish and everything done is recorded."""
         reconcile_id = uuid.uuid4().hex[:12]
-        if not self._commit_intent(plan):
-            return PassReport(reconcile_id, [], [*plan.errors, LOST_RACE])
+        if (lost := self._commit_intent(plan)) is not None:
+            return PassReport(reconcile_id, [], [*plan.errors, lost])
         all_actions = [a for s in plan.stacks.values() for a in (*s.network_actions, *s.service_actions)]
         # A stack with a container the policy refuses gets no new network either: nothing of it is created. (Each
         # create and start is checked again right before it runs.)
@@ -717,26 +736,40 @@ class Engine:
         changed.update({k: None for k in before if k not in now and k[0] not in plan.held})
         return changed
 
-    def _commit_intent(self, plan: PassPlan) -> bool:
+    def _commit_intent(self, plan: PassPlan) -> str | None:
         """Commit the plan's intent before anything acts on it; when another writer committed since its snapshot,
-        plan again from a fresh one (the plan is updated in place) rather than overwrite. False after
-        REPLAN_ATTEMPTS lost races."""
+        plan again from a fresh one (the plan is updated in place) rather than overwrite. None once committed;
+        else why not: LOST_RACE after REPLAN_ATTEMPTS lost races, FENCED when this node's term ended."""
         for _ in range(REPLAN_ATTEMPTS):
             if plan.intent is None or plan.snapshot is None:
-                return True
-            if self.cluster is not None:
-                self.records.fence = self.cluster.fence()  # the leader's term: a deposed leader's commit fails
-            if self.records.commit_intent(plan.intent, plan.snapshot):
-                return True
+                return None
+            # The term the plan was made in, never the one read now: a leader deposed since then (no fence now)
+            # must not commit unfenced.
+            if self.records.commit_intent(plan.intent, plan.snapshot, plan.fence):
+                return None
+            if self._fenced_out(plan.fence):
+                return FENCED
             self.replans += 1
             if self.on_replan is not None:
                 self.on_replan()
             if plan.inputs is None:
-                return False
+                return LOST_RACE
             fresh = self.plan(*plan.inputs[:2], plan.inputs[2], migrate_volumes=plan.inputs[3])
             for f in fields(PassPlan):
                 setattr(plan, f.name, getattr(fresh, f.name))
-        return False
+        return LOST_RACE
+
+    def _fenced_out(self, fence: Fence | None) -> bool:
+        """After a failed commit: whether the fence refused it (this node's term ended), counted and logged."""
+        if fence is None or self.records.fence_holds(fence):
+            return False
+        self.fenced += 1
+        if self.on_fenced is not None:
+            self.on_fenced()
+        log.warning(
+            "commit refused by the fence: this node's term %d as leader ended; it follows the new leader", fence.term
+        )
+        return True
 
     def _apply_balancer(
         self, balance: Balance, actions: Sequence[BalancerAction], report: Callable[[Sequence[AnyResult]], None]
@@ -762,7 +795,10 @@ class Engine:
         )
         plan.awaiting_health = _starting(replicas, plan.ports)
         endpoints = _endpoints(_first_networks(targets), replicas, ())
-        actions = loadbalancer.plan(loadbalancer.wanted(plan.ports, endpoints), balance, keep=plan.held)
+        wanted: Balance = loadbalancer.wanted(plan.ports, endpoints)
+        if plan.snapshot is not None:
+            wanted = self._forwarded(wanted, plan.snapshot)
+        actions = loadbalancer.plan(wanted, balance, keep=plan.held)
         for a in actions:
             plan.stacks.setdefault(a.stack, StackPlan(a.stack, None)).balancer_actions.append(a)
         self._apply_balancer(balance, actions, report)
@@ -878,9 +914,17 @@ class Engine:
                     for r in results
                 ],
             )
-        self.records.commit_pass(
-            records, new_revisions, pruned, audit, restarts=plan.restarts, node=self.node, reports=reports
+        committed = self.records.commit_pass(
+            records,
+            new_revisions,
+            pruned,
+            audit,
+            restarts=plan.restarts,
+            node=self.node,
+            reports=reports,
+            fence=plan.fence,
         )
+        committed or self._fenced_out(plan.fence)  # a deposed leader's records are refused, and counted
 
 
 def _plan_moves(
@@ -911,6 +955,22 @@ def _endpoints(
         address = address or next((a for a in r.addresses.values() if a), "")
         ready = r.state == "running" and r.health in (None, "healthy") and r.id not in draining
         out.append(loadbalancer.Endpoint(r.stack, r.service, address, ready))
+    return out
+
+
+def _ready_peers(snapshot: Snapshot, node: str) -> dict[tuple[str, str], set[str]]:
+    """(stack, service) -> the addresses of the other up nodes that report a ready replica of it in a slot still
+    assigned to them."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for node_id, reports in snapshot.reports.items():
+        status = snapshot.statuses.get(node_id)
+        if node_id == node or status is None or not status.advertise_address:
+            continue
+        for (stack, service, slot), rep in reports.items():
+            if rep.state != "running" or rep.health not in (None, "healthy"):
+                continue
+            if slot in snapshot.assignments.get((stack, service), {}).get(node_id, ()):
+                out.setdefault((stack, service), set()).add(status.advertise_address)
     return out
 
 

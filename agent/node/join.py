@@ -4,6 +4,12 @@ side of `cluster join` (served on the cluster listener), the joining node's side
 Who writes what is etcd's to enforce (agent/state/etcdauth.py): `init` turns on etcd auth for the cluster's prefix,
 and every node that joins gets its own etcd user whose role writes only `/node/<its id>/`; managers' users write
 the whole prefix. The cluster listener offers joining only: nothing on it writes intent.
+
+Certificates (agent/pki): `init` makes the cluster CA and the first manager's certificate; the join token pins the
+CA's digest. A joining node fetches the CA certificate, checks its digest against the token's before it sends
+anything, makes its key (which never leaves it) and sends a CSR with the token over TLS; the manager answers with a
+certificate naming the node's id and the token's role. A new manager then fetches the cluster's secrets and the CA
+key over mutual TLS with that certificate (`POST /cluster/v1/secrets`, manager certificates only).
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
+import ssl
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,8 +29,20 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from agent.api.join import JoinRefused, post_join
+from agent.api.join import JoinRefused, fetch_ca, post, post_join
+from agent.api.server import ClusterTls
 from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, TlsFiles, host_port
+from agent.pki.ca import (
+    CertificateRefused,
+    LocalSigner,
+    digest_matches,
+    identify,
+    key_pem,
+    new_ca,
+    new_csr,
+    new_key,
+)
+from agent.pki.files import PkiPaths
 from agent.state.backends import STATE_FILE, etcd_endpoints
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT, EtcdAuth, random_password
@@ -41,12 +62,23 @@ from agent.state.sqlite import SqliteStateLog
 from reconcilers.etcdmembers import Member, Promote, Remove, plan_members, removal_refusal
 from schemas.config import AgentConfig, ClusterMembership, split_listen
 from schemas.errors import DabctlError
-from schemas.join import ClusterSecrets, InvalidToken, JoinRequest, JoinResponse, JoinToken, Role, role_of
+from schemas.join import (
+    ClusterSecrets,
+    InvalidToken,
+    JoinMessage,
+    JoinRequest,
+    JoinResponse,
+    JoinToken,
+    ManagerSecrets,
+    Role,
+    role_of,
+)
 from schemas.state import Assignment, ClusterRecord, NodeSpec, TaskRecord
 
 log = logging.getLogger("dabctl.cluster")
 
 JOIN_PATH = "join"  # POST /cluster/v1/join on the cluster listener
+SECRETS_PATH = "secrets"  # POST /cluster/v1/secrets: managers' certificates only
 TXN_OPS = 100  # etcd 3.4 allows 128 operations per transaction
 TXN_BYTES = 1 << 20  # and 1.5 MiB per request (base64 and JSON around the values)
 
@@ -101,6 +133,7 @@ class InitOptions:
     lease_ttl: int | None = None
     root_password: str | None = field(default=None, repr=False)
     from_state: Path | None = None
+    certificate_days: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,14 +141,26 @@ class InitResult:
     membership: ClusterMembership
     secrets: ClusterSecrets
     moved: dict[str, int] = field(default_factory=dict)  # keys moved from a single-node state, by kind
+    seconds: dict[str, float] = field(default_factory=dict)  # what init spent its time on, by step
 
 
 def _etcd(
-    cfg: AgentConfig, state: str, prefix: str, user: str | None = None, password: str | None = None
+    cfg: AgentConfig,
+    state: str,
+    prefix: str,
+    user: str | None = None,
+    password: str | None = None,
+    *,
+    tls: TlsFiles | None = None,
 ) -> EtcdStateLog:
-    tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
+    """A client of the etcd at `state`: with `tls`, else this node's certificate when the cluster's etcd is
+    dabctl's (cluster.json's etcd_tls), else the config's etcd_ca_file / etcd_cert_file / etcd_key_file."""
+    member = membership(cfg.state_path)
+    files = tls or (node_tls(cfg) if member is not None and member.etcd_tls else None)
+    if files is not None:
+        return EtcdStateLog(etcd_endpoints(state, True), prefix=prefix, user=user, password=password, **files.client())
     return EtcdStateLog(
-        etcd_endpoints(state, tls),
+        etcd_endpoints(state, bool(cfg.etcd_ca_file or cfg.etcd_cert_file)),
         prefix=prefix,
         ca_file=cfg.etcd_ca_file,
         cert_file=cfg.etcd_cert_file,
@@ -126,19 +171,21 @@ def _etcd(
 
 
 def node_tls(cfg: AgentConfig) -> TlsFiles | None:
-    """The node's certificate from the cluster CA, its key and the CA (for etcd's ports and the agent's etcd
-    client): the config's etcd_ca_file, etcd_cert_file and etcd_key_file."""
-    if cfg.etcd_ca_file and cfg.etcd_cert_file and cfg.etcd_key_file:
-        return TlsFiles(ca=cfg.etcd_ca_file, cert=cfg.etcd_cert_file, key=cfg.etcd_key_file)
-    return None
+    """The node's certificate from the cluster CA, its key and the CA certificate (`<state_dir>/pki/`): what its
+    etcd member serves its ports with and what its etcd client presents. None for a node without one."""
+    paths = PkiPaths.of(cfg.state_path)
+    if not paths.has_node_certificate():
+        return None
+    return TlsFiles(ca=str(paths.ca_cert), cert=str(paths.node_cert), key=str(paths.node_key))
 
 
 def _require_tls(cfg: AgentConfig) -> TlsFiles:
     tls = node_tls(cfg)
     if tls is None:
         raise ClusterSetupError(
-            "running the cluster's etcd on this node needs its certificate from the cluster CA: set etcd_ca_file, "
-            "etcd_cert_file and etcd_key_file in the config (or give the cluster an etcd with --etcd)"
+            f"running the cluster's etcd on this node needs its certificate from the cluster CA, and "
+            f"{PkiPaths.of(cfg.state_path).root} holds none: join the cluster again with a token from "
+            "`dabctl cluster join-token`"
         )
     return tls
 
@@ -176,31 +223,45 @@ def start_first_member(cfg: AgentConfig, nid: str, cluster_id: str, host: str) -
 
 def init_cluster(cfg: AgentConfig, opts: InitOptions) -> InitResult:
     """Make a cluster with this node as its first manager (see `dabctl cluster init --help`); with no etcd given,
-    this node runs the cluster's etcd (its first member), removed again when init fails."""
+    this node runs the cluster's etcd (its first member, TLS with its certificate from the new cluster CA), removed
+    again with the certificates when init fails."""
     existing = membership(cfg.state_path)
     if existing is not None:
         raise ClusterSetupError(
             f"this node already belongs to cluster {existing.cluster_id} ({cfg.state_path / MEMBERSHIP_FILE}); "
             "`dabctl cluster leave` it first"
         )
-    cluster_id = _cluster_id()
-    if opts.state is not None:
-        return _init_cluster(cfg, opts, opts.state, cluster_id)
     nid = node_id(cfg.state_path)
-    local, state = start_first_member(cfg, nid, cluster_id, _advertise_host(cfg, opts.advertise_address))
+    days = opts.certificate_days or ClusterRecord.model_fields["certificate_days"].default
+    pki = _new_pki(_cluster_id(), nid, cluster_address(cfg, opts.advertise_address), days)
+    if opts.state is not None:
+        return _init_cluster(cfg, opts, opts.state, pki, None)
+    paths = PkiPaths.of(cfg.state_path)
+    pki.write(paths)  # the member serves its ports with this node's certificate from its first start
     try:
-        return _init_cluster(cfg, opts, state, cluster_id)
+        tls = _require_tls(cfg)
+        t0 = time.monotonic()
+        local, state = start_first_member(cfg, nid, pki.cluster_id, _advertise_host(cfg, opts.advertise_address))
+        started = time.monotonic() - t0
+        try:
+            result = _init_cluster(cfg, opts, state, pki, tls)
+        except BaseException:
+            local.destroy()
+            raise
     except BaseException:
-        local.destroy()
+        shutil.rmtree(paths.root, ignore_errors=True)
         raise
+    result.seconds["etcd"] = started
+    return result
 
 
-def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: str) -> InitResult:
+def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, pki: _NewPki, tls: TlsFiles | None) -> InitResult:
+    """init on the etcd at `state`; `tls`: it is the member this node runs (its client certificate)."""
     state_dir = cfg.state_path
     nid = node_id(state_dir)
     name = node_name(cfg)
     address = cluster_address(cfg, opts.advertise_address)
-    anonymous = _etcd(cfg, state, opts.prefix)
+    anonymous = _etcd(cfg, state, opts.prefix, tls=tls)
     try:
         auth_on = EtcdAuth(anonymous).enabled()
     finally:
@@ -211,7 +272,7 @@ def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: s
             "holding its root user's password, so that init can create this cluster's roles and users"
         )
     root_password = opts.root_password or random_password()
-    admin = _etcd(cfg, state, opts.prefix, *((ROOT, root_password) if auth_on else (None, None)))
+    admin = _etcd(cfg, state, opts.prefix, *((ROOT, root_password) if auth_on else (None, None)), tls=tls)
     try:
         found = admin.get(CLUSTER_KEY)
         if found is not None:
@@ -221,6 +282,7 @@ def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: s
                 "pass another --etcd-prefix"
             )
         moved: dict[str, int] = {}
+        seconds: dict[str, float] = {}
         if opts.from_state is not None:
             if admin.get(OWNER_KEY) is not None:
                 raise ClusterSetupError(
@@ -228,16 +290,20 @@ def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: s
                     "there would mix two installs; pass an empty --etcd-prefix"
                 )
             moved = move_state(opts.from_state, admin, nid)
-        worker, manager = JoinToken.new(), JoinToken.new()
+        seconds["pki"] = pki.seconds
+        worker, manager = JoinToken.new(pki.digest), JoinToken.new(pki.digest)
         now = datetime.now(UTC)
         record = ClusterRecord(
-            cluster_id=cluster_id,
+            cluster_id=pki.cluster_id,
             created_at=now,
             worker_token_digest=worker.digest,
             manager_token_digest=manager.digest,
+            ca_digest=pki.digest,
         )
         if opts.lease_ttl:
             record = record.model_copy(update={"lease_ttl": opts.lease_ttl})
+        if opts.certificate_days:
+            record = record.model_copy(update={"certificate_days": opts.certificate_days})
         spec = NodeSpec(node_id=nid, name=name, role="manager", joined_at=now)
         done = admin.txn(
             [Compare(CLUSTER_KEY, "create_revision", "==", 0)],
@@ -267,10 +333,56 @@ def _init_cluster(cfg: AgentConfig, opts: InitOptions, state: str, cluster_id: s
         etcd_user=user,
         etcd_password=password,
         managers=[address],
+        advertise_address=address.rpartition(":")[0].strip("[]"),
+        etcd_tls=tls is not None,
     )
+    pki.write(PkiPaths.of(state_dir))
     write_cluster_secrets(state_dir, secrets)
     write_membership(state_dir, member)
-    return InitResult(membership=member, secrets=secrets, moved=moved)
+    return InitResult(membership=member, secrets=secrets, moved=moved, seconds=seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NewPki:
+    cluster_id: str
+    seconds: float  # the time it took to make
+    ca_cert: bytes
+    ca_key: bytes = field(repr=False)
+    node_cert: bytes
+    node_key: bytes = field(repr=False)
+    digest: str
+
+    def write(self, paths: PkiPaths) -> None:
+        paths.write(paths.ca_key, self.ca_key)
+        paths.write(paths.node_key, self.node_key)
+        paths.write(paths.node_cert, self.node_cert)
+        paths.write(paths.ca_cert, self.ca_cert)
+
+
+def _new_pki(cluster_id: str, nid: str, address: str, days: int) -> _NewPki:
+    """The cluster's CA and the first manager's key and certificate (in memory: written once init succeeded)."""
+    from agent.pki.ca import ca_digest
+
+    t0 = time.monotonic()
+    ca_cert, ca_key = new_ca(cluster_id)
+    key = new_key()
+    cert = LocalSigner(ca_cert, ca_key).sign(
+        new_csr(key, nid), node_id=nid, role="manager", address=_host_of(address), days=days
+    )
+    return _NewPki(
+        cluster_id=cluster_id,
+        seconds=time.monotonic() - t0,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        node_cert=cert,
+        node_key=key_pem(key),
+        digest=ca_digest(ca_cert),
+    )
+
+
+def _host_of(address: str) -> str:
+    """The host of host:port (or [v6]:port)."""
+    return address.rpartition(":")[0].strip("[]") if ":" in address else address
 
 
 def _cluster_id() -> str:
@@ -368,6 +480,7 @@ class Admission:
             raise JoinRefused(
                 401, "invalid join token: print the current one with `dabctl cluster join-token` on a manager"
             )
+        certificate = self._sign(request, record, role)
         spec_kv = self._check_name(request)
         secrets = cluster_secrets(self.cfg.state_path)
         if secrets is None or not secrets.etcd_root_password:
@@ -401,8 +514,11 @@ class Admission:
             etcd_user=user,
             etcd_password=password,
             managers=self._managers(),
-            secrets=secrets if role == "manager" else None,
+            secrets=secrets if role == "manager" and not record.ca_digest else None,
             etcd_members=etcd_members,
+            etcd_tls=self.member.etcd_tls,
+            certificate=certificate.decode(),
+            ca_certificate=self._ca_pem(record).decode(),
         )
 
     def _add_member(self, root: EtcdStateLog, request: JoinRequest) -> dict[str, str]:
@@ -424,6 +540,30 @@ class Admission:
         except MemberChangeRefused as exc:
             raise JoinRefused(503, f"etcd did not take the new member: {exc}") from None
         return {(m.name or request.node_id): m.peer_urls[0] for m in found if m.peer_urls}
+
+    def _ca_pem(self, record: ClusterRecord) -> bytes:
+        paths = PkiPaths.of(self.cfg.state_path)
+        return paths.read(paths.ca_cert) if record.ca_digest else b""
+
+    def _sign(self, request: JoinRequest, record: ClusterRecord, role: Role) -> bytes:
+        """The joining node's certificate from its CSR (b"" for a cluster without a CA)."""
+        if not record.ca_digest:
+            return b""
+        if not request.csr:
+            raise JoinRefused(400, "this cluster issues certificates: the join must carry a CSR (upgrade dabctl)")
+        paths = PkiPaths.of(self.cfg.state_path)
+        if not paths.can_sign():
+            raise JoinRefused(503, f"this manager holds no CA key ({paths.ca_key}); join via another manager")
+        try:
+            return paths.signer().sign(
+                request.csr.encode(),
+                node_id=request.node_id,
+                role=role,
+                address=request.advertise_address,
+                days=record.certificate_days,
+            )
+        except CertificateRefused as exc:
+            raise JoinRefused(400, f"CSR refused: {exc}") from None
 
     def _check_name(self, request: JoinRequest) -> KeyValue | None:
         """The joining node's own spec (a node returning), refusing a name a live node of another id holds."""
@@ -454,23 +594,73 @@ class Admission:
         return found
 
 
+def manager_secrets(cfg: AgentConfig) -> Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]:
+    """`POST /cluster/v1/secrets`: the cluster's secrets and the CA key, for a new manager. The listener lets only
+    a manager's certificate call it (`ClusterTls.manager_calls`)."""
+
+    def answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        paths = PkiPaths.of(cfg.state_path)
+        secrets = cluster_secrets(cfg.state_path)
+        if secrets is None or not paths.can_sign():
+            return 503, {"error": "this node holds no cluster secrets or CA key: ask another manager"}
+        reply = ManagerSecrets(secrets=secrets, ca_key=paths.read(paths.ca_key).decode())
+        log.info("cluster secrets handed to a manager")
+        return 200, json.loads(reply.model_dump_json())
+
+    return answer
+
+
 def cluster_api(
     cfg: AgentConfig, log_: StateLog, member: ClusterMembership
-) -> dict[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, nothing else."""
-    return {JOIN_PATH: Admission(cfg, log_, member)}
+) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]]:
+    """The cluster listener's calls (`POST /cluster/v1/<name>`): joining, and a new manager's secrets (the peer's
+    address is not their check: the token is, and the certificate's role)."""
+    admission = Admission(cfg, log_, member)
+    calls: dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]] = {
+        JOIN_PATH: lambda body, _peer: admission(body)
+    }
+    if PkiPaths.of(cfg.state_path).has_node_certificate():
+        secrets = manager_secrets(cfg)
+        calls[SECRETS_PATH] = lambda body, _peer: secrets(body)
+    return calls
+
+
+def cluster_tls(cfg: AgentConfig, manager_calls: frozenset[str] = frozenset()) -> ClusterTls | None:
+    """TLS for this node's cluster listener from its certificate, or None for a node without one (which runs only
+    with `cluster_insecure`: `cluster_membership`). `manager_calls` (with the secrets) need a manager's
+    certificate."""
+    paths = PkiPaths.of(cfg.state_path)
+    if not paths.has_node_certificate():
+        return None
+    try:
+        paths.identity()
+        context = paths.server_context()
+    except (CertificateRefused, ssl.SSLError, OSError) as exc:
+        raise ClusterSetupError(f"this node's certificate ({paths.node_cert}) cannot be used: {exc}") from None
+    ca_pem = paths.read(paths.ca_cert)
+
+    def role_of_certificate(der: bytes) -> str:
+        return identify(der, ca_pem).role
+
+    return ClusterTls(
+        context=context,
+        ca_pem=ca_pem,
+        role_of=role_of_certificate,
+        open_calls=frozenset({JOIN_PATH}),
+        manager_calls=frozenset({SECRETS_PATH, *manager_calls}),
+    )
 
 
 def cluster_membership(cfg: AgentConfig) -> ClusterMembership | None:
-    """This node's cluster membership, refusing to run a cluster node whose cluster listener would have no TLS
-    unless `cluster_insecure` says so (ClusterSetupError)."""
+    """This node's cluster membership. A node with a certificate serves its cluster listener with TLS; one
+    without (a cluster made without a CA) runs only with `cluster_insecure` (ClusterSetupError otherwise)."""
     member = membership(cfg.state_path)
-    if member is not None and not cfg.cluster_insecure:
+    if member is not None and not cfg.cluster_insecure and not PkiPaths.of(cfg.state_path).has_node_certificate():
         raise ClusterSetupError(
-            f"this node belongs to cluster {member.cluster_id} ({cfg.state_path / 'cluster.json'}), and its cluster "
-            f"listener ({cfg.cluster_listen}) would carry join tokens and etcd credentials in plain HTTP: TLS for "
-            "it comes with the cluster's certificate authority, which this dabctl does not have yet; set "
-            "cluster_insecure: true to run it without (tests and isolated networks only)"
+            f"this node belongs to cluster {member.cluster_id} ({cfg.state_path / 'cluster.json'}) but holds no "
+            f"certificate ({PkiPaths.of(cfg.state_path).node_cert}), so its cluster listener ({cfg.cluster_listen}) "
+            "would carry join tokens and etcd credentials in plain HTTP: join the cluster again with a token from "
+            "`dabctl cluster join-token` (or set cluster_insecure: true: tests and isolated networks only)"
         )
     return member
 
@@ -491,21 +681,26 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
         token = JoinToken.parse(token_text)
     except InvalidToken as exc:
         raise ClusterSetupError(f"--token: {exc}") from None
-    if token.ca_digest:
-        raise ClusterSetupError(
-            "the token pins a cluster CA, which this dabctl cannot check yet; upgrade dabctl on this node"
-        )
+    nid = node_id(state_dir)
     request = JoinRequest(
         token=str(token),
-        node_id=node_id(state_dir),
+        node_id=nid,
         name=node_name(cfg),
         advertise_address=advertise or cfg.advertise_address or _address_towards(manager),
     )
-    response = post_join(manager, request)
+    with_ca = token.ca_digest
+    response = _join_with_ca(state_dir, manager, token, request) if with_ca else post_join(manager, request)
     managers = [manager, *(m for m in response.managers if m != manager)]
     state = response.state
     if response.etcd_members:
-        state = start_joining_member(cfg, response, request.advertise_address)
+        try:
+            state = start_joining_member(cfg, response, request.advertise_address)
+        except BaseException:
+            # Nothing of a join that did not happen stays: the certificates and the secrets go with the member.
+            shutil.rmtree(PkiPaths.of(state_dir).root, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                (state_dir / SECRETS_FILE).unlink()
+            raise
     write_membership(
         state_dir,
         ClusterMembership(
@@ -516,6 +711,8 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
             etcd_user=response.etcd_user,
             etcd_password=response.etcd_password,
             managers=managers,
+            advertise_address=request.advertise_address or None,
+            etcd_tls=response.etcd_tls,
         ),
     )
     if response.secrets is not None:
@@ -543,7 +740,8 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
     and wait until it serves: the state setting with its own endpoint first. On failure the learner is removed
     from the cluster and its files from this node."""
     tls = _require_tls(cfg)
-    if response.secrets is None or not response.secrets.etcd_root_password:
+    secrets = response.secrets or cluster_secrets(cfg.state_path)  # with a CA: fetched over mutual TLS
+    if secrets is None or not secrets.etcd_root_password:
         raise ClusterSetupError("the manager sent no etcd root password: this node cannot join the cluster's etcd")
     local = LocalMember(cfg.state_path)
     spec = MemberSpec(
@@ -556,7 +754,7 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
         initial_cluster=response.etcd_members,
         new_cluster=False,
     )
-    root = _root_client(tls, response.state, response.secrets.etcd_root_password)
+    root = _root_client(tls, response.state, secrets.etcd_root_password)
     members = EtcdMembership(root)
     try:
         if local.pid() is None:
@@ -650,6 +848,16 @@ def remove_member(cfg: AgentConfig, member: ClusterMembership, target: str) -> b
         root.close()
 
 
+def remove_manager_member(cfg: AgentConfig, target: str) -> bool:
+    """Before a manager is demoted (`node update --role worker`) or removed (`node rm`): remove its etcd member
+    when the cluster's etcd is dabctl's (remove_member, refused when quorum would go). False when there is none
+    to remove (an etcd given with --etcd, or a node without a member)."""
+    member = membership(cfg.state_path)
+    if member is None or not member.etcd_tls:
+        return False
+    return remove_member(cfg, member, target)
+
+
 def _answering(members: list[Member], tls: TlsFiles) -> list[str]:
     return [m.id for m in members if any(member_status(u, tls.client()) is not None for u in m.client_urls)]
 
@@ -728,6 +936,72 @@ def leave_cluster(cfg: AgentConfig, force: bool = False) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (cfg.state_path / name).unlink()
     return ran
+
+
+def _default_or_none() -> str:
+    try:
+        return default_address()
+    except ClusterSetupError:
+        return ""  # the certificate then names no address: peers check the CA and the role, not the address
+
+
+def _join_with_ca(state_dir: Path, manager: str, token: JoinToken, request: JoinRequest) -> JoinResponse:
+    """Fetch the CA, check it against the token BEFORE sending anything, then send the CSR and the token over TLS
+    to a manager certificate of that CA; write the key, the certificates and (a manager) the CA key."""
+    try:
+        ca_pem = fetch_ca(manager)
+    except JoinRefused as exc:
+        raise ClusterSetupError(str(exc)) from None
+    if not digest_matches(ca_pem, token.ca_digest):
+        raise ClusterSetupError(
+            f"the CA certificate {manager} shows does not match the token's CA digest: refusing to join that "
+            "cluster (a wrong address or token, or someone in between); check both on a manager with "
+            "`dabctl cluster join-token`"
+        )
+    paths = PkiPaths(state_dir / ".pki-joining")  # written into place only once the join succeeded
+    paths.write(paths.ca_cert, ca_pem)
+    try:
+        key = new_key()
+        request = request.model_copy(update={"csr": new_csr(key, request.node_id).decode()})
+        tls = paths.client_context(with_certificate=False)
+
+        def manager_only(der: bytes) -> None:
+            try:
+                if identify(der, ca_pem).role != "manager":
+                    raise JoinRefused(0, f"{manager} is not a manager of that cluster (its certificate says worker)")
+            except CertificateRefused as exc:
+                raise JoinRefused(0, f"{manager}'s certificate: {exc}") from None
+
+        response = post_join(manager, request, tls=tls, check_peer=manager_only)
+        cert = response.certificate.encode()
+        try:
+            me = identify(cert, ca_pem)
+        except CertificateRefused as exc:
+            raise ClusterSetupError(f"{manager} answered with a certificate this node cannot use: {exc}") from None
+        if me.node_id != request.node_id or me.role != response.role:
+            raise ClusterSetupError(f"{manager} issued a certificate for {me.node_id} as {me.role}: not this node")
+        paths.write(paths.node_key, key_pem(key))
+        paths.write(paths.node_cert, cert)
+        if response.role == "manager":
+            secrets: ManagerSecrets = post(
+                manager,
+                SECRETS_PATH,
+                JoinMessage(),
+                ManagerSecrets,
+                tls=paths.client_context(),
+                check_peer=manager_only,
+            )
+            LocalSigner(ca_pem, secrets.ca_key.encode())  # the key is the CA's, or this fails here
+            paths.write(paths.ca_key, secrets.ca_key.encode())
+            write_cluster_secrets(state_dir, secrets.secrets)
+        final = PkiPaths.of(state_dir)
+        if final.root.exists():
+            shutil.rmtree(final.root)
+        paths.root.replace(final.root)
+    finally:
+        if paths.root.exists():
+            shutil.rmtree(paths.root)
+    return response
 
 
 # --- join tokens ----------------------------------------------------------------------------------------------

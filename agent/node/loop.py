@@ -32,25 +32,28 @@ from agent.config import ConfigError, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node import notices
-from agent.node.control import converge, unhealthy
+from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.etcdmember import EtcdMemberError, LocalMember
-from agent.node.join import cluster_api, cluster_membership, refresh_endpoints
+from agent.node.join import cluster_api, cluster_membership, cluster_tls, refresh_endpoints
+from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
 from agent.node.runtime import Runtime
-from agent.node.status import stack_statuses
+from agent.node.status import Fleet, fleet, fleet_statuses
 from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
 from agent.notify.events import Observed, changes
+from agent.pki.files import certificate_expiry
 from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
-from agent.state.log import StateLocked
-from agent.state.records import INTENT_KEY, STACKS, Records
+from agent.state.log import StateLocked, Unavailable
+from agent.state.membership import node_id
+from agent.state.records import INTENT_KEY, NODE, NODES, STACKS, Records
 from bundles import DesiredState, InvalidBundles
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
@@ -91,6 +94,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, runtime: Runtime | None = None) -> None:
         """`runtime`: the container engine to converge (default: the Docker engine the config names)."""
+        # A cluster node (<state_dir>/cluster.json) uses the cluster's state log, whatever `state` says.
+        # (cluster_membership refuses a cluster node whose listener would run without TLS unless allowed.)
+        membership = cluster_membership(cfg)
+        if membership is not None:
+            cfg = cluster_config(cfg, membership)
         self.cfg = cfg
         self.node = cfg.node_name or socket.gethostname()
         self.stop = threading.Event()
@@ -128,7 +136,7 @@ class Agent:
         # One agent per state directory, whatever the backend; the lock names its API so the CLI finds it.
         private_dir(cfg.state_path)
         # A cluster node's slots are assigned to it by node id (cluster init re-keys a single node's by name).
-        self.membership = cluster_membership(cfg)
+        self.membership = membership
         holder = {"api": self.api_url, "socket": str(self.control_socket), "command": "dabctl agent"}
         self.lock = HolderLock(cfg.state_path / AGENT_LOCK, holder)
         try:
@@ -145,6 +153,17 @@ class Agent:
             self.lock.release()
             raise
         self.records = Records(self.log, cfg.history_limit, cfg.audit_limit)
+        # In a cluster: this node under its lease and, on a manager, the election (`member.fence()` while it leads).
+        self.member: Member | None = None
+        if membership is None:
+            self.metrics.leader.set(1)  # a single node is its own leader
+        else:
+            try:
+                self.member = self._register(membership.node_id)
+            except BaseException:
+                self.log.close()
+                self.lock.release()
+                raise
         self.engine = Engine(
             self.docker,
             self.records,
@@ -155,10 +174,13 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
-        self.page = PageData(self.records, self.node, self._replicas, self._status_of)
+        # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
+        self.engine.cluster = self.member
+        self.page = PageData(self.records, self.node, self._observe)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()
         self.engine.on_replan = self.metrics.replans.inc
+        self.engine.on_fenced = self.metrics.fenced.inc
         self.exits = ExitWatch(self.docker.container_state, lambda stack: self.queue.add([stack]))
         self.source: Source = open_source(cfg)
         secret = read_secret(cfg.webhook_secret_file, cfg.webhook_secret_env, setting="webhook_secret_file")
@@ -174,15 +196,64 @@ class Agent:
             webhook=webhook,
             api={name: functools.partial(self.api, name) for name in API_CALLS},
             page=self.page,
-            cluster_api=cluster_api(cfg, self.log, self.membership) if self.membership is not None else None,
+            cluster_api=self._cluster_calls(),
         )
         self.listener = self.http.add_tcp(host, port, allowed_hosts=cfg.allowed_hosts)
         self.cluster_listener = None
         if self.membership is not None:
-            self.cluster_listener = self.http.add_cluster(*split_listen(cfg.cluster_listen))
+            self.cluster_listener = self.http.add_cluster(
+                *split_listen(cfg.cluster_listen), tls=cluster_tls(cfg, frozenset(API_CALLS))
+            )
+            if certificate_expiry(cfg.state_path) is not None:
+                self.metrics.watch_certificate(lambda: certificate_expiry(cfg.state_path))
         if cfg.webhook_listen:
             self.http.add_tcp(*split_listen(cfg.webhook_listen), webhook_only=True)
         self.http.add_unix(self.control_socket, group=control_gid)
+
+    def _register(self, expected_id: str) -> Member:
+        state = self.cfg.state_path
+        own = node_id(state)
+        if own != expected_id:
+            raise ConfigError(
+                f"{state / 'cluster.json'} is for node {expected_id} but {state / 'node-id'} holds {own}; "
+                "join the cluster again from this state directory"
+            )
+        member = Member(
+            self.log,
+            node_id=own,
+            name=self.node,
+            status=status_source(self.cfg, own),
+            records=self.records,
+            metrics=self.metrics,
+        )
+        try:
+            member.register()
+        except Unavailable as exc:
+            # Static stability: the node keeps running its containers; it registers when the state log answers.
+            log.warning("state log unreachable; registering when it answers", extra={"error": str(exc)})
+        return member
+
+    def _cluster_calls(self) -> dict[str, Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]] | None:
+        """The cluster listener's calls: joining, and the changing calls managers forward to the leader."""
+        if self.membership is None:
+            return None
+        calls = cluster_api(self.cfg, self.log, self.membership)
+        for name in API_CALLS:
+            calls[name] = functools.partial(self.from_manager, name)
+        return calls
+
+    def from_manager(self, name: str, body: dict[str, Any], peer: str) -> tuple[int, dict[str, Any]]:
+        """A changing call another manager forwarded (`dabctl reconcile --once` there): run here while this node
+        leads, and only for a caller at a manager's recorded address (the role check; with certificates, the
+        certificate's role will be)."""
+        snapshot = self.records.snapshot(restarts=False)
+        if not is_manager_peer(snapshot, peer):
+            return 403, {"error": f"{peer} is not the address of a manager that is up: only managers may ask this"}
+        leader = snapshot.leader
+        if leader is None or leader.node_id != self.engine.node:
+            where = f"{leader.name} at {leader.cluster_address}" if leader is not None else "none now"
+            return 409, {"error": f"this node does not lead the cluster (the leader: {where}); try again"}
+        return self.api(name, body)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -197,6 +268,8 @@ class Agent:
         self.api_url = self.listener.url
         self.lock.describe(api=self.api_url)  # with `listen: ...:0`, the port the kernel chose
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
+        if self.member is not None:
+            self.member.start()
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
@@ -204,6 +277,10 @@ class Agent:
         if self.engine.cluster is not None:  # a cluster node acts as soon as the leader commits
             for prefix in (INTENT_KEY, STACKS):
                 self._spawn(functools.partial(self._follow_state, prefix), f"watch {prefix}")
+            # The leader acts as soon as a node changes: a lease lapsing (its status key deleted), a node joining or
+            # returning, `node update`, a report (a slot started, turned healthy, failed), not at the next resync.
+            for prefix in (NODE, NODES):
+                self._spawn(functools.partial(self._follow_state, prefix, self._leading), f"watch {prefix}")
         observer = self._watch_directory()
         try:
             self._work()
@@ -230,6 +307,8 @@ class Agent:
         self.notifier.stop()
         for t in self._threads:
             t.join(timeout=5)
+        if self.member is not None:
+            self.member.close()
         self.source.close()
         self.log.close()
         self.docker.close()
@@ -368,16 +447,20 @@ class Agent:
         while not self.stop.wait(self.cfg.resync_interval):
             self.queue.add(self.all_keys())
 
-    def _follow_state(self, prefix: str) -> None:
+    def _leading(self) -> bool:
+        return self.engine.cluster is not None and self.engine.cluster.is_leader
+
+    def _follow_state(self, prefix: str, when: Callable[[], bool] = lambda: True) -> None:
         """On a cluster node: a change under `prefix` (the key every orchestrator commit puts, the stack records the
-        leader writes) queues every stack; after a lost watch, watch again and queue them all."""
+        leader writes, the nodes' records for the leader) queues every stack while `when()` holds; after a lost
+        watch, watch again and queue them all."""
         backoff = 1.0
         while not self.stop.is_set():
             watch = None
             try:
                 watch = self.log.watch(prefix, self.log.revision() + 1)
                 while not self.stop.is_set() and not watch.cancelled:
-                    if watch.next(timeout=1.0) is not None:
+                    if watch.next(timeout=1.0) is not None and when():
                         self.queue.add(self.all_keys(), after=EVENT_DEBOUNCE)
                         backoff = 1.0
             except DabctlError as exc:
@@ -386,7 +469,8 @@ class Agent:
                 if watch is not None:
                     watch.cancel()
             if not self.stop.is_set():
-                self.queue.add(self.all_keys())
+                if when():
+                    self.queue.add(self.all_keys())
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -585,25 +669,18 @@ class Agent:
     # --- status and the CLI's API ---------------------------------------------------------------------------------
 
     def status(self) -> StatusOutput:
-        return self._status_of(self._replicas())
+        return self._observe()[1]
 
     def _replicas(self) -> list[Replica]:
         return self.docker.list_replicas(self.engine.owner)
 
-    def _status_of(self, replicas: Sequence[Replica]) -> StatusOutput:
+    def _observe(self) -> tuple[Fleet, StatusOutput]:
+        """The fleet (this node's containers, one list call, and the cluster's reports, one state read) and the
+        status built from it."""
+        snapshot = self.records.snapshot(restarts=False)
+        seen = fleet(snapshot, self.engine.node, self.node, self._replicas())
         errors = {**self.pass_errors, **self.load_errors}
-        stacks = stack_statuses(
-            self.desired,
-            self.records.stacks(),
-            replicas,
-            assignments=self.records.assignments(),
-            node=self.node,
-            errors=errors,
-            suspended=self.records.suspended(),
-            rollouts=self.records.rollouts(),
-            pins=self.records.pins(),
-            ports=self.records.ports(),
-        )
+        stacks = fleet_statuses(self.desired, snapshot, seen, errors=errors)
         revision = None
         if self.source.kind == "git" and self.fingerprint:
             revision = f"{self.source.ref}@sha1:{self.fingerprint}"
@@ -617,7 +694,8 @@ class Agent:
             last_fetch_error=self.source_error,
             verify=self._verify_status(),
         )
-        return StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks)
+        status = StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks, nodes=seen.nodes)
+        return seen, status
 
     def _verify_status(self) -> VerifyStatus | None:
         verifier = getattr(self.source, "verification", None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from agent.node.engine import PassPlan, StackPlan
+from agent.node.status import Fleet, alone
 from agent.state.records import Records
 from reconcilers import services
 from reconcilers.rollout import Rollout
@@ -19,7 +20,7 @@ from schemas.output import StatusOutput
 from schemas.state import Pin
 from schemas.view import AuditView, FleetView, HistoryEntry, PinView, RolloutView, SlotView, StackView
 
-StatusOf = Callable[[Sequence[services.Replica]], StatusOutput]
+Observe = Callable[[], tuple[Fleet, StatusOutput]]
 
 
 def stack_plan_lines(sp: StackPlan) -> list[str]:
@@ -62,18 +63,16 @@ def _pin_view(pin: Pin) -> PinView:
 class PageData:
     """The page's memory of the agent: plans of the last pass per stack, and the current view's generation."""
 
-    def __init__(
-        self, records: Records, node: str, replicas: Callable[[], list[services.Replica]], status_of: StatusOf
-    ) -> None:
+    def __init__(self, records: Records, node: str, observe: Observe) -> None:
+        """`observe`: the fleet and the status built from it (one container list, one state read)."""
         self.records = records
         self.node = node
-        self._replicas = replicas
-        self._status_of = status_of
+        self._observe = observe
         self.max_age = 5.0
         self._lock = threading.Lock()
         self._generation = 0
         self._plans: dict[str, tuple[list[str], str]] = {}  # stack -> (plan lines, when)
-        self._cache: tuple[int, float, list[services.Replica], StatusOutput] | None = None
+        self._cache: tuple[int, float, Fleet, StatusOutput] | None = None
 
     @property
     def generation(self) -> int:
@@ -89,18 +88,17 @@ class PageData:
             self._generation += 1
             return self._generation
 
-    def _observed(self) -> tuple[int, list[services.Replica], StatusOutput]:
+    def _observed(self) -> tuple[int, Fleet, StatusOutput]:
         with self._lock:
             generation, cached = self._generation, self._cache
             if cached is not None and cached[0] == generation and time.monotonic() - cached[1] < self.max_age:
                 return generation, cached[2], cached[3]
-            replicas = self._replicas()
-            status = self._status_of(replicas)
-            self._cache = (generation, time.monotonic(), replicas, status)
-            return generation, replicas, status
+            seen, status = self._observe()
+            self._cache = (generation, time.monotonic(), seen, status)
+            return generation, seen, status
 
     def fleet(self) -> FleetView:
-        generation, replicas, status = self._observed()
+        generation, seen, status = self._observed()
         rollouts: dict[str, list[RolloutView]] = {}
         for (stack, service), r in sorted(self.records.rollouts().items()):
             if r.state != "completed":
@@ -109,14 +107,15 @@ class PageData:
             generation=generation,
             built_at=_now(),
             status=status,
-            slots=_slots(replicas, self.node),
+            slots=_slots(seen),
             rollouts=rollouts,
             pins=[_pin_view(p) for _, p in sorted(self.records.pins().items())],
+            nodes=seen.nodes if seen.cluster else [alone(self.node, seen.replicas)],
         )
 
     def stack(self, name: str) -> StackView | None:
         """One stack's page; None when the node knows no such stack."""
-        generation, replicas, status = self._observed()
+        generation, seen, status = self._observed()
         mine = [s for s in status.stacks if s.stack == name]
         if not mine:
             return None
@@ -128,7 +127,7 @@ class PageData:
             node=self.node,
             stack=name,
             status=status.model_copy(update={"stacks": mine}),
-            slots=_slots([r for r in replicas if r.stack == name], self.node).get(name, []),
+            slots=_slots(seen, name).get(name, []),
             rollouts=[_rollout_view(svc, r) for (st, svc), r in sorted(self.records.rollouts().items()) if st == name],
             pin=_pin_view(pin) if pin else None,
             error=mine[0].sync.error,
@@ -147,14 +146,21 @@ class PageData:
         )
 
 
-def _slots(replicas: Sequence[services.Replica], node: str) -> dict[str, list[SlotView]]:
+def _slots(seen: Fleet, stack: str | None = None) -> dict[str, list[SlotView]]:
+    """Every slot's container on every node (a down node's last reported ones marked so), and pending slots."""
     out: dict[str, list[SlotView]] = {}
-    for r in sorted(replicas, key=lambda r: (r.stack, r.service, r.slot, -r.created)):
+    down = [(r, True) for r in seen.stale]
+    ordered = sorted(
+        [(r, False) for r in seen.replicas] + down, key=lambda x: (x[0].stack, x[0].service, x[0].slot, -x[0].created)
+    )
+    for r, stale in ordered:
+        if stack is not None and r.stack != stack:
+            continue
         out.setdefault(r.stack, []).append(
             SlotView(
                 service=r.service,
                 slot=r.slot,
-                node=node,
+                node=seen.name_of(r.node) + (" (down)" if stale else ""),
                 container=r.name,
                 id=r.id[:12],
                 state=r.state,
@@ -164,6 +170,21 @@ def _slots(replicas: Sequence[services.Replica], node: str) -> dict[str, list[Sl
                 image=r.image_id.removeprefix("sha256:")[:12],
             )
         )
+    for (st, service, slot), reason in sorted(seen.pending.items()):
+        if stack is None or st == stack:
+            out.setdefault(st, []).append(
+                SlotView(
+                    service=service,
+                    slot=slot,
+                    node="",
+                    container="",
+                    id="",
+                    state="pending",
+                    spec="",
+                    image="",
+                    error=reason,
+                )
+            )
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, host_port
 from agent.node.join import ClusterSetupError, _advertise_host, _require_tls, cluster_address, node_tls
+from agent.pki.ca import CertificateRefused, LocalSigner, key_pem, new_csr, new_key
+from agent.pki.files import PkiPaths
 from agent.state.backends import etcd_endpoints
 from agent.state.backup import MANIFEST, SNAPSHOT, BackupError, seal, snapshot, unseal
 from agent.state.etcd import EtcdStateLog
@@ -39,6 +42,7 @@ from agent.state.membership import (
 )
 from schemas.config import AgentConfig, ClusterMembership
 from schemas.join import ClusterSecrets
+from schemas.state import ClusterRecord
 
 ETCDCTL = "/usr/bin/etcdctl"
 PKI_DIR = "pki"  # the cluster CA's and the node's files, when the node has them (agent/pki/)
@@ -121,8 +125,43 @@ def restore_cluster(cfg: AgentConfig, source: Path, passphrase: bytes, advertise
         raise BackupError(f"{source}: {exc.strerror}") from None
     old = ClusterMembership.model_validate_json(files[MEMBERSHIP_FILE])
     secrets = ClusterSecrets.model_validate_json(files[SECRETS_FILE])
-    tls = _require_tls(cfg)
     host = _advertise_host(cfg, advertise)
+    paths = _restore_pki(state_dir, files, old.node_id, host)
+    try:
+        return _restore(cfg, files, old, secrets, host)
+    except BaseException:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+
+
+def _restore_pki(state_dir: Path, files: dict[str, bytes], nid: str, host: str) -> PkiPaths:
+    """The backed-up CA and a new certificate of the backed-up manager for this node's address (the old one names
+    the address of the node that made the backup, which etcd's peers and clients check)."""
+    paths = PkiPaths.of(state_dir)
+    ca_pem, ca_key = files.get(f"{PKI_DIR}/ca.crt"), files.get(f"{PKI_DIR}/ca.key")
+    if not ca_pem or not ca_key:
+        raise ClusterSetupError(
+            "the backup holds no cluster CA (pki/ca.crt and pki/ca.key): restore a backup made on a manager"
+        )
+    try:
+        signer = LocalSigner(ca_pem, ca_key)
+        key = new_key()
+        days = ClusterRecord.model_fields["certificate_days"].default
+        cert = signer.sign(new_csr(key, nid), node_id=nid, role="manager", address=host, days=days)
+    except CertificateRefused as exc:
+        raise ClusterSetupError(f"the backup's cluster CA cannot issue this node's certificate: {exc}") from None
+    for path, content in ((paths.ca_cert, ca_pem), (paths.ca_key, ca_key), (paths.node_key, key_pem(key))):
+        paths.write(path, content)
+    paths.write(paths.node_cert, cert)
+    return paths
+
+
+def _restore(
+    cfg: AgentConfig, files: dict[str, bytes], old: ClusterMembership, secrets: ClusterSecrets, host: str
+) -> ClusterMembership:
+    state_dir = cfg.state_path
+    local = LocalMember(state_dir)
+    tls = _require_tls(cfg)
     peer = f"https://{host_port(host, PEER_PORT)}"
     spec = MemberSpec(
         name=old.node_id,
@@ -157,15 +196,14 @@ def restore_cluster(cfg: AgentConfig, source: Path, passphrase: bytes, advertise
     except BaseException:
         local.destroy()
         raise
-    for name, content in files.items():
-        if name.startswith(f"{PKI_DIR}/"):
-            path = state_dir / name
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_private(path, content.decode())
     write_private(state_dir / NODE_ID_FILE, old.node_id + "\n")
     write_cluster_secrets(state_dir, secrets)
     restored_member = old.model_copy(
-        update={"state": f"etcd://{host_port(host, CLIENT_PORT)}", "managers": [cluster_address(cfg, advertise)]}
+        update={
+            "state": f"etcd://{host_port(host, CLIENT_PORT)}",
+            "managers": [cluster_address(cfg, host)],
+            "etcd_tls": True,
+        }
     )
     write_membership(state_dir, restored_member)
     return restored_member

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agent.pki.files import PkiPaths
 from agent.private import check_secret_file
 from agent.state.etcd import EtcdStateLog
 from agent.state.log import StateLog, StateLogError
@@ -25,6 +26,15 @@ def open_log(cfg: AgentConfig, writer: bool, holder: Mapping[str, str] | None = 
     (`<state_dir>/cluster.json`) opens the cluster's etcd with the credentials it was issued."""
     member = membership(cfg.state_path)
     if member is not None:
+        if member.etcd_tls:  # dabctl's etcd: this node's certificate from the cluster CA
+            paths = PkiPaths.of(cfg.state_path)
+            cfg = cfg.model_copy(
+                update={
+                    "etcd_ca_file": str(paths.ca_cert),
+                    "etcd_cert_file": str(paths.node_cert),
+                    "etcd_key_file": str(paths.node_key),
+                }
+            )
         tls = bool(cfg.etcd_ca_file or cfg.etcd_cert_file)
         if not tls and not cfg.etcd_insecure:
             remote = [h for h in member.state.removeprefix("etcd://").split(",") if not is_loopback_endpoint(h)]

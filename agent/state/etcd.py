@@ -279,7 +279,10 @@ class EtcdStateLog:
             out[c.target] = str(c.operand)
         return out
 
-    def txn(self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = ()) -> TxnResult:
+    def txn(
+        self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = (), *, durable: bool = True
+    ) -> TxnResult:
+        # etcd fsyncs every committed entry on a quorum of members: every write is durable.
         body = {
             "compare": [self._compare(c) for c in compares],
             "success": [self._op(o) for o in then_ops],

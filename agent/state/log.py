@@ -202,7 +202,13 @@ class StateLog(Protocol):
 
     def delete(self, key: str, prefix: bool = False) -> int: ...
 
-    def txn(self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = ()) -> TxnResult: ...
+    def txn(
+        self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = (), *, durable: bool = True
+    ) -> TxnResult:
+        """Check every compare and run then_ops (or else_ops) atomically. `durable=False` lets a backend
+        acknowledge before the write reaches the disk (it survives the process being killed, and is on disk with
+        the next durable write); a backend that always syncs ignores it."""
+        ...
 
     def revision(self) -> int: ...
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -27,11 +28,14 @@ from schemas.state import (
     LeaderRecord,
     NodeSpec,
     NodeStatus,
+    PendingSlot,
     Pin,
     SlotReport,
     StackRecord,
     TaskRecord,
 )
+
+T = TypeVar("T")
 
 OWNER_KEY = "/meta/owner"
 STACKS = "/stacks/"
@@ -47,6 +51,7 @@ PORTS = "/ports/"  # /ports/<stack>/<service>/<protocol>/<target port> -> publis
 # revision cannot both commit (a new key under a range, such as another stack's port, has no mod revision to compare).
 INTENT_KEY = "/meta/intent"
 TASKS = "/tasks/"  # /tasks/<stack>/<service>/<slot>/<task id> -> TaskRecord
+PENDING = "/pending/"  # /pending/<stack>/<service>/<slot> -> PendingSlot: placed on no node, and why
 # The cluster: /cluster (ClusterRecord), /nodes/<id> (NodeSpec, managers write), /leader (LeaderRecord, under the
 # leader's lease; its create revision is the term). Everything a node writes is under /node/<id>/: its status
 # under its lease (absent: down) and its slot reports.
@@ -62,6 +67,8 @@ LEADER_KEY = "/leader"
 CONTENT = "/content/"
 INLINE_RECORD = 256 * 1024
 CHUNK = 512 * 1024
+# etcd 3.4's default --max-txn-ops: a transaction's compares, and each branch's operations, count separately.
+MAX_TXN_OPS = 128
 
 
 class ContentMissing(DabctlError):
@@ -99,12 +106,12 @@ def port_key(k: PortKey) -> str:
 
 
 def orchestrator_txn(
-    log: StateLog, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None
+    log: StateLog, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None, *, durable: bool = True
 ) -> TxnResult:
     """The one way an orchestrator writes: its compares, plus the leader's term when it runs fenced."""
     if fence is not None:
         compares = [*compares, Compare(fence.key, "create_revision", "==", fence.term)]
-    return log.txn(compares, ops)
+    return log.txn(compares, ops, durable=durable)
 
 
 def _stamp() -> str:
@@ -121,6 +128,10 @@ class Records:
         self.history_limit = history_limit
         self.audit_limit = audit_limit
         self._owner: str | None = None
+        # The last snapshot, and each record it decoded by key with the mod revision it was decoded at: a record
+        # is decoded again only when its key moved (records are frozen, so sharing them is safe).
+        self._last: tuple[Snapshot | None, bool] = (None, False)
+        self._decoded: dict[str, tuple[int, Any]] = {}
 
     def owner(self, create: bool = True) -> str:
         """This state's owner id (label dabctl.owner); created once, atomically, on first use."""
@@ -148,65 +159,112 @@ class Records:
     def snapshot(self, *, restarts: bool = True) -> Snapshot:
         """Every kind of record at one revision, typed, with the mod revision of each key read. History is read
         for pinned stacks and stacks with a rollout in progress (what pins and automatic rollbacks need);
-        restart records only when asked (a node keeps its own once loaded)."""
+        restart records only when asked (a node keeps its own once loaded).
+
+        A state at one revision is the same state: when the revision has not moved since the last snapshot, that
+        snapshot is returned again (one revision read, no range). Otherwise only keys whose mod revision moved are
+        decoded again; the others reuse their decoded (frozen) record."""
         revision = self.log.revision()
+        last, had_restarts = self._last
+        if last is not None and last.revision == revision and (had_restarts or not restarts):
+            return last if restarts or not had_restarts else replace(last, restarts={})
         versions: dict[str, int] = {}
+        seen: dict[str, tuple[int, Any]] = {}
 
         def read(prefix: str) -> list[KeyValue]:
             kvs = self.log.range(prefix, revision=revision)
             versions.update((kv.key, kv.mod_revision) for kv in kvs)
             return kvs
 
-        pins = {kv.key.removeprefix(PINS): Pin.model_validate_json(kv.value) for kv in read(PINS)}
-        rollouts = _rollouts(read(ROLLOUTS))
+        def decoded(kvs: Sequence[KeyValue], parse: Callable[[KeyValue], T]) -> list[tuple[KeyValue, T]]:
+            out = []
+            for kv in kvs:
+                hit = self._decoded.get(kv.key)
+                if hit is None or hit[0] != kv.mod_revision:
+                    hit = (kv.mod_revision, parse(kv))
+                seen[kv.key] = hit
+                out.append((kv, hit[1]))
+            return out
+
+        pins = {
+            kv.key.removeprefix(PINS): pin
+            for kv, pin in decoded(read(PINS), lambda kv: Pin.model_validate_json(kv.value))
+        }
+        rollouts = {
+            _service_key(kv.key, ROLLOUTS): ro
+            for kv, ro in decoded(read(ROLLOUTS), lambda kv: _parse_rollout(kv.value))
+        }
         rolling = {stack for (stack, _), ro in rollouts.items() if ro.state != "completed"}
         chunks: dict[str, bytes] = {}
+
+        def stack_of(kv: KeyValue) -> StackRecord:
+            return self._stack(kv, revision, chunks)
+
         history = {
-            stack: self._load(list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))), revision, chunks)
+            stack: [
+                rec
+                for _, rec in decoded(list(reversed(self.log.range(f"{HISTORY}{stack}/", revision=revision))), stack_of)
+            ]
             for stack in sorted(set(pins) | rolling)
         }
         intent = self.log.range(INTENT_KEY, revision=revision)
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
         statuses, reports = _node_keys(self.log.range(NODE, revision=revision))
         leader = [kv for kv in self.log.range(LEADER_KEY, revision=revision) if kv.key == LEADER_KEY]
-        return Snapshot(
+        stacks = {rec.stack: rec for _, rec in decoded(read(STACKS), stack_of)}
+        tasks: dict[tuple[str, str, str], list[TaskRecord]] = {}
+        for kv, task in decoded(read(TASKS), lambda kv: TaskRecord.model_validate_json(kv.value)):
+            stack, service, slot, _ = kv.key.removeprefix(TASKS).split("/", 3)
+            tasks.setdefault((stack, service, slot), []).append(task)
+        for slot_tasks in tasks.values():
+            slot_tasks.sort(key=task_order)
+        assignments = {
+            _service_key(kv.key, ASSIGNMENTS): a.nodes
+            for kv, a in decoded(read(ASSIGNMENTS), lambda kv: Assignment.model_validate_json(kv.value))
+        }
+        snapshot = Snapshot(
             revision=revision,
-            stacks={r.stack: r for r in self._load(read(STACKS), revision, chunks)},
+            stacks=stacks,
             suspended=frozenset(kv.key.removeprefix(SUSPENDED) for kv in read(SUSPENDED)),
             pins=pins,
             history=history,
-            assignments=_assignments(read(ASSIGNMENTS)),
+            assignments=assignments,
             ports=_ports(read(PORTS)),
             rollouts=rollouts,
             restarts=_restarts(read(RESTARTS)) if restarts else {},
-            tasks=_tasks(read(TASKS)),
+            tasks=tasks,
+            pending=_pending(read(PENDING)),
             versions=versions,
             nodes={kv.key.removeprefix(NODES): NodeSpec.model_validate_json(kv.value) for kv in read(NODES)},
             statuses=statuses,
             leader=_leader(leader[0].value) if leader else None,
             reports=reports,
         )
+        self._decoded = seen
+        self._last = (snapshot, restarts)
+        return snapshot
 
     def _load(
         self, kvs: Sequence[KeyValue], revision: int = 0, cache: dict[str, bytes] | None = None
     ) -> list[StackRecord]:
         """Stack records as stored: inline, or chunked beside the key (read at `revision`)."""
         cache = {} if cache is None else cache
-        out = []
-        for kv in kvs:
-            stored = _stored(kv.value)
-            if isinstance(stored, Chunked):
-                if stored.chunked not in cache:
-                    parts = self.log.range(content_prefix(stored.chunked), revision=revision)
-                    if len(parts) != stored.chunks:
-                        raise ContentMissing(
-                            f"{kv.key}: {len(parts)} of its {stored.chunks} chunks under "
-                            f"{content_prefix(stored.chunked)} are in the state; deploy the stack again"
-                        )
-                    cache[stored.chunked] = b"".join(p.value for p in parts)
-                stored = StackRecord.model_validate_json(cache[stored.chunked])
-            out.append(stored)
-        return out
+        return [self._stack(kv, revision, cache) for kv in kvs]
+
+    def _stack(self, kv: KeyValue, revision: int, cache: dict[str, bytes]) -> StackRecord:
+        """One stack record as stored: inline, or a Chunked naming its chunks (read at `revision`, once each)."""
+        stored = _stored(kv.value)
+        if not isinstance(stored, Chunked):
+            return stored
+        if stored.chunked not in cache:
+            parts = self.log.range(content_prefix(stored.chunked), revision=revision)
+            if len(parts) != stored.chunks:
+                raise ContentMissing(
+                    f"{kv.key}: {len(parts)} of its {stored.chunks} chunks under "
+                    f"{content_prefix(stored.chunked)} are in the state; deploy the stack again"
+                )
+            cache[stored.chunked] = b"".join(p.value for p in parts)
+        return StackRecord.model_validate_json(cache[stored.chunked])
 
     def _store(self, record: StackRecord, written: set[str]) -> bytes:
         """What a key holds for `record`: its JSON, or, above INLINE_RECORD, a Chunked naming its chunks (written
@@ -223,34 +281,41 @@ class Records:
             written.add(digest)
         return Chunked(chunked=digest, chunks=len(parts)).model_dump_json().encode()
 
-    def commit_intent(self, intent: Intent, snapshot: Snapshot) -> bool:
+    def commit_intent(self, intent: Intent, snapshot: Snapshot, fence: Fence | None = None) -> bool:
         """Write what an orchestrator decided from `snapshot` in one transaction that holds only if nothing it
         read and writes changed since, and no other orchestrator committed since it read; whether it did.
-        Nothing is written (and True returned) when the intent changes nothing."""
-        ops: list[Op] = [
-            Put(
-                f"{ASSIGNMENTS}{stack}/{service}",
-                Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode(),
-            )
-            for (stack, service), nodes in sorted(intent.assignments_changed.items())
-        ]
-        ops += [Delete(f"{ASSIGNMENTS}{stack}/{service}") for stack, service in sorted(intent.assignments_removed)]
-        ops += [Put(port_key(k), str(p).encode()) for k, p in sorted(intent.ports_changed.items())]
-        ops += [Delete(port_key(k)) for k in sorted(intent.ports_removed)]
-        for (stack, service), ro in sorted(intent.rollouts.items()):
-            ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
-        for stack, pin in sorted(intent.pins.items()):
-            ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
-        for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
-            ops += [Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed]
-        for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
-            ops += [Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids]
-        if not ops:
+        Nothing is written (and True returned) when the intent changes nothing. `fence`: the term the decision
+        was made in (default `self.fence`); the commit holds only in that term.
+
+        An intent too large for one etcd transaction (MAX_TXN_OPS, e.g. the first deploy of 300 services) is
+        written in a chain of transactions, each with the same guards for its own keys, the fence, and a compare
+        on INTENT_KEY as the previous one left it (so no other orchestrator's commit comes in between). Each
+        holds whole services (a service's assignment, ports, rollout and tasks), or, for a service too large
+        alone, whole slots with the service's other keys in its last part; a chain that stops part-way leaves
+        whole services decided from this snapshot, which the next pass (planned from a fresh one) goes on from."""
+        groups = _intent_groups(intent) + [[[op]] for op in _pending_ops(intent, snapshot)]
+        if not groups:
             return True
-        compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
-        compares.append(Compare(INTENT_KEY, "mod_revision", "==", snapshot.versions.get(INTENT_KEY, 0)))
-        ops.append(Put(INTENT_KEY, str(snapshot.revision).encode()))
-        return orchestrator_txn(self.log, compares, ops, self.fence).succeeded
+        mod = snapshot.versions.get(INTENT_KEY, 0)
+        for ops in _batches(groups, MAX_TXN_OPS - 2):  # room for INTENT_KEY's put and compare, and the fence
+            compares = [Compare(op.key, "mod_revision", "==", snapshot.versions.get(op.key, 0)) for op in ops]
+            compares.append(Compare(INTENT_KEY, "mod_revision", "==", mod))
+            put = Put(INTENT_KEY, str(snapshot.revision).encode())
+            done = orchestrator_txn(self.log, compares, [*ops, put], fence or self.fence)
+            if not done.succeeded:
+                return False
+            mod = done.revision
+        return True
+
+    def fence_holds(self, fence: Fence) -> bool:
+        """Whether `fence`'s term still stands (the leader key it names is the same key); a failed fenced commit
+        whose fence no longer holds was refused for the term, not lost to a race."""
+        kv = self.log.get(fence.key)
+        return kv is not None and kv.create_revision == fence.term
+
+    def pending(self) -> dict[tuple[str, str, str], str]:
+        """Slots the leader could place on no node, with the reason."""
+        return _pending(self.log.range(PENDING))
 
     def tasks(self) -> dict[tuple[str, str, str], list[TaskRecord]]:
         """Each slot's tasks, oldest first (what `ps` shows of a slot's previous tasks)."""
@@ -291,11 +356,13 @@ class Records:
         pins: Mapping[str, Pin | None] | None = None,
         node: str = "",
         reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
-    ) -> None:
+        fence: Fence | None = None,
+    ) -> bool:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
         pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
         set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
-        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each)."""
+        Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each).
+        `fence`: a leader's pass commits only in the term it planned in; whether the commit held."""
         written: set[str] = set()
         ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
         for (stack, service, slot), report in sorted((reports or {}).items()):
@@ -324,14 +391,25 @@ class Records:
                 Delete(f"{RESTARTS}{stack}/", prefix=True),
                 Delete(PINS + stack),
                 Delete(f"{TASKS}{stack}/", prefix=True),
+                Delete(f"{PENDING}{stack}/", prefix=True),
             ]
         if audit is not None:
             ops.append(Put(f"{AUDIT}{_stamp()}-{audit.reconcile_id}", audit.model_dump_json().encode()))
             old = self.log.range(AUDIT)
             ops.extend(Delete(kv.key) for kv in old[: max(0, len(old) + 1 - self.audit_limit)])
-        if ops:
-            self.log.txn([], ops)
+        # Above etcd's MAX_TXN_OPS (a node's first report of a hundred slots) the commit goes in parts, each
+        # fenced, the stack records, history and audit last: a stack is recorded as applied once the rest is.
+        # Not fsynced on its own (durable=False): losing it to a power cut leaves the state a pass's intent committed
+        # and its actions done but not recorded, exactly what kill -9 before this commit leaves, which the next pass
+        # converges from (tests/integration/test_crash_consistency.py). The next durable commit (the next intent)
+        # or checkpoint puts it on disk with everything before it.
+        last = [op for op in ops if op.key.startswith((STACKS, HISTORY, AUDIT))]
+        ordered = [op for op in ops if not op.key.startswith((STACKS, HISTORY, AUDIT))] + last
+        for i in range(0, len(ordered), MAX_TXN_OPS):
+            if not orchestrator_txn(self.log, [], ordered[i : i + MAX_TXN_OPS], fence, durable=False).succeeded:
+                return False
         self._drop_contents(dropped)
+        return True
 
     def _drop_contents(self, dropped: Sequence[bytes]) -> None:
         """Delete the content chunks of `dropped` records that no stack record or history entry still names."""
@@ -386,6 +464,56 @@ class Records:
             self.log.txn([], ops)
 
 
+def _intent_groups(intent: Intent) -> list[list[list[Op]]]:
+    """An intent's writes in groups that go to the state log together, each a list of units never split: one
+    group per service (a unit per task slot, then one of its assignment, ports and rollout), one per pin."""
+    own: dict[tuple[str, str], list[Op]] = {}
+    slots: dict[tuple[str, str], list[list[Op]]] = {}
+    for (stack, service, slot), changed in sorted(intent.tasks.put.items()):
+        puts: list[Op] = [
+            Put(f"{TASKS}{stack}/{service}/{slot}/{t.task_id}", t.model_dump_json().encode()) for t in changed
+        ]
+        slots.setdefault((stack, service), []).append(puts)
+    for (stack, service, slot), ids in sorted(intent.tasks.deleted.items()):
+        slots.setdefault((stack, service), []).append([Delete(f"{TASKS}{stack}/{service}/{slot}/{i}") for i in ids])
+    for (stack, service), nodes in sorted(intent.assignments_changed.items()):
+        value = Assignment(nodes=dict(sorted(nodes.items()))).model_dump_json().encode()
+        own.setdefault((stack, service), []).append(Put(f"{ASSIGNMENTS}{stack}/{service}", value))
+    for stack, service in sorted(intent.assignments_removed):
+        own.setdefault((stack, service), []).append(Delete(f"{ASSIGNMENTS}{stack}/{service}"))
+    for k, p in sorted(intent.ports_changed.items()):
+        own.setdefault((k.stack, k.service), []).append(Put(port_key(k), str(p).encode()))
+    for k in sorted(intent.ports_removed):
+        own.setdefault((k.stack, k.service), []).append(Delete(port_key(k)))
+    for (stack, service), ro in sorted(intent.rollouts.items()):
+        put = Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode())
+        own.setdefault((stack, service), []).append(put)
+    groups = [[*slots.get(svc, []), own.get(svc, [])] for svc in sorted(set(own) | set(slots))]
+    groups += [
+        [[Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack)]]
+        for stack, pin in sorted(intent.pins.items())
+    ]
+    return [[u for u in g if u] for g in groups if any(g)]
+
+
+def _batches(groups: Sequence[Sequence[Sequence[Op]]], limit: int) -> list[list[Op]]:
+    """Groups packed in order into batches of at most `limit` operations; a group larger than `limit` is split
+    between its units (a service's own keys, its last unit, then go in its last part)."""
+    out: list[list[Op]] = []
+    current: list[Op] = []
+    for group in groups:
+        size = sum(len(u) for u in group)
+        units = [[op for u in group for op in u]] if size <= limit else [list(u) for u in group]
+        for unit in units:
+            if len(current) + len(unit) > limit and current:
+                out.append(current)
+                current = []
+            current += unit
+    if current:
+        out.append(current)
+    return out
+
+
 def _stored(value: bytes) -> StackRecord | Chunked:
     """A stack record's key as stored: the record itself (almost always: tried first, as fast as before), or the
     Chunked that names its chunks."""
@@ -423,6 +551,36 @@ def _node_keys(
             stack, service, slot = rest.removeprefix("reports/").split("/", 2)
             reports.setdefault(node_id, {})[(stack, service, slot)] = SlotReport.model_validate_json(kv.value)
     return statuses, reports
+
+
+def _pending_ops(intent: Intent, snapshot: Snapshot) -> list[Op]:
+    """The pending slots that changed against the snapshot: put when new or with another reason, deleted when
+    placed (or gone); those of held stacks stay as recorded. None in a converged pass."""
+    ops: list[Op] = []
+    for (stack, service, slot), reason in sorted(intent.pending.items()):
+        if snapshot.pending.get((stack, service, slot)) != reason:
+            ops.append(Put(f"{PENDING}{stack}/{service}/{slot}", PendingSlot(reason=reason).model_dump_json().encode()))
+    for key in sorted(snapshot.pending):
+        if key not in intent.pending and key[0] not in intent.held:
+            ops.append(Delete(f"{PENDING}{key[0]}/{key[1]}/{key[2]}"))
+    return ops
+
+
+def _pending(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], str]:
+    out = {}
+    for kv in kvs:
+        stack, service, slot = kv.key.removeprefix(PENDING).split("/", 2)
+        out[(stack, service, slot)] = PendingSlot.model_validate_json(kv.value).reason
+    return out
+
+
+def _service_key(key: str, prefix: str) -> tuple[str, str]:
+    stack, _, service = key.removeprefix(prefix).partition("/")
+    return (stack, service)
+
+
+def _parse_rollout(value: bytes) -> Rollout:
+    return rollout_from_record(state.RolloutRecord.model_validate_json(value))
 
 
 def _tasks(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], list[TaskRecord]]:

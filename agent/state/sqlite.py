@@ -1,8 +1,9 @@
 """The embedded state log: SQLite in WAL mode under the state directory — one node, zero setup.
 
 One process holds the state for writing (an exclusive lock file naming the holder); readers open it without
-the lock and are never blocked (WAL). Every acknowledged write is on disk (synchronous=FULL), so `kill -9`
-loses nothing acknowledged. Watches are served within the process from the event history table.
+the lock and are never blocked (WAL). Every acknowledged write survives `kill -9`; every durable one (the
+default) is also on disk when acknowledged (synchronous=FULL); see `txn(durable=False)`. Watches are served
+within the process from the event history table.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ SCHEMA_VERSION = 1  # PRAGMA user_version: 0 was the first release's (no kv.leas
 _KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
 _PREFIX_END = "\U0010ffff"
 REAPER_INTERVAL = 0.2
+
+
+def _put_event(row: tuple[str, bytes, int, int, int, int]) -> Event:
+    key, value, create, rev, version, _ = row
+    return Event(type="put", key=key, value=value, revision=rev, create_revision=create, version=version)
 
 
 def _kv(row: Sequence[Any]) -> KeyValue:
@@ -259,53 +265,102 @@ class SqliteStateLog:
     def delete(self, key: str, prefix: bool = False) -> int:
         return self.txn([], [Delete(key, prefix)]).revision
 
-    def txn(self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = ()) -> TxnResult:
-        """Check every compare and run then_ops (or else_ops) in one SQLite transaction."""
+    def txn(
+        self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op] = (), *, durable: bool = True
+    ) -> TxnResult:
+        """Check every compare and run then_ops (or else_ops) in one SQLite transaction.
+
+        Durable (the default): the commit returns once the WAL is fsynced (synchronous=FULL). `durable=False`
+        commits under synchronous=NORMAL: written to the WAL (it survives kill -9, the page cache has it) but
+        fsynced only with the next durable commit or checkpoint, which sync every frame before theirs, so a power
+        loss can drop only non-durable commits made after the last durable one, never one in the middle."""
         self._check_writer()
         with self._mutex:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                ok = all(compare_holds(c, self._get(c.key)) for c in compares)
-                ops = then_ops if ok else else_ops
-                rev = self._meta("revision")
-                events: list[Event] = []
-                for op in ops:
-                    events.extend(self._apply(cur, op, rev + 1))
-                if events:  # as in etcd, a txn that changes nothing makes no revision
-                    rev += 1
-                    cur.executemany(
-                        "INSERT INTO events (revision, seq, type, key, value, create_revision, version) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(rev, i, e.type, e.key, e.value, e.create_revision, e.version) for i, e in enumerate(events)],
-                    )
-                    cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
-                    self._auto_compact(cur, rev)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        if events:
+                result, changed = self._txn(compares, then_ops, else_ops)
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+        if changed:
             with self._changed:
                 self._changed.notify_all()
-        return TxnResult(ok, rev)
+        return result
 
-    def _apply(self, cur: sqlite3.Cursor, op: Op, rev: int) -> list[Event]:
-        if isinstance(op, Put):
-            if op.lease and cur.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone() is None:
-                raise LeaseNotFound(f"lease {op.lease} expired or was revoked; grant a new one")
-            old = self._get(op.key)
-            create = old.create_revision if old else rev
-            version = old.version + 1 if old else 1
-            cur.execute(
+    def _txn(
+        self, compares: Sequence[Compare], then_ops: Sequence[Op], else_ops: Sequence[Op]
+    ) -> tuple[TxnResult, bool]:
+        """The transaction itself, under the mutex; whether it made a revision."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            # One read of every key the compares and puts name (not one per key); puts and deletes keep it current.
+            known = self._get_many({c.key for c in compares} | {op.key for op in (*then_ops, *else_ops)})
+            ok = all(compare_holds(c, known.get(c.key)) for c in compares)
+            ops = then_ops if ok else else_ops
+            rev = self._meta("revision")
+            events: list[Event] = []
+            puts: list[tuple[str, bytes, int, int, int, int]] = []
+            for op in ops:
+                if isinstance(op, Put):
+                    puts.append(self._put_row(cur, op, rev + 1, known))
+                    events.append(_put_event(puts[-1]))
+                    continue
+                self._upsert(cur, puts)  # in order: a delete after a put of the same key deletes it
+                events.extend(self._delete(cur, op, rev + 1, known))
+            self._upsert(cur, puts)
+            if events:  # as in etcd, a txn that changes nothing makes no revision
+                rev += 1
+                cur.executemany(
+                    "INSERT INTO events (revision, seq, type, key, value, create_revision, version) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(rev, i, e.type, e.key, e.value, e.create_revision, e.version) for i, e in enumerate(events)],
+                )
+                cur.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+                self._auto_compact(cur, rev)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return TxnResult(ok, rev), bool(events)
+
+    def _get_many(self, keys: set[str]) -> dict[str, KeyValue]:
+        out: dict[str, KeyValue] = {}
+        ordered = sorted(keys)
+        for i in range(0, len(ordered), 500):  # under SQLite's bound on parameters of one statement
+            chunk = ordered[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update((str(r[0]), _kv(r)) for r in self._db.execute(f"{_KV} WHERE key IN ({marks})", chunk))
+        return out
+
+    def _put_row(
+        self, cur: sqlite3.Cursor, op: Put, rev: int, known: dict[str, KeyValue]
+    ) -> tuple[str, bytes, int, int, int, int]:
+        """The kv row a put writes; `known` holds every key this txn puts (as it is now) and is kept current."""
+        if op.lease and cur.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone() is None:
+            raise LeaseNotFound(f"lease {op.lease} expired or was revoked; grant a new one")
+        old = known.get(op.key)
+        create = old.create_revision if old else rev
+        version = old.version + 1 if old else 1
+        known[op.key] = KeyValue(
+            key=op.key, value=op.value, create_revision=create, mod_revision=rev, version=version, lease=op.lease
+        )
+        return (op.key, op.value, create, rev, version, op.lease)
+
+    @staticmethod
+    def _upsert(cur: sqlite3.Cursor, rows: list[tuple[str, bytes, int, int, int, int]]) -> None:
+        """Write pending puts in one statement, and empty the list."""
+        if rows:
+            cur.executemany(
                 "INSERT INTO kv (key, value, create_revision, mod_revision, version, lease) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value, mod_revision=excluded.mod_revision, "
                 "version=excluded.version, lease=excluded.lease",
-                (op.key, op.value, create, rev, version, op.lease),
+                rows,
             )
-            return [
-                Event(type="put", key=op.key, value=op.value, revision=rev, create_revision=create, version=version)
-            ]
+            rows.clear()
+
+    def _delete(self, cur: sqlite3.Cursor, op: Delete, rev: int, known: dict[str, KeyValue]) -> list[Event]:
         if op.prefix:
             keys = [
                 r[0]
@@ -314,6 +369,8 @@ class SqliteStateLog:
         else:
             keys = [r[0] for r in cur.execute("SELECT key FROM kv WHERE key = ?", (op.key,))]
         cur.executemany("DELETE FROM kv WHERE key=?", [(k,) for k in keys])
+        for k in keys:
+            known.pop(k, None)
         return [Event(type="delete", key=k, value=b"", revision=rev) for k in keys]
 
     # --- compaction -------------------------------------------------------------------------------------------

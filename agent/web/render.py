@@ -109,6 +109,7 @@ def _stack_row(st: StackStatus, slots: list[SlotView]) -> str:
         flags.append(_badge("suspended", "paused"))
     error = f'<div class="err">{_e(st.sync.error)}</div>' if st.sync.error else ""
     running = sum(1 for s in slots if s.state == "running")
+    slots = [s for s in slots if s.state != "pending"]  # a pending slot has no container anywhere
     return (
         f'<tr data-stack="{_e(st.stack)}"><td>{link}</td><td>{_badge(st.sync.status)} {_badge(st.health.status)}'
         f" {' '.join(flags)}{error}</td>"
@@ -128,6 +129,19 @@ def _rollout_rows(stack: str, rollouts: Iterable[RolloutView]) -> list[str]:
         f'<td class="mono">{_e(", ".join(r.batch)) or "-"}</td>'
         f'<td class="err">{_e("; ".join(r.failed))}</td><td>{_e(r.reason)}</td></tr>'
         for r in rollouts
+    ]
+
+
+def _node_rows(view: FleetView) -> list[str]:
+    """One row per node: role, up or down, availability, the leader, address, certificate expiry, replicas."""
+    return [
+        f'<tr data-node="{_e(n.name)}"><td>{_e(n.name)}</td><td>{_e(n.role)}</td>'
+        f"<td>{_badge(n.state, 'ok' if n.state == 'up' else 'failed')}</td><td>{_e(n.availability)}</td>"
+        f"<td>{_badge('leader', 'ok') if n.leader else ''}</td>"
+        f'<td class="mono hide-narrow">{_e(n.address) or "-"}</td>'
+        f'<td class="hide-narrow">{_e(n.certificate_expires_at or "")}</td>'
+        f'<td class="mono" data-replicas="{_e(n.name)}">{n.replicas}</td></tr>'
+        for n in view.nodes
     ]
 
 
@@ -160,11 +174,21 @@ def fleet_main(view: FleetView) -> str:
         for p in view.pins
     ]
     pins = _table(["stack", "revision", "reason", "by", "~since"], pin_rows) if pin_rows else _empty("no stack pinned")
+    node_rows = _node_rows(view)
+    nodes = (
+        _table(
+            ["node", "role", "state", "availability", "leader", "~address", "~certificate expires", "replicas"],
+            node_rows,
+        )
+        if node_rows
+        else _empty("no node")
+    )
     ready = _badge("ready", "ok") if st.ready else _badge("not ready", "failed")
     return (
         f'<span hidden data-generation="{view.generation}"></span>'
         f"<h1>Fleet {ready}</h1>{source}{_cards(view)}"
         f"<h2>Stacks</h2>{stacks if rows else _empty('no stack in the source or the state')}"
+        f"<h2>Nodes</h2>{nodes}"
         f"<h2>Rollouts</h2>{rollouts}<h2>Pins</h2>{pins}"
         f'<p class="foot">built {_e(view.built_at)} · generation {view.generation}</p>'
     )
@@ -175,7 +199,8 @@ def _slot_rows(slots: Iterable[SlotView]) -> list[str]:
         f'<tr data-slot="{_e(s.service)}.{_e(s.slot)}" data-container="{_e(s.id)}"><td>{_e(s.service)}</td>'
         f"<td>{_e(s.slot)}</td><td class=hide-narrow>{_e(s.node)}</td>"
         f'<td class="mono">{_e(s.container)}<br><span class="muted">{_e(s.id)}</span></td>'
-        f"<td>{_badge(s.state)}{' exit ' + _e(s.exit_code) if s.exit_code else ''}</td>"
+        f"<td>{_badge(s.state)}{' exit ' + _e(s.exit_code) if s.exit_code else ''}"
+        f"{' <span class=err>' + _e(s.error) + '</span>' if s.error else ''}</td>"
         f"<td>{_badge(s.health) if s.health else '-'}</td><td class='mono hide-narrow'>{_e(s.spec)}</td>"
         f"<td class='mono hide-narrow'>{_e(s.image)}</td></tr>"
         for s in slots

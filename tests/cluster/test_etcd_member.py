@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from agent.node.etcdmember import LocalMember
+from agent.pki.ca import LocalSigner, key_pem, new_ca, new_csr, new_key
+from agent.pki.files import PkiPaths
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT
 from agent.state.etcdcluster import EtcdMembership
 from agent.state.log import StateLogError
 from tests.integration.agentproc import eventually
 from tests.support.cluster import Cluster, Node
-from tests.support.nodecerts import NodeCert, make_node_certs
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,13 +42,12 @@ def members(cluster: Cluster) -> Iterator[Cluster]:
         assert local.pid() is None
 
 
-def _agent(node: Node, source: Path, cert: NodeCert) -> Any:
+def _agent(node: Node, source: Path) -> Any:
     config = {
         "source": str(source),
         "cluster_insecure": True,
         "cluster_listen": f"{node.address}:9421",
         "allow_empty": True,
-        **cert.config(),
     }
     agent = node.start_agent(config=config, ready=False)
     eventually(lambda: node.connects(node.address, 9421), agent, timeout=60)
@@ -62,12 +62,27 @@ def _token(init_stdout: str, role: str) -> str:
     raise AssertionError(f"no {role} token in:\n{init_stdout}")
 
 
-def _root(node: Node, cert: NodeCert, endpoints: list[str]) -> EtcdStateLog:
+def _root(node: Node, endpoints: list[str]) -> EtcdStateLog:
+    """etcd's root user over TLS with the node's own certificate from the cluster CA."""
     password = json.loads((node.state_dir / "cluster-secrets.json").read_text())["etcd_root_password"]
+    pki = PkiPaths.of(node.state_dir)
     return EtcdStateLog(
-        endpoints, prefix="/", user=ROOT, password=password, ca_file=str(cert.ca), cert_file=str(cert.cert),
-        key_file=str(cert.key), timeout=3,
+        endpoints, prefix="/", user=ROOT, password=password, ca_file=str(pki.ca_cert), cert_file=str(pki.node_cert),
+        key_file=str(pki.node_key), timeout=3,
     )  # fmt: skip
+
+
+def _stranger(directory: Path) -> tuple[Path, Path]:
+    """A node certificate and key of another cluster CA."""
+    ca_cert, ca_key = new_ca("x" * 25)
+    key = new_key()
+    nid = "y" * 25
+    cert = LocalSigner(ca_cert, ca_key).sign(new_csr(key, nid), node_id=nid, role="manager", address="", days=1)
+    directory.mkdir()
+    (directory / "node.crt").write_bytes(cert)
+    (directory / "node.key").write_bytes(key_pem(key))
+    (directory / "node.key").chmod(0o600)
+    return directory / "node.crt", directory / "node.key"
 
 
 def _etcd_logs(cluster: Cluster) -> str:
@@ -83,13 +98,12 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
 ) -> None:
     cluster = members
     n1, n2, n3 = cluster.nodes
-    certs = make_node_certs(tmp_path / "pki", {n.name: n.address for n in cluster.nodes})
     source = tmp_path / "stacks"
     source.mkdir()
     url = {n.name: f"https://{n.address}:2379" for n in cluster.nodes}
 
     t0 = time.monotonic()
-    out = n1.dabctl("cluster", "init", "--node-name", "n1", "--advertise-address", n1.address, env=certs["n1"].env())
+    out = n1.dabctl("cluster", "init", "--node-name", "n1", "--advertise-address", n1.address)
     assert out.returncode == 0, out.stderr
     t_init = time.monotonic() - t0
     local1 = LocalMember(n1.state_dir)
@@ -99,17 +113,17 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
     assert os.getsid(pid1) == pid1  # its own session
     member = json.loads((n1.state_dir / "cluster.json").read_text())
     assert member["state"] == f"etcd://{n1.address}:2379"
-    root = _root(n1, certs["n1"], [url["n1"]])
+    root = _root(n1, [url["n1"]])
     try:
         assert len(EtcdMembership(root).members()) == 1
 
-        agent1 = _agent(n1, source, certs["n1"])
+        agent1 = _agent(n1, source)
         t1 = time.monotonic()
         manager_token = _token(out.stdout, "manager")
         for node in (n2, n3):
             joined = node.dabctl(
                 "cluster", "join", "--token", manager_token, "--node-name", node.name, "--advertise-address",
-                node.address, f"{n1.address}:9421", env=certs[node.name].env(),
+                node.address, f"{n1.address}:9421",
             )  # fmt: skip
             assert joined.returncode == 0, joined.stderr + agent1.log()[-3000:] + _etcd_logs(cluster)
             assert "as a manager" in joined.stdout
@@ -128,9 +142,7 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         passphrase.chmod(0o600)
         backup_file = tmp_path / "cluster.backup"
         t2 = time.monotonic()
-        made = n1.dabctl(
-            "cluster", "backup", "--passphrase-file", str(passphrase), str(backup_file), env=certs["n1"].env()
-        )
+        made = n1.dabctl("cluster", "backup", "--passphrase-file", str(passphrase), str(backup_file))
         assert made.returncode == 0, made.stderr
         print(f"cluster backup: {time.monotonic() - t2:.2f} s, {backup_file.stat().st_size} bytes")
         assert backup_file.stat().st_mode & 0o777 == 0o600
@@ -139,10 +151,11 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         assert n3_state.startswith(f"etcd://{n3.address}:2379,")
 
         # A client without a cluster certificate is refused: none, or one from another CA.
-        stranger = make_node_certs(tmp_path / "other", {"x": "127.0.0.1"}, ca_name="another CA")["x"]
-        for cert_file, key_file in ((None, None), (str(stranger.cert), str(stranger.key))):
+        stranger_cert, stranger_key = _stranger(tmp_path / "other")
+        for cert_file, key_file in ((None, None), (str(stranger_cert), str(stranger_key))):
             probe = EtcdStateLog(
-                [url["n1"]], prefix="/", ca_file=str(certs["n1"].ca), cert_file=cert_file, key_file=key_file,
+                [url["n1"]], prefix="/", ca_file=str(PkiPaths.of(n1.state_dir).ca_cert), cert_file=cert_file,
+                key_file=key_file,
                 timeout=3,
             )  # fmt: skip
             try:
@@ -152,19 +165,19 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
                 probe.close()
 
         # An agent restart keeps its member running: the same process, adopted.
-        agent2 = _agent(n2, source, certs["n2"])
+        agent2 = _agent(n2, source)
         pid2 = LocalMember(n2.state_dir).pid()
         assert pid2 is not None
         assert n2.stop_agent() == 0
         assert LocalMember(n2.state_dir).pid() == pid2
-        agent2 = _agent(n2, source, certs["n2"])
+        agent2 = _agent(n2, source)
         eventually(lambda: "etcd member adopted" in agent2.log(), agent2, timeout=30)
         assert LocalMember(n2.state_dir).pid() == pid2
         # A killed agent too.
         n1.agent.kill()
         n1.agent = None
         assert local1.pid() == pid1
-        _agent(n1, source, certs["n1"])
+        _agent(n1, source)
         assert local1.pid() == pid1
         # ... and the restarted agent's endpoints are every voting member's, its own first.
         hosts = json.loads((n1.state_dir / "cluster.json").read_text())["state"].removeprefix("etcd://").split(",")
@@ -179,7 +192,7 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         assert root.get("/dabctl-quorum-check") is not None
 
         # Leaving: n3 (its member down) may go, 2 voters answering stay; then n1 may not (n2 killed: no quorum).
-        left = n3.dabctl("cluster", "leave", env=certs["n3"].env())
+        left = n3.dabctl("cluster", "leave")
         assert left.returncode == 0, left.stderr
         assert not (n3.state_dir / "etcd").exists()
         assert _voters(root) == sorted([ids["n1"], ids["n2"]])
@@ -187,7 +200,7 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         os.kill(pid2, signal.SIGKILL)
         wait_for(lambda: LocalMember(n2.state_dir).pid() is None, timeout=10)
         assert n1.stop_agent() == 0
-        refused = n1.dabctl("cluster", "leave", env=certs["n1"].env())
+        refused = n1.dabctl("cluster", "leave")
         assert refused.returncode == 1 and "would lose quorum" in refused.stderr, refused.stderr
         assert local1.pid() == pid1
 
@@ -195,14 +208,14 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         with pytest.raises(StateLogError):
             root.put("/dabctl-lost", b"1")
         t3 = time.monotonic()
-        recovered = n1.dabctl("cluster", "recover", env=certs["n1"].env())
+        recovered = n1.dabctl("cluster", "recover")
         assert recovered.returncode == 0, recovered.stderr + _etcd_logs(cluster)
         print(f"cluster recover (force-new-cluster): {time.monotonic() - t3:.2f} s")
         assert _voters(root) == [ids["n1"]]
         root.put("/dabctl-after-recover", b"1")
         assert root.get("/dabctl-backup-check") is not None
         # n2 came back: its member was dropped; it leaves without asking the cluster.
-        forced = n2.dabctl("cluster", "leave", "--force", env=certs["n2"].env())
+        forced = n2.dabctl("cluster", "leave", "--force")
         assert forced.returncode == 0, forced.stderr
         assert not (n2.state_dir / "etcd").exists()
 
@@ -212,18 +225,17 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
         wrong.chmod(0o600)
         refused = n3.dabctl(
             "cluster", "restore", "--passphrase-file", str(wrong), "--advertise-address", n3.address, str(backup_file),
-            env=certs["n3"].env(),
         )  # fmt: skip
         assert refused.returncode == 1 and "wrong passphrase" in refused.stderr, refused.stderr
         t4 = time.monotonic()
         restored = n3.dabctl(
             "cluster", "restore", "--passphrase-file", str(passphrase), "--advertise-address", n3.address,
-            str(backup_file), env=certs["n3"].env(),
+            str(backup_file),
         )  # fmt: skip
         assert restored.returncode == 0, restored.stderr + _etcd_logs(cluster)
         print(f"cluster restore from backup: {time.monotonic() - t4:.2f} s")
         assert (n3.state_dir / "node-id").read_text().strip() == ids["n1"]
-        root3 = _root(n3, certs["n3"], [url["n3"]])
+        root3 = _root(n3, [url["n3"]])
         try:
             assert _voters(root3) == [ids["n1"]]
             kv = root3.get("/dabctl-backup-check")

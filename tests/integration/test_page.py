@@ -66,12 +66,19 @@ def test_page_counts_and_heal_live(agent: AgentProcess, ws: Workspace, docker_ap
         assert driver.find_element(By.CSS_SELECTOR, "#count-services .n").text == "2"
         assert driver.find_element(By.CSS_SELECTOR, "#count-replicas .n").text == "3/3"
         assert driver.find_element(By.CSS_SELECTOR, f'[data-service="{stack}/web"]').text == "2/2"
+        # The nodes panel: a node alone is one row, a manager, up, its own leader, running the 3 replicas.
+        (node,) = driver.find_elements(By.CSS_SELECTOR, "tr[data-node]")
+        name = node.get_attribute("data-node") or ""
+        cells = [c.text for c in node.find_elements(By.TAG_NAME, "td")]
+        assert cells[:5] == [name, "manager", "up", "active", "leader"], cells
+        assert driver.find_element(By.CSS_SELECTOR, f'[data-replicas="{name}"]').text == "3"
         eventually(lambda: driver.find_element(By.ID, "live").text == "live", agent, timeout=10)
 
         driver.get(f"{agent.url}/stacks/{stack}")
         eventually(lambda: driver.find_element(By.ID, "live").text == "live", agent, timeout=10)
         before = _ids(driver)
         assert len(before) == 3 and all("running" in text for _, text in before.values()), before
+        assert all(name in text for _, text in before.values()), "each slot shows its node"
         victim = next(c for c in ws.running("shop", "web"))
         generation = int(driver.find_element(By.ID, "main").get_attribute("data-generation") or "0")
         docker_api.kill(victim["Id"])

@@ -257,6 +257,49 @@ def test_a_deposed_leader_commits_nothing(cluster: Cluster) -> None:
     assert "7" not in {s for v in Records(cluster.log).assignments()[("web", "front")].values() for s in v}
 
 
+def test_a_leader_deposed_between_its_plan_and_its_commit_writes_nothing_and_counts_it(cluster: Cluster) -> None:
+    """Its membership noticed the loss (no fence now): the plan still commits only in the term it was made in."""
+    cluster.converge(SIX)
+    leader = cluster.nodes[0]
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+    plan = leader.engine.plan(seven)
+    assert plan.leading and plan.fence is not None
+    cluster.log.delete(LEADER_KEY)  # its lease lapsed (SIGSTOP); another manager leads in a new term
+    cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
+    assert isinstance(leader.engine.cluster, Leading)
+    leader.engine.cluster.is_leader = False
+    before = cluster.log.revision()
+
+    report = leader.engine.apply(plan)
+
+    assert report.failed and report.results == [] and "term as leader ended" in report.errors[-1]
+    assert cluster.log.revision() == before, "a deposed leader writes nothing"
+    assert leader.engine.fenced == 1 and leader.engine.replans == 0
+
+
+def test_a_leader_deposed_while_it_acts_records_nothing(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    leader = cluster.nodes[0]
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+    plan = leader.engine.plan(seven)
+    assert plan.fence is not None
+    records = Records(cluster.log)
+    committed = (
+        records.commit_intent(plan.intent, plan.snapshot, plan.fence) if plan.intent and plan.snapshot else False
+    )
+    assert committed
+    plan.intent = None  # committed above; now the term ends while the pass acts
+    cluster.log.delete(LEADER_KEY)
+    cluster.log.put(LEADER_KEY, LeaderRecord(node_id=IDS[1], name="node-2").model_dump_json().encode())
+    stack_before = cluster.log.get("/stacks/web")
+
+    leader.engine.apply(plan)
+
+    after = cluster.log.get("/stacks/web")
+    assert stack_before is not None and after is not None and after.mod_revision == stack_before.mod_revision
+    assert leader.engine.fenced == 1
+
+
 class _Frozen:
     """A leader that still believes it leads, with the fence of its lost term."""
 
@@ -324,3 +367,37 @@ def test_a_record_a_worker_cannot_load_holds_its_stack_as_it_is(cluster: Cluster
 
     assert "web" in plan.held and worker.running() == ["2", "5"], "nothing of the stack is removed"
     assert any("r2 does not load here" in e for e in report.errors)
+
+
+def test_a_drained_nodes_start_first_slot_keeps_running_until_its_new_task_is_healthy(cluster: Cluster) -> None:
+    """The drained node must not take its own old container for the slot's new one (both carry the same spec): it
+    keeps it until the new container on the other node runs healthy, so the service never has fewer healthy."""
+    deploy = {"Replicas": 3, "UpdateConfig": {"Order": "start-first"}}
+    state = desired(web=bundle({"front": service(Deploy=deploy, Healthcheck={"Test": ["CMD", "true"]})}))
+
+    def healthy() -> int:
+        return sum(1 for n in cluster.nodes for c in n.runtime.by_name("web_front.") if c.health == "healthy")
+
+    def heal_all() -> None:
+        for n in cluster.nodes:
+            for c in n.runtime.by_name("web_front."):
+                if c.state == "running" and c.health == "starting":
+                    n.runtime.set_health(c.id, "healthy")
+
+    for _ in range(3):
+        cluster.round(state)
+        heal_all()
+    assert healthy() == 3 and [len(n.running()) for n in cluster.nodes] == [1, 1, 1]
+    drained = cluster.nodes[2]
+    spec = NodeSpec.model_validate_json(cluster.log.get(NODES + drained.id).value)  # type: ignore[union-attr]
+    cluster.log.put(NODES + drained.id, spec.model_copy(update={"availability": "drain"}).model_dump_json().encode())
+
+    for _ in range(6):
+        for n in cluster.nodes:  # each node's pass, leader first; the new container stays starting meanwhile
+            n.pass_(state if n is cluster.nodes[0] else NOTHING)
+            assert healthy() >= 3, f"fewer than 3 healthy after {n.id}'s pass"
+        heal_all()
+        cluster.clock.advance(1)
+
+    assert drained.running() == [] and sorted(len(n.running()) for n in cluster.nodes[:2]) == [1, 2]
+    assert healthy() == 3

@@ -31,11 +31,13 @@ class SizedLog:
         self.requests.append((len(key) + len(value), 1))
         return int(self.log.put(key, value, lease))
 
-    def txn(self, compares: Sequence[Any], then_ops: Sequence[Any], else_ops: Sequence[Any] = ()) -> Any:
+    def txn(
+        self, compares: Sequence[Any], then_ops: Sequence[Any], else_ops: Sequence[Any] = (), *, durable: bool = True
+    ) -> Any:
         ops = [*then_ops, *else_ops]
         size = sum(len(op.key) + (len(op.value) if isinstance(op, Put) else 0) for op in ops)
         self.requests.append((size + sum(len(c.key) + 16 for c in compares), len(ops) + len(compares)))
-        return self.log.txn(compares, then_ops, else_ops)
+        return self.log.txn(compares, then_ops, else_ops, durable=durable)
 
 
 def big(v: int) -> Any:

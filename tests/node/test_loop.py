@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from agent.node.loop import Agent
-from agent.state.records import INTENT_KEY, STACKS
+from agent.state.records import INTENT_KEY, NODES, STACKS, node_status_key
 from schemas.config import AgentConfig
-from schemas.state import PassOutcome, StackRecord
+from schemas.state import NodeSpec, NodeStatus, PassOutcome, StackRecord
 from tests.fakes import FakeRuntime, unreachable
 from tests.node.conftest import NODE, bundle, service
 
@@ -478,6 +478,48 @@ def test_a_cluster_node_passes_as_soon_as_the_leader_commits(make_agent: Callabl
             until(lambda: passes() > before)
             before = passes()
             agent.log.put(STACKS + "other", _record("other").model_dump_json().encode())  # a stack record: watched too
+            until(lambda: passes() > before)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            agent.shutdown()
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    assert agent.run() == 0
+    driver.join(timeout=10)
+    if failure:
+        raise failure[0]
+
+
+class _Leader:
+    is_leader = True
+
+    def fence(self) -> None:
+        return None
+
+
+def test_the_leader_passes_as_soon_as_a_node_changes(make_agent: Callable[..., Agent], signals: None) -> None:
+    """A lapsed lease (the node's status key deleted), a node record changed (`node update`): the leader moves
+    slots at once, not at the next resync (300 s by default)."""
+    runtime = FakeRuntime()
+    agent = make_agent(runtime)
+    agent.engine.cluster = _Leader()
+    failure: list[BaseException] = []
+
+    def passes() -> float:
+        return sum(metric(agent, "dabctl_reconcile_passes_total", result=r) for r in ("noop", "success", "failure"))
+
+    def drive() -> None:
+        try:
+            agent.log.put(node_status_key("n2"), NodeStatus(node_id="n2").model_dump_json().encode())
+            until(lambda: passes() >= 1)
+            before = passes()
+            agent.log.delete(node_status_key("n2"))  # its lease lapsed
+            until(lambda: passes() > before)
+            before = passes()
+            spec = NodeSpec(node_id="n2", name="n2", role="worker", availability="drain", joined_at=datetime.now(UTC))
+            agent.log.put(NODES + "n2", spec.model_dump_json().encode())  # node update
             until(lambda: passes() > before)
         except BaseException as exc:
             failure.append(exc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.node.engine import Engine
-from agent.node.status import stack_statuses
+from agent.node.status import Slots, image_warnings, stack_statuses
 from agent.state.records import Records
 from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
@@ -21,8 +21,7 @@ def statuses(
         state,  # type: ignore[arg-type]
         records.stacks(),
         runtime.list_replicas(engine.owner),
-        assignments=records.assignments(),
-        node=NODE,
+        slots=Slots(records.assignments(), NODE),
         errors=extra.pop("errors", {}),  # type: ignore[arg-type]
         suspended=records.suspended(),
         rollouts=records.rollouts(),
@@ -88,3 +87,24 @@ def test_rollout_pin_suspension_and_ports_are_shown(engine: Engine, runtime: Fak
     assert (web.rollout.state, web.rollout.reason) == ("paused", "b: unhealthy")
     assert web.suspended and web.pinned is None
     assert web.health.services[0].ports == ["30000:80/tcp", "53/udp"]
+
+
+def test_on_a_cluster_an_image_with_no_registry_digest_is_warned_about(
+    engine: Engine, runtime: FakeRuntime, records: Records
+) -> None:
+    state = desired(web=bundle({"front": service(), "back": service(Image="dabctl/sample@sha256:" + "a" * 64)}))
+    converge(engine, state)
+    stacks = records.stacks()
+    assert stacks["web"].services["front"].repo_digest == ""  # the fake engine's images come from no registry
+    web = image_warnings(list(statuses(engine, runtime, records, state).values()), stacks)[0]
+    front, back = sorted(web.health.services, key=lambda s: s.service != "front")
+    assert len(front.warnings) == 1 and "has no registry digest" in front.warnings[0]
+    assert "may differ between nodes" in front.warnings[0]
+    assert back.warnings == [], "a reference pinned by digest is the same image everywhere"
+    # The leader recorded the registry digest it resolved: every node runs that, nothing to warn about.
+    front_rec = stacks["web"].services["front"].model_copy(update={"repo_digest": "sha256:" + "b" * 64})
+    stacks["web"].services["front"] = front_rec
+    web = image_warnings(list(statuses(engine, runtime, records, state).values()), stacks)[0]
+    assert all(s.warnings == [] for s in web.health.services)
+    # A node alone shows no such warning (`image_warnings` applies on a cluster node only).
+    assert all(s.warnings == [] for s in statuses(engine, runtime, records, state)["web"].health.services)

@@ -3,6 +3,7 @@ own slots, and never picks one itself (pure: no Docker, no state log)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -80,3 +81,18 @@ def test_a_follower_does_not_roll_to_a_spec_it_has_not_been_given() -> None:
     ro = Rollout(target="v1-newer@sha256:x", batch=("2",))
     step = follow_steps([d], [replica("2", "old-spec")], {("web", "front"): ro}, NOW)[("web", "front")]
     assert step.replace == () and step.start_beside == ()
+
+
+@pytest.mark.parametrize(("order", "expected"), [("stop-first", (("2",), (), ())), ("start-first", ((), ("2",), ()))])
+def test_a_follower_rolls_its_slots_to_a_tags_new_digest_the_spec_unchanged(
+    order: str, expected: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+) -> None:
+    """A tag moved (PullPolicy always): the spec hash is the same, the image the leader recorded is not."""
+    d = replace(wanted(UpdateConfig={"Order": order, "Monitor": "1s"}), image_id="sha256:new")
+    spec = d.target.spec_hash
+    slots = [replace(replica("2", spec), image_id="sha256:old"), replace(replica("5", spec), image_id="sha256:new")]
+    ro = Rollout(target=f"{spec}@sha256:new", batch=("2", "5"))
+
+    step = follow_steps([d], slots, {("web", "front"): ro}, NOW)[("web", "front")]
+
+    assert (step.replace, step.start_beside, step.remove_old) == expected

@@ -15,7 +15,7 @@ def test_the_cluster_listener_offers_only_join() -> None:
         on_webhook=lambda: None,
         webhook=WebhookAuth(github_secret=b"s"),
         api={"reconcile": lambda body: (200, {})},
-        cluster_api={"join": lambda body: (200, {})},
+        cluster_api={"join": lambda body, peer: (200, {})},
     )
     http.add_tcp("127.0.0.1", 0)
     http.add_cluster("127.0.0.1", 0)

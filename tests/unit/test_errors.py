@@ -25,6 +25,7 @@ from agent.drivers.nftables import NftError
 from agent.node.engine import EmptySourceRefused
 from agent.node.join import ClusterSetupError
 from agent.node.loop import ControlRefused, PassNotRun, UnknownStack
+from agent.node.membership import NotJoined
 from agent.node.rollback import RollbackError
 from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
@@ -33,6 +34,7 @@ from agent.state.etcd import PermissionDenied
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
 from agent.state.membership import MembershipError
+from agent.state.nodes import NodeConflict, NodeNotFound
 from bundles.errors import InvalidBundles, SourceError
 from reconcilers.loadbalancer import BalancerUnavailable
 from schemas.errors import DabctlError
@@ -71,6 +73,9 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     InvalidToken: False,
     JoinRefused: False,
     ClusterSetupError: False,
+    NodeConflict: False,
+    NodeNotFound: False,
+    NotJoined: False,
 }
 
 

@@ -21,6 +21,7 @@ from reconcilers.loadbalancer import (
     Unpublish,
     allocate,
     apply_to,
+    forwarded,
     plan,
     wanted,
 )
@@ -226,3 +227,17 @@ def test_a_failed_write_fails_every_action_with_one_line() -> None:
     lb = LoadBalancerReconciler(RecordingRuleset(fail="nft: no such table"))
     results = lb.apply({}, [Publish(FE, ()), Publish(FE_API, ())])
     assert [(r.outcome, r.error) for r in results] == [(Outcome.FAILED, "nft: no such table")] * 2
+
+
+def test_a_frontend_with_no_ready_replica_here_forwards_to_the_nodes_that_report_one() -> None:
+    here = Frontend(protocol="tcp", port=30080, stack="shop", service="web", target=80)
+    other = Frontend(protocol="tcp", port=30081, stack="shop", service="api", target=8080)
+    balance = {here: (), other: (Backend("172.18.0.2", 8080),)}
+    peers = {("shop", "web"): ["10.9.0.3", "10.9.0.2", ""], ("shop", "api"): ["10.9.0.3"]}
+
+    out = forwarded(balance, peers)
+
+    # The other nodes' same published port, never their replicas' addresses (those are on their own bridges).
+    assert out[here] == (Backend("10.9.0.2", 30080), Backend("10.9.0.3", 30080))
+    assert out[other] == (Backend("172.18.0.2", 8080),), "a node with a ready replica balances to its own only"
+    assert forwarded({here: ()}, {}) == {here: ()}, "no peer either: nothing to forward to"
