@@ -22,15 +22,22 @@ from tests.support.polling import wait_for
 class AgentProcess:
     """One agent on a free loopback port; its log goes to a file the test can show on failure."""
 
-    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        state: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.netns = netns  # run in this network namespace (a node's), and reach its loopback API from there
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port() if host == "127.0.0.1" else 9420
+        self.url = f"http://{host}:{self.port}"  # `host`: another address of its own (a node's: public)
         self.log_path = state.parent / f"agent-{self.port}.log"
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("DABCTL_")}
-        self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"127.0.0.1:{self.port}", *args]
+        self.cmd = [DABCTL, "agent", "--state-dir", str(state), "--listen", f"{host}:{self.port}", *args]
         if netns:
             self.cmd = ["nsenter", f"--net=/var/run/netns/{netns}", *self.cmd]
         self.env = {**base, **(env or {})}

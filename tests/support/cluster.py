@@ -323,6 +323,7 @@ class Node:
         self.agent: Any = None  # an AgentProcess while one runs (imported lazily: it pulls in the test package)
         self._agent_args: tuple[tuple[str, ...], Mapping[str, Any] | None] | None = None
         self._restart_agent = False
+        self._agent_public = False
         self.is_cut = False
 
     def __repr__(self) -> str:
@@ -367,7 +368,7 @@ class Node:
             self.engine.start()
         if self._restart_agent and self._agent_args is not None:
             args, config = self._agent_args
-            self.start_agent(*args, config=config)
+            self.start_agent(*args, config=config, public=self._agent_public)
         self._restart_agent = False
 
     def cut(self) -> None:
@@ -413,7 +414,9 @@ class Node:
     def agent_running(self) -> bool:
         return self.agent is not None and self.agent.proc is not None and self.agent.proc.poll() is None
 
-    def start_agent(self, *args: str, config: Mapping[str, Any] | None = None, ready: bool = True) -> Any:
+    def start_agent(
+        self, *args: str, config: Mapping[str, Any] | None = None, ready: bool = True, public: bool = False
+    ) -> Any:
         """Start `dabctl agent` in the node's namespace with its own state directory and a config file.
 
         The config names this node and its engine; `config` adds or overrides fields (e.g. `source`, or
@@ -432,7 +435,9 @@ class Node:
         config_path = self.root / "agent.yaml"
         config_path.write_text(yaml.safe_dump(doc))
         self._agent_args = (args, config)
-        self.agent = AgentProcess(self.state_dir, "--config", str(config_path), *args, netns=self.netns)
+        self._agent_public = public
+        host = self.address if public else "127.0.0.1"  # public: `listen` on the node's address (port 9420)
+        self.agent = AgentProcess(self.state_dir, "--config", str(config_path), *args, netns=self.netns, host=host)
         try:
             self.agent.start(ready=ready)
         except BaseException:

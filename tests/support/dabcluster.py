@@ -83,8 +83,11 @@ class DabCluster:
             self.start(node, **agent_config)
         wait_for(lambda: len(self.up()) == len(self.nodes), timeout=60)
 
-    def start(self, node: Node, **agent_config: Any) -> None:
-        """`dabctl agent` on `node` (managers read the source; workers converge from the state log alone)."""
+    def start(self, node: Node, public_listen: bool = False, **agent_config: Any) -> None:
+        """`dabctl agent` on `node` (managers read the source; workers converge from the state log alone);
+        `public_listen`: its HTTP listener (status, the web page) on the node's address, reachable from the host."""
+        if public_listen:
+            agent_config = {"listen_public": True, **agent_config}
         config = {
             "source": str(self.source),
             "etcd_insecure": True,
@@ -94,12 +97,12 @@ class DabCluster:
             "resync_interval": 5,
             **agent_config,
         }
-        self.configs[node.name] = config
-        node.start_agent(config=config, ready=False)
+        self.configs[node.name] = {"public_listen": public_listen, **agent_config}
+        node.start_agent(config=config, ready=False, public=public_listen)
         wait_for(lambda: node.connects(node.address, 9421), timeout=60)
 
     def restart(self, node: Node) -> None:
-        self.start(node, **{k: v for k, v in self.configs[node.name].items()})
+        self.start(node, **self.configs[node.name])
 
     # --- looking ---
 
