@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from agent.cluster.nodes import node_infos
 from agent.cluster.orchestrate import stack_from_record
@@ -288,14 +289,27 @@ def stack_statuses(
     return out
 
 
+def _named_volumes(spec: Mapping[str, Any]) -> list[str]:
+    """The engine names of the named volumes a recorded container spec mounts."""
+    return sorted(str(m["Source"]) for m in spec.get("Mounts", []) if m.get("Type") == "volume" and m.get("Source"))
+
+
 def image_warnings(statuses: Sequence[StackStatus], records: Mapping[str, StackRecord]) -> list[StackStatus]:
-    """A cluster's statuses with a warning on each service whose image the leader recorded no registry digest
+    """A cluster's statuses with a warning on each replicated service that mounts a named volume (a replica that
+    moves finds another node's volume), and on each service whose image the leader recorded no registry digest
     for (built or imported locally, or never pulled where the leader resolved it): every node runs its own image
     of that reference, which may differ from node to node. (Every other image runs by the recorded digest.)"""
     for st in statuses:
         record = records.get(st.stack)
         for s in st.health.services:
             recorded = record.services.get(s.service) if record is not None else None
+            volumes = _named_volumes(recorded.spec) if recorded is not None and s.mode != "global" else []
+            if volumes:
+                s.warnings.append(
+                    f"named volumes are per node ({', '.join(volumes)}): a replica moved to another node gets that "
+                    "node's volume of the same name, empty if new (as in Swarm); pin the service with a placement "
+                    "constraint to keep its data"
+                )
             if "@" in s.image or recorded is None or recorded.image != s.image or recorded.repo_digest:
                 continue
             s.warnings.append(

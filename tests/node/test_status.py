@@ -108,3 +108,25 @@ def test_on_a_cluster_an_image_with_no_registry_digest_is_warned_about(
     assert all(s.warnings == [] for s in web.health.services)
     # A node alone shows no such warning (`image_warnings` applies on a cluster node only).
     assert all(s.warnings == [] for s in statuses(engine, runtime, records, state)["web"].health.services)
+
+
+def test_on_a_cluster_a_replicated_service_with_a_named_volume_is_warned_that_it_can_move(
+    engine: Engine, runtime: FakeRuntime, records: Records
+) -> None:
+    digest = "dabctl/sample@sha256:" + "a" * 64
+    mount = {"Type": "volume", "Source": "data", "Target": "/data"}
+    state = desired(
+        db=bundle(
+            {
+                "pg": service(Image=digest, Mounts=[mount]),
+                "agent": service(Image=digest, Mounts=[mount], Deploy={"Mode": "global"}),
+                "web": service(Image=digest, Mounts=[{"Type": "tmpfs", "Target": "/tmp"}]),
+            }
+        )
+    )
+    converge(engine, state)
+    db = image_warnings(list(statuses(engine, runtime, records, state).values()), records.stacks())[0]
+    warned = {s.service: s.warnings for s in db.health.services}
+    assert len(warned["pg"]) == 1 and "named volumes are per node (db_data)" in warned["pg"][0]
+    assert warned["agent"] == [], "a global service's tasks never move"
+    assert warned["web"] == [], "no named volume"
