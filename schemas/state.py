@@ -197,6 +197,10 @@ class SlotReport(Record):
     error: str = ""
     image_id: str = ""
     spec_hash: str = ""
+    # The node's policy refused this slot's container of spec `refused_spec` (the rule, one line): the scheduler
+    # places that service elsewhere until its spec changes.
+    refused: str = ""
+    refused_spec: str = ""
     created: int = 0  # when the container was created (epoch seconds): a rollout's monitor period counts from it
 
 

@@ -374,6 +374,7 @@ class Engine:
                 lifted=pinned.lifted,
                 port_rules=self.ports if publishing else None,
                 follow=follow,
+                refused=_refusals(snapshot, desired) if self.cluster is not None else {},
             ),
             snapshot,
             Observations(
@@ -730,8 +731,19 @@ class Engine:
             if res.outcome is Outcome.FAILED and isinstance(res.action, services.SERVICE_ACTIONS):
                 key = res.action.key
                 if not isinstance(res.action, services.RemoveReplica):
-                    now[key] = (now.get(key) or SlotReport()).model_copy(update={"error": res.error})
+                    update: dict[str, str] = {"error": res.error or ""}
+                    rule = self._refused(res.action)  # this node's policy (the one check), not the error's text
+                    if rule is not None and res.action.target is not None:
+                        update.update(refused=rule, refused_spec=res.action.target.spec_hash)
+                    now[key] = (now.get(key) or SlotReport()).model_copy(update=update)
         before = plan.snapshot.reports.get(self.node, {})
+        # A refusal stays reported after the slot moved away, while its service's spec is the one refused.
+        specs = {
+            (name, t.name): t.spec_hash for name, stack in plan.desired.stacks.items() for t in service_targets(stack)
+        }
+        for k, old in before.items():
+            if k not in now and old.refused and specs.get(k[:2]) == old.refused_spec:
+                now[k] = old
         changed: dict[SlotKey, SlotReport | None] = {k: v for k, v in now.items() if before.get(k) != v}
         changed.update({k: None for k in before if k not in now and k[0] not in plan.held})
         return changed
@@ -955,6 +967,20 @@ def _endpoints(
         address = address or next((a for a in r.addresses.values() if a), "")
         ready = r.state == "running" and r.health in (None, "healthy") and r.id not in draining
         out.append(loadbalancer.Endpoint(r.stack, r.service, address, ready))
+    return out
+
+
+def _refusals(snapshot: Snapshot, desired: DesiredState) -> dict[tuple[str, str], list[str]]:
+    """(stack, service) -> the nodes whose own policy refused its current spec (their reports say so): the
+    scheduler places it elsewhere until the spec changes."""
+    specs = {(name, t.name): t.spec_hash for name, stack in desired.stacks.items() for t in service_targets(stack)}
+    out: dict[tuple[str, str], list[str]] = {}
+    for node_id, reports in sorted(snapshot.reports.items()):
+        for (stack, service, _), rep in reports.items():
+            if rep.refused and specs.get((stack, service)) == rep.refused_spec:
+                nodes = out.setdefault((stack, service), [])
+                if node_id not in nodes:
+                    nodes.append(node_id)
     return out
 
 

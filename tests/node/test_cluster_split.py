@@ -16,6 +16,7 @@ from agent.state.log import Compare, Put, Unavailable
 from agent.state.records import LEADER_KEY, NODES, Fence, Records, node_status_key, slot_report_key
 from agent.state.sqlite import SqliteStateLog
 from bundles import DesiredState
+from bundles.policy import Policy
 from schemas.state import LeaderRecord, NodeSpec, NodeStatus
 from tests.fakes import CountingLog, FakeRuntime, api_error
 from tests.node.conftest import Clock, bundle, desired, service
@@ -401,3 +402,33 @@ def test_a_drained_nodes_start_first_slot_keeps_running_until_its_new_task_is_he
 
     assert drained.running() == [] and sorted(len(n.running()) for n in cluster.nodes[:2]) == [1, 2]
     assert healthy() == 3
+
+
+def test_a_node_whose_policy_refuses_a_service_reports_the_rule_and_gets_none_of_it_until_its_spec_changes(
+    cluster: Cluster,
+) -> None:
+    allow = Policy(allow_bind_mounts=("/srv",))
+    for n in (cluster.nodes[0], cluster.nodes[2]):
+        n.engine.policy = allow  # node 2 keeps the default policy: no bind mount at all (narrower than the cluster's)
+    mount = {"Type": "bind", "Source": "/srv/data", "Target": "/data"}
+
+    def state(env: str) -> DesiredState:
+        return desired(web=bundle({"front": service(Deploy={"Replicas": 3}, Mounts=[mount], Env=[env])}))
+
+    def rounds(s: DesiredState, count: int) -> None:
+        for _ in range(count):
+            for n in cluster.nodes:
+                n.pass_(s if n is cluster.nodes[0] else NOTHING, check=False)
+            cluster.clock.advance(1)
+
+    rounds(state("V=1"), 4)
+
+    records = Records(cluster.log)
+    refusal = [r for r in records.reports(IDS[1]).values() if r.refused]
+    assert len(refusal) == 1 and "bind mount" in refusal[0].refused, refusal
+    assert IDS[1] not in records.assignments()[("web", "front")], "the service is placed elsewhere"
+    assert cluster.nodes[1].running() == []
+    assert sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3"]
+    # A new spec may be acceptable to the node: its refusal is dropped and nothing is refused any more.
+    rounds(state("V=2"), 6)
+    assert not [r for r in Records(cluster.log).reports(IDS[1]).values() if r.refused]
