@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,11 @@ def converge(engine: Engine, state: DesiredState, **plan_args: Any) -> tuple[Pas
 def texts(plan: PassPlan) -> list[str]:
     """The plan as `dabctl plan` prints it, one line per action (container ids stripped)."""
     return [str(a) for s in plan.stacks.values() for a in s.actions]
+
+
+@pytest.fixture(autouse=True)
+def _no_dabctl_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands these tests run in-process read DABCTL_* settings from the environment, and the test command
+    exports one of its own (DABCTL_REQUIRE_GUEST, which the config refuses): each test starts without any."""
+    for name in [k for k in os.environ if k.startswith("DABCTL_")]:
+        monkeypatch.delenv(name)
