@@ -279,8 +279,10 @@ class Agent:
                 self._spawn(functools.partial(self._follow_state, prefix), f"watch {prefix}")
             # The leader acts as soon as a node changes: a lease lapsing (its status key deleted), a node joining or
             # returning, `node update`, a report (a slot started, turned healthy, failed), not at the next resync.
-            for prefix in (NODE, NODES):
-                self._spawn(functools.partial(self._follow_state, prefix, self._leading), f"watch {prefix}")
+            # Every node follows the reports too: where its published ports forward follows the other nodes' ready
+            # replicas.
+            self._spawn(functools.partial(self._follow_state, NODE), f"watch {NODE}")
+            self._spawn(functools.partial(self._follow_state, NODES, self._leading), f"watch {NODES}")
         observer = self._watch_directory()
         try:
             self._work()
