@@ -60,9 +60,7 @@ def hostnames(node: Node, stack: str, service: str) -> set[str]:
     return {c["Id"][:12] for c in found}
 
 
-def test_constraints_max_per_node_and_pending_reasons(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_constraints_max_per_node_and_pending_reasons(cluster: Cluster, tmp_path: Path) -> None:
     n1 = cluster.nodes[0]
     img = cluster.image
     with formed(cluster, tmp_path) as dab:
