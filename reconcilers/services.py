@@ -17,6 +17,7 @@ from reconcilers import restarts, rollout
 from reconcilers.notes import Note, NoteKind
 from reconcilers.outcome import ActionKind, Outcome, Result, one_line
 from reconcilers.rollout import slot_order
+from schemas.state import SlotReport
 
 STARTABLE_STATES = ("created", "exited")
 
@@ -44,6 +45,28 @@ class Replica:
     @property
     def label(self) -> str:
         return f"{self.stack}_{self.service}.{self.slot}"
+
+    @classmethod
+    def reported(
+        cls, key: tuple[str, str, str], report: SlotReport, node: str, networks: Mapping[str, str] | None = None
+    ) -> Replica:
+        """Another node's replica of slot `key` (stack, service, slot) as that node's report says."""
+        stack, service, slot = key
+        return cls(
+            id=report.container_id,
+            name=f"{stack}_{service}.{slot}",
+            stack=stack,
+            service=service,
+            slot=slot,
+            spec_hash=report.spec_hash,
+            state=report.state,
+            exit_code=report.exit_code,
+            health=report.health,
+            image_id=report.image_id,
+            created=report.created,
+            networks=networks or {},
+            node=node,
+        )
 
 
 @dataclass(frozen=True)

@@ -526,23 +526,7 @@ class Engine:
                 if slot not in snapshot.assignments.get((stack, service), {}).get(node_id, ()):
                     continue  # a container the node has yet to remove: the slot is someone else's now
                 nets = {n: network_ids.get(n, "") for n in networks_of.get((stack, service), ())}
-                out.append(
-                    services.Replica(
-                        id=rep.container_id,
-                        name=f"{stack}_{service}.{slot}@{node_id}",
-                        stack=stack,
-                        service=service,
-                        slot=slot,
-                        spec_hash=rep.spec_hash,
-                        state=rep.state,
-                        exit_code=rep.exit_code,
-                        health=rep.health,
-                        image_id=rep.image_id,
-                        created=rep.created,
-                        networks=nets,
-                        node=node_id,
-                    )
-                )
+                out.append(services.Replica.reported((stack, service, slot), rep, node_id, networks=nets))
         return out
 
     def _forwarded(self, balance: Balance, snapshot: Snapshot) -> Balance:

@@ -65,20 +65,7 @@ def fleet(snapshot: Snapshot, own: str, own_name: str, local: Sequence[Replica])
         for (stack, service, slot), rep in sorted(reports.items()):
             if not rep.container_id:
                 continue
-            replica = Replica(
-                id=rep.container_id,
-                name=f"{stack}_{service}.{slot}",
-                stack=stack,
-                service=service,
-                slot=slot,
-                spec_hash=rep.spec_hash,
-                state=rep.state,
-                exit_code=rep.exit_code,
-                health=rep.health,
-                image_id=rep.image_id,
-                created=rep.created,
-                node=node_id,
-            )
+            replica = Replica.reported((stack, service, slot), rep, node_id)
             (others if node_id in snapshot.statuses else stale).append(replica)
     everyone = [*mine, *others]
     leader = snapshot.leader.node_id if snapshot.leader is not None else None
