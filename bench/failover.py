@@ -5,8 +5,8 @@ dockerd, a real 3-member etcd, a registry with the sample image by digest), the 
 6 replicas of the sample image running a sleeper command, spread 2/2/2, n1 the manager (and leader), n3 killed.
 
 - dabctl: a cluster formed as an operator does (tests/support/dabcluster.py: `cluster init`, `cluster join`, an
-  agent per node, lease TTL 6 s, the default `resync_interval` of 300 s so that only the product's own triggers
-  count);
+  agent per node, the default lease TTL (5 s), the default `resync_interval` of 300 s so that only the product's
+  own triggers count);
 - Docker Swarm on the same nodes (`cluster.swarm()`: n1 the manager, n2 and n3 workers), default settings.
 
 Runs are interleaved (dabctl, swarm, dabctl, ...), each on a freshly reset harness. Clock: starts just before the
@@ -94,7 +94,10 @@ def run_dabctl(cluster: Cluster, replicas: int) -> Times:
     cluster.reset()
     n1, n2, n3 = cluster.nodes
     label = ["dabctl.stack=bench", "dabctl.service=web"]
-    with tempfile.TemporaryDirectory() as tmp, formed(cluster, Path(tmp), resync_interval=DEFAULT_RESYNC) as dab:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        formed(cluster, Path(tmp), lease_ttl=None, resync_interval=DEFAULT_RESYNC) as dab,
+    ):
         dab.deploy("bench", {"web": {"Image": cluster.image, "Command": SLEEPER, "Deploy": {"Replicas": replicas}}})
         per = replicas // 3
         dab.wait(lambda: dab.running("bench", "web") == {"n1": per, "n2": per, "n3": per}, what="spread")

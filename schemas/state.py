@@ -146,13 +146,18 @@ NodeRole = Literal["manager", "worker"]
 Availability = Literal["active", "pause", "drain"]
 
 
+# Seconds a silent node stays `up`: keepalives every TTL/3 leave two to be lost, and an etcd endpoint that does not
+# answer costs a keepalive 1.5 s at most (agent/state/etcd.py); the README's "Failure detection" has the measurements.
+DEFAULT_LEASE_TTL = 5
+
+
 class ClusterRecord(Record):
     """The cluster, written once by `cluster init` (managers change its settings): its id, when it was made, the
     lease TTL every node registers under, and the digests of the join tokens' secrets (never the secrets)."""
 
     cluster_id: str
     created_at: datetime
-    lease_ttl: int = 6
+    lease_ttl: int = DEFAULT_LEASE_TTL
     worker_token_digest: str = ""
     manager_token_digest: str = ""
     ca_digest: str = ""  # sha256 of the cluster CA certificate's DER ("" for a cluster made without a CA)

@@ -32,11 +32,9 @@ from agent.state.nodes import Leader, NodeConflict, NodeRecords
 from agent.state.records import LEADER_KEY, Fence, Records
 from schemas.config import AgentConfig, ClusterMembership, is_loopback_endpoint, split_listen
 from schemas.errors import DabctlError
-from schemas.state import LeaderRecord, NodeRole, NodeStatus
+from schemas.state import DEFAULT_LEASE_TTL, LeaderRecord, NodeRole, NodeStatus
 
 log = logging.getLogger("dabctl.membership")
-
-DEFAULT_LEASE_TTL = 6  # seconds; see the README's "Node failure detection" for the measurements behind it
 
 
 class NotJoined(DabctlError):

@@ -82,6 +82,7 @@ class EtcdStateLog:
         *,
         prefix: str = "/dabctl",
         timeout: float = 5.0,
+        keepalive_timeout: float = 1.5,
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
@@ -94,6 +95,9 @@ class EtcdStateLog:
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
+        # A keepalive is idempotent and its lease's TTL is a few seconds: an endpoint that does not answer within
+        # this is skipped for the next one rather than waited on for `timeout` (which would cost the lease).
+        self.keepalive_timeout = min(keepalive_timeout, timeout)
         self.watch_read_timeout = watch_read_timeout
         self._current = 0
         self.tls_args = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
@@ -153,26 +157,31 @@ class EtcdStateLog:
             self._token = str(doc["token"])
             return self._token
 
-    def _call(self, path: str, body: dict[str, Any], retry_reads: bool = True) -> dict[str, Any]:
+    def _call(
+        self, path: str, body: dict[str, Any], retry_reads: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
         """POST with this client's credentials; a token etcd no longer accepts is renewed once."""
         headers = self._headers()
         try:
-            return self._post(path, body, retry_reads, headers)
+            return self._post(path, body, retry_reads, headers, timeout)
         except _StaleToken:
             headers = {"Authorization": self._authenticate(stale=headers.get("Authorization"))}
             try:
-                return self._post(path, body, retry_reads, headers)
+                return self._post(path, body, retry_reads, headers, timeout)
             except _StaleToken as exc:
                 raise StateLogError(f"etcd refused a fresh auth token: {exc}") from None
 
-    def _post(self, path: str, body: dict[str, Any], retry_reads: bool, headers: dict[str, str]) -> dict[str, Any]:
+    def _post(
+        self, path: str, body: dict[str, Any], retry_reads: bool, headers: dict[str, str], timeout: float | None = None
+    ) -> dict[str, Any]:
         """POST to the first endpoint that answers; a refused connection moves on to the next one."""
+        timeout = timeout or self.timeout
         errors = []
         for i in range(len(self.endpoints)):
             index = (self._current + i) % len(self.endpoints)
             url = f"{self.endpoints[index]}/v3{path}"
             try:
-                resp = self._session.post(url, data=json.dumps(body), timeout=self.timeout, headers=headers)
+                resp = self._session.post(url, data=json.dumps(body), timeout=timeout, headers=headers)
             except requests.exceptions.SSLError as exc:
                 raise StateLogError(
                     f"TLS with etcd at {self.endpoints[index]} failed: {exc}; check the CA and client certificate"
@@ -181,7 +190,7 @@ class EtcdStateLog:
                 errors.append(f"{self.endpoints[index]}: {type(exc).__name__}")
                 continue
             except requests.exceptions.Timeout:
-                errors.append(f"{self.endpoints[index]}: timed out after {self.timeout}s")
+                errors.append(f"{self.endpoints[index]}: timed out after {timeout}s")
                 if not retry_reads:  # a write may have happened: do not send it twice
                     break
                 continue
@@ -301,7 +310,7 @@ class EtcdStateLog:
         return int(doc["ID"])
 
     def keepalive(self, lease: int) -> int:
-        doc = self._call("/lease/keepalive", {"ID": str(lease)})
+        doc = self._call("/lease/keepalive", {"ID": str(lease)}, timeout=self.keepalive_timeout)
         return int((doc.get("result") or {}).get("TTL", 0))
 
     def revoke(self, lease: int) -> None:

@@ -329,6 +329,23 @@ def test_a_silent_endpoint_is_skipped_for_reads(
     assert time.monotonic() - began < 10
 
 
+def test_a_keepalive_skips_a_silent_endpoint_well_within_a_short_lease(
+    etcd_server: EtcdServer, logs: Callable[..., EtcdStateLog], silent_endpoint: str
+) -> None:
+    """A node's lease lives a few seconds: a keepalive must not wait the ordinary call timeout (5 s) on an
+    endpoint that accepts and never answers, or a live node goes `down`."""
+    log = logs([etcd_server.url], prefix=prefix())
+    lease = log.grant(5)
+    both = logs([silent_endpoint, etcd_server.url], prefix=prefix())
+    assert both.timeout == 5.0
+    began = time.monotonic()
+    assert both.keepalive(lease) > 0
+    took = time.monotonic() - began
+    assert took < 3.0, f"keepalive took {took:.2f} s past a silent endpoint"
+    assert took >= both.keepalive_timeout * 0.9  # it did try the silent one first
+    log.revoke(lease)
+
+
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_all_endpoints_dead_raises_unavailable_promptly(
     logs: Callable[..., EtcdStateLog], silent_endpoint: str, kind: str

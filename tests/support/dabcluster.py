@@ -29,8 +29,9 @@ ENV = {"DABCTL_ETCD_INSECURE": "true"}
 class DabCluster:
     """The harness's nodes as one dabctl cluster: `managers` run the source, every node an agent."""
 
-    def __init__(self, cluster: Cluster, root: Path, managers: int = 1) -> None:
+    def __init__(self, cluster: Cluster, root: Path, managers: int = 1, lease_ttl: int | None = 6) -> None:
         self.cluster = cluster
+        self.lease_ttl = lease_ttl  # None: the product's default
         self.nodes = cluster.nodes
         self.managers = self.nodes[:managers]
         self.prefix = f"/dabctl-c-{secrets.token_hex(4)}"
@@ -55,8 +56,7 @@ class DabCluster:
             first.name,
             "--advertise-address",
             first.address,
-            "--lease-ttl",
-            "6",
+            *(["--lease-ttl", str(self.lease_ttl)] if self.lease_ttl else []),
             env=ENV,
         )
         assert out.returncode == 0, out.stderr
@@ -180,9 +180,12 @@ def _auth_off(cluster: Cluster, state_dirs: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def formed(cluster: Cluster, root: Path, managers: int = 1, **agent_config: Any) -> Iterator[DabCluster]:
-    """A formed dabctl cluster for the block; agents stopped and etcd's auth switched off afterwards."""
-    dab = DabCluster(cluster, root, managers)
+def formed(
+    cluster: Cluster, root: Path, managers: int = 1, lease_ttl: int | None = 6, **agent_config: Any
+) -> Iterator[DabCluster]:
+    """A formed dabctl cluster for the block (lease TTL 6 s for margin under a loaded suite; None: the product's
+    default); agents stopped and etcd's auth switched off afterwards."""
+    dab = DabCluster(cluster, root, managers, lease_ttl)
     try:
         dab.form(**agent_config)
         yield dab
