@@ -46,6 +46,11 @@ class Replica:
     def label(self) -> str:
         return f"{self.stack}_{self.service}.{self.slot}"
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Its slot: (stack, service, slot)."""
+        return (self.stack, self.service, self.slot)
+
     @classmethod
     def reported(
         cls, key: tuple[str, str, str], report: SlotReport, node: str, networks: Mapping[str, str] | None = None
@@ -162,7 +167,7 @@ class StartReplica:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.replica.stack, self.replica.service, self.replica.slot)
+        return self.replica.key
 
     def __str__(self) -> str:
         return f"{self.kind.sign} {self.replica.label} start ({self.reason})"
@@ -187,7 +192,7 @@ class ReplaceReplica:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.replica.stack, self.replica.service, self.replica.slot)
+        return self.replica.key
 
     def __str__(self) -> str:
         what = str(self.image) if self.image else ", ".join(self.changes) + " changed"
@@ -204,7 +209,7 @@ class RemoveReplica:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.replica.stack, self.replica.service, self.replica.slot)
+        return self.replica.key
 
     def __str__(self) -> str:
         return f"{self.kind.sign} {self.replica.label} remove ({self.reason})"
@@ -331,7 +336,7 @@ def plan_pass(
     restart_records = restart_records or {}
     by_slot: dict[SlotKey, list[Replica]] = {}
     for r in actual:
-        by_slot.setdefault((r.stack, r.service, r.slot), []).append(r)
+        by_slot.setdefault(r.key, []).append(r)
     wanted_services = {(d.target.stack, d.target.name) for d in desired}
     wanted_stacks = {d.target.stack for d in desired}
 
@@ -424,7 +429,7 @@ def _follow(
     """The restart policy's decision for an exited replica: a start (recorded in `out`), or a time to look again."""
     if decision.verdict == "start":
         assert decision.record is not None
-        out.restarts[(replica.stack, replica.service, replica.slot)] = decision.record
+        out.restarts[replica.key] = decision.record
         return StartReplica(replica, decision.reason, target)
     if decision.verdict == "wait":
         out.recheck(decision.seconds)

@@ -182,7 +182,7 @@ def plan_tasks(
     pending = pending or {}
     by_slot: dict[SlotKey, list[Replica]] = {}
     for r in reports:
-        by_slot.setdefault((r.stack, r.service, r.slot), []).append(r)
+        by_slot.setdefault(r.key, []).append(r)
     out = TaskChanges()
     wanted: set[SlotKey] = set()
     for d in services:

@@ -701,7 +701,7 @@ class Engine:
             tasks[k] = [*(t for t in tasks.get(k, []) if t.task_id not in ids), *put]
         by_slot: dict[SlotKey, services.Replica] = {}
         for r in sorted(after, key=lambda r: (r.state == "running", r.created)):
-            by_slot[(r.stack, r.service, r.slot)] = r  # the running, newest one of a slot's containers
+            by_slot[r.key] = r  # the running, newest one of a slot's containers
         now: dict[SlotKey, SlotReport] = {}
         for key, r in by_slot.items():
             network = first.get(key[:2])

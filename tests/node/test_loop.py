@@ -323,39 +323,53 @@ def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
+def run_driven(agent: Agent, drive: Callable[[], None]) -> None:
+    """`agent.run()` in this thread while `drive` acts on it from another; the agent is shut down when `drive`
+    ends, and whatever `drive` raised is raised here."""
+    failure: list[BaseException] = []
+
+    def driver() -> None:
+        try:
+            drive()
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            agent.shutdown()
+
+    thread = threading.Thread(target=driver, daemon=True)
+    thread.start()
+    assert agent.run() == 0
+    thread.join(timeout=10)
+    if failure:
+        raise failure[0]
+
+
+def passes(agent: Agent) -> float:
+    return sum(metric(agent, "dabctl_reconcile_passes_total", result=r) for r in ("noop", "success", "failure"))
+
+
 def test_run_converges_follows_events_and_file_changes_and_serves_http(
     make_agent: Callable[..., Agent], source: Path, signals: None
 ) -> None:
     runtime = FakeRuntime()  # real time: the agent asks for events since now
     agent = make_agent(runtime, resync_interval=0.2)
     seen: dict[str, Any] = {}
-    failure: list[BaseException] = []
 
     def drive() -> None:
-        try:
-            until(lambda: len(names(runtime, "web_")) == 2)
-            # An exit event: the loop waits for the engine to list the container as exited, then restarts it.
-            old = runtime.by_name("web_front.1")[0]
-            runtime.exit(old.id, 1)
-            until(lambda: runtime.by_name("web_front.1")[0].state == "running")
-            # A new file in the source directory: watchdog wakes the poller, the new stack converges.
-            write(source, "api", bundle({"srv": service()}))
-            until(lambda: names(runtime, "api_") == ["api_srv.1"])
-            host, port = agent.listener.address
-            with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as reply:
-                seen["status"] = json.load(reply)
-            until(lambda: metric(agent, "dabctl_reconcile_passes_total", result="noop") > 0)  # the resync ran
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            agent.shutdown()
+        until(lambda: len(names(runtime, "web_")) == 2)
+        # An exit event: the loop waits for the engine to list the container as exited, then restarts it.
+        old = runtime.by_name("web_front.1")[0]
+        runtime.exit(old.id, 1)
+        until(lambda: runtime.by_name("web_front.1")[0].state == "running")
+        # A new file in the source directory: watchdog wakes the poller, the new stack converges.
+        write(source, "api", bundle({"srv": service()}))
+        until(lambda: names(runtime, "api_") == ["api_srv.1"])
+        host, port = agent.listener.address
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as reply:
+            seen["status"] = json.load(reply)
+        until(lambda: metric(agent, "dabctl_reconcile_passes_total", result="noop") > 0)  # the resync ran
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    assert agent.run() == 0
-    driver.join(timeout=10)
-    if failure:
-        raise failure[0]
+    run_driven(agent, drive)
     assert sorted(s["stack"] for s in seen["status"]["stacks"]) == ["api", "web"]
     assert metric(agent, "dabctl_drift_corrections_total", stack="web") >= 1
     assert runtime.closed and names(runtime, "") == ["api_srv.1", "web_front.1", "web_front.2"], (
@@ -465,31 +479,17 @@ def test_a_cluster_node_passes_as_soon_as_the_leader_commits(make_agent: Callabl
     runtime = FakeRuntime()
     agent = make_agent(runtime)
     agent.engine.cluster = _Follower()
-    failure: list[BaseException] = []
-
-    def passes() -> float:
-        return sum(metric(agent, "dabctl_reconcile_passes_total", result=r) for r in ("noop", "success", "failure"))
 
     def drive() -> None:
-        try:
-            until(lambda: passes() >= 1)  # the first pass (a worker: it follows the records, empty here)
-            before = passes()
-            agent.log.put(INTENT_KEY, b"1")  # an orchestrator commit
-            until(lambda: passes() > before)
-            before = passes()
-            agent.log.put(STACKS + "other", _record("other").model_dump_json().encode())  # a stack record: watched too
-            until(lambda: passes() > before)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            agent.shutdown()
+        until(lambda: passes(agent) >= 1)  # the first pass (a worker: it follows the records, empty here)
+        before = passes(agent)
+        agent.log.put(INTENT_KEY, b"1")  # an orchestrator commit
+        until(lambda: passes(agent) > before)
+        before = passes(agent)
+        agent.log.put(STACKS + "other", _record("other").model_dump_json().encode())  # a stack record: watched too
+        until(lambda: passes(agent) > before)
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    assert agent.run() == 0
-    driver.join(timeout=10)
-    if failure:
-        raise failure[0]
+    run_driven(agent, drive)
 
 
 class _Leader:
@@ -505,30 +505,16 @@ def test_the_leader_passes_as_soon_as_a_node_changes(make_agent: Callable[..., A
     runtime = FakeRuntime()
     agent = make_agent(runtime)
     agent.engine.cluster = _Leader()
-    failure: list[BaseException] = []
-
-    def passes() -> float:
-        return sum(metric(agent, "dabctl_reconcile_passes_total", result=r) for r in ("noop", "success", "failure"))
 
     def drive() -> None:
-        try:
-            agent.log.put(node_status_key("n2"), NodeStatus(node_id="n2").model_dump_json().encode())
-            until(lambda: passes() >= 1)
-            before = passes()
-            agent.log.delete(node_status_key("n2"))  # its lease lapsed
-            until(lambda: passes() > before)
-            before = passes()
-            spec = NodeSpec(node_id="n2", name="n2", role="worker", availability="drain", joined_at=datetime.now(UTC))
-            agent.log.put(NODES + "n2", spec.model_dump_json().encode())  # node update
-            until(lambda: passes() > before)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            agent.shutdown()
+        agent.log.put(node_status_key("n2"), NodeStatus(node_id="n2").model_dump_json().encode())
+        until(lambda: passes(agent) >= 1)
+        before = passes(agent)
+        agent.log.delete(node_status_key("n2"))  # its lease lapsed
+        until(lambda: passes(agent) > before)
+        before = passes(agent)
+        spec = NodeSpec(node_id="n2", name="n2", role="worker", availability="drain", joined_at=datetime.now(UTC))
+        agent.log.put(NODES + "n2", spec.model_dump_json().encode())  # node update
+        until(lambda: passes(agent) > before)
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    assert agent.run() == 0
-    driver.join(timeout=10)
-    if failure:
-        raise failure[0]
+    run_driven(agent, drive)
