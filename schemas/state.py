@@ -162,6 +162,9 @@ class ClusterRecord(Record):
     manager_token_digest: str = ""
     ca_digest: str = ""  # sha256 of the cluster CA certificate's DER ("" for a cluster made without a CA)
     certificate_days: int = 90  # life of a node certificate issued at join
+    # Set by `cluster recover` / `cluster restore`: until then the leader keeps the slots of down nodes where they
+    # are (their containers run on, and the nodes rejoining find them theirs) instead of moving them.
+    hold_down_until: datetime | None = None
 
 
 class NodeSpec(Record):

@@ -3,12 +3,13 @@ leave it."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from agent.cli.options import UserError, config_option, load
+from agent.cli.options import UserError, config_option, load, seconds
 from agent.node.join import InitOptions, init_cluster, join_cluster, join_token, leave_cluster
 from agent.private import read_secret_file
 from agent.state.backends import open_log
@@ -249,19 +250,35 @@ def backup(config_path: Path | None, passphrase_file: str, file: Path, **opts: A
     )
 
 
+_HOLD = click.option(
+    "--hold",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="For this long the leader keeps the slots of down nodes where they are, so nodes that rejoin as "
+    "themselves (their node-id kept) find their containers theirs; nodes away longer then lose their slots to "
+    "the others (`dabctl node rm` releases one sooner). 0s: move them at once.",
+)
+
+
+def _hold(value: str) -> timedelta:
+    return timedelta(seconds=seconds("--hold", value))
+
+
 @cluster.command()
 @config_option
 @_state_dir_option
-def recover(config_path: Path | None, **opts: Any) -> None:
+@_HOLD
+def recover(config_path: Path | None, hold: str, **opts: Any) -> None:
     """Recover a cluster that lost quorum from this manager (stop its agent first): its etcd member restarts with
     --force-new-cluster, keeping its data and dropping every other member, so the cluster goes on with this one
     voting member. Then on every other manager that comes back: `dabctl cluster leave --force` and join again
-    with a manager token. Containers keep running throughout."""
+    with a manager token. Containers keep running throughout, and for --hold no slot moves off a down node."""
     from agent.node.recovery import recover_cluster
 
     cfg = load(config_path, state_dir=opts["state_dir"])
     _no_agent(cfg)
-    state = recover_cluster(cfg)
+    state = recover_cluster(cfg, _hold(hold))
     click.echo(f"The cluster's etcd now has one member, this node ({state}). Start the agent, then rejoin managers.")
 
 
@@ -270,8 +287,9 @@ def recover(config_path: Path | None, **opts: Any) -> None:
 @_state_dir_option
 @_PASSPHRASE
 @click.option("--advertise-address", default=None, help="Address other nodes reach this one at [default: route].")
+@_HOLD
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def restore(config_path: Path | None, passphrase_file: str, file: Path, **opts: Any) -> None:
+def restore(config_path: Path | None, passphrase_file: str, file: Path, hold: str, **opts: Any) -> None:
     """Restore a cluster from a backup FILE onto this node (in no cluster, agent stopped), when no manager's etcd
     member survived: the node becomes the backed-up manager (its node-id, cluster.json, cluster-secrets.json)
     with a one-member etcd made from the snapshot. Other managers then leave (--force) and join again."""
@@ -279,5 +297,5 @@ def restore(config_path: Path | None, passphrase_file: str, file: Path, **opts: 
 
     cfg = load(config_path, state_dir=opts["state_dir"])
     _no_agent(cfg)
-    member = restore_cluster(cfg, file, _passphrase(passphrase_file), opts["advertise_address"])
+    member = restore_cluster(cfg, file, _passphrase(passphrase_file), opts["advertise_address"], _hold(hold))
     click.echo(f"Restored cluster {member.cluster_id} on this node ({member.node_id}, etcd {member.state}).")

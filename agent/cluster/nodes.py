@@ -7,7 +7,7 @@ has one node, itself, always up and always its own leader.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from schemas.state import Availability, NodeRole, NodeSpec, NodeStatus
 
@@ -26,6 +26,7 @@ class NodeInfo:
     memory_bytes: int = 0
     busy_ports: frozenset[tuple[str, int]] = frozenset()
     address: str = ""
+    held: bool = False  # down, but its tasks stay (a recovered cluster waiting for its nodes: `held_down`)
 
     @property
     def schedulable(self) -> bool:
@@ -34,8 +35,8 @@ class NodeInfo:
 
     @property
     def keeps_tasks(self) -> bool:
-        """Tasks already here stay (pause keeps them; drain and down do not)."""
-        return self.up and self.availability != "drain"
+        """Tasks already here stay (pause keeps them; drain and down do not, unless the node is held)."""
+        return (self.up or self.held) and self.availability != "drain"
 
 
 def node_infos(specs: Mapping[str, NodeSpec], statuses: Mapping[str, NodeStatus]) -> tuple[NodeInfo, ...]:
@@ -58,6 +59,13 @@ def node_infos(specs: Mapping[str, NodeSpec], statuses: Mapping[str, NodeStatus]
             )
         )
     return tuple(sorted(out, key=lambda n: (n.name, n.node_id)))
+
+
+def held_down(nodes: tuple[NodeInfo, ...]) -> tuple[NodeInfo, ...]:
+    """The nodes with every down one held: it keeps its tasks (none are moved off it, its global task stays) and
+    gets no new one. For a cluster just recovered from a lost quorum, whose nodes are down because its managers
+    were, not because they failed: they come back to their containers."""
+    return tuple(n if n.up else replace(n, held=True) for n in nodes)
 
 
 def single_node(name: str) -> NodeInfo:

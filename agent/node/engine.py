@@ -18,7 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from agent.cluster.nodes import NodeInfo, node_infos, single_node
+from agent.cluster.nodes import NodeInfo, held_down, node_infos, single_node
 from agent.cluster.orchestrate import (
     Desired,
     Intent,
@@ -224,6 +224,8 @@ class Engine:
         # decide for all nodes (orchestrate) and commit that, fenced. None: a node alone, its own leader. The
         # caller sets it (agent.node.membership) as it sets `policy`.
         self.cluster: Leadership | None = None
+        # A cluster recovered from a lost quorum (`cluster recover`): until then, down nodes keep their slots.
+        self.hold_down_until: datetime | None = None
         self._last: Snapshot | None = None  # the last snapshot read: a node cut off from the state log keeps to it
         self._from_records: dict[str, tuple[StackRecord, StackBundle]] = {}
         owner = records.owner(create=not read_only)
@@ -502,8 +504,10 @@ class Engine:
     def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[NodeInfo, ...], Assignments | None]:
         """Every node for the scheduler (it decides where slots may go), or the recorded assignments to follow: on a
         node that does not lead, and on a leader that sees no node up (none registered yet, or all down: nothing
-        moves and nothing is removed)."""
+        moves and nothing is removed). Until `hold_down_until` (a recovered cluster) down nodes keep their slots."""
         nodes = node_infos(snapshot.nodes, snapshot.statuses)
+        if self.hold_down_until is not None and self.clock() < self.hold_down_until.timestamp():
+            nodes = held_down(nodes)
         if leading and any(n.up for n in nodes):
             return nodes, None
         return nodes, {k: dict(v) for k, v in snapshot.assignments.items()}

@@ -176,6 +176,7 @@ class Agent:
         self.engine.policy = policy_of(cfg)
         # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
         self.engine.cluster = self.member
+        self.engine.hold_down_until = self.member.hold_down_until if self.member is not None else None
         self.page = PageData(self.records, self.node, self._observe)
         self.notifier = Notifier(notices.routes(cfg.notify))
         self._seen = Observed()

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from importlib import metadata
 
 from agent.config import ConfigError
@@ -146,6 +147,7 @@ class Member:
         self._records = records
         self._metrics = metrics
         self.ttl = DEFAULT_LEASE_TTL
+        self.hold_down_until: datetime | None = None  # the cluster record's, read at registration
         self.role: NodeRole = "worker"
         self.lease = 0
         self._status: NodeStatus | None = None
@@ -195,6 +197,7 @@ class Member:
         self.role = spec.role
         cluster = self.nodes.cluster()
         self.ttl = cluster.lease_ttl if cluster else DEFAULT_LEASE_TTL
+        self.hold_down_until = cluster.hold_down_until if cluster else None
         # This node returning (same id) after a crash: end its previous lease now rather than wait for it, which
         # also frees the leader key a previous run of this manager held.
         old = self.nodes.status(self.node_id)

@@ -8,7 +8,9 @@
 - restore: a node outside any cluster becomes the backed-up manager with a one-member etcd made from the snapshot
   (`etcdctl snapshot restore`), for when no member survived.
 
-Containers never stop for any of this: a node that cannot reach the state log keeps its slots running.
+Containers never stop for any of this: a node that cannot reach the state log keeps its slots running. Both recover
+and restore record a hold in the cluster record (`hold_down_until`): until then the leader keeps the slots of down
+nodes where they are, so the nodes that rejoin as themselves find their containers theirs and none is recreated.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, host_port
@@ -40,11 +42,13 @@ from agent.state.membership import (
     write_membership,
     write_private,
 )
+from agent.state.nodes import NodeRecords
 from schemas.config import AgentConfig, ClusterMembership
 from schemas.join import ClusterSecrets
 from schemas.state import ClusterRecord
 
 ETCDCTL = "/usr/bin/etcdctl"
+DEFAULT_HOLD = timedelta(minutes=10)  # how long a recovered cluster keeps the slots of down nodes where they are
 PKI_DIR = "pki"  # the cluster CA's and the node's files, when the node has them (agent/pki/)
 
 
@@ -91,9 +95,9 @@ def backup_cluster(cfg: AgentConfig, target: Path, passphrase: bytes) -> BackupR
     return BackupResult(cluster_id=member.cluster_id, snapshot_bytes=size, files=len(files))
 
 
-def recover_cluster(cfg: AgentConfig) -> str:
+def recover_cluster(cfg: AgentConfig, hold: timedelta = DEFAULT_HOLD) -> str:
     """Make this manager's etcd member the cluster's only one (`--force-new-cluster`), keeping its data; the
-    state setting it then has."""
+    state setting it then has. For `hold` the leader keeps the slots of down nodes where they are (`_hold`)."""
     state_dir = cfg.state_path
     member = membership(state_dir)
     local = LocalMember(state_dir)
@@ -107,12 +111,39 @@ def recover_cluster(cfg: AgentConfig) -> str:
     local.start(spec, "--force-new-cluster")
     local.wait_started(timeout=60)
     state = f"etcd://{host_port(spec.address, spec.client_port)}"
-    write_membership(state_dir, member.model_copy(update={"state": state}))
+    recovered = member.model_copy(update={"state": state})
+    write_membership(state_dir, recovered)
+    _hold(cfg, recovered, hold)
     return state
 
 
-def restore_cluster(cfg: AgentConfig, source: Path, passphrase: bytes, advertise: str | None) -> ClusterMembership:
-    """Make this node (in no cluster) the backed-up manager, with a one-member etcd restored from the backup."""
+def _hold(cfg: AgentConfig, member: ClusterMembership, hold: timedelta) -> None:
+    """Record in the cluster record until when the leader keeps the slots of down nodes where they are: the other
+    nodes are down because the managers were, and the ones that come back (rejoining as the same node) find their
+    containers theirs, none recreated. Nodes that stay away longer lose their slots then (or at `node rm`)."""
+    secrets = cluster_secrets(cfg.state_path)
+    if secrets is None or not secrets.etcd_root_password:
+        raise ClusterSetupError("this node holds no cluster-secrets.json (etcd's root password): recover on a manager")
+    tls = _require_tls(cfg)
+    log = EtcdStateLog(
+        etcd_endpoints(member.state, True),
+        prefix=member.etcd_prefix,
+        user=ROOT,
+        password=secrets.etcd_root_password,
+        timeout=30,
+        **tls.client(),
+    )
+    try:
+        NodeRecords(log).hold_down_nodes(datetime.now(UTC) + hold)
+    finally:
+        log.close()
+
+
+def restore_cluster(
+    cfg: AgentConfig, source: Path, passphrase: bytes, advertise: str | None, hold: timedelta = DEFAULT_HOLD
+) -> ClusterMembership:
+    """Make this node (in no cluster) the backed-up manager, with a one-member etcd restored from the backup;
+    down nodes keep their slots for `hold` (as after `recover_cluster`)."""
     state_dir = cfg.state_path
     if membership(state_dir) is not None:
         raise ClusterSetupError(f"this node belongs to a cluster ({state_dir / MEMBERSHIP_FILE}): leave it first")
@@ -128,10 +159,12 @@ def restore_cluster(cfg: AgentConfig, source: Path, passphrase: bytes, advertise
     host = _advertise_host(cfg, advertise)
     paths = _restore_pki(state_dir, files, old.node_id, host)
     try:
-        return _restore(cfg, files, old, secrets, host)
+        restored = _restore(cfg, files, old, secrets, host)
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)
         raise
+    _hold(cfg, restored, hold)
+    return restored
 
 
 def _restore_pki(state_dir: Path, files: dict[str, bytes], nid: str, host: str) -> PkiPaths:

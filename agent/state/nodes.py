@@ -8,6 +8,7 @@ create revision is the term). Keys come from `agent.state.records`; this module 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from agent.cluster.nodes import NodeInfo, node_infos
 from agent.state.log import Compare, Delete, KeyValue, Put, StateLog
@@ -139,6 +140,15 @@ class NodeRecords:
         return self.log.txn(
             [Compare(CLUSTER_KEY, "create_revision", "==", 0)], [Put(CLUSTER_KEY, _json(record))]
         ).succeeded
+
+    def hold_down_nodes(self, until: datetime) -> bool:
+        """Set the cluster record's `hold_down_until` (after a recovery); whether there is a cluster record."""
+        kv = self.log.get(CLUSTER_KEY)
+        if kv is None:
+            return False
+        record = ClusterRecord.model_validate_json(kv.value).model_copy(update={"hold_down_until": until})
+        self.log.put(CLUSTER_KEY, _json(record))
+        return True
 
     def add_node(self, spec: NodeSpec) -> None:
         """Record a node (at join); refused when another live node holds the name."""

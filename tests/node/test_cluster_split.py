@@ -219,6 +219,34 @@ def test_a_down_nodes_slots_move_to_the_others(cluster: Cluster) -> None:
     assert lost.running() == []
 
 
+def test_a_recovered_cluster_keeps_the_slots_of_down_nodes_until_its_hold_ends(cluster: Cluster) -> None:
+    """After `cluster recover`: the other nodes are down because the managers were; they keep their slots (and
+    their containers, none recreated) while the hold lasts; a node still away after it loses them."""
+    cluster.converge(SIX)
+    lead, back, away = cluster.nodes
+    lead.engine.hold_down_until = datetime.fromtimestamp(cluster.clock() + 60, UTC)
+    cluster.down(back.id)
+    cluster.down(away.id)
+    containers = {n.id: sorted(c.id for c in n.runtime.by_name("web_front.")) for n in cluster.nodes}
+
+    cluster.converge(SIX, nodes=[lead])
+    assert Records(cluster.log).assignments()[("web", "front")] == {
+        IDS[0]: ["1", "4"],
+        IDS[1]: ["2", "5"],
+        IDS[2]: ["3", "6"],
+    }
+    cluster.up(back.id)  # it rejoins as itself
+    cluster.converge(SIX, nodes=[lead, back])
+    assert {n.id: sorted(c.id for c in n.runtime.by_name("web_front.")) for n in (lead, back)} == {
+        n.id: containers[n.id] for n in (lead, back)
+    }, "no container created or removed"
+
+    cluster.clock.advance(60)  # the hold is over: the node still away loses its slots
+    cluster.converge(SIX, nodes=[lead, back])
+    assert Records(cluster.log).assignments()[("web", "front")].get(away.id, []) == []
+    assert sorted(s for n in (lead, back) for s in n.running()) == ["1", "2", "3", "4", "5", "6"]
+
+
 def test_a_node_cut_off_from_the_state_log_keeps_healing_its_slots(cluster: Cluster) -> None:
     cluster.converge(SIX)
     cut = cluster.nodes[1]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.cluster.nodes import NodeInfo
+from agent.cluster.nodes import NodeInfo, held_down
 from agent.cluster.scheduler import Schedule, assign
 from agent.cluster.snapshot import Assignments
 from bundles import DesiredState
@@ -75,8 +75,10 @@ def test_spread_counts_the_service_first_then_all_tasks_then_the_name() -> None:
         ({"n2": {"up": False}}, {"n1": ["1", "2", "4"], "n3": ["3", "5", "6"]}),
         ({"n2": {"availability": "drain"}}, {"n1": ["1", "2", "4"], "n3": ["3", "5", "6"]}),
         ({"n2": {"availability": "pause"}}, {"n1": ["1", "4"], "n2": ["2", "5"], "n3": ["3", "6"]}),
+        ({"n2": {"up": False, "held": True}}, {"n1": ["1", "4"], "n2": ["2", "5"], "n3": ["3", "6"]}),
+        ({"n2": {"up": False, "held": True, "availability": "drain"}}, {"n1": ["1", "2", "4"], "n3": ["3", "5", "6"]}),
     ],
-    ids=["node-down-moves", "drain-moves", "pause-keeps"],
+    ids=["node-down-moves", "drain-moves", "pause-keeps", "held-down-keeps", "held-drained-moves"],
 )
 def test_slots_leave_a_node_that_is_down_or_drained(attrs: dict[str, Any], expected: dict[str, list[str]]) -> None:
     recorded = rec(n1=["1", "4"], n2=["2", "5"], n3=["3", "6"])
@@ -87,6 +89,14 @@ def test_slots_leave_a_node_that_is_down_or_drained(attrs: dict[str, Any], expec
 def test_pause_places_nothing_new() -> None:
     s = assign(replicated(4), nodes("n1", "n2", n2={"availability": "pause"}))
     assert placed(s) == {"n1": ["1", "2", "3", "4"]}
+
+
+def test_a_held_down_node_keeps_its_slots_and_gets_no_new_one() -> None:
+    recorded = rec(n1=["1"], n2=["2"], n3=["3"])
+    held = held_down(nodes("n1", "n2", "n3", n2={"up": False}, n3={"up": False}))
+    assert [n.held for n in held] == [False, True, True]
+    s = assign(replicated(5), held, recorded)
+    assert placed(s) == {"n1": ["1", "4", "5"], "n2": ["2"], "n3": ["3"]} and not s.pending
 
 
 def test_a_returning_node_gets_nothing_moved_back() -> None:
@@ -118,10 +128,12 @@ GLOBAL = desired(web=bundle({"front": service(Deploy={"Mode": "global"})}))
         ({"n3": {"availability": "pause"}}, {"n1": 1, "n2": 1, "n3": 1}, {"n1", "n2", "n3"}),  # pause keeps it
         ({"n3": {"availability": "drain"}}, {"n1": 1, "n2": 1, "n3": 1}, {"n1", "n2"}),  # drain stops it
         ({"n3": {"up": False}}, {"n1": 1, "n2": 1, "n3": 1}, {"n1", "n2"}),  # down: dropped
+        ({"n3": {"up": False, "held": True}}, {"n1": 1, "n2": 1, "n3": 1}, {"n1", "n2", "n3"}),  # held: kept
+        ({"n3": {"up": False, "held": True}}, {"n1": 1, "n2": 1}, {"n1", "n2"}),  # held: no new task
         ({}, {"n1": 1, "n2": 1}, {"n1", "n2", "n3"}),  # a node that joins later gets one
         ({"n2": {"role": "manager"}}, {}, {"n2"}),  # constraint below
     ],
-    ids=["all", "pause-new", "pause-keeps", "drain", "down", "late-join", "constraint"],
+    ids=["all", "pause-new", "pause-keeps", "drain", "down", "held-keeps", "held-new", "late-join", "constraint"],
 )
 def test_global_is_one_slot_named_by_the_node_on_every_eligible_node(
     attrs: dict[str, Any], recorded: dict[str, int], expected: set[str]
