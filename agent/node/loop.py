@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.api.client import AGENT_SOCKET
 from agent.api.server import AgentHttp, WebhookAuth
-from agent.config import ConfigError, policy_of
+from agent.config import ConfigError, policy_configured, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node import notices
@@ -174,6 +174,7 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
+        self.engine.policy_configured = policy_configured(cfg)
         # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
         self.engine.cluster = self.member
         self.page = PageData(self.records, self.node, self._observe)
@@ -594,6 +595,7 @@ class Agent:
                 )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
+            self.metrics.set_schema_held((c.name, c.reads, str(c.writes)) for c in plan.schema_held)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
@@ -696,7 +698,14 @@ class Agent:
             last_fetch_error=self.source_error,
             verify=self._verify_status(),
         )
-        status = StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks, nodes=seen.nodes)
+        status = StatusOutput(
+            node=self.node,
+            ready=self.ready.is_set(),
+            source=source,
+            stacks=stacks,
+            nodes=seen.nodes,
+            schema_held=seen.schema_held,
+        )
         return seen, status
 
     def _verify_status(self) -> VerifyStatus | None:
