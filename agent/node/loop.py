@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.api.client import AGENT_SOCKET
 from agent.api.server import AgentHttp, WebhookAuth
+from agent.cluster.schema import SchemaConflict
 from agent.config import ConfigError, policy_configured, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
@@ -110,6 +111,7 @@ class Agent:
         self.load_errors: dict[str, str] = {}
         self.load_details: dict[str, tuple[str, str]] = {}  # stack -> (file, field) of its first load error
         self.pass_errors: dict[str, str] = {}
+        self._held: tuple[SchemaConflict, ...] = ()  # the live nodes that held this leader at its last pass
         self.source_error: str | None = None
         self.refused: VerifyRefusal | None = None  # the source's newest revision, refused by the signature checks
         self.last_fetch_at: str | None = None
@@ -595,7 +597,7 @@ class Agent:
                 )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
-            self.metrics.set_schema_held((c.name, c.reads, str(c.writes)) for c in plan.schema_held)
+            self._schema_held(plan)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
@@ -610,6 +612,16 @@ class Agent:
             if not failed and not self.load_errors:
                 self.ready.set()
             return plan, report
+
+    def _schema_held(self, plan: PassPlan) -> None:
+        """The metric of live nodes holding this leader (agent.cluster.schema), and one log line when it changes."""
+        self.metrics.set_schema_held((c.name, c.reads, str(c.writes)) for c in plan.schema_held)
+        if plan.schema_held != self._held:
+            for c in plan.schema_held:
+                log.warning("leader held by a node's state schema", extra={"node": c.name, "error": str(c)})
+            if not plan.schema_held:
+                log.info("no live node holds the leader any more: it writes for the cluster again")
+            self._held = plan.schema_held
 
     def _first_load(self, keys: set[str]) -> bool:
         """Load the source for a pass that has no desired state yet; False (the keys' errors set) when it cannot."""

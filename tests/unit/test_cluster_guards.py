@@ -9,6 +9,7 @@ import pytest
 
 from agent.cluster.schema import schema_conflicts, unreadable
 from agent.config import policy_configured
+from agent.metrics import Metrics
 from bundles.policy import BindAllow, Policy, narrowing, policy_from_record, policy_record
 from schemas.config import AgentConfig
 from schemas.state import STATE_SCHEMA, STATE_SCHEMA_OLDEST, NodeSpec, NodeStatus, PolicyRecord
@@ -129,3 +130,14 @@ def test_a_config_with_no_policy_setting_has_no_policy_of_its_own() -> None:
     assert not policy_configured(AgentConfig.model_validate({}))
     assert policy_configured(AgentConfig.model_validate({"allow_bind_mounts": ["/srv"]}))
     assert policy_configured(AgentConfig.model_validate({"max_stacks": 3}))
+
+
+def test_the_schema_held_metric_follows_the_last_pass() -> None:
+    metrics = Metrics()
+    metrics.set_schema_held([("n3", "1", "2")])
+    text = metrics.render()[0].decode()
+    assert 'dabctl_cluster_schema_held{node="n3",reads="1",writes="2"} 1.0' in text
+
+    metrics.set_schema_held([])
+
+    assert 'node="n3"' not in metrics.render()[0].decode()
