@@ -545,8 +545,8 @@ class Engine:
         if self.cluster is None or leading or snapshot.policy is None:
             return (("", self.policy),)
         cluster = policy_from_record(snapshot.policy, protected=self.policy.protected, own_ports=self.policy.own_ports)
-        own = (("this node's policy", self.policy),) if self.policy_configured else ()
-        return (("the cluster's policy (the managers' configuration)", cluster), *own)
+        own = (("this node's own config", self.policy),) if self.policy_configured else ()
+        return (("the cluster's policy, set in the managers' config", cluster), *own)
 
     def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[NodeInfo, ...], Assignments | None]:
         """Every node for the scheduler (it decides where slots may go), or the recorded assignments to follow: on a
@@ -881,7 +881,7 @@ class Engine:
             try:
                 admit(action.target, policy)
             except PolicyRefused as exc:
-                return f"{exc} ({whose})" if whose else str(exc)
+                return f"{exc} (by {whose})" if whose else str(exc)
         return None
 
     def _record(

@@ -561,7 +561,7 @@ def test_the_leader_records_the_managers_policy_and_a_worker_whose_own_config_is
     assert [n.running() for n in cluster.nodes] == [[], [], []], "a read-write mount of /srv runs nowhere"
     refused = [r for r in Records(cluster.log).reports(broad.id).values() if r.refused]
     assert refused and "read-only-bind-mount" in refused[0].refused
-    assert refused[0].refused.endswith("(the cluster's policy (the managers' configuration))"), refused[0].refused
+    assert refused[0].refused.endswith("(by the cluster's policy, set in the managers' config)"), refused[0].refused
     # The managers' policy widens: the leader records it with what it applies; the new spec runs everywhere.
     cluster.nodes[0].engine.policy = Policy(("/srv",))
     rounds(cluster, mounted(env="V=2"), 8)
@@ -584,7 +584,7 @@ def test_a_worker_whose_own_config_narrows_refuses_and_the_scheduler_places_else
 
     assert narrow.running() == [] and sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3"]
     refused = [r for r in Records(cluster.log).reports(narrow.id).values() if r.refused]
-    assert refused and refused[0].refused.endswith("(this node's policy)"), refused
+    assert refused and refused[0].refused.endswith("(by this node's own config)"), refused
     assert narrow.id not in Records(cluster.log).assignments()[("web", "front")]
     seen = fleet(Records(cluster.log).snapshot(), cluster.nodes[0].id, "node-1", [])
     assert {n.name: n.narrows for n in seen.nodes} == {
