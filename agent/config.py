@@ -165,6 +165,28 @@ def _read_config_file(path: Path) -> Any:
         raise ConfigError(str(exc.errors[0])) from None
 
 
+# The settings that make up a bundle policy (policy_of): a config that sets none of them has no policy of its own.
+POLICY_SETTINGS = frozenset(
+    {
+        "allow_bind_mounts",
+        "allow_host_network",
+        "max_replicas_per_service",
+        "max_services_per_stack",
+        "max_stacks",
+        "max_containers_per_node",
+        "allow_external_volumes",
+        "allow_external_networks",
+        "allow_published_ports",
+    }
+)
+
+
+def policy_configured(cfg: AgentConfig) -> bool:
+    """Whether `cfg` sets any policy setting: a cluster worker whose config sets none admits under the cluster's
+    policy alone; one that sets some admits under both (its own may only narrow the cluster's)."""
+    return bool(cfg.model_fields_set & POLICY_SETTINGS)
+
+
 def policy_of(cfg: AgentConfig) -> Policy:
     """What bundles may ask of this host under `cfg`: its exceptions and caps, with the Docker socket it drives and
     dabctl's own state and config directories added to the deny set."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -72,6 +72,14 @@ class Metrics:
             ["commit", "key", "rule"],
             registry=self.registry,
         )
+        self.schema_held = Gauge(
+            "dabctl_cluster_schema_held",
+            "1 for each live node that cannot read the state schema this leader writes (node, what it reads, what "
+            "the leader writes): while any is 1 the leader writes nothing for the cluster; upgrade that node.",
+            ["node", "reads", "writes"],
+            registry=self.registry,
+        )
+        self._schema_labels: set[tuple[str, str, str]] = set()
         self.stack_errors = Gauge(
             "dabctl_stack_error",
             "1 while the stack's last pass failed; the error (first 200 characters) is a label.",
@@ -155,6 +163,16 @@ class Metrics:
             for (stack, service, state), count in counts.items():
                 self.managed_containers.labels(stack=stack, service=service, state=state).set(count)
             self._container_keys = set(counts)
+
+    def set_schema_held(self, held: Iterable[tuple[str, str, str]]) -> None:
+        """Replace the schema-held series with `held`: (node name, schemas it reads, schema the leader writes)."""
+        now = set(held)
+        with self._lock:
+            for key in self._schema_labels - now:
+                self.schema_held.remove(*key)
+            for node, reads, writes in now:
+                self.schema_held.labels(node=node, reads=reads, writes=writes).set(1)
+            self._schema_labels = now
 
     def set_nodes(self, up: int, down: int) -> None:
         self.nodes.labels(state="up").set(up)

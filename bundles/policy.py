@@ -22,6 +22,7 @@ from dataclasses import KW_ONLY, dataclass
 from bundles.desired import DesiredState, StackBundle
 from bundles.errors import BundleError, InvalidBundles
 from schemas.bundle import Service
+from schemas.state import BindEntry, PolicyRecord
 
 # Paths that are links elsewhere on every supported host (Debian, Ubuntu, Fedora): compared as their target.
 _ALIASES = (("/var/run", "/run"),)
@@ -345,3 +346,60 @@ def enforce(desired: DesiredState, policy: Policy) -> DesiredState:
     if errors:
         raise InvalidBundles(errors)
     return desired
+
+
+def policy_record(policy: Policy) -> PolicyRecord:
+    """`policy` as the state log records it (the node's own protected paths stay the node's)."""
+    return PolicyRecord(
+        allow_bind_mounts=[BindEntry(path=a.path, read_only=a.read_only) for a in policy.allows],
+        allow_host_network=policy.allow_host_network,
+        max_replicas_per_service=policy.max_replicas_per_service,
+        max_services_per_stack=policy.max_services_per_stack,
+        max_stacks=policy.max_stacks,
+        max_containers_per_node=policy.max_containers_per_node,
+        allow_external_volumes=list(policy.allow_external_volumes),
+        allow_external_networks=list(policy.allow_external_networks),
+        allow_published_ports=list(policy.allow_published_ports),
+    )
+
+
+def policy_from_record(
+    record: PolicyRecord, *, protected: Sequence[Denied] = (), own_ports: Sequence[int] = ()
+) -> Policy:
+    """A recorded policy, with this node's protected paths and own ports added (they only ever refuse more)."""
+    return Policy(
+        tuple(BindAllow(e.path, e.read_only) for e in record.allow_bind_mounts),
+        record.allow_host_network,
+        protected=tuple(protected),
+        max_replicas_per_service=record.max_replicas_per_service,
+        max_services_per_stack=record.max_services_per_stack,
+        max_stacks=record.max_stacks,
+        max_containers_per_node=record.max_containers_per_node,
+        allow_external_volumes=tuple(record.allow_external_volumes),
+        allow_external_networks=tuple(record.allow_external_networks),
+        allow_published_ports=tuple(record.allow_published_ports),
+        own_ports=tuple(own_ports),
+    )
+
+
+def narrowing(cluster: PolicyRecord, own: PolicyRecord) -> list[str]:
+    """Where a node's own policy refuses what the cluster's allows, one line each, for the settings a node
+    enforces on its containers (bind mounts, the host network, the replica cap); empty when it narrows nothing.
+    Where it is broader nothing is said: the cluster's rule holds there anyway."""
+    out = []
+    for c in cluster.allow_bind_mounts:
+        path = canonical(c.path)
+        covered = any(
+            under(path, canonical(a.path)) and (c.read_only or not a.read_only) for a in own.allow_bind_mounts
+        )
+        if not covered:
+            how = "read-only" if c.read_only else "read-write"
+            out.append(f"allow_bind_mounts: {c.path} ({how}) is not allowed by this node's config")
+    if cluster.allow_host_network and not own.allow_host_network:
+        out.append("allow_host_network: false in this node's config")
+    if own.max_replicas_per_service < cluster.max_replicas_per_service:
+        out.append(
+            f"max_replicas_per_service: {own.max_replicas_per_service} in this node's config "
+            f"(the cluster's: {cluster.max_replicas_per_service})"
+        )
+    return out

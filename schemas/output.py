@@ -157,16 +157,33 @@ class NodeSummary(BaseModel):
     address: str = ""
     replicas: int = 0
     certificate_expires_at: str | None = None
+    schemas_read: str = ""  # the state schemas it reads: `1`, or `1..2`
+    # Where its own configured policy refuses what the cluster's allows (it may only narrow it), one line each.
+    narrows: list[str] = []
+
+
+class SchemaHold(BaseModel):
+    """A live node that cannot read the state schema the leader writes: while one is listed the leader writes
+    nothing for the cluster (every node keeps its last assignments)."""
+
+    node: str
+    node_id: str
+    reads: str
+    leader_writes: int
+    fix: str
+    message: str
 
 
 class StatusOutput(BaseModel):
-    """`dabctl status --output json` and the agent's `/status`; `nodes` only on a cluster node."""
+    """`dabctl status --output json` and the agent's `/status`; `nodes` and `schema_held` only on a cluster
+    node."""
 
     node: str
     ready: bool
     source: SourceStatus | None = None
     stacks: list[StackStatus] = []
     nodes: list[NodeSummary] = []
+    schema_held: list[SchemaHold] = []
 
 
 class NodeRow(BaseModel):
@@ -197,3 +214,4 @@ class NodeDetail(BaseModel):
     term: int | None = None
     spec: NodeSpec
     status: NodeStatus | None
+    narrows: list[str] = []  # where its own configured policy refuses what the cluster's allows

@@ -7,6 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+# The state schema: the version of the record formats this code writes (STATE_SCHEMA), and the oldest version it
+# still reads (STATE_SCHEMA_OLDEST; it reads every version in between). Every node records both in its NodeStatus;
+# a leader writes nothing while a live node cannot read STATE_SCHEMA (agent.cluster.schema), and a node holds a stack
+# whose record says it was written in a newer schema than it reads. Raise STATE_SCHEMA when a record changes
+# meaning (a field an older reader would misread, not one it may ignore: records ignore unknown fields); raise
+# STATE_SCHEMA_OLDEST when this code stops reading a format.
+STATE_SCHEMA = 1
+STATE_SCHEMA_OLDEST = 1
+
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -49,6 +58,7 @@ class StackRecord(Record):
     applied_at: datetime
     outcome: PassOutcome
     volume_names: Literal["scoped", "legacy"] = "legacy"
+    schema_version: int = 1  # the state schema it was written in (STATE_SCHEMA of the leader that wrote it)
 
 
 class Chunked(BaseModel):
@@ -178,6 +188,29 @@ class NodeSpec(Record):
     joined_at: datetime
 
 
+class BindEntry(Record):
+    """An `allow_bind_mounts` entry as recorded: the path and everything under it; `read_only`: ReadOnly only."""
+
+    path: str
+    read_only: bool = False
+
+
+class PolicyRecord(Record):
+    """A bundle policy as recorded (bundles.policy.Policy, without a node's own protected paths): the cluster's, put
+    by the leader with the stack records of the revisions it admitted under it (`/meta/policy`), and each node's own
+    in its NodeStatus. A node admits its slots under both: its own configuration may only narrow the cluster's."""
+
+    allow_bind_mounts: list[BindEntry] = []
+    allow_host_network: bool = False
+    max_replicas_per_service: int = 500
+    max_services_per_stack: int = 500
+    max_stacks: int = 500
+    max_containers_per_node: int = 2000
+    allow_external_volumes: list[str] = []
+    allow_external_networks: list[str] = []
+    allow_published_ports: list[int] = [80, 443]
+
+
 class NodeStatus(Record):
     """What a live node says of itself, put under its lease (absent: the node is down); rewritten only when it
     changes."""
@@ -189,7 +222,11 @@ class NodeStatus(Record):
     memory_bytes: int = 0
     busy_ports: list[tuple[str, int]] = []  # (protocol, port) in use by something other than dabctl's balancer
     dabctl_version: str = ""
-    schema_version: int = 1
+    schema_version: int = 1  # the state schema it writes and the newest it reads (STATE_SCHEMA)
+    schema_oldest: int = 1  # the oldest state schema it reads (STATE_SCHEMA_OLDEST)
+    # This node's own configured bundle policy (None: its config sets none, it admits under the cluster's alone):
+    # it only narrows the cluster's (agent.node.admission); `status` and `node inspect` show where.
+    policy: PolicyRecord | None = None
     certificate_expires_at: datetime | None = None  # this node's certificate (agent.pki.files.certificate_expiry)
 
 

@@ -20,6 +20,8 @@ from agent.state.backends import open_log
 from agent.state.membership import MEMBERSHIP_FILE
 from agent.state.membership import membership as read_membership
 from agent.state.nodes import Membership, NodeRecords
+from agent.state.records import Records
+from bundles.policy import narrowing
 from schemas.output import NodeDetail, NodeRow
 from schemas.state import NodeSpec
 
@@ -115,11 +117,16 @@ def ls(config_path: Path | None, fmt: str, as_json: bool, **opts: Any) -> None:
 @click.argument("ref", metavar="NODE")
 @engine_options
 def inspect(ref: str, config_path: Path | None, **opts: Any) -> None:
-    """Show NODE (a name, an id, or a unique id prefix) as JSON: its spec, its status and whether it leads."""
+    """Show NODE (a name, an id, or a unique id prefix) as JSON: its spec, its status (with the state schemas it
+    reads and its own configured policy) and whether it leads; `narrows` lists where its own policy refuses what
+    the cluster's allows."""
     with _nodes(config_path, opts, manager=False) as records:
         m = records.membership()
+        cluster_policy = Records(records.log).policy()
     spec = m.find(ref)
     row = _row(m, spec)
+    status = m.statuses.get(spec.node_id)
+    own = status.policy if status is not None else None
     detail = NodeDetail(
         id=spec.node_id,
         name=spec.name,
@@ -127,7 +134,8 @@ def inspect(ref: str, config_path: Path | None, **opts: Any) -> None:
         leader=row.leader,
         term=row.term,
         spec=spec,
-        status=m.statuses.get(spec.node_id),
+        status=status,
+        narrows=narrowing(cluster_policy, own) if cluster_policy is not None and own is not None else [],
     )
     click.echo(detail.model_dump_json(indent=2))
 

@@ -16,7 +16,7 @@ from agent.drivers.docker_engine import DockerEngine
 from agent.node.control import engine_fleet, open_control, open_engine, open_records
 from agent.node.status import Fleet
 from reconcilers.rollout import slot_order
-from schemas.output import NodeSummary, ReplicaRow
+from schemas.output import NodeSummary, ReplicaRow, StatusOutput
 
 
 @click.command()
@@ -207,8 +207,26 @@ def status(config_path: Path | None, fmt: str, **opts: Any) -> None:
                 f"{st.stack}: pinned to {st.pinned} (dabctl rollback --unpin {st.stack} to follow the source)",
                 markup=False,
             )
-    if result.nodes:
-        out.print(_nodes_table(result.nodes))
+    _print_cluster(result)
+
+
+def _print_cluster(result: StatusOutput) -> None:
+    """What `status` says of the cluster: its nodes, a leader held by a node's schema, nodes that narrow the
+    cluster's policy."""
+    if not result.nodes:
+        return
+    out = console()
+    out.print(_nodes_table(result.nodes))
+    for line in _cluster_lines(result):
+        out.print(line, markup=False)
+
+
+def _cluster_lines(result: StatusOutput) -> list[str]:
+    """The lines under the nodes: a leader held by a node's schema, nodes that narrow the cluster's policy."""
+    out = [f"cluster: {held.message}" for held in result.schema_held]
+    for n in result.nodes:
+        out += [f"node {n.name} narrows the cluster's policy: {line}" for line in n.narrows]
+    return out
 
 
 def _nodes_table(nodes: list[NodeSummary]) -> Table:

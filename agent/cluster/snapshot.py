@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from reconcilers.loadbalancer import PortKey
 from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
-from schemas.state import LeaderRecord, NodeSpec, NodeStatus, Pin, SlotReport, StackRecord, TaskRecord
+from schemas.state import LeaderRecord, NodeSpec, NodeStatus, Pin, PolicyRecord, SlotReport, StackRecord, TaskRecord
 
 ServiceKey = tuple[str, str]
 SlotKey = tuple[str, str, str]
@@ -39,3 +39,6 @@ class Snapshot:
     leader: LeaderRecord | None = None
     reports: Mapping[str, Mapping[SlotKey, SlotReport]] = field(default_factory=dict)
     pending: Mapping[SlotKey, str] = field(default_factory=dict)  # slots the leader placed nowhere, and why
+    # The bundle policy the leader admitted the recorded stacks under (the managers' configuration); None until a
+    # cluster's leader recorded one. Every node admits its slots under it and its own configuration's.
+    policy: PolicyRecord | None = None

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 
 from agent.api.client import call, call_leader, get_status, running_agent
 from agent.cluster.snapshot import Snapshot
-from agent.config import policy_of
+from agent.config import policy_configured, policy_of
 from agent.drivers.docker_engine import DockerEngine
 from agent.node.engine import AnyResult, Engine, PassPlan, PassReport
 from agent.node.rollback import pin_stack, unpin_stack
@@ -163,6 +163,7 @@ def open_engine(cfg: AgentConfig, read_only: bool = False) -> Iterator[Engine]:
                 ports=PortRules(cfg.port_range, cfg.own_ports),
             )
             engine.policy = policy_of(cfg)
+            engine.policy_configured = policy_configured(cfg)
             yield engine
         finally:
             docker.close()
@@ -227,7 +228,13 @@ class LocalControl:
             snapshot, seen = engine_fleet(engine)
         stacks = fleet_statuses(desired, snapshot, seen, errors={})
         name = self.cfg.node_name or socket.gethostname()
-        return StatusOutput(node=seen.names.get(seen.own, name), ready=True, stacks=stacks, nodes=seen.nodes)
+        return StatusOutput(
+            node=seen.names.get(seen.own, name),
+            ready=True,
+            stacks=stacks,
+            nodes=seen.nodes,
+            schema_held=seen.schema_held,
+        )
 
 
 def _pin(records: Records, request: RollbackRequest) -> str:

@@ -32,6 +32,7 @@ from agent.cluster.orchestrate import (
     stack_from_record,
     stacks_known,
 )
+from agent.cluster.schema import SchemaConflict, schema_conflicts, unreadable
 from agent.cluster.snapshot import Assignments, SlotKey, Snapshot
 from agent.drivers.balancer import listening_ports, open_balancer
 from agent.drivers.docker_engine import ImageUnavailable
@@ -50,7 +51,7 @@ from bundles.desired import (
     stack_volumes,
     with_volume_names,
 )
-from bundles.policy import Policy
+from bundles.policy import Policy, policy_from_record, policy_record
 from reconcilers import loadbalancer, networks, services, volumes
 from reconcilers.loadbalancer import Balance, BalancerAction, BalancerUnavailable, LoadBalancerReconciler, PortKey
 from reconcilers.networks import NetworkAction, NetworksReconciler, ObservedNetwork
@@ -60,7 +61,18 @@ from reconcilers.restarts import RestartRecord
 from reconcilers.rollout import Rollout
 from reconcilers.services import ImageChange, ServiceAction, ServicesReconciler, pending_image
 from schemas.errors import DabctlError
-from schemas.state import AuditAction, AuditEntry, PassOutcome, Pin, ServiceRecord, SlotReport, StackRecord
+from schemas.state import (
+    STATE_SCHEMA,
+    STATE_SCHEMA_OLDEST,
+    AuditAction,
+    AuditEntry,
+    PassOutcome,
+    Pin,
+    PolicyRecord,
+    ServiceRecord,
+    SlotReport,
+    StackRecord,
+)
 
 Action = ServiceAction | NetworkAction | BalancerAction | volumes.MigrateVolume
 AnyResult = Result[ServiceAction] | Result[NetworkAction] | Result[BalancerAction] | Result[volumes.MigrateVolume]
@@ -146,6 +158,9 @@ class PassPlan:
     leading: bool = True  # this node decided for the cluster (and records stacks); else it only followed
     offline: bool = False  # the state log did not answer: planned from the last snapshot, nothing is written
     fence: Fence | None = None  # the leader's term this plan was made in: its commits hold only in that term
+    # Live nodes that cannot read the state schema this leader writes: it led, but planned as a follower (it writes
+    # nothing for the cluster; every node keeps its last assignments).
+    schema_held: tuple[SchemaConflict, ...] = ()
     inputs: tuple[DesiredState, bool, Collection[str] | None, Collection[str]] | None = None  # to plan again
 
     @property
@@ -155,6 +170,7 @@ class PassPlan:
     @property
     def errors(self) -> list[str]:
         errors = [f"{s.name}: {s.error}" for s in self.stacks.values() if s.error]
+        errors += [f"cluster: {c}" for c in self.schema_held]
         return errors + ([f"published ports: {self.balancer_error}"] if self.balancer_error else [])
 
 
@@ -204,6 +220,13 @@ class Engine:
         # What a container may ask of this host, checked before every create and start: the default refusals
         # with no exceptions until the caller sets the config's (agent.config.policy_of).
         self.policy = Policy()
+        # False when the config sets no policy setting of its own: a cluster node then admits under the cluster's
+        # recorded policy alone (else under both: its own may only narrow the cluster's).
+        self.policy_configured = True
+        self._admission: tuple[tuple[str, Policy], ...] = (("", self.policy),)
+        # The state schemas this node reads (oldest, newest); it writes the newest (schemas.state.STATE_SCHEMA).
+        self.schema = (STATE_SCHEMA_OLDEST, STATE_SCHEMA)
+        self.schema_held: tuple[SchemaConflict, ...] = ()  # the last pass's (see PassPlan.schema_held)
         self.ports = ports
         self.listening = listening
         self.pull_policy = pull_policy
@@ -306,14 +329,25 @@ class Engine:
         # The term is read once, with the decision to lead: a plan made as leader commits only in that term.
         fence = self.cluster.fence() if self.cluster is not None and not offline else None
         leading = not offline and (self.cluster is None or self.cluster.is_leader)
+        held_by_schema: tuple[SchemaConflict, ...] = ()
+        if leading and self.cluster is not None:
+            held_by_schema = schema_conflicts(self.schema[1], snapshot.nodes, snapshot.statuses)
+            leading = not held_by_schema  # it writes nothing for the cluster: it follows the recorded intent
+        self.schema_held = held_by_schema
+        self._admission = self._policies(snapshot, leading)
+        unreadable_stacks = {
+            name: f"the recorded revision {rec.revision} is not read here: {why}"
+            for name, rec in snapshot.stacks.items()
+            if (why := unreadable(rec.schema_version, self.schema)) is not None
+        }
         records = dict(snapshot.stacks)
         suspended = set(snapshot.suspended)
         now = self.clock()
         if leading:
             pinned = apply_pins(desired, snapshot, self.policy)
         else:  # the leader's records are the desired state: what it applied, pins included
-            desired, unloadable = self._recorded(snapshot)
-            pinned, allow_empty = Pinned(desired=desired, errors=unloadable), True
+            desired, unloadable = self._recorded(snapshot, skip=unreadable_stacks)
+            pinned, allow_empty = Pinned(desired=desired, errors={**unloadable, **unreadable_stacks}), True
         self._pinned = set(pinned.stacks)
         desired = pinned.desired
         moving = {n for n in migrate if n in desired.stacks and n in records and records[n].volume_names == "legacy"}
@@ -334,6 +368,7 @@ class Engine:
         # What this node cannot take this pass, whoever decides the rest: reported to the orchestrator as blocked.
         blocked = networks.conflicts(net_targets, observed_networks, self.owner)
         blocked.update(pinned.errors)
+        blocked.update(unreadable_stacks)
         blocked.update(refused)
         held = (names - in_scope) | set(blocked)
         copies, migration_errors = self._migrations(desired, (moving & in_scope) - held, replicas)
@@ -468,6 +503,7 @@ class Engine:
             leading=leading,
             offline=offline,
             fence=fence if leading else None,
+            schema_held=held_by_schema,
         )
 
     def _snapshot(self) -> tuple[Snapshot, bool]:
@@ -482,13 +518,16 @@ class Engine:
         self._last = snapshot
         return snapshot, False
 
-    def _recorded(self, snapshot: Snapshot) -> tuple[DesiredState, dict[str, str]]:
+    def _recorded(self, snapshot: Snapshot, skip: Collection[str] = ()) -> tuple[DesiredState, dict[str, str]]:
         """The desired state as the leader recorded it (each stack's applied bundle content): what a node that
         does not lead converges to, with no access to the source. Parsed once per recorded revision; a record that
-        no longer loads (a bundle format this version refuses) holds its stack as it is, with the reason."""
+        no longer loads (a bundle format this version refuses) holds its stack as it is, with the reason. Stacks
+        in `skip` (records in a schema this node does not read) are not parsed at all."""
         stacks = {}
         errors = {}
         for name, record in snapshot.stacks.items():
+            if name in skip:
+                continue
             cached = self._from_records.get(name)
             if cached is None or cached[0].revision != record.revision or cached[0].bundle_hash != record.bundle_hash:
                 try:
@@ -500,6 +539,16 @@ class Engine:
                 self._from_records[name] = cached
             stacks[name] = cached[1]
         return DesiredState(stacks=stacks), errors
+
+    def _policies(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[str, Policy], ...]:
+        """The policies this node admits its containers under this pass, each with whose it is: a node alone, and
+        a leader (its configuration is the cluster's, recorded with what it applies), its own; any other cluster
+        node the cluster's recorded policy and, when its config sets one, its own (which may only narrow it)."""
+        if self.cluster is None or leading or snapshot.policy is None:
+            return (("", self.policy),)
+        cluster = policy_from_record(snapshot.policy, protected=self.policy.protected, own_ports=self.policy.own_ports)
+        own = (("this node's own config", self.policy),) if self.policy_configured else ()
+        return (("the cluster's policy, set in the managers' config", cluster), *own)
 
     def _nodes(self, snapshot: Snapshot, leading: bool) -> tuple[tuple[NodeInfo, ...], Assignments | None]:
         """Every node for the scheduler (it decides where slots may go), or the recorded assignments to follow: on a
@@ -816,10 +865,11 @@ class Engine:
         here: the one place a desired container, from whatever revision, reaches the engine."""
         if action.target is None:  # a start planned without its spec cannot be checked: it is not made
             return f"{action}: no spec to hold to the policy; not started"
-        try:
-            admit(action.target, self.policy)
-        except PolicyRefused as exc:
-            return str(exc)
+        for whose, policy in self._admission:
+            try:
+                admit(action.target, policy)
+            except PolicyRefused as exc:
+                return f"{exc} (by {whose})" if whose else str(exc)
         return None
 
     def _record(
@@ -899,6 +949,7 @@ class Engine:
                 applied_at=now,
                 outcome=outcome,
                 volume_names="legacy" if name in plan.unmoved else stack.volume_names,
+                schema_version=self.schema[1],
             )
             records.append(record)
             if old is None or old.revision != stack.revision or old.bundle_hash != stack.bundle_hash:
@@ -923,8 +974,16 @@ class Engine:
             node=self.node,
             reports=reports,
             fence=plan.fence,
+            policy=self._cluster_policy(plan.snapshot),
         )
         committed or self._fenced_out(plan.fence)  # a deposed leader's records are refused, and counted
+
+    def _cluster_policy(self, snapshot: Snapshot | None) -> PolicyRecord | None:
+        """The policy a cluster's leader records with what it applied, when the recorded one differs."""
+        if self.cluster is None or snapshot is None:
+            return None
+        mine = policy_record(self.policy)
+        return None if snapshot.policy == mine else mine
 
 
 def _plan_moves(

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ValidationError
 
 from agent.api.client import AGENT_SOCKET
 from agent.api.server import AgentHttp, WebhookAuth
-from agent.config import ConfigError, policy_of
+from agent.cluster.schema import SchemaConflict
+from agent.config import ConfigError, policy_configured, policy_of
 from agent.drivers.docker_engine import DockerEngine, EngineError, SdkError
 from agent.metrics import Metrics
 from agent.node import notices
@@ -110,6 +111,7 @@ class Agent:
         self.load_errors: dict[str, str] = {}
         self.load_details: dict[str, tuple[str, str]] = {}  # stack -> (file, field) of its first load error
         self.pass_errors: dict[str, str] = {}
+        self._held: tuple[SchemaConflict, ...] = ()  # the live nodes that held this leader at its last pass
         self.source_error: str | None = None
         self.refused: VerifyRefusal | None = None  # the source's newest revision, refused by the signature checks
         self.last_fetch_at: str | None = None
@@ -174,6 +176,7 @@ class Agent:
             ports=PortRules(cfg.port_range, cfg.own_ports),
         )
         self.engine.policy = policy_of(cfg)
+        self.engine.policy_configured = policy_configured(cfg)
         # A cluster node's passes: the orchestrator's half only while it leads (fenced), its own slots always.
         self.engine.cluster = self.member
         self.engine.hold_down_until = self.member.hold_down_until if self.member is not None else None
@@ -595,6 +598,7 @@ class Agent:
                 )
                 return None
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
+            self._schema_held(plan)
             failed: dict[str, str] = {s: str(sp.error) for s, sp in plan.stacks.items() if sp.error}
             for s, sp in plan.stacks.items():  # a paused rollout or a slot given up on is reported, not retried hot
                 for note in sp.notes:
@@ -609,6 +613,16 @@ class Agent:
             if not failed and not self.load_errors:
                 self.ready.set()
             return plan, report
+
+    def _schema_held(self, plan: PassPlan) -> None:
+        """The metric of live nodes holding this leader (agent.cluster.schema), and one log line when it changes."""
+        self.metrics.set_schema_held((c.name, c.reads, str(c.writes)) for c in plan.schema_held)
+        if plan.schema_held != self._held:
+            for c in plan.schema_held:
+                log.warning("leader held by a node's state schema", extra={"node": c.name, "error": str(c)})
+            if not plan.schema_held:
+                log.info("no live node holds the leader any more: it writes for the cluster again")
+            self._held = plan.schema_held
 
     def _first_load(self, keys: set[str]) -> bool:
         """Load the source for a pass that has no desired state yet; False (the keys' errors set) when it cannot."""
@@ -697,7 +711,14 @@ class Agent:
             last_fetch_error=self.source_error,
             verify=self._verify_status(),
         )
-        status = StatusOutput(node=self.node, ready=self.ready.is_set(), source=source, stacks=stacks, nodes=seen.nodes)
+        status = StatusOutput(
+            node=self.node,
+            ready=self.ready.is_set(),
+            source=source,
+            stacks=stacks,
+            nodes=seen.nodes,
+            schema_held=seen.schema_held,
+        )
         return seen, status
 
     def _verify_status(self) -> VerifyStatus | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import datetime
 from importlib import metadata
 
-from agent.config import ConfigError
+from agent.config import ConfigError, policy_configured, policy_of
 from agent.drivers.balancer import listening_ports
 from agent.metrics import Metrics
 from agent.pki.files import PkiPaths, certificate_expiry
@@ -31,9 +31,10 @@ from agent.state.log import Event, LeaseNotFound, StateLog, StateLogError, Watch
 from agent.state.membership import MEMBERSHIP_FILE
 from agent.state.nodes import Leader, NodeConflict, NodeRecords
 from agent.state.records import LEADER_KEY, Fence, Records
+from bundles.policy import policy_record
 from schemas.config import AgentConfig, ClusterMembership, is_loopback_endpoint, split_listen
 from schemas.errors import DabctlError
-from schemas.state import DEFAULT_LEASE_TTL, LeaderRecord, NodeRole, NodeStatus
+from schemas.state import DEFAULT_LEASE_TTL, STATE_SCHEMA, STATE_SCHEMA_OLDEST, LeaderRecord, NodeRole, NodeStatus
 
 log = logging.getLogger("dabctl.membership")
 
@@ -104,6 +105,7 @@ def status_source(
     cpus = os.cpu_count() or 0
     memory = memory_bytes()
     certificate = certificate_expiry(cfg.state_path)  # renewal (a later issue) will make this a read per call
+    policy = policy_record(policy_of(cfg)) if policy_configured(cfg) else None
 
     def read() -> NodeStatus:
         return NodeStatus(
@@ -114,6 +116,9 @@ def status_source(
             memory_bytes=memory,
             busy_ports=sorted(listening()),
             dabctl_version=version,
+            schema_version=STATE_SCHEMA,
+            schema_oldest=STATE_SCHEMA_OLDEST,
+            policy=policy,
             certificate_expires_at=certificate,
         )
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from agent.cluster.nodes import node_infos
 from agent.cluster.orchestrate import stack_from_record
+from agent.cluster.schema import schema_conflicts
 from agent.cluster.snapshot import Snapshot
 from bundles import InvalidBundles
 from bundles.desired import DesiredState, service_targets, with_volume_names
+from bundles.policy import narrowing
 from reconcilers.loadbalancer import PortKey
 from reconcilers.rollout import Rollout
 from reconcilers.services import Replica
@@ -21,6 +23,7 @@ from schemas.output import (
     NodeSummary,
     PendingReplica,
     RolloutStatus,
+    SchemaHold,
     ServiceHealth,
     StackStatus,
     SyncStatus,
@@ -46,6 +49,7 @@ class Fleet:
     names: Mapping[str, str] = field(default_factory=dict)
     nodes: list[NodeSummary] = field(default_factory=list)
     pending: Mapping[SlotKey, str] = field(default_factory=dict)
+    schema_held: list[SchemaHold] = field(default_factory=list)
 
     def name_of(self, node_id: str) -> str:
         return self.names.get(node_id, node_id)
@@ -80,6 +84,8 @@ def fleet(snapshot: Snapshot, own: str, own_name: str, local: Sequence[Replica])
             address=n.address,
             replicas=sum(1 for r in everyone if r.node == n.node_id and r.state == "running"),
             certificate_expires_at=_expiry(snapshot, n.node_id),
+            schemas_read=_reads(snapshot, n.node_id),
+            narrows=narrows(snapshot, n.node_id),
         )
         for n in node_infos(snapshot.nodes, snapshot.statuses)
     ]
@@ -91,7 +97,37 @@ def fleet(snapshot: Snapshot, own: str, own_name: str, local: Sequence[Replica])
         names={**{i: s.name for i, s in snapshot.nodes.items()}, **({} if own in snapshot.nodes else {own: own_name})},
         nodes=nodes,
         pending=dict(snapshot.pending),
+        schema_held=schema_held(snapshot),
     )
+
+
+def _reads(snapshot: Snapshot, node_id: str) -> str:
+    status = snapshot.statuses.get(node_id)
+    if status is None:
+        return ""
+    oldest, newest = status.schema_oldest, status.schema_version
+    return str(newest) if oldest == newest else f"{oldest}..{newest}"
+
+
+def narrows(snapshot: Snapshot, node_id: str) -> list[str]:
+    """Where node `node_id`'s own configured policy (its status says) refuses what the cluster's recorded policy
+    allows; empty for a node that uses the cluster's, or while none is recorded."""
+    status = snapshot.statuses.get(node_id)
+    if snapshot.policy is None or status is None or status.policy is None:
+        return []
+    return narrowing(snapshot.policy, status.policy)
+
+
+def schema_held(snapshot: Snapshot) -> list[SchemaHold]:
+    """The live nodes that cannot read the state schema the leader writes (the leader's status says which): while
+    there are any, the leader writes nothing for the cluster (agent.cluster.schema)."""
+    leader = snapshot.statuses.get(snapshot.leader.node_id) if snapshot.leader is not None else None
+    if leader is None:
+        return []
+    return [
+        SchemaHold(node=c.name, node_id=c.node_id, reads=c.reads, leader_writes=c.writes, fix=c.fix, message=str(c))
+        for c in schema_conflicts(leader.schema_version, snapshot.nodes, snapshot.statuses)
+    ]
 
 
 def recorded(snapshot: Snapshot) -> DesiredState:

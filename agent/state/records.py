@@ -30,6 +30,7 @@ from schemas.state import (
     NodeStatus,
     PendingSlot,
     Pin,
+    PolicyRecord,
     SlotReport,
     StackRecord,
     TaskRecord,
@@ -56,6 +57,9 @@ PENDING = "/pending/"  # /pending/<stack>/<service>/<slot> -> PendingSlot: place
 # leader's lease; its create revision is the term). Everything a node writes is under /node/<id>/: its status
 # under its lease (absent: down) and its slot reports.
 CLUSTER_KEY = "/cluster"
+# The cluster's bundle policy (PolicyRecord): what the managers' configuration allows, put by the leader with the
+# stack records of the revisions it admitted under it (commit_pass), so a worker admits under the same rules.
+POLICY_KEY = "/meta/policy"
 NODES = "/nodes/"
 NODE = "/node/"
 LEADER_KEY = "/leader"
@@ -211,6 +215,8 @@ class Records:
         versions.update((kv.key, kv.mod_revision) for kv in intent if kv.key == INTENT_KEY)
         statuses, reports = _node_keys(self.log.range(NODE, revision=revision))
         leader = [kv for kv in self.log.range(LEADER_KEY, revision=revision) if kv.key == LEADER_KEY]
+        policy = [kv for kv in self.log.range(POLICY_KEY, revision=revision) if kv.key == POLICY_KEY]
+        versions.update((kv.key, kv.mod_revision) for kv in policy)
         stacks = {rec.stack: rec for _, rec in decoded(read(STACKS), stack_of)}
         tasks: dict[tuple[str, str, str], list[TaskRecord]] = {}
         for kv, task in decoded(read(TASKS), lambda kv: TaskRecord.model_validate_json(kv.value)):
@@ -239,6 +245,7 @@ class Records:
             statuses=statuses,
             leader=_leader(leader[0].value) if leader else None,
             reports=reports,
+            policy=PolicyRecord.model_validate_json(policy[0].value) if policy else None,
         )
         self._decoded = seen
         self._last = (snapshot, restarts)
@@ -353,18 +360,21 @@ class Records:
         *,
         rollouts: Mapping[tuple[str, str], Rollout] | None = None,
         restarts: Mapping[tuple[str, str, str], RestartRecord] | None = None,
-        pins: Mapping[str, Pin | None] | None = None,
         node: str = "",
         reports: Mapping[tuple[str, str, str], SlotReport | None] | None = None,
         fence: Fence | None = None,
+        policy: PolicyRecord | None = None,
     ) -> bool:
         """Write a pass's outcome in one transaction: stack records, history entries (trimmed to the limit),
-        pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, pins
-        set or lifted, the audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
+        pruned stacks' records, assignments, rollouts, restarts and pins, rollout and restart progress, the
+        audit entry, and node `node`'s slot reports that changed (None: the slot is gone).
         Nothing when there is nothing. Large bundle contents go first, in chunks (one transaction each).
-        `fence`: a leader's pass commits only in the term it planned in; whether the commit held."""
+        `fence`: a leader's pass commits only in the term it planned in; whether the commit held. `policy`: the
+        cluster's bundle policy when it changed, put with the stack records."""
         written: set[str] = set()
         ops: list[Op] = [Put(STACKS + r.stack, self._store(r, written)) for r in records]
+        if policy is not None:
+            ops.append(Put(POLICY_KEY, policy.model_dump_json().encode()))
         for (stack, service, slot), report in sorted((reports or {}).items()):
             key = slot_report_key(node, stack, service, slot)
             ops.append(Put(key, report.model_dump_json().encode()) if report is not None else Delete(key))
@@ -374,8 +384,6 @@ class Records:
         for (stack, service, slot), rr in (restarts or {}).items():
             rec = state.RestartRecord(attempts=rr.attempts, last_start=rr.last_start, total=rr.total)
             ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", rec.model_dump_json().encode()))
-        for stack, pin in (pins or {}).items():
-            ops.append(Put(PINS + stack, pin.model_dump_json().encode()) if pin else Delete(PINS + stack))
         for r in new_revisions:
             ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", self._store(r, written)))
             old = self.log.range(f"{HISTORY}{r.stack}/")
@@ -403,8 +411,8 @@ class Records:
         # and its actions done but not recorded, exactly what kill -9 before this commit leaves, which the next pass
         # converges from (tests/integration/test_crash_consistency.py). The next durable commit (the next intent)
         # or checkpoint puts it on disk with everything before it.
-        last = [op for op in ops if op.key.startswith((STACKS, HISTORY, AUDIT))]
-        ordered = [op for op in ops if not op.key.startswith((STACKS, HISTORY, AUDIT))] + last
+        last = [op for op in ops if op.key.startswith((STACKS, HISTORY, AUDIT, POLICY_KEY))]
+        ordered = [op for op in ops if not op.key.startswith((STACKS, HISTORY, AUDIT, POLICY_KEY))] + last
         for i in range(0, len(ordered), MAX_TXN_OPS):
             if not orchestrator_txn(self.log, [], ordered[i : i + MAX_TXN_OPS], fence, durable=False).succeeded:
                 return False
@@ -419,6 +427,11 @@ class Records:
         kept = {chunk_digest(kv.value) for prefix in (STACKS, HISTORY) for kv in self.log.range(prefix)}
         for digest in sorted(digests - kept):
             self.log.delete(content_prefix(digest), prefix=True)
+
+    def policy(self) -> PolicyRecord | None:
+        """The cluster's bundle policy as the leader last recorded it (None: no cluster leader recorded one)."""
+        kv = self.log.get(POLICY_KEY)
+        return PolicyRecord.model_validate_json(kv.value) if kv is not None else None
 
     def suspended(self) -> set[str]:
         """Stacks an operator suspended: the agent leaves them exactly as they are."""

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from schemas.state import STATE_SCHEMA, STATE_SCHEMA_OLDEST
 from tests.integration.conftest import SLEEPER
 from tests.support.cluster import Cluster
 from tests.support.dabcluster import ENV, formed
@@ -34,3 +36,12 @@ def test_six_replicas_run_two_per_node_and_a_global_service_one_on_every_node(cl
         refused = dab.nodes[1].dabctl("reconcile", "--once", env=ENV)
         assert refused.returncode == 1 and "run this on a manager" in refused.stderr, refused.stderr
         assert dab.nodes[0].address in refused.stderr
+        # Guards: every node records the state schemas it reads; the same config everywhere narrows nothing.
+        inspect = dab.nodes[0].dabctl("node", "inspect", "n2", env=ENV)
+        assert inspect.returncode == 0, inspect.stderr
+        detail = json.loads(inspect.stdout)
+        assert (detail["status"]["schema_oldest"], detail["status"]["schema_version"]) == (
+            STATE_SCHEMA_OLDEST,
+            STATE_SCHEMA,
+        )
+        assert detail["narrows"] == []

@@ -12,11 +12,22 @@ from typing import Any
 import pytest
 
 from agent.node.engine import Engine
+from agent.node.status import fleet
 from agent.state.log import Compare, Put, Unavailable
-from agent.state.records import LEADER_KEY, NODES, Fence, Records, node_status_key, slot_report_key
+from agent.state.records import (
+    LEADER_KEY,
+    NODES,
+    POLICY_KEY,
+    STACKS,
+    Fence,
+    Records,
+    node_prefix,
+    node_status_key,
+    slot_report_key,
+)
 from agent.state.sqlite import SqliteStateLog
 from bundles import DesiredState
-from bundles.policy import Policy
+from bundles.policy import BindAllow, Policy, policy_record
 from schemas.state import LeaderRecord, NodeSpec, NodeStatus
 from tests.fakes import CountingLog, FakeRuntime, api_error
 from tests.node.conftest import Clock, bundle, desired, service
@@ -87,8 +98,10 @@ class Cluster:
         log.txn([Compare(LEADER_KEY, "create_revision", "==", 0)], [Put(LEADER_KEY, leader.model_dump_json().encode())])
         self.nodes = [Node(log, node_id, clock, leader=i == 0) for i, node_id in enumerate(IDS)]
 
-    def up(self, node_id: str) -> None:
-        self.log.put(node_status_key(node_id), NodeStatus(node_id=node_id).model_dump_json().encode())
+    def up(self, node_id: str, **fields: Any) -> None:
+        """The node's status under its lease, with `fields` (its schema versions, its own policy...)."""
+        status = NodeStatus(node_id=node_id, **fields)
+        self.log.put(node_status_key(node_id), status.model_dump_json().encode())
 
     def down(self, node_id: str) -> None:
         """The node's lease lapsed: its status key is gone."""
@@ -460,3 +473,150 @@ def test_a_node_whose_policy_refuses_a_service_reports_the_rule_and_gets_none_of
     # A new spec may be acceptable to the node: its refusal is dropped and nothing is refused any more.
     rounds(state("V=2"), 6)
     assert not [r for r in Records(cluster.log).reports(IDS[1]).values() if r.refused]
+
+
+# --- the schema-version guard ------------------------------------------------------------------------------------
+
+
+def newer(cluster: Cluster, *nodes: Node) -> None:
+    """`nodes` run a newer build: they write state schema 2 and read 1..2 (and say so in their status)."""
+    for n in nodes:
+        n.engine.schema = (1, 2)
+        cluster.up(n.id, schema_oldest=1, schema_version=2)
+
+
+def test_a_leader_writes_nothing_while_a_live_node_cannot_read_its_schema_and_goes_on_once_it_is_upgraded(
+    cluster: Cluster,
+) -> None:
+    cluster.converge(SIX)
+    leader, old = cluster.nodes[0], cluster.nodes[2]
+    newer(cluster, leader, cluster.nodes[1])  # node-3 still reads schema 1 only
+    before = Records(cluster.log).assignments()
+    seven = desired(web=bundle({"front": service(Deploy={"Replicas": 7})}))
+
+    for n in cluster.nodes:
+        n.log.writes.clear()
+    for n in cluster.nodes:
+        n.pass_(seven if n is leader else NOTHING, check=False)
+    writes = [w for n in cluster.nodes for w in n.log.writes]
+    plan = leader.engine.plan(seven)
+
+    assert [c.name for c in plan.schema_held] == ["node-3"] and not plan.leading and plan.intent is None
+    assert [w for w in writes if not all(k.startswith("/node/") for k in w.removeprefix("txn ").split(", "))] == []
+    leader_writes = [w for w in leader.log.writes if not w.removeprefix("txn ").startswith(node_prefix(leader.id))]
+    assert leader_writes == [], "the leader writes nothing but its own node's reports"
+    assert Records(cluster.log).assignments() == before, "the intent stays as it is"
+    assert [len(n.running()) for n in cluster.nodes] == [2, 2, 2], "every node keeps its last assignments"
+    report = leader.engine.apply(leader.engine.plan(seven))
+    assert any(
+        e.startswith("cluster: the leader writes nothing") and "upgrade dabctl on node node-3" in e
+        for e in report.errors
+    )
+    # `status` on any node says which node, what it reads, and the fix.
+    seen = fleet(Records(cluster.log).snapshot(), old.id, "node-3", [])
+    assert [(h.node, h.reads, h.leader_writes, h.fix) for h in seen.schema_held] == [
+        ("node-3", "1", 2, "upgrade dabctl on node node-3")
+    ]
+    assert {n.name: n.schemas_read for n in seen.nodes} == {"node-1": "1..2", "node-2": "1..2", "node-3": "1"}
+
+    newer(cluster, old)  # upgraded: its status changes, which runs a pass on every node
+    cluster.converge(seven)
+
+    assert sorted(len(n.running()) for n in cluster.nodes) == [2, 2, 3]
+    assert Records(cluster.log).stacks()["web"].schema_version == 2
+    assert fleet(Records(cluster.log).snapshot(), old.id, "node-3", []).schema_held == []
+
+
+def test_a_down_node_of_an_older_version_does_not_hold_the_leader(cluster: Cluster) -> None:
+    cluster.converge(SIX)
+    newer(cluster, *cluster.nodes[:2])
+    cluster.down(cluster.nodes[2].id)
+
+    cluster.converge(SIX, nodes=cluster.nodes[:2])
+
+    assert sorted(len(n.running()) for n in cluster.nodes[:2]) == [3, 3]
+
+
+def test_a_node_holds_a_stack_recorded_in_a_newer_schema_than_it_reads(cluster: Cluster) -> None:
+    """It keeps its containers and reports why rather than misread the record (here: one that asks for fewer
+    replicas, which a misreading node would act on by removing its slots)."""
+    cluster.converge(SIX)
+    worker = cluster.nodes[1]
+    record = Records(cluster.log).stacks()["web"]
+    three = desired(web=bundle({"front": service(Deploy={"Replicas": 3})})).stacks["web"]
+    newer_record = record.model_copy(
+        update={"schema_version": 2, "content": three.content, "bundle_hash": three.bundle_hash, "revision": "r9"}
+    )
+    cluster.log.put(STACKS + "web", newer_record.model_dump_json().encode())
+
+    plan = worker.engine.plan(NOTHING)
+    report = worker.engine.apply(plan)
+
+    assert "web" in plan.held and worker.running() == ["2", "5"]
+    assert any("r9 is not read here" in e and "upgrade dabctl on this node" in e for e in report.errors)
+
+
+# --- the cluster's bundle policy ---------------------------------------------------------------------------------
+
+MOUNT = {"Type": "bind", "Source": "/srv/data", "Target": "/data"}
+
+
+def mounted(replicas: int = 3, env: str = "V=1") -> DesiredState:
+    return desired(web=bundle({"front": service(Deploy={"Replicas": replicas}, Mounts=[MOUNT], Env=[env])}))
+
+
+def rounds(cluster: Cluster, state: DesiredState, count: int) -> None:
+    for _ in range(count):
+        for n in cluster.nodes:
+            n.pass_(state if n is cluster.nodes[0] else NOTHING, check=False)
+        cluster.clock.advance(1)
+
+
+def test_the_leader_records_the_managers_policy_and_a_worker_whose_own_config_is_broader_still_gets_its_rule(
+    cluster: Cluster,
+) -> None:
+    managers = Policy((BindAllow("/srv", read_only=True),))  # the cluster: /srv read-only only
+    cluster.nodes[0].engine.policy = managers
+    broad = cluster.nodes[1]
+    broad.engine.policy = Policy(("/srv",))  # its own config allows /srv read-write
+    bare = cluster.nodes[2]
+    bare.engine.policy_configured = False  # its config sets no policy: the cluster's alone
+
+    rounds(cluster, mounted(), 4)
+
+    assert cluster.log.get(POLICY_KEY) is not None
+    assert Records(cluster.log).policy() == policy_record(managers)
+    assert [n.running() for n in cluster.nodes] == [[], [], []], "a read-write mount of /srv runs nowhere"
+    refused = [r for r in Records(cluster.log).reports(broad.id).values() if r.refused]
+    assert refused and "read-only-bind-mount" in refused[0].refused
+    assert refused[0].refused.endswith("(by the cluster's policy, set in the managers' config)"), refused[0].refused
+    # The managers' policy widens: the leader records it with what it applies; the new spec runs everywhere.
+    cluster.nodes[0].engine.policy = Policy(("/srv",))
+    rounds(cluster, mounted(env="V=2"), 8)
+    assert Records(cluster.log).policy() == policy_record(Policy(("/srv",)))
+    assert sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3"]
+    assert [len(n.running()) for n in cluster.nodes] == [1, 1, 1], "the bare worker admits under the cluster's"
+
+
+def test_a_worker_whose_own_config_narrows_refuses_and_the_scheduler_places_elsewhere_and_status_says_so(
+    cluster: Cluster,
+) -> None:
+    managers = Policy(("/srv",))
+    cluster.nodes[0].engine.policy = managers
+    bare, narrow = cluster.nodes[1], cluster.nodes[2]
+    bare.engine.policy_configured = False  # default Policy() (no bind mount), but no policy config: the cluster's
+    narrow.engine.policy = Policy()  # its own config: no bind mounts at all
+    cluster.up(narrow.id, policy=policy_record(Policy()))
+
+    rounds(cluster, mounted(), 6)
+
+    assert narrow.running() == [] and sorted(s for n in cluster.nodes for s in n.running()) == ["1", "2", "3"]
+    refused = [r for r in Records(cluster.log).reports(narrow.id).values() if r.refused]
+    assert refused and refused[0].refused.endswith("(by this node's own config)"), refused
+    assert narrow.id not in Records(cluster.log).assignments()[("web", "front")]
+    seen = fleet(Records(cluster.log).snapshot(), cluster.nodes[0].id, "node-1", [])
+    assert {n.name: n.narrows for n in seen.nodes} == {
+        "node-1": [],
+        "node-2": [],
+        "node-3": ["allow_bind_mounts: /srv (read-write) is not allowed by this node's config"],
+    }

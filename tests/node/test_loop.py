@@ -518,3 +518,26 @@ def test_the_leader_passes_as_soon_as_a_node_changes(make_agent: Callable[..., A
         until(lambda: passes(agent) > before)
 
     run_driven(agent, drive)
+
+
+def test_a_leader_held_by_a_nodes_schema_says_so_and_goes_on_when_the_nodes_status_changes(
+    make_agent: Callable[..., Agent], signals: None
+) -> None:
+    """The check runs at every pass, and a node's status change (an upgraded node's restart) runs one at once."""
+    runtime = FakeRuntime()
+    agent = make_agent(runtime)
+    agent.engine.cluster = _Leader()
+    agent.engine.schema = (1, 2)  # a newer build
+    held = {"node": "n2", "reads": "1", "writes": "2"}
+    old = NodeStatus(node_id="n2", schema_oldest=1, schema_version=1)
+    agent.log.put(node_status_key("n2"), old.model_dump_json().encode())  # live before the first pass
+
+    def drive() -> None:
+        until(lambda: metric(agent, "dabctl_cluster_schema_held", **held) == 1)
+        assert agent.log.get(STACKS + "web") is None, "the held leader recorded nothing"
+        upgraded = old.model_copy(update={"schema_version": 2})
+        agent.log.put(node_status_key("n2"), upgraded.model_dump_json().encode())
+        until(lambda: agent.log.get(STACKS + "web") is not None)
+        assert metric(agent, "dabctl_cluster_schema_held", **held) == 0
+
+    run_driven(agent, drive)

@@ -23,7 +23,7 @@ from agent.state.nodes import NodeConflict, NodeRecords
 from agent.state.records import LEADER_KEY, Fence, Records, node_status_key, orchestrator_txn
 from agent.state.sqlite import SqliteStateLog
 from schemas.config import AgentConfig, ClusterMembership
-from schemas.state import NodeStatus
+from schemas.state import STATE_SCHEMA, STATE_SCHEMA_OLDEST, NodeStatus
 from tests.support.nodes import add_node, make_cluster, write_node_files
 from tests.support.polling import wait_for
 
@@ -285,3 +285,17 @@ def test_the_address_given_to_cluster_init_or_join_is_what_the_agent_advertises(
     assert cfg.advertise_address == "10.0.0.8"
     old = ClusterMembership.model_validate_json('{"cluster_id": "c", "node_id": "n", "state": "etcd://127.0.0.1:2379"}')
     assert old.advertise_address is None
+
+
+def test_a_node_status_records_the_state_schemas_it_reads_and_its_own_policy_only_when_its_config_sets_one(
+    tmp_path: Path,
+) -> None:
+    member = ClusterMembership(cluster_id="c", node_id="n", state="etcd://127.0.0.1:2379", advertise_address="10.0.0.7")
+    bare = status_source(cluster_config(AgentConfig(state_dir=str(tmp_path)), member), "n", listening=set)()
+    assert (bare.schema_oldest, bare.schema_version) == (STATE_SCHEMA_OLDEST, STATE_SCHEMA)
+    assert bare.policy is None, "no policy setting: the node uses the cluster's"
+
+    cfg = cluster_config(AgentConfig(state_dir=str(tmp_path), allow_bind_mounts=["/srv"]), member)
+    own = status_source(cfg, "n", listening=set)().policy
+
+    assert own is not None and [e.path for e in own.allow_bind_mounts] == ["/srv"]

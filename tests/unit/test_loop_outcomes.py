@@ -53,6 +53,7 @@ def agent_with(engine: StandInEngine, clock: list[float]) -> Agent:
     shell.ready = threading.Event()
     shell._pass_lock = threading.Lock()
     shell._source_changed = set()
+    shell._held = ()
     shell.engine = engine  # type: ignore[assignment]
     shell.docker = SimpleNamespace(url="unix:///run/docker.sock")  # type: ignore[assignment]
     shell.page = SimpleNamespace(pass_ended=lambda plan: 0)  # type: ignore[assignment]
