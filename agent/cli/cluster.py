@@ -14,6 +14,7 @@ import click
 from rich.table import Table
 
 from agent.cli.options import UserError, console, engine_options, load
+from agent.node.etcdroles import set_etcd_role
 from agent.node.join import remove_manager_member
 from agent.node.membership import cluster_config
 from agent.state.backends import open_log
@@ -162,7 +163,9 @@ def update(
 ) -> None:
     """Change NODE's labels, availability or role (on a manager). Placement constraints read the labels as
     node.labels.KEY. Demoting a manager of a cluster whose etcd dabctl runs first removes its etcd member (refused,
-    nothing changed, when the members left would lose quorum)."""
+    nothing changed, when the members left would lose quorum); the node's agent then stops it and deletes its data
+    and the CA key. A worker promoted gets a manager's certificate from its agent, which starts its etcd member as
+    a learner, promoted to a voter once caught up."""
     added = dict(_label(v) for v in label_add)
     if not (added or label_rm or availability or role):
         raise UserError("nothing to change: give --label-add, --label-rm, --availability or --role")
@@ -187,6 +190,9 @@ def update(
                 break
         else:
             raise UserError(f"node {ref} kept changing while this update ran; run it again")
+    if after.role != before.role:
+        # Its etcd user's rights follow at once; its agent then starts or retires its etcd member.
+        set_etcd_role(load(config_path, **opts), after.node_id, after.role)
     click.echo(after.node_id)
 
 
