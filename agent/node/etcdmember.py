@@ -28,8 +28,9 @@ from pydantic import BaseModel, ConfigDict
 from agent.private import private_dir
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT
-from agent.state.etcdcluster import TlsArgs, member_ready, member_status
+from agent.state.etcdcluster import EtcdMembership, TlsArgs, member_ready, member_status
 from agent.state.membership import write_private
+from reconcilers.etcdmembers import Member
 from schemas.errors import DabctlError
 
 log = logging.getLogger("dabctl.etcd")
@@ -125,6 +126,16 @@ def root_client(tls: TlsFiles, state: str, password: str | None, timeout: float 
         timeout=timeout,  # membership changes are consensus writes: a loaded member takes its time
         **tls.client(),
     )
+
+
+def list_members(tls: TlsFiles, state: str, timeout: float = 15) -> list[Member]:
+    """etcd's members as the cluster at `state` lists them. Listing needs no user and no quorum (each member
+    answers from its own copy); StateLogError when no endpoint answers."""
+    plain = root_client(tls, state, None, timeout=timeout)
+    try:
+        return EtcdMembership(plain).members()
+    finally:
+        plain.close()
 
 
 def etcd_argv(spec: MemberSpec, data_dir: Path, binary: str = ETCD_BINARY) -> list[str]:
@@ -263,7 +274,10 @@ class LocalMember:
         deadline = time.monotonic() + timeout
         while True:
             if self.pid() is None:
-                raise EtcdMemberError(f"etcd exited at start-up; its log {self.log_file} ends:\n{self.log_tail()}")
+                code = self._child.returncode if self._child is not None else None
+                raise EtcdMemberError(
+                    f"etcd exited at start-up (exit status {code}); its log {self.log_file} ends:\n{self.log_tail()}"
+                )
             local = f"https://{host_port('127.0.0.1', spec.client_port)}"
             ok = (
                 member_ready(local, spec.tls.client()) if ready else member_status(local, spec.tls.client()) is not None

@@ -36,6 +36,7 @@ from agent.node.etcdmember import (
     TlsFiles,
     endpoints_of,
     host_port,
+    list_members,
     root_client,
 )
 from agent.node.join import (
@@ -59,6 +60,7 @@ from agent.state.membership import SECRETS_FILE, cluster_secrets, membership, wr
 from agent.state.nodes import NodeRecords
 from reconcilers.etcdmembers import Member, Promote, Remove, plan_members, removal_refusal
 from schemas.config import AgentConfig, ClusterMembership
+from schemas.errors import DabctlError
 from schemas.join import CertificateRequest, CertificateResponse, JoinResponse, Role
 from schemas.state import ClusterRecord
 
@@ -304,13 +306,10 @@ def member_removed(member: ClusterMembership, spec: MemberSpec, tls: TlsFiles) -
     others = [h for h in endpoints_of(member.state) if h != own]
     if not others:
         return False
-    client = root_client(tls, "etcd://" + ",".join(others), None, timeout=3)
     try:
-        found = EtcdMembership(client).members()
+        found = list_members(tls, "etcd://" + ",".join(others), timeout=3)
     except StateLogError:
         return False
-    finally:
-        client.close()
     return bool(found) and not any(m.name == spec.name or spec.peer_url in m.peer_urls for m in found)
 
 
@@ -377,7 +376,7 @@ class EtcdRoles:
         try:
             state = promote_member(self.cfg, member, self._host(member))
             self.reload()
-        except (ClusterSetupError, StateLogError, OSError) as exc:
+        except (DabctlError, OSError) as exc:
             self._next_promotion = time.monotonic() + RETRY
             log.error("promoted to manager, but its etcd member did not start; retrying", extra={"error": str(exc)})
             return
@@ -394,5 +393,7 @@ class EtcdRoles:
         while not stop.wait(TICK):
             try:
                 self.tick()
-            except (ClusterSetupError, StateLogError, OSError) as exc:
+            except (DabctlError, OSError) as exc:
                 log.warning("etcd membership step failed", extra={"error": str(exc)})
+            except Exception:  # a bug must not end the thread: the next tick tries again
+                log.exception("etcd membership step failed")

@@ -38,6 +38,7 @@ from agent.node.etcdmember import (
     TlsFiles,
     endpoints_of,
     host_port,
+    list_members,
     member_spec,
     root_client,
 )
@@ -763,13 +764,10 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
 def member_endpoints(tls: TlsFiles, state: str, first: str | None = None) -> str:
     """The state setting naming every voting member's client address (`first` first), as the cluster's etcd
     lists them now; `state` when none answers."""
-    plain = root_client(tls, state, None)
     try:
-        found = EtcdMembership(plain).members()
+        found = list_members(tls, state)
     except StateLogError:
         return state
-    finally:
-        plain.close()
     hosts = [u.removeprefix("https://") for m in found if not m.learner for u in m.client_urls]
     if not hosts:
         return state
@@ -806,11 +804,7 @@ def remove_member(cfg: AgentConfig, member: ClusterMembership, target: str) -> b
         )
     # Listing members needs no user and no quorum (each member answers from its own copy): the quorum check comes
     # before anything that would need a leader, such as authenticating as root.
-    plain = root_client(tls, member.state, None)
-    try:
-        found = EtcdMembership(plain).members()
-    finally:
-        plain.close()
+    found = list_members(tls, member.state)
     theirs = next((m for m in found if m.name == target), None)
     if theirs is None:
         return False
