@@ -18,6 +18,7 @@ from agent.node.etcdroles import set_etcd_role
 from agent.node.join import remove_manager_member
 from agent.node.membership import cluster_config
 from agent.state.backends import open_log
+from agent.state.log import StateLogError
 from agent.state.membership import MEMBERSHIP_FILE
 from agent.state.membership import membership as read_membership
 from agent.state.nodes import Membership, NodeRecords
@@ -190,9 +191,16 @@ def update(
                 break
         else:
             raise UserError(f"node {ref} kept changing while this update ran; run it again")
-    if after.role != before.role:
-        # Its etcd user's rights follow at once; its agent then starts or retires its etcd member.
-        set_etcd_role(load(config_path, **opts), after.node_id, after.role)
+    if role:
+        # Its etcd user's rights follow at once (again when asked again); its agent then starts or retires its
+        # etcd member.
+        try:
+            set_etcd_role(load(config_path, **opts), after.node_id, after.role)
+        except StateLogError as exc:
+            raise UserError(
+                f"node {after.name} is a {after.role} now, but its etcd user's rights did not follow ({exc}); run "
+                "the same update again"
+            ) from None
     click.echo(after.node_id)
 
 
