@@ -350,7 +350,7 @@ class EtcdRoles:
         self.node = node
         self.reload = reload
         self.clock = LearnerClock()
-        self._next_promotion = 0.0
+        self._next_try = 0.0  # after a failed promotion or certificate renewal
         self._said: list[str] = []
 
     def tick(self) -> None:
@@ -363,24 +363,37 @@ class EtcdRoles:
                 self._promote(member)
             elif self.node.is_leader:
                 self._converge()
-        elif runs_member and retire_member(self.cfg) and not self.node.removed:
-            renew_certificate(self.cfg, member, self._host(member))  # a worker's, for the demoted node
-            self.reload()
+            return
+        if runs_member and not retire_member(self.cfg):
+            return  # its member is still one of etcd's: `node update` or the leader removes it first
+        if not self.node.removed and PkiPaths.of(self.cfg.state_path).identity().role == "manager":
+            self._demote(member)
 
     def _host(self, member: ClusterMembership) -> str:
         return self.cfg.advertise_address or member.advertise_address or default_address()
 
     def _promote(self, member: ClusterMembership) -> None:
-        if time.monotonic() < self._next_promotion:
+        if time.monotonic() < self._next_try:
             return
         try:
             state = promote_member(self.cfg, member, self._host(member))
             self.reload()
         except (DabctlError, OSError) as exc:
-            self._next_promotion = time.monotonic() + RETRY
+            self._next_try = time.monotonic() + RETRY
             log.error("promoted to manager, but its etcd member did not start; retrying", extra={"error": str(exc)})
             return
         log.info("promoted to manager: etcd member started and voting", extra={"state": state})
+
+    def _demote(self, member: ClusterMembership) -> None:
+        """A worker holding a manager's certificate (demoted): a worker's in its place."""
+        if time.monotonic() < self._next_try:
+            return
+        try:
+            renew_certificate(self.cfg, member, self._host(member))
+            self.reload()
+        except (DabctlError, OSError) as exc:
+            self._next_try = time.monotonic() + RETRY
+            log.warning("demoted to worker, but no worker's certificate yet; retrying", extra={"error": str(exc)})
 
     def _converge(self) -> None:
         lines = converge_cluster_members(self.cfg, self.log, self.clock)
