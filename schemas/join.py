@@ -138,3 +138,20 @@ class ManagerSecrets(JoinMessage):
 
     secrets: ClusterSecrets
     ca_key: str = Field(repr=False)
+
+
+class CertificateRequest(JoinMessage):
+    """A node asks a manager for a certificate for the role its spec has now (`POST /cluster/v1/certificate`,
+    over mutual TLS with its current certificate): a worker promoted to manager, or a manager demoted. `csr` is
+    signed by the key of `certificate`, which proves the sender holds it; the key stays the node's."""
+
+    certificate: str  # PEM: the node's current certificate from the cluster CA
+    csr: str  # PEM
+    advertise_address: str = ""
+
+
+class CertificateResponse(JoinMessage):
+    """The manager's answer: the node's new certificate, naming its id and the role of its spec."""
+
+    certificate: str
+    role: Role

@@ -14,9 +14,11 @@ import click
 from rich.table import Table
 
 from agent.cli.options import UserError, console, engine_options, load
+from agent.node.etcdroles import set_etcd_role
 from agent.node.join import remove_manager_member
 from agent.node.membership import cluster_config
 from agent.state.backends import open_log
+from agent.state.log import StateLogError
 from agent.state.membership import MEMBERSHIP_FILE
 from agent.state.membership import membership as read_membership
 from agent.state.nodes import Membership, NodeRecords
@@ -170,7 +172,9 @@ def update(
 ) -> None:
     """Change NODE's labels, availability or role (on a manager). Placement constraints read the labels as
     node.labels.KEY. Demoting a manager of a cluster whose etcd dabctl runs first removes its etcd member (refused,
-    nothing changed, when the members left would lose quorum)."""
+    nothing changed, when the members left would lose quorum); the node's agent then stops it and deletes its data
+    and the CA key. A worker promoted gets a manager's certificate from its agent, which starts its etcd member as
+    a learner, promoted to a voter once caught up."""
     added = dict(_label(v) for v in label_add)
     if not (added or label_rm or availability or role):
         raise UserError("nothing to change: give --label-add, --label-rm, --availability or --role")
@@ -195,6 +199,16 @@ def update(
                 break
         else:
             raise UserError(f"node {ref} kept changing while this update ran; run it again")
+    if role:
+        # Its etcd user's rights follow at once (again when asked again); its agent then starts or retires its
+        # etcd member.
+        try:
+            set_etcd_role(load(config_path, **opts), after.node_id, after.role)
+        except StateLogError as exc:
+            raise UserError(
+                f"node {after.name} is a {after.role} now, but its etcd user's rights did not follow ({exc}); run "
+                "the same update again"
+            ) from None
     click.echo(after.node_id)
 
 

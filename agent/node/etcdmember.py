@@ -26,8 +26,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from agent.private import private_dir
-from agent.state.etcdcluster import TlsArgs, member_ready, member_status
+from agent.state.etcd import EtcdStateLog
+from agent.state.etcdauth import ROOT
+from agent.state.etcdcluster import EtcdMembership, TlsArgs, member_ready, member_status
 from agent.state.membership import write_private
+from reconcilers.etcdmembers import Member
 from schemas.errors import DabctlError
 
 log = logging.getLogger("dabctl.etcd")
@@ -87,6 +90,52 @@ class MemberSpec(BaseModel):
     @property
     def tls(self) -> TlsFiles:
         return TlsFiles(ca=self.ca_file, cert=self.cert_file, key=self.key_file)
+
+
+def member_spec(
+    tls: TlsFiles, *, node_id: str, host: str, cluster_id: str, members: dict[str, str] | None = None
+) -> MemberSpec:
+    """The spec of this node's member at `host`: the first of a new cluster (`members` None), or one joining the
+    cluster's `members` (node id -> peer URL, its own learner already added)."""
+    own = {node_id: f"https://{host_port(host, PEER_PORT)}"}
+    return MemberSpec(
+        name=node_id,
+        address=host,
+        ca_file=tls.ca,
+        cert_file=tls.cert,
+        key_file=tls.key,
+        cluster_token=cluster_id,
+        initial_cluster=own if members is None else members,
+        new_cluster=members is None,
+    )
+
+
+def endpoints_of(state: str) -> list[str]:
+    """The host:port list of a state setting `etcd://h1:2379,h2:2379`."""
+    return [h for h in state.removeprefix("etcd://").split(",") if h]
+
+
+def root_client(tls: TlsFiles, state: str, password: str | None, timeout: float = 15) -> EtcdStateLog:
+    """A client of the cluster's etcd at `state` with this node's certificate: etcd's root user with `password`,
+    or no user (listing members needs none, nor quorum)."""
+    return EtcdStateLog(
+        [f"https://{h}" for h in endpoints_of(state)],
+        prefix="/",
+        user=ROOT if password else None,
+        password=password,
+        timeout=timeout,  # membership changes are consensus writes: a loaded member takes its time
+        **tls.client(),
+    )
+
+
+def list_members(tls: TlsFiles, state: str, timeout: float = 15) -> list[Member]:
+    """etcd's members as the cluster at `state` lists them. Listing needs no user and no quorum (each member
+    answers from its own copy); StateLogError when no endpoint answers."""
+    plain = root_client(tls, state, None, timeout=timeout)
+    try:
+        return EtcdMembership(plain).members()
+    finally:
+        plain.close()
 
 
 def etcd_argv(spec: MemberSpec, data_dir: Path, binary: str = ETCD_BINARY) -> list[str]:
@@ -203,6 +252,21 @@ class LocalMember:
         log.info("etcd member started", extra={"pid": self._child.pid, "data_dir": str(self.data_dir)})
         return self._child.pid
 
+    def run(self, spec: MemberSpec, *extra: str, ready: bool = True, timeout: float = 30, keep: bool = False) -> None:
+        """Start the member of `spec` (unless it runs already) and wait until it serves (`ready`: knows a leader,
+        see wait_started). When it does not, it is stopped and its files are removed, unless `keep` (a member
+        with data to keep: a recovery), and EtcdMemberError says why."""
+        try:
+            if self.pid() is None:
+                self.start(spec, *extra)
+            self.wait_started(timeout=timeout, ready=ready)
+        except BaseException:
+            if keep:
+                self.stop()
+            else:
+                self.destroy()
+            raise
+
     def wait_started(self, timeout: float = 30, ready: bool = True) -> None:
         """Until the member answers (`ready`: and knows a leader; a learner only answers), or EtcdMemberError."""
         spec = self.spec()
@@ -210,7 +274,10 @@ class LocalMember:
         deadline = time.monotonic() + timeout
         while True:
             if self.pid() is None:
-                raise EtcdMemberError(f"etcd exited at start-up; its log {self.log_file} ends:\n{self.log_tail()}")
+                code = self._child.returncode if self._child is not None else None
+                raise EtcdMemberError(
+                    f"etcd exited at start-up (exit status {code}); its log {self.log_file} ends:\n{self.log_tail()}"
+                )
             local = f"https://{host_port('127.0.0.1', spec.client_port)}"
             ok = (
                 member_ready(local, spec.tls.client()) if ready else member_status(local, spec.tls.client()) is not None

@@ -21,17 +21,27 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 
 from agent.api.join import JoinRefused, fetch_ca, post, post_join
 from agent.api.server import ClusterTls
-from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, TlsFiles, host_port
+from agent.node.etcdmember import (
+    CLIENT_PORT,
+    PEER_PORT,
+    LocalMember,
+    TlsFiles,
+    endpoints_of,
+    host_port,
+    list_members,
+    member_spec,
+    root_client,
+)
 from agent.pki.ca import (
     CertificateRefused,
     LocalSigner,
@@ -59,7 +69,7 @@ from agent.state.membership import (
 )
 from agent.state.records import ASSIGNMENTS, CLUSTER_KEY, NODES, OWNER_KEY, TASKS, node_status_key
 from agent.state.sqlite import SqliteStateLog
-from reconcilers.etcdmembers import Member, Promote, Remove, plan_members, removal_refusal
+from reconcilers.etcdmembers import Member, removal_refusal
 from schemas.config import AgentConfig, ClusterMembership, split_listen
 from schemas.errors import DabctlError
 from schemas.join import (
@@ -170,6 +180,11 @@ def _etcd(
     )
 
 
+def cluster_root(cfg: AgentConfig, member: ClusterMembership, password: str) -> EtcdStateLog:
+    """etcd's root user on the cluster's prefix (a manager: to issue node users and change their roles)."""
+    return _etcd(cfg, member.state, member.etcd_prefix, ROOT, password)
+
+
 def node_tls(cfg: AgentConfig) -> TlsFiles | None:
     """The node's certificate from the cluster CA, its key and the CA certificate (`<state_dir>/pki/`): what its
     etcd member serves its ports with and what its etcd client presents. None for a node without one."""
@@ -202,22 +217,7 @@ def start_first_member(cfg: AgentConfig, nid: str, cluster_id: str, host: str) -
         raise ClusterSetupError(
             f"{local.dir} holds an etcd member already (of a cluster this node left?): remove that directory first"
         )
-    spec = MemberSpec(
-        name=nid,
-        address=host,
-        ca_file=tls.ca,
-        cert_file=tls.cert,
-        key_file=tls.key,
-        cluster_token=cluster_id,
-        initial_cluster={nid: f"https://{host_port(host, PEER_PORT)}"},
-        new_cluster=True,
-    )
-    local.start(spec)
-    try:
-        local.wait_started()
-    except BaseException:
-        local.destroy()
-        raise
+    local.run(member_spec(tls, node_id=nid, host=host, cluster_id=cluster_id))
     return local, f"etcd://{host_port(host, CLIENT_PORT)}"
 
 
@@ -495,7 +495,7 @@ class Admission:
         done = self.log.txn([Compare(key, "mod_revision", "==", version)], [Put(key, spec.model_dump_json().encode())])
         if not done.succeeded:
             raise JoinRefused(409, "the node's record changed while it joined; try again")
-        root = _etcd(self.cfg, self.member.state, self.member.etcd_prefix, ROOT, secrets.etcd_root_password)
+        root = cluster_root(self.cfg, self.member, secrets.etcd_root_password)
         try:
             user, password = EtcdAuth(root).issue_node_user(request.node_id, manager=role == "manager")
             etcd_members = self._add_member(root, request) if role == "manager" else {}
@@ -530,16 +530,10 @@ class Admission:
             raise JoinRefused(
                 400, "a manager joins this cluster's etcd at its advertise address: pass --advertise-address"
             )
-        peer = f"https://{host_port(request.advertise_address, PEER_PORT)}"
-        members = EtcdMembership(root)
         try:
-            found = members.members()
-            if not any(peer in m.peer_urls for m in found):
-                members.add_learner(peer)
-                found = members.members()
+            return add_learner(root, request.node_id, request.advertise_address)
         except MemberChangeRefused as exc:
             raise JoinRefused(503, f"etcd did not take the new member: {exc}") from None
-        return {(m.name or request.node_id): m.peer_urls[0] for m in found if m.peer_urls}
 
     def _ca_pem(self, record: ClusterRecord) -> bytes:
         paths = PkiPaths.of(self.cfg.state_path)
@@ -592,6 +586,18 @@ class Admission:
                 if address and address not in found:
                     found.append(address)
         return found
+
+
+def add_learner(root: EtcdStateLog, nid: str, host: str) -> dict[str, str]:
+    """Add node `nid`'s member at `host` to the cluster's etcd as a learner (through etcd's root user), unless a
+    member is there already (a node returning): the members it starts with (node id -> peer URL)."""
+    peer = f"https://{host_port(host, PEER_PORT)}"
+    members = EtcdMembership(root)
+    found = members.members()
+    if not any(peer in m.peer_urls for m in found):
+        members.add_learner(peer)
+        found = members.members()
+    return {(m.name or nid): m.peer_urls[0] for m in found if m.peer_urls}
 
 
 def manager_secrets(cfg: AgentConfig) -> Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]:
@@ -720,21 +726,6 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
     return response
 
 
-def _endpoints_of(state: str) -> list[str]:
-    return [h for h in state.removeprefix("etcd://").split(",") if h]
-
-
-def _root_client(tls: TlsFiles, state: str, password: str | None) -> EtcdStateLog:
-    return EtcdStateLog(
-        [f"https://{h}" for h in _endpoints_of(state)],
-        prefix="/",
-        user=ROOT if password else None,
-        password=password,
-        timeout=15,  # membership changes are consensus writes: a loaded member takes its time
-        **tls.client(),
-    )
-
-
 def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) -> str:
     """Start this manager's etcd member (a learner the admitting manager added), promote it once it has caught up,
     and wait until it serves: the state setting with its own endpoint first. On failure the learner is removed
@@ -744,22 +735,13 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
     if secrets is None or not secrets.etcd_root_password:
         raise ClusterSetupError("the manager sent no etcd root password: this node cannot join the cluster's etcd")
     local = LocalMember(cfg.state_path)
-    spec = MemberSpec(
-        name=response.node_id,
-        address=host,
-        ca_file=tls.ca,
-        cert_file=tls.cert,
-        key_file=tls.key,
-        cluster_token=response.cluster_id,
-        initial_cluster=response.etcd_members,
-        new_cluster=False,
+    spec = member_spec(
+        tls, node_id=response.node_id, host=host, cluster_id=response.cluster_id, members=response.etcd_members
     )
-    root = _root_client(tls, response.state, secrets.etcd_root_password)
+    root = root_client(tls, response.state, secrets.etcd_root_password)
     members = EtcdMembership(root)
     try:
-        if local.pid() is None:
-            local.start(spec)
-        local.wait_started(ready=False)
+        local.run(spec, ready=False)
         me = next((m for m in members.members() if spec.peer_url in m.peer_urls), None)
         if me is None:
             raise ClusterSetupError(f"the cluster's etcd has no member at {spec.peer_url}: join again")
@@ -776,19 +758,16 @@ def start_joining_member(cfg: AgentConfig, response: JoinResponse, host: str) ->
     finally:
         root.close()
     own = host_port(host, CLIENT_PORT)
-    return "etcd://" + ",".join([own, *(h for h in _endpoints_of(response.state) if h != own)])
+    return "etcd://" + ",".join([own, *(h for h in endpoints_of(response.state) if h != own)])
 
 
 def member_endpoints(tls: TlsFiles, state: str, first: str | None = None) -> str:
     """The state setting naming every voting member's client address (`first` first), as the cluster's etcd
     lists them now; `state` when none answers."""
-    plain = _root_client(tls, state, None)
     try:
-        found = EtcdMembership(plain).members()
+        found = list_members(tls, state)
     except StateLogError:
         return state
-    finally:
-        plain.close()
     hosts = [u.removeprefix("https://") for m in found if not m.learner for u in m.client_urls]
     if not hosts:
         return state
@@ -825,18 +804,14 @@ def remove_member(cfg: AgentConfig, member: ClusterMembership, target: str) -> b
         )
     # Listing members needs no user and no quorum (each member answers from its own copy): the quorum check comes
     # before anything that would need a leader, such as authenticating as root.
-    plain = _root_client(tls, member.state, None)
-    try:
-        found = EtcdMembership(plain).members()
-    finally:
-        plain.close()
+    found = list_members(tls, member.state)
     theirs = next((m for m in found if m.name == target), None)
     if theirs is None:
         return False
-    refusal = removal_refusal(found, theirs.id, _answering(found, tls))
+    refusal = removal_refusal(found, theirs.id, answering(found, tls))
     if refusal is not None:
         raise ClusterSetupError(f"node {target}'s etcd member stays: removing it now would lose quorum: {refusal}")
-    root = _root_client(tls, member.state, secrets.etcd_root_password)
+    root = root_client(tls, member.state, secrets.etcd_root_password)
     try:
         members = EtcdMembership(root)
         try:
@@ -858,64 +833,9 @@ def remove_manager_member(cfg: AgentConfig, target: str) -> bool:
     return remove_member(cfg, member, target)
 
 
-def _answering(members: list[Member], tls: TlsFiles) -> list[str]:
+def answering(members: list[Member], tls: TlsFiles) -> list[str]:
+    """The ids of the members that answer now (each asked directly, with this node's certificate)."""
     return [m.id for m in members if any(member_status(u, tls.client()) is not None for u in m.client_urls)]
-
-
-class MemberApi(Protocol):
-    """What converge_members needs of etcd's membership (agent.state.etcdcluster.EtcdMembership)."""
-
-    def members(self) -> list[Member]: ...
-    def promote(self, member_id: str, timeout: float = 60) -> None: ...
-    def remove(self, member_id: str) -> None: ...
-
-
-def converge_members(
-    api: MemberApi, managers: Collection[str], answering: Callable[[list[Member]], list[str]]
-) -> list[str]:
-    """One step towards one voting etcd member per manager (reconcilers.etcdmembers.plan_members): promote the
-    managers' learners, remove the members of nodes that are no longer managers (`node rm`, `node update --role
-    worker`) unless that would lose quorum. Additions are not made here: a manager's member is added when it joins,
-    by the node that starts it, and a learner that has not started yet (no name) is left to its join. What was
-    done or refused, one line each."""
-    found = api.members()
-    wanted = {nid: next((u for m in found if m.name == nid for u in m.peer_urls), "") for nid in managers}
-    done: list[str] = []
-    for action in plan_members(wanted, found):
-        if isinstance(action, Promote):
-            try:
-                api.promote(action.member_id, timeout=5)
-                done.append(str(action))
-            except MemberChangeRefused as exc:
-                done.append(f"{action}: not yet ({exc})")
-        elif isinstance(action, Remove) and action.node_id:
-            refusal = removal_refusal(found, action.member_id, answering(found))
-            if refusal is not None:
-                done.append(f"{action}: refused: {refusal}")
-                continue
-            api.remove(action.member_id)
-            done.append(str(action))
-    return done
-
-
-def converge_cluster_members(cfg: AgentConfig, log_: StateLog) -> list[str]:
-    """converge_members for this manager's cluster, from the node specs in the state log (for the leader's tick
-    and after `node rm` / `node update --role`); nothing when dabctl does not run the cluster's etcd."""
-    member = membership(cfg.state_path)
-    secrets = cluster_secrets(cfg.state_path)
-    tls = node_tls(cfg)
-    if member is None or secrets is None or tls is None or LocalMember(cfg.state_path).spec() is None:
-        return []
-    managers = [
-        spec.node_id
-        for spec in (NodeSpec.model_validate_json(kv.value) for kv in log_.range(NODES))
-        if spec.role == "manager"
-    ]
-    root = _root_client(tls, member.state, secrets.etcd_root_password)
-    try:
-        return converge_members(EtcdMembership(root), managers, lambda found: _answering(found, tls))
-    finally:
-        root.close()
 
 
 def leave_cluster(cfg: AgentConfig, force: bool = False) -> bool:
@@ -945,6 +865,37 @@ def _default_or_none() -> str:
         return ""  # the certificate then names no address: peers check the CA and the role, not the address
 
 
+def manager_only(manager: str, ca_pem: bytes) -> Callable[[bytes], None]:
+    """A check of the peer's certificate (DER): it must be a manager's of the cluster CA `ca_pem`."""
+
+    def check(der: bytes) -> None:
+        try:
+            if identify(der, ca_pem).role != "manager":
+                raise JoinRefused(0, f"{manager} is not a manager of that cluster (its certificate says worker)")
+        except CertificateRefused as exc:
+            raise JoinRefused(0, f"{manager}'s certificate: {exc}") from None
+
+    return check
+
+
+def fetch_manager_secrets(state_dir: Path, manager: str, paths: PkiPaths) -> ClusterSecrets:
+    """A new manager (joining, or a worker promoted) fetches the cluster's secrets and the CA key over mutual TLS
+    with its manager certificate (in `paths`); the CA key goes to `paths`, the secrets to cluster-secrets.json."""
+    ca_pem = paths.read(paths.ca_cert)
+    secrets: ManagerSecrets = post(
+        manager,
+        SECRETS_PATH,
+        JoinMessage(),
+        ManagerSecrets,
+        tls=paths.client_context(),
+        check_peer=manager_only(manager, ca_pem),
+    )
+    LocalSigner(ca_pem, secrets.ca_key.encode())  # the key is the CA's, or this fails here
+    paths.write(paths.ca_key, secrets.ca_key.encode())
+    write_cluster_secrets(state_dir, secrets.secrets)
+    return secrets.secrets
+
+
 def _join_with_ca(state_dir: Path, manager: str, token: JoinToken, request: JoinRequest) -> JoinResponse:
     """Fetch the CA, check it against the token BEFORE sending anything, then send the CSR and the token over TLS
     to a manager certificate of that CA; write the key, the certificates and (a manager) the CA key."""
@@ -965,14 +916,7 @@ def _join_with_ca(state_dir: Path, manager: str, token: JoinToken, request: Join
         request = request.model_copy(update={"csr": new_csr(key, request.node_id).decode()})
         tls = paths.client_context(with_certificate=False)
 
-        def manager_only(der: bytes) -> None:
-            try:
-                if identify(der, ca_pem).role != "manager":
-                    raise JoinRefused(0, f"{manager} is not a manager of that cluster (its certificate says worker)")
-            except CertificateRefused as exc:
-                raise JoinRefused(0, f"{manager}'s certificate: {exc}") from None
-
-        response = post_join(manager, request, tls=tls, check_peer=manager_only)
+        response = post_join(manager, request, tls=tls, check_peer=manager_only(manager, ca_pem))
         cert = response.certificate.encode()
         try:
             me = identify(cert, ca_pem)
@@ -983,17 +927,7 @@ def _join_with_ca(state_dir: Path, manager: str, token: JoinToken, request: Join
         paths.write(paths.node_key, key_pem(key))
         paths.write(paths.node_cert, cert)
         if response.role == "manager":
-            secrets: ManagerSecrets = post(
-                manager,
-                SECRETS_PATH,
-                JoinMessage(),
-                ManagerSecrets,
-                tls=paths.client_context(),
-                check_peer=manager_only,
-            )
-            LocalSigner(ca_pem, secrets.ca_key.encode())  # the key is the CA's, or this fails here
-            paths.write(paths.ca_key, secrets.ca_key.encode())
-            write_cluster_secrets(state_dir, secrets.secrets)
+            fetch_manager_secrets(state_dir, manager, paths)
         final = PkiPaths.of(state_dir)
         if final.root.exists():
             shutil.rmtree(final.root)

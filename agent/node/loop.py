@@ -36,6 +36,7 @@ from agent.node import notices
 from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.etcdmember import EtcdMemberError, LocalMember
+from agent.node.etcdroles import CERTIFICATE_PATH, EtcdRoles, certificate_call, retire_member
 from agent.node.join import cluster_api, cluster_membership, cluster_tls, refresh_endpoints
 from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
@@ -46,7 +47,7 @@ from agent.node.triggers import ExitWatch, event_trigger
 from agent.node.workqueue import WorkQueue
 from agent.notify.dispatch import Notifier
 from agent.notify.events import Observed, changes
-from agent.pki.files import certificate_expiry
+from agent.pki.files import PkiPaths, certificate_expiry
 from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
@@ -242,9 +243,17 @@ class Agent:
         if self.membership is None:
             return None
         calls = cluster_api(self.cfg, self.log, self.membership)
+        calls[CERTIFICATE_PATH] = certificate_call(self.cfg, self.log)
         for name in API_CALLS:
             calls[name] = functools.partial(self.from_manager, name)
         return calls
+
+    def _reload_certificate(self) -> None:
+        """The cluster listener serves the node's new certificate (a role changed) from its next connection."""
+        listener = self.cluster_listener
+        if listener is not None and listener.tls is not None:
+            paths = PkiPaths.of(self.cfg.state_path)
+            listener.tls.context.load_cert_chain(str(paths.node_cert), str(paths.node_key))
 
     def from_manager(self, name: str, body: dict[str, Any], peer: str) -> tuple[int, dict[str, Any]]:
         """A changing call another manager forwarded (`dabctl reconcile --once` there): run here while this node
@@ -274,6 +283,9 @@ class Agent:
         log.info("agent started", extra={"node": self.node, "source": self.source.location, "api": self.api_url})
         if self.member is not None:
             self.member.start()
+            # The node's etcd member follows its role: started when promoted, retired when demoted or removed.
+            roles = EtcdRoles(self.cfg, self.log, self.member, self._reload_certificate)
+            self._spawn(functools.partial(roles.run, self.stop), "etcd roles")
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
@@ -867,9 +879,11 @@ def run_agent(cfg: AgentConfig) -> int:
 
 def _ensure_etcd_member(cfg: AgentConfig) -> None:
     """Adopt this manager's etcd member, or start it when it does not run (it outlived the last agent otherwise).
-    A member that fails to start is logged, not fatal: the agent reaches the cluster's other members."""
+    A member that fails to start is logged, not fatal: the agent reaches the cluster's other members. A member the
+    cluster's etcd no longer lists (its node was demoted or removed while the agent was down) is retired instead."""
     try:
-        LocalMember(cfg.state_path).ensure()
+        if not retire_member(cfg):
+            LocalMember(cfg.state_path).ensure()
     except EtcdMemberError as exc:
         log.error("etcd member not running", extra={"error": str(exc)})
     refresh_endpoints(cfg)

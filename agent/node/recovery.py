@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.node.etcdmember import CLIENT_PORT, PEER_PORT, LocalMember, MemberSpec, host_port
+from agent.node.etcdmember import CLIENT_PORT, LocalMember, host_port, member_spec
 from agent.node.join import ClusterSetupError, _advertise_host, _require_tls, cluster_address, node_tls
 from agent.pki.ca import CertificateRefused, LocalSigner, key_pem, new_csr, new_key
 from agent.pki.files import PkiPaths
@@ -108,8 +108,7 @@ def recover_cluster(cfg: AgentConfig, hold: timedelta = DEFAULT_HOLD) -> str:
             "use `dabctl cluster restore BACKUP` on a fresh node"
         )
     local.stop()
-    local.start(spec, "--force-new-cluster")
-    local.wait_started(timeout=60)
+    local.run(spec, "--force-new-cluster", timeout=60, keep=True)
     state = f"etcd://{host_port(spec.address, spec.client_port)}"
     recovered = member.model_copy(update={"state": state})
     write_membership(state_dir, recovered)
@@ -195,17 +194,8 @@ def _restore(
     state_dir = cfg.state_path
     local = LocalMember(state_dir)
     tls = _require_tls(cfg)
-    peer = f"https://{host_port(host, PEER_PORT)}"
-    spec = MemberSpec(
-        name=old.node_id,
-        address=host,
-        ca_file=tls.ca,
-        cert_file=tls.cert,
-        key_file=tls.key,
-        cluster_token=old.cluster_id,
-        initial_cluster={old.node_id: peer},
-        new_cluster=True,
-    )
+    spec = member_spec(tls, node_id=old.node_id, host=host, cluster_id=old.cluster_id)
+    peer = spec.peer_url
     local.write_spec(spec)
     snap = local.dir / SNAPSHOT
     write_private(snap, "")
@@ -224,8 +214,7 @@ def _restore(
         if restored.returncode != 0:
             raise ClusterSetupError(f"etcdctl snapshot restore failed: {restored.stderr.strip()[-400:]}")
         snap.unlink()
-        local.start(spec)
-        local.wait_started(timeout=60)
+        local.run(spec, timeout=60)
     except BaseException:
         local.destroy()
         raise

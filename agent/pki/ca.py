@@ -287,6 +287,18 @@ def _dns_names(cert: x509.Certificate) -> list[str]:
         return []
 
 
+def same_key(cert_pem: bytes, csr_pem: bytes) -> bool:
+    """Whether a CSR is for the key of a certificate (its signature, checked when it is signed, proves that the
+    sender holds that key)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        return False
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cert = load_certificate(cert_pem, "the certificate")
+    return bool(cert.public_key().public_bytes(*fmt) == csr.public_key().public_bytes(*fmt))
+
+
 def not_after(cert_pem: bytes) -> datetime:
     """When a certificate expires (read without checking who issued it)."""
     return load_certificate(cert_pem, "the certificate").not_valid_after_utc

@@ -130,6 +130,13 @@ class EtcdAuth:
     def issue_node_user(self, node_id: str, manager: bool) -> tuple[str, str]:
         """The node's user with a fresh password and its role: (user, password)."""
         user, password = node_user(node_id), random_password()
+        self.add_user(user, password)
+        self.set_node_role(node_id, manager)
+        return user, password
+
+    def set_node_role(self, node_id: str, manager: bool) -> None:
+        """Give the node's user (which exists) the rights of its role, and only those: its password stays."""
+        user = node_user(node_id)
         if manager:
             role = self.ensure_manager_role()
         else:
@@ -137,14 +144,12 @@ class EtcdAuth:
             self.add_role(role)
             self.permit(role, "/", "READ")
             self.permit(role, node_prefix(node_id), "READWRITE")
-        self.add_user(user, password)
         # A node that changes role keeps only the new one's rights.
         held = self.log._call("/auth/user/get", {"name": user}).get("roles") or []
         for old in held:
             if old != role:
                 self.log._call("/auth/user/revoke", {"name": user, "role": old}, retry_reads=False)
         self.grant_role(user, role)
-        return user, password
 
     def remove_node_user(self, node_id: str) -> None:
         self.delete_user(node_user(node_id))

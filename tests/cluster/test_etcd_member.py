@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.node.etcdmember import LocalMember
-from agent.pki.ca import LocalSigner, key_pem, new_ca, new_csr, new_key
+from agent.pki.ca import LocalSigner, identify, key_pem, new_ca, new_csr, new_key
 from agent.pki.files import PkiPaths
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT
@@ -243,5 +243,66 @@ def test_init_runs_a_tls_etcd_member_and_manager_joins_make_three_voting_members
             assert root3.get("/dabctl-after-recover") is None  # written after the backup
         finally:
             root3.close()
+    finally:
+        root.close()
+
+
+def _role(node: Node) -> str:
+    pki = PkiPaths.of(node.state_dir)
+    return identify(pki.node_cert.read_bytes(), pki.ca_cert.read_bytes()).role
+
+
+def test_promoting_a_worker_starts_a_voting_member_and_demoting_it_retires_the_member(
+    members: Cluster, tmp_path: Path
+) -> None:
+    """`node update --role manager` on a worker: its agent gets a manager certificate, the secrets and CA key,
+    and starts its member as a learner, promoted to a voter; `--role worker`: the member is removed from etcd,
+    and the node's agent stops it and deletes its data, pid file, CA key and secrets (one info line)."""
+    cluster = members
+    n1, n2, _ = cluster.nodes
+    source = tmp_path / "stacks"
+    source.mkdir()
+    out = n1.dabctl("cluster", "init", "--node-name", "n1", "--advertise-address", n1.address)
+    assert out.returncode == 0, out.stderr
+    root = _root(n1, [f"https://{n1.address}:2379"])
+    try:
+        agent1 = _agent(n1, source)
+        joined = n2.dabctl(
+            "cluster", "join", "--token", _token(out.stdout, "worker"), "--node-name", "n2", "--advertise-address",
+            n2.address, f"{n1.address}:9421",
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stderr
+        agent2 = _agent(n2, source)
+        ids = {n.name: (n.state_dir / "node-id").read_text().strip() for n in (n1, n2)}
+        local2 = LocalMember(n2.state_dir)
+        pki2 = PkiPaths.of(n2.state_dir)
+        assert _role(n2) == "worker" and local2.spec() is None and not pki2.ca_key.exists()
+
+        t0 = time.monotonic()
+        promoted = n1.dabctl("node", "update", "--role", "manager", "n2")
+        assert promoted.returncode == 0, promoted.stderr
+        eventually(lambda: _voters(root) == sorted(ids.values()), agent2, timeout=150)
+        print(f"worker promoted: its etcd member voting {time.monotonic() - t0:.1f} s after `node update`")
+        assert local2.pid() is not None and os.getsid(local2.pid() or 0) == local2.pid()
+        assert _role(n2) == "manager" and pki2.ca_key.exists() and (n2.state_dir / "cluster-secrets.json").exists()
+        eventually(lambda: "promoted to manager: etcd member started and voting" in agent2.log(), agent2, timeout=60)
+        root.put("/dabctl-two-voters", b"1")  # quorum of two, both answering
+
+        t1 = time.monotonic()
+        demoted = n1.dabctl("node", "update", "--role", "worker", "n2")
+        assert demoted.returncode == 0, demoted.stderr + agent1.log()[-2000:]
+        assert _voters(root) == [ids["n1"]]
+        eventually(lambda: not local2.dir.exists(), agent2, timeout=60)
+        print(f"manager demoted: its etcd member retired {time.monotonic() - t1:.1f} s after `node update`")
+        assert local2.pid() is None
+        assert not pki2.ca_key.exists() and not (n2.state_dir / "cluster-secrets.json").exists()
+        eventually(lambda: _role(n2) == "worker", agent2, timeout=30)
+        assert agent2.log().count("etcd member retired") == 1
+        # Its next start neither starts a member nor logs an error about one.
+        assert n2.stop_agent() == 0
+        agent2 = _agent(n2, source)
+        eventually(lambda: "node registered" in agent2.log(), agent2, timeout=30)
+        assert "etcd member not running" not in agent2.log() and not local2.dir.exists()
+        root.put("/dabctl-one-voter", b"1")
     finally:
         root.close()

@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 
 from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
-from agent.node.join import converge_members
+from agent.node.etcdroles import LearnerClock, converge_members
 from agent.state.etcdcluster import MemberChangeRefused
-from reconcilers.etcdmembers import AddLearner, Member, MemberAction, Promote, Remove, plan_members, removal_refusal
+from reconcilers.etcdmembers import (
+    LEARNER_GRACE,
+    AddLearner,
+    Member,
+    MemberAction,
+    Promote,
+    Remove,
+    plan_members,
+    removal_refusal,
+)
 
 P = {n: f"https://10.0.0.{i}:2380" for i, n in enumerate(("a", "b", "c", "d"), start=1)}
 
@@ -40,6 +49,59 @@ def voter(name: str, learner: bool = False, started: bool = True) -> Member:
 )
 def test_plan_members(wanted: str, members: list[Member], actions: list[MemberAction]) -> None:
     assert plan_members({n: P[n] for n in wanted}, members) == actions
+
+
+OLD = LEARNER_GRACE + 1  # a learner's age past the grace period
+
+
+@pytest.mark.parametrize(
+    ("wanted", "live", "members", "ages", "actions"),
+    [
+        pytest.param("ab", "ab", [voter("a"), voter("b", learner=True)], {"id-b": OLD}, [Promote("id-b", "b")],
+                     id="a live manager's learner is promoted, however long it waited"),
+        pytest.param("ab", "a", [voter("a"), voter("b", learner=True)], {"id-b": 10}, [Promote("id-b", "b")],
+                     id="a joining manager (not up yet) within the grace period"),
+        pytest.param("ab", "a", [voter("a"), voter("b", learner=True)], {"id-b": OLD}, [Remove("id-b", "b")],
+                     id="its joiner died: removed after the grace period"),
+        pytest.param("ab", "a", [voter("a"), voter("b", learner=True, started=False)], {"id-b": OLD},
+                     [Remove("id-b", "b")], id="never started, its joiner died"),
+        pytest.param("a", "a", [voter("a"), voter("d", learner=True, started=False)], {"id-d": 10}, [],
+                     id="a learner of no known node: a join in flight"),
+        pytest.param("a", "a", [voter("a"), voter("d", learner=True, started=False)], {"id-d": OLD},
+                     [Remove("id-d", "")], id="a learner of no known node, after the grace period"),
+        pytest.param("a", "a", [voter("a"), voter("d", learner=True)], {}, [Remove("id-d", "d")],
+                     id="a learner of a node no longer a manager: at once"),
+        pytest.param("abc", "ab", [voter("a")], {}, [AddLearner("b", P["b"])], id="add only a live manager"),
+        pytest.param("ac", "a", [voter("a")], {}, [], id="a manager that is down gets no member"),
+        pytest.param("ab", "a", [voter("a"), voter("b")], {}, [], id="a voter of a manager that is down stays"),
+        pytest.param("a", "a", [voter("a"), voter("b"), voter("c", learner=True)], {"id-c": OLD},
+                     [Remove("id-b", "b"), Remove("id-c", "c")], id="removals first, in node order"),
+        pytest.param("abc", "abc", [voter("a"), voter("b", learner=True), voter("c", learner=True)], {},
+                     [Promote("id-b", "b"), Promote("id-c", "c")], id="promotions, no addition while learners wait"),
+        pytest.param("", "", [voter("a")], {}, [], id="the last voter stays even when no manager wants it"),
+    ],
+)  # fmt: skip
+def test_plan_members_with_liveness_and_learner_age(
+    wanted: str, live: str, members: list[Member], ages: dict[str, float], actions: list[MemberAction]
+) -> None:
+    planned = plan_members({n: P[n] for n in wanted}, members, live=set(live), learner_age=ages)
+    assert planned == actions
+
+
+def test_without_liveness_no_learner_is_ever_stale() -> None:
+    members = [voter("a"), voter("b", learner=True)]
+    assert plan_members({"a": P["a"], "b": P["b"]}, members, learner_age={"id-b": OLD * 100}) == [Promote("id-b", "b")]
+
+
+def test_the_learner_clock_counts_from_first_sight_and_forgets_promoted_learners() -> None:
+    now = [100.0]
+    clock = LearnerClock(lambda: now[0])
+    assert clock.ages([voter("a"), voter("b", learner=True)]) == {"id-b": 0.0}
+    now[0] = 250.0
+    assert clock.ages([voter("a"), voter("b", learner=True), voter("c", learner=True)]) == {"id-b": 150.0, "id-c": 0.0}
+    now[0] = 300.0
+    assert clock.ages([voter("a"), voter("b"), voter("c", learner=True)]) == {"id-c": 50.0}
+    assert clock.ages([voter("a"), voter("b", learner=True)]) == {"id-b": 0.0}  # a new learner with that id
 
 
 THREE = [voter("a"), voter("b"), voter("c")]
@@ -171,13 +233,25 @@ class FakeMembers:
 )
 def test_converge_members(members: list[Member], managers: str, up: str, calls: list[str], refused: int) -> None:
     api = FakeMembers(members)
-    done = converge_members(api, list(managers), lambda found: [f"id-{n}" for n in up])
+    done = converge_members(api, {n: P[n] for n in managers}, lambda found: [f"id-{n}" for n in up])
     assert api.calls == calls
     assert sum("refused" in line for line in done) == refused
 
 
 def test_a_learner_not_caught_up_is_promoted_on_a_later_step() -> None:
     api = FakeMembers([voter("a"), voter("b", learner=True)], not_caught_up=("id-b",))
-    assert converge_members(api, ["a", "b"], lambda found: ["id-a", "id-b"]) == [
+    assert converge_members(api, {"a": P["a"], "b": P["b"]}, lambda found: ["id-a", "id-b"]) == [
         "promote learner b to a voting member: not yet (can only promote a learner member which is in sync with leader)"
     ]
+
+
+def test_a_stale_learner_is_removed_once_the_clock_says_so() -> None:
+    now = [0.0]
+    clock = LearnerClock(lambda: now[0])
+    api = FakeMembers([voter("a"), voter("b", learner=True, started=False)], not_caught_up=("id-b",))
+    wanted = {"a": P["a"], "b": P["b"]}
+    converge_members(api, wanted, lambda found: ["id-a"], live={"a"}, clock=clock)
+    assert api.calls == ["promote id-b"]
+    now[0] = LEARNER_GRACE
+    assert converge_members(api, wanted, lambda found: ["id-a"], live={"a"}, clock=clock) == ["remove member b"]
+    assert api.calls[-1] == "remove id-b"
