@@ -45,7 +45,6 @@ def members(cluster: Cluster) -> Iterator[Cluster]:
 def _agent(node: Node, source: Path) -> Any:
     config = {
         "source": str(source),
-        "cluster_insecure": True,
         "cluster_listen": f"{node.address}:9421",
         "allow_empty": True,
     }
