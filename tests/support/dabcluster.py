@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -62,10 +63,12 @@ class DabCluster:
         self.tokens: dict[str, str] = {}
         self.configs: dict[str, dict[str, Any]] = {}
         self._logs: list[EtcdStateLog] = []
+        self.seconds: dict[str, float] = {}  # what forming took: init (with the first agent), managers, total
 
     # --- forming ---
 
     def form(self, **agent_config: Any) -> None:
+        t0 = time.monotonic()
         first = self.nodes[0]
         out = first.dabctl(
             "cluster", "init", "--node-name", first.name, "--advertise-address", first.address,
@@ -78,6 +81,7 @@ class DabCluster:
             assert got.returncode == 0, got.stderr
             self.tokens[role] = got.stdout.strip()
         self.start(first, **agent_config)
+        self.seconds["init"] = time.monotonic() - t0
         # Managers one at a time (etcd takes one learner at a time), then the workers and the agents together.
         for node in self.managers[1:]:
             self.join(node, "manager")
@@ -86,9 +90,15 @@ class DabCluster:
             # agent reads the cluster's voting members into cluster.json at start only).
             assert first.stop_agent() == 0
             self.start(first, **agent_config)
+        self.seconds["managers"] = time.monotonic() - t0 - self.seconds["init"]
         _together([partial(self.join, n, "worker") for n in self.workers])
         _together([partial(self.start, n, **agent_config) for n in self.nodes[1:]])
         wait_for(lambda: len(self.up()) == len(self.nodes), timeout=60)
+        self.seconds["total"] = time.monotonic() - t0
+        print(
+            f"\nformed {len(self.managers)} manager(s) + {len(self.workers)} worker(s): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        )
 
     def join(self, node: Node, role: str) -> None:
         out = node.dabctl(
