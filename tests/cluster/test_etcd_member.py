@@ -27,7 +27,7 @@ from tests.integration.agentproc import eventually
 from tests.support.cluster import Cluster, Node
 from tests.support.polling import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # ~40 s at low load; 300 s was hit at load 30+
 
 
 @pytest.fixture
