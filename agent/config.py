@@ -21,6 +21,11 @@ from schemas.errors import DabctlError
 from schemas.quoting import printable
 
 ENV_PREFIX = "DABCTL_"
+# Settings that existed once and are refused now, with what replaces them (one line each).
+REMOVED: dict[str, str] = {
+    "cluster_insecure": "removed: cluster nodes talk only mutual TLS with certificates from the cluster CA; make "
+    "the cluster with `dabctl cluster init` and add nodes with `dabctl cluster join`, then delete this setting",
+}
 MAX_CONFIG_BYTES = 1024 * 1024
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -108,6 +113,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
         if not key.startswith(ENV_PREFIX) or key == "DABCTL_CONFIG":
             continue
         name, _, inner = key.removeprefix(ENV_PREFIX).lower().partition("__")
+        if name in REMOVED:
+            raise ConfigError(f"environment variable {key}: {REMOVED[name]}")
         if name not in fields:
             valid = ", ".join(ENV_PREFIX + f.upper() for f in fields)
             raise ConfigError(f"environment variable {key}: no such setting; valid: {valid}")
@@ -132,6 +139,8 @@ def load_config(path: Path | None, flags: Mapping[str, Any], environ: Mapping[st
         loaded = _read_config_file(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(printable(f"{path}: expected a mapping of settings at the top level"))
+        for name in REMOVED.keys() & (loaded or {}).keys():
+            raise ConfigError(printable(f"{path}: {name}: {REMOVED[name]}"))
         layers.update({str(k): (str(path), v) for k, v in (loaded or {}).items()})
     for name, (where, value) in _from_env(environ).items():
         below = layers.get(name, (where, None))[1]

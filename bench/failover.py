@@ -21,7 +21,6 @@ containers, observed by polling).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import POLL, log, machine, print_table, ratio, stats
 
 from agent.state.etcd import EtcdStateLog
-from agent.state.etcdauth import ROOT
 from agent.state.records import TASKS, node_status_key
 from schemas.state import TaskRecord
 from tests.integration.conftest import SLEEPER
@@ -101,9 +99,7 @@ def run_dabctl(cluster: Cluster, replicas: int) -> Times:
         dab.deploy("bench", {"web": {"Image": cluster.image, "Command": SLEEPER, "Deploy": {"Replicas": replicas}}})
         per = replicas // 3
         dab.wait(lambda: dab.running("bench", "web") == {"n1": per, "n2": per, "n3": per}, what="spread")
-        password = json.loads((n1.state_dir / "cluster-secrets.json").read_text())["etcd_root_password"]
-        endpoints = ["http://" + h for h in cluster.etcd_state.removeprefix("etcd://").split(",")]
-        state = EtcdStateLog(endpoints, prefix=dab.prefix, user=ROOT, password=password)
+        state = dab.root_log()  # the cluster's own etcd (TLS, on n1), as root
         n3_id = next(r["id"] for r in dab.nodes_json() if r["name"] == "n3")
         marks = Marks(state, n3_id)
         old = {c["Id"] for n in (n1, n2) for c in n.client.containers(all=True, filters={"label": label})}

@@ -161,11 +161,6 @@ class AgentConfig(BaseModel):
     cluster_listen: str = Field(
         "0.0.0.0:9421", description="Listener for traffic between cluster nodes (never the `listen` one)"
     )
-    cluster_insecure: bool = Field(
-        False,
-        description="Let a cluster node without a certificate run its cluster listener in plain HTTP (tests only; "
-        "a node with a certificate always serves TLS)",
-    )
     webhook_listen: str | None = Field(None, description="Separate public listener serving only /webhook")
     webhook_forge: Literal["github", "gitlab"] = Field(
         "github",

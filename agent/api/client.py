@@ -136,9 +136,9 @@ def call_leader(
 ) -> dict[str, Any]:
     """POST /cluster/v1/<name> on the leader's cluster listener (`address`, host:port) and return its JSON answer.
 
-    Mutual TLS with this node's certificate (`tls`: the leader's listener requires a manager's); plain HTTP only for
-    a node without a certificate (`cluster_insecure`: the leader then checks that the caller's address is a
-    manager's)."""
+    Mutual TLS with this node's certificate (`tls`: the leader's listener requires a manager's; every cluster node
+    holds one). Without `tls`, plain HTTP: only in-process tests' listeners answer it (the leader then checks that
+    the caller's address is a manager's)."""
     host, _, port = address.rpartition(":")
     conn: http.client.HTTPConnection
     if tls is not None:

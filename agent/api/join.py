@@ -3,7 +3,8 @@
 With a cluster CA (the default) every call is TLS: a joining node first fetches the CA certificate without
 checking it (`fetch_ca`), checks its digest against the token's, and only then sends its token and CSR over a
 connection whose server certificate must be the cluster CA's and a manager's (`check_peer`). Later calls carry
-the node's own certificate (mutual TLS). Plain HTTP is kept for a cluster made without a CA (`cluster_insecure`).
+the node's own certificate (mutual TLS). A token without a CA digest is refused before anything is sent
+(`agent.node.join.join_cluster`): no join runs in plain HTTP.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Three kinds of listener, all served by one asyncio loop in one thread (aiohttp's
   certificate from the cluster CA (`ClusterTls`): `GET /cluster/v1/ca` and the calls a node without a certificate
   must make (joining) are open; every other call requires a client certificate from the cluster CA, and calls
   for managers only a manager's (the role is read from the certificate). A plain-HTTP request fails the
-  handshake. Plain HTTP only for a node without a certificate and with `cluster_insecure`.
+  handshake. Every cluster node holds a certificate (`cluster init` / `cluster join`; the agent refuses to
+  start without one), so the product always passes `tls`; `add_cluster` without it serves in-process tests.
 - `control` (`<state_dir>/agent.sock`, root-owned, 0600 or 0660 with `control_group`): the CLI's changing calls
   (`POST /api/<call>`) and `/status`. The socket's mode is the check, as for dockerd's API socket.
 

@@ -56,7 +56,7 @@ from agent.pki.files import PkiPaths
 from agent.state.backends import STATE_FILE, etcd_endpoints
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT, EtcdAuth, random_password
-from agent.state.etcdcluster import EtcdMembership, MemberChangeRefused, member_status
+from agent.state.etcdcluster import EtcdMembership, MemberChangeRefused, follow_members, member_status
 from agent.state.log import Compare, KeyValue, Op, Put, StateLog, StateLogError
 from agent.state.membership import (
     MEMBERSHIP_FILE,
@@ -631,13 +631,12 @@ def cluster_api(
     return calls
 
 
-def cluster_tls(cfg: AgentConfig, manager_calls: frozenset[str] = frozenset()) -> ClusterTls | None:
-    """TLS for this node's cluster listener from its certificate, or None for a node without one (which runs only
-    with `cluster_insecure`: `cluster_membership`). `manager_calls` (with the secrets) need a manager's
-    certificate."""
+def cluster_tls(cfg: AgentConfig, manager_calls: frozenset[str] = frozenset()) -> ClusterTls:
+    """TLS for this node's cluster listener from its certificate (a cluster node without one does not start:
+    `cluster_membership`). `manager_calls` (with the secrets) need a manager's certificate."""
     paths = PkiPaths.of(cfg.state_path)
     if not paths.has_node_certificate():
-        return None
+        raise _no_certificate(cfg)
     try:
         paths.identity()
         context = paths.server_context()
@@ -658,17 +657,23 @@ def cluster_tls(cfg: AgentConfig, manager_calls: frozenset[str] = frozenset()) -
 
 
 def cluster_membership(cfg: AgentConfig) -> ClusterMembership | None:
-    """This node's cluster membership. A node with a certificate serves its cluster listener with TLS; one
-    without (a cluster made without a CA) runs only with `cluster_insecure` (ClusterSetupError otherwise)."""
+    """This node's cluster membership. A cluster node serves its cluster listener with mutual TLS from its
+    certificate, always: one without a certificate does not start (ClusterSetupError)."""
     member = membership(cfg.state_path)
-    if member is not None and not cfg.cluster_insecure and not PkiPaths.of(cfg.state_path).has_node_certificate():
-        raise ClusterSetupError(
-            f"this node belongs to cluster {member.cluster_id} ({cfg.state_path / 'cluster.json'}) but holds no "
-            f"certificate ({PkiPaths.of(cfg.state_path).node_cert}), so its cluster listener ({cfg.cluster_listen}) "
-            "would carry join tokens and etcd credentials in plain HTTP: join the cluster again with a token from "
-            "`dabctl cluster join-token` (or set cluster_insecure: true: tests and isolated networks only)"
-        )
+    if member is not None and not PkiPaths.of(cfg.state_path).has_node_certificate():
+        raise _no_certificate(cfg, member)
     return member
+
+
+def _no_certificate(cfg: AgentConfig, member: ClusterMembership | None = None) -> ClusterSetupError:
+    member = member or membership(cfg.state_path)
+    which = f"cluster {member.cluster_id}" if member is not None else "a cluster"
+    return ClusterSetupError(
+        f"this node belongs to {which} ({cfg.state_path / 'cluster.json'}) but holds no certificate "
+        f"({PkiPaths.of(cfg.state_path).node_cert}), and its cluster listener ({cfg.cluster_listen}) serves only "
+        "mutual TLS: join the cluster again with a token from `dabctl cluster join-token`, or make a new one with "
+        "`dabctl cluster init`"
+    )
 
 
 # --- the joining node's side ------------------------------------------------------------------------------------
@@ -694,8 +699,13 @@ def join_cluster(cfg: AgentConfig, token_text: str, manager: str, advertise: str
         name=node_name(cfg),
         advertise_address=advertise or cfg.advertise_address or _address_towards(manager),
     )
-    with_ca = token.ca_digest
-    response = _join_with_ca(state_dir, manager, token, request) if with_ca else post_join(manager, request)
+    if not token.ca_digest:
+        raise ClusterSetupError(
+            "--token: the token names no cluster CA (DABCTL-1-none-...), and a node joins only over TLS checked "
+            "against the CA's digest: make the cluster with `dabctl cluster init` and use a token from "
+            "`dabctl cluster join-token`"
+        )
+    response = _join_with_ca(state_dir, manager, token, request)
     managers = [manager, *(m for m in response.managers if m != manager)]
     state = response.state
     if response.etcd_members:
@@ -787,6 +797,24 @@ def refresh_endpoints(cfg: AgentConfig) -> None:
     if fresh != member.state:
         write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
         log.info("etcd endpoints updated", extra={"state": fresh})
+
+
+def follow_endpoints(cfg: AgentConfig, client: EtcdStateLog) -> bool:
+    """On a cluster whose etcd dabctl runs: point the agent's running client at the voting members etcd lists now
+    (a node that joined when there was one manager learns of those added since, and loses a removed one), and keep
+    them in cluster.json for the next start (its own member first). True when the endpoints changed."""
+    member = membership(cfg.state_path)
+    if member is None or not member.etcd_tls or not follow_members(client):
+        return False
+    hosts = [e.removeprefix("https://").removeprefix("http://") for e in client.endpoints]
+    spec = LocalMember(cfg.state_path).spec()
+    own = host_port(spec.address, spec.client_port) if spec is not None else None
+    first = [own] if own in hosts else []
+    fresh = "etcd://" + ",".join([*first, *(h for h in hosts if h not in first)])
+    if fresh != member.state:
+        write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
+    log.info("etcd endpoints updated", extra={"state": fresh})
+    return True
 
 
 # --- leaving ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from agent.node.control import converge, is_manager_peer, unhealthy
 from agent.node.engine import Engine, PassPlan, PassReport, stack_of
 from agent.node.etcdmember import EtcdMemberError, LocalMember
 from agent.node.etcdroles import CERTIFICATE_PATH, EtcdRoles, certificate_call, retire_member
-from agent.node.join import cluster_api, cluster_membership, cluster_tls, refresh_endpoints
+from agent.node.join import cluster_api, cluster_membership, cluster_tls, follow_endpoints, refresh_endpoints
 from agent.node.membership import Member, cluster_config, status_source
 from agent.node.page import PageData
 from agent.node.rollback import pin_stack, unpin_stack
@@ -52,8 +52,9 @@ from agent.private import private_dir
 from agent.sources.source import Source, open_source, read_secret, source_ref, watch_directory
 from agent.sources.verify import VerificationRefused
 from agent.state.backends import open_log
+from agent.state.etcd import EtcdStateLog
 from agent.state.holder import AGENT_LOCK, Held, HolderLock
-from agent.state.log import StateLocked, Unavailable
+from agent.state.log import StateLocked, StateLogError, Unavailable
 from agent.state.membership import node_id
 from agent.state.records import INTENT_KEY, NODE, NODES, STACKS, Records
 from bundles import DesiredState, InvalidBundles
@@ -75,6 +76,7 @@ from schemas.output import SourceStatus, StatusOutput, VerifyRefusal, VerifyStat
 log = logging.getLogger("dabctl.agent")
 EVENT_DEBOUNCE = 0.1
 EXIT_FALLBACK = 5.0  # a pass after an exit event even if waiting for the exit hangs
+ENDPOINTS_INTERVAL = 10.0  # how often a cluster node's etcd client follows the etcd cluster's members
 
 
 API_CALLS = ("reconcile", "rollback", "suspend", "resume")  # the control calls served on the control socket
@@ -286,6 +288,8 @@ class Agent:
             # The node's etcd member follows its role: started when promoted, retired when demoted or removed.
             roles = EtcdRoles(self.cfg, self.log, self.member, self._reload_certificate)
             self._spawn(functools.partial(roles.run, self.stop), "etcd roles")
+            if isinstance(self.log, EtcdStateLog):
+                self._spawn(functools.partial(self._follow_endpoints, self.log), "etcd endpoints")
         self._spawn(self._poll_source, "source")
         self._spawn(self._follow_events, "events")
         if self.cfg.resync_interval:
@@ -331,6 +335,14 @@ class Agent:
         self.log.close()
         self.docker.close()
         self.lock.release()
+
+    def _follow_endpoints(self, client: EtcdStateLog) -> None:
+        """Every ENDPOINTS_INTERVAL: the etcd client follows the cluster's voting members (see follow_endpoints)."""
+        while not self.stop.wait(ENDPOINTS_INTERVAL):
+            try:
+                follow_endpoints(self.cfg, client)
+            except StateLogError as exc:
+                log.debug("etcd members not listed", extra={"error": str(exc)})
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -130,6 +130,18 @@ class EtcdStateLog:
         for s in list(self._watch_sessions):
             s.close()
 
+    def use_endpoints(self, endpoints: Sequence[str]) -> bool:
+        """Talk to `endpoints` from the next call on (the cluster's members changed); the endpoint in use stays
+        first choice while it is listed. False when there is nothing to change."""
+        fresh = [e.rstrip("/") for e in endpoints]
+        old = self.endpoints
+        if not fresh or set(fresh) == set(old):
+            return False
+        current = old[self._current % len(old)]
+        self._current = fresh.index(current) if current in fresh else 0
+        self.endpoints = fresh
+        return True
+
     # --- transport --------------------------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
@@ -177,20 +189,21 @@ class EtcdStateLog:
         """POST to the first endpoint that answers; a refused connection moves on to the next one."""
         timeout = timeout or self.timeout
         errors = []
-        for i in range(len(self.endpoints)):
-            index = (self._current + i) % len(self.endpoints)
-            url = f"{self.endpoints[index]}/v3{path}"
+        endpoints = self.endpoints  # one list for the whole call: use_endpoints may replace it meanwhile
+        for i in range(len(endpoints)):
+            index = (self._current + i) % len(endpoints)
+            url = f"{endpoints[index]}/v3{path}"
             try:
                 resp = self._session.post(url, data=json.dumps(body), timeout=timeout, headers=headers)
             except requests.exceptions.SSLError as exc:
                 raise StateLogError(
-                    f"TLS with etcd at {self.endpoints[index]} failed: {exc}; check the CA and client certificate"
+                    f"TLS with etcd at {endpoints[index]} failed: {exc}; check the CA and client certificate"
                 ) from None
             except requests.exceptions.ConnectionError as exc:
-                errors.append(f"{self.endpoints[index]}: {type(exc).__name__}")
+                errors.append(f"{endpoints[index]}: {type(exc).__name__}")
                 continue
             except requests.exceptions.Timeout:
-                errors.append(f"{self.endpoints[index]}: timed out after {timeout}s")
+                errors.append(f"{endpoints[index]}: timed out after {timeout}s")
                 if not retry_reads:  # a write may have happened: do not send it twice
                     break
                 continue
@@ -334,11 +347,12 @@ class EtcdStateLog:
         k = self._range_start(prefix)
         delay = 0.05
         while not w.cancelled and not self._closed.is_set():
-            for index in [(self._current + i) % len(self.endpoints) for i in range(len(self.endpoints))]:
+            endpoints = self.endpoints
+            for index in [(self._current + i) % len(endpoints) for i in range(len(endpoints))]:
                 if w.cancelled:
                     return
                 try:
-                    for kind, value in self._stream(w, self.endpoints[index], k, next_rev):
+                    for kind, value in self._stream(w, endpoints[index], k, next_rev):
                         delay = 0.05
                         if kind == "event":
                             assert isinstance(value, Event)

@@ -49,6 +49,13 @@ def _member(doc: dict[str, Any]) -> Member:
     )
 
 
+def follow_members(log: EtcdStateLog) -> bool:
+    """Point `log` at the etcd cluster's voting members (learners answer no reads); True when that changed its
+    endpoints. A client made when the cluster had one member learns of the members added since."""
+    urls = [u for m in EtcdMembership(log).members() if not m.learner for u in m.client_urls]
+    return log.use_endpoints(sorted(urls)) if urls else False
+
+
 class EtcdMembership:
     """Members of the etcd that `log` talks to (a root client for changes)."""
 

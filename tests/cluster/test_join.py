@@ -1,11 +1,11 @@
-"""`cluster init`, `cluster join` and who may write what, on the multi-node harness (3 nodes, a real 3-member etcd).
+"""`cluster init`, `cluster join` and who may write what, on the multi-node harness (3 nodes).
 
 The cluster listener serves mutual TLS with certificates from the cluster CA that `cluster init` makes; joining
-nodes check the CA against the token's digest before they send anything.
-
-etcd auth is switched on for the whole (shared) etcd by `cluster init`: every test here switches it off again and
-removes the users and roles it made, whatever happens (`auth_cleanup`), so the session's other tests find etcd as
-it was.
+nodes check the CA against the token's digest before they send anything. The first test's cluster is formed the
+operator's way (`formed`: the etcd `cluster init` runs, TLS from the cluster CA); the move of a single-node install
+uses `cluster init --etcd` on the harness's own etcd (an existing etcd: the cluster still gets its CA and
+certificates), whose auth `cluster init` switches on: that test switches it off again and removes the users and
+roles it made, whatever happens (`auth_cleanup`), so the session's other tests find etcd as it was.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
+from agent.pki.files import PkiPaths
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT, EtcdAuth
 from tests.integration.agentproc import eventually
 from tests.integration.conftest import SLEEPER
 from tests.support.cluster import Cluster, Node
+from tests.support.dabcluster import formed
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
@@ -117,13 +119,15 @@ import json, sys
 from agent.state.etcd import EtcdStateLog
 from agent.state.log import Put
 member = json.load(open(sys.argv[1]))
-other = sys.argv[2]
+pki, other, hosts = sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+tls = {"ca_file": pki + "/ca.crt", "cert_file": pki + "/node.crt", "key_file": pki + "/node.key"}
 out = {}
-for host in member["state"].removeprefix("etcd://").split(","):
-    for creds in ("worker", "anonymous"):
+for host in hosts:
+    for creds in ("worker", "certificate-only"):
         user = member["etcd_user"] if creds == "worker" else None
         password = member["etcd_password"] if creds == "worker" else None
-        log = EtcdStateLog(["http://" + host], prefix=member["etcd_prefix"], user=user, password=password, timeout=3)
+        log = EtcdStateLog(["https://" + host], prefix=member["etcd_prefix"], user=user, password=password, timeout=3,
+                           **tls)
         for key in ("/assignments/web/app", "/stacks/web", "/leader", "/cluster", f"/nodes/{member['node_id']}",
                     f"/node/{other}/status", f"/node/{member['node_id']}/status"):
             try:
@@ -137,126 +141,119 @@ print(json.dumps(out))
 """
 
 
-def test_init_and_join_give_each_node_an_etcd_user_that_writes_only_its_own_keys(
-    cluster: Cluster, auth_cleanup: list[Path], tmp_path: Path
+def test_init_and_join_give_nodes_certificates_and_each_an_etcd_user_that_writes_only_its_own_keys(
+    cluster: Cluster, tmp_path: Path
 ) -> None:
-    n1, n2, n3 = cluster.nodes
-    auth_cleanup.append(n1.state_dir)
-    prefix = _prefix()
-    tokens = _init(n1, cluster, prefix)
-    assert set(tokens) == {"worker", "manager"}, tokens
-    for name in ("cluster.json", "cluster-secrets.json", "node-id"):
-        assert (n1.state_dir / name).stat().st_mode & 0o777 == 0o600
-    source = tmp_path / "stacks"
-    source.mkdir()
-    _start(n1, _agent_config(n1, source))
+    """One cluster formed by `cluster init` (n1, its etcd member) and joins (n2 a manager with its own member, n3 a
+    worker): what init and join leave on each node, who may write what (etcd and the cluster listener), the
+    refusals (a wrong secret, another CA's digest, a namesake, a rotated token), and a node without a certificate."""
+    with formed(cluster, tmp_path, managers=2) as dab:
+        n1, n2, n3 = dab.nodes
+        tokens = dab.tokens
+        assert set(tokens) == {"worker", "manager"}, tokens
+        for name in ("cluster.json", "cluster-secrets.json", "node-id"):
+            assert (n1.state_dir / name).stat().st_mode & 0o777 == 0o600
 
-    # A wrong secret is refused by the manager; nothing is written on the node.
-    wrong = tokens["worker"][:-6] + "abcdef"
-    out = n2.dabctl("cluster", "join", "--token", wrong, "--node-name", "n2", f"{n1.address}:9421")
-    assert "refused the join" in out.stderr, out.stderr  # the manager's answer: the CA matched, the secret did not
-    assert out.returncode == 1 and "invalid join token" in out.stderr, out.stderr
-    assert not (n2.state_dir / "cluster.json").exists()
+        # What the worker holds: its etcd user and its certificate; no manager secret, no CA key.
+        member = dab.membership(n3)
+        assert member["etcd_user"] == f"dabctl-node-{member['node_id']}"
+        assert member["node_id"] == dab.node_id(n3)
+        assert member["etcd_tls"] is True
+        assert (n3.state_dir / "cluster.json").stat().st_mode & 0o777 == 0o600
+        assert not (n3.state_dir / "cluster-secrets.json").exists()
+        assert not (n3.state_dir / "pki" / "ca.key").exists()
+        for name in ("ca.crt", "node.crt", "node.key"):
+            assert (n3.state_dir / "pki" / name).stat().st_mode & 0o777 == 0o600
+        # A joined manager got the CA key and the secrets over mutual TLS.
+        assert (n2.state_dir / "pki" / "ca.key").read_bytes() == (n1.state_dir / "pki" / "ca.key").read_bytes()
+        assert (n2.state_dir / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+        assert (n2.state_dir / "cluster-secrets.json").exists()
 
-    t0 = time.monotonic()
-    out = n2.dabctl(
-        "cluster",
-        "join",
-        "--token",
-        tokens["worker"],
-        "--node-name",
-        "n2",
-        "--advertise-address",
-        n2.address,
-        f"{n1.address}:9421",
-    )
-    joined = time.monotonic() - t0
-    assert out.returncode == 0, out.stderr
-    assert "as a worker" in out.stdout
-    print(f"cluster join (worker) took {joined:.2f} s")
-    member = json.loads((n2.state_dir / "cluster.json").read_text())
-    assert member["etcd_user"] == f"dabctl-node-{member['node_id']}"
-    assert member["node_id"] == (n2.state_dir / "node-id").read_text().strip()
-    assert (n2.state_dir / "cluster.json").stat().st_mode & 0o777 == 0o600
-    assert not (n2.state_dir / "cluster-secrets.json").exists()  # a worker holds no manager secret
-    assert not (n2.state_dir / "pki" / "ca.key").exists()  # nor the CA key
-    for name in ("ca.crt", "node.crt", "node.key"):
-        assert (n2.state_dir / "pki" / name).stat().st_mode & 0o777 == 0o600
-
-    t0 = time.monotonic()
-    out = n3.dabctl("cluster", "join", "--token", tokens["manager"], "--node-name", "n3", f"{n1.address}:9421")
-    assert out.returncode == 0 and "as a manager" in out.stdout, out.stderr
-    print(f"cluster join (manager, with the secrets and CA key over mutual TLS) took {time.monotonic() - t0:.2f} s")
-    n3_id = (n3.state_dir / "node-id").read_text().strip()
-    assert (n3.state_dir / "pki" / "ca.key").read_bytes() == (n1.state_dir / "pki" / "ca.key").read_bytes()
-    assert (n3.state_dir / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
-    assert (n3.state_dir / "cluster-secrets.json").exists()
-
-    # With everything the worker holds, from its namespace, to every etcd endpoint: only its own keys.
-    probe = n2.sh(sys.executable, "-c", _WRITES, str(n2.state_dir / "cluster.json"), n3_id, timeout=60)
-    assert probe.returncode == 0, probe.stderr
-    results = json.loads(probe.stdout)
-    own = f"/node/{member['node_id']}/status"
-    for what, result in results.items():
-        if what.startswith("worker") and what.endswith(own):
-            assert result == "written", (what, result)
-        else:
-            assert result.startswith("PermissionDenied"), (what, result)
-    assert len(results) == 3 * 2 * 7
-
-    # The manager's user writes the prefix; the cluster listener offers joining and nothing else.
-    manager = json.loads((n3.state_dir / "cluster.json").read_text())
-    mlog = EtcdStateLog(
-        _endpoints(cluster), prefix=prefix, user=manager["etcd_user"], password=manager["etcd_password"]
-    )
-    try:
-        mlog.put("/assignments/web/app", b"{}")
-    finally:
-        mlog.close()
-    for path in ("/api/reconcile", "/cluster/v1/node", "/status", "/webhook"):
-        assert _curl(n2, f"https://{n1.address}:9421{path}") == "404", path
-    _check_listener_tls(n1, n2, n3)
-
-    # A second node named n2 (another id) is refused while n2 is live (its status under a lease).
-    wlog = EtcdStateLog(_endpoints(cluster), prefix=prefix, user=member["etcd_user"], password=member["etcd_password"])
-    try:
-        lease = wlog.grant(30)
-        wlog.put(own, json.dumps({"node_id": member["node_id"]}).encode(), lease=lease)
-        other_state = n3.root / "impostor"
+        # A wrong secret is refused by the manager, another CA's digest by the joining node; nothing is written.
+        elsewhere = n3.root / "elsewhere"
+        wrong = tokens["worker"][:-6] + "abcdef"
         out = n3.dabctl(
-            "cluster",
-            "join",
-            "--token",
-            tokens["worker"],
-            "--node-name",
-            "n2",
-            "--state-dir",
-            str(other_state),
+            "cluster", "join", "--token", wrong, "--node-name", "n9", "--state-dir", str(elsewhere),
             f"{n1.address}:9421",
-        )
-        assert out.returncode == 1 and "belongs to live node" in out.stderr, out.stderr
-        wlog.revoke(lease)
-    finally:
-        wlog.close()
+        )  # fmt: skip
+        assert "refused the join" in out.stderr, out.stderr  # the manager's answer: the CA matched, not the secret
+        assert out.returncode == 1 and "invalid join token" in out.stderr, out.stderr
+        parts = tokens["worker"].split("-")
+        parts[2] = "0" * 64  # another CA's digest, the right secret
+        refused_before = n1.agent.log().count("join refused")
+        out = n3.dabctl(
+            "cluster", "join", "--token", "-".join(parts), "--node-name", "n9", "--state-dir", str(elsewhere),
+            f"{n1.address}:9421",
+        )  # fmt: skip
+        assert out.returncode == 1 and "does not match the token's CA digest" in out.stderr, out.stderr
+        assert n1.agent.log().count("join refused") == refused_before  # nothing but the CA fetch was sent
+        assert not (elsewhere / "cluster.json").exists() and not (elsewhere / "pki").exists()
 
-    # Rotation: the old worker token admits no more nodes.
-    out = n1.dabctl("cluster", "join-token", "--rotate", "-q", "worker", env=ENV)
-    assert out.returncode == 0, out.stderr
-    fresh = out.stdout.strip()
-    digest = tokens["worker"].split("-")[2]
-    assert len(digest) == 64 and fresh != tokens["worker"] and fresh.startswith(f"DABCTL-1-{digest}-")
-    out = n3.dabctl(
-        "cluster",
-        "join",
-        "--token",
-        tokens["worker"],
-        "--node-name",
-        "n9",
-        "--state-dir",
-        str(n3.root / "late"),
-        f"{n1.address}:9421",
-    )
-    assert out.returncode == 1 and "invalid join token" in out.stderr, out.stderr
+        # With everything the worker holds, from its namespace, to every manager's etcd member: only its own keys.
+        n2_id = dab.node_id(n2)
+        hosts = ",".join(f"{n.address}:2379" for n in dab.managers)
+        probe = n3.sh(
+            sys.executable, "-c", _WRITES, str(n3.state_dir / "cluster.json"), str(n3.state_dir / "pki"), n2_id, hosts,
+            timeout=60,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr
+        results = json.loads(probe.stdout)
+        own = f"/node/{member['node_id']}/status"
+        for what, result in results.items():
+            if what.startswith("worker") and what.endswith(own):
+                assert result == "written", (what, result)
+            else:
+                assert result.startswith("PermissionDenied"), (what, result)
+        assert len(results) == len(dab.managers) * 2 * 7
+        # ... and through every manager's cluster listener: no changing call answers a worker's certificate.
+        pki3 = n3.state_dir / "pki"
+        mine = ("--cert", str(pki3 / "node.crt"), "--key", str(pki3 / "node.key"))
+        for manager in dab.managers:
+            for call in ("reconcile", "rollback", "suspend", "resume", "secrets"):
+                url = f"https://{manager.address}:9421/cluster/v1/{call}"
+                assert _curl(n3, url, *mine) == "403", (manager.name, call)
+
+        # The manager's user writes the prefix; the cluster listener offers joining and nothing else.
+        manager = dab.membership(n2)
+        pki2 = PkiPaths.of(n2.state_dir)
+        mlog = EtcdStateLog(
+            dab.etcd_endpoints, prefix=dab.prefix, user=manager["etcd_user"], password=manager["etcd_password"],
+            ca_file=str(pki2.ca_cert), cert_file=str(pki2.node_cert), key_file=str(pki2.node_key),
+        )  # fmt: skip
+        try:
+            mlog.put("/assignments/web/app", b"{}")
+        finally:
+            mlog.close()
+        for path in ("/api/reconcile", "/cluster/v1/node", "/status", "/webhook"):
+            assert _curl(n3, f"https://{n1.address}:9421{path}") == "404", path
+        _check_listener_tls(n1, worker=n3, manager=n2)
+        assert "dabctl_node_certificate_expiry_seconds" in n1.agent.get("/metrics").text
+
+        # A second node named n3 (another id) is refused while n3 is live.
+        out = n2.dabctl(
+            "cluster", "join", "--token", tokens["worker"], "--node-name", "n3", "--state-dir",
+            str(n2.root / "impostor"), f"{n1.address}:9421",
+        )  # fmt: skip
+        assert out.returncode == 1 and "belongs to live node" in out.stderr, out.stderr
+
+        # Rotation: the old worker token admits no more nodes.
+        out = n1.dabctl("cluster", "join-token", "--rotate", "-q", "worker")
+        assert out.returncode == 0, out.stderr
+        fresh = out.stdout.strip()
+        digest = tokens["worker"].split("-")[2]
+        assert len(digest) == 64 and fresh != tokens["worker"] and fresh.startswith(f"DABCTL-1-{digest}-")
+        out = n2.dabctl(
+            "cluster", "join", "--token", tokens["worker"], "--node-name", "n9", "--state-dir", str(n2.root / "late"),
+            f"{n1.address}:9421",
+        )  # fmt: skip
+        assert out.returncode == 1 and "invalid join token" in out.stderr, out.stderr
+
+        # A cluster node without a certificate does not start: its listener serves only mutual TLS.
+        n3.stop_agent()
+        (n3.state_dir / "pki" / "node.crt").unlink()
+        out = n3.dabctl("agent", "--source", str(tmp_path))
+        assert out.returncode == 1
+        assert "holds no certificate" in out.stderr and "join the cluster again" in out.stderr, out.stderr
 
 
 def _curl(node: Node, url: str, *opts: str) -> str:
@@ -280,24 +277,24 @@ def _curl(node: Node, url: str, *opts: str) -> str:
     return out.stdout.strip()
 
 
-def _check_listener_tls(n1: Node, n2: Node, n3: Node) -> None:
+def _check_listener_tls(n1: Node, worker: Node, manager: Node) -> None:
     """Plain HTTP gets no answer; a client without a certificate reaches only the CA and joining; a worker's
     certificate cannot fetch the managers' secrets, a manager's can; a certificate of another CA fails."""
     base = f"{n1.address}:9421"
-    assert _curl(n2, f"http://{base}/cluster/v1/join") == "000"
-    ca = n2.sh("curl", "-sk", f"https://{base}/cluster/v1/ca").stdout
+    assert _curl(worker, f"http://{base}/cluster/v1/join") == "000"
+    ca = worker.sh("curl", "-sk", f"https://{base}/cluster/v1/ca").stdout
     assert ca.encode() == (n1.state_dir / "pki" / "ca.crt").read_bytes()
     secrets_url = f"https://{base}/cluster/v1/secrets"
-    assert _curl(n2, secrets_url) == "401"
-    pki2, pki3 = n2.state_dir / "pki", n3.state_dir / "pki"
-    assert _curl(n2, secrets_url, "--cert", str(pki2 / "node.crt"), "--key", str(pki2 / "node.key")) == "403"
-    assert _curl(n3, secrets_url, "--cert", str(pki3 / "node.crt"), "--key", str(pki3 / "node.key")) == "200"
+    assert _curl(worker, secrets_url) == "401"
+    pkiw, pkim = worker.state_dir / "pki", manager.state_dir / "pki"
+    assert _curl(worker, secrets_url, "--cert", str(pkiw / "node.crt"), "--key", str(pkiw / "node.key")) == "403"
+    assert _curl(manager, secrets_url, "--cert", str(pkim / "node.crt"), "--key", str(pkim / "node.key")) == "200"
     # The changing calls managers forward to the leader: a manager's certificate only.
     reconcile_url = f"https://{base}/cluster/v1/reconcile"
-    assert _curl(n2, reconcile_url) == "401"
-    assert _curl(n2, reconcile_url, "--cert", str(pki2 / "node.crt"), "--key", str(pki2 / "node.key")) == "403"
+    assert _curl(worker, reconcile_url) == "401"
+    assert _curl(worker, reconcile_url, "--cert", str(pkiw / "node.crt"), "--key", str(pkiw / "node.key")) == "403"
     # A client that checks the server against the cluster CA (as nodes do) is answered; against another CA not.
-    out = n2.sh(
+    out = worker.sh(
         "curl",
         "-s",
         "-o",
@@ -305,49 +302,14 @@ def _check_listener_tls(n1: Node, n2: Node, n3: Node) -> None:
         "-w",
         "%{http_code}",
         "--cacert",
-        str(pki2 / "ca.crt"),
+        str(pkiw / "ca.crt"),
         "--cert",
-        str(pki2 / "node.crt"),
+        str(pkiw / "node.crt"),
         "--key",
-        str(pki2 / "node.key"),
+        str(pkiw / "node.key"),
         f"https://{base}/cluster/v1/ca",
     )
     assert out.stdout == "200", out  # curl checks the host name too: the certificate's IP SAN is n1's address
-
-
-def test_a_joining_node_refuses_a_ca_that_does_not_match_its_token(
-    cluster: Cluster, auth_cleanup: list[Path], tmp_path: Path
-) -> None:
-    n1, n2 = cluster.nodes[:2]
-    auth_cleanup.append(n1.state_dir)
-    tokens = _init(n1, cluster, _prefix())
-    source = tmp_path / "stacks"
-    source.mkdir()
-    agent = _start(n1, _agent_config(n1, source))
-    parts = tokens["worker"].split("-")
-    parts[2] = "0" * 64  # another CA's digest, the right secret
-    out = n2.dabctl("cluster", "join", "--token", "-".join(parts), "--node-name", "n2", f"{n1.address}:9421")
-    assert out.returncode == 1 and "does not match the token's CA digest" in out.stderr, out.stderr
-    assert not (n2.state_dir / "cluster.json").exists()
-    assert not (n2.state_dir / "pki").exists()
-    assert "join refused" not in agent.log() and "node joined" not in agent.log()  # nothing but the CA fetch was sent
-
-
-def test_a_cluster_node_runs_its_listener_on_tls_and_refuses_to_run_plain_without_a_certificate(
-    cluster: Cluster, auth_cleanup: list[Path], tmp_path: Path
-) -> None:
-    n1 = cluster.nodes[0]
-    auth_cleanup.append(n1.state_dir)
-    _init(n1, cluster, _prefix())
-    source = tmp_path / "stacks"
-    source.mkdir()
-    agent = _start(n1, _agent_config(n1, source))  # no cluster_insecure: TLS
-    assert "dabctl_node_certificate_expiry_seconds" in agent.get("/metrics").text
-    n1.stop_agent()
-    (n1.state_dir / "pki" / "node.crt").unlink()
-    out = n1.dabctl("agent", "--source", str(tmp_path), env=ENV)
-    assert out.returncode == 1
-    assert "holds no certificate" in out.stderr and "join the cluster again" in out.stderr, out.stderr
 
 
 def test_a_running_single_node_install_moves_into_a_cluster_with_no_container_recreated(
@@ -395,6 +357,9 @@ def test_a_running_single_node_install_moves_into_a_cluster_with_no_container_re
     assert out.returncode == 0, out.stderr + agent.log()[-3000:]
     print(f"agent start to a converged pass as a cluster node: {time.monotonic() - t0:.2f} s")
     assert containers() == before  # the same containers: none recreated
+    # A cluster on an existing etcd has its CA and certificates too: the listener serves only TLS.
+    assert PkiPaths.of(n1.state_dir).has_node_certificate()
+    assert _curl(n1, f"http://{n1.address}:9421/cluster/v1/join") == "000"
     mlog = EtcdStateLog(_endpoints(cluster), prefix=prefix, user=member["etcd_user"], password=member["etcd_password"])
     try:
         assignments = {kv.key: json.loads(kv.value) for kv in mlog.range("/assignments/")}

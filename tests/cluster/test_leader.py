@@ -1,10 +1,11 @@
-"""Leader loss during a rolling update across nodes, on the harness (3 nodes, a real 3-member etcd, two managers).
+"""Leader loss during a rolling update across nodes, on the harness: a cluster formed by `cluster init` with 3
+managers (the 3-member etcd they run, TLS from the cluster CA).
 
 One formed cluster checks, in order:
 - a start-first rolling update of 6 replicas over 3 nodes (Parallelism 2, health-gated) counts its batches
   cluster-wide: polling every node's engine, never more than 2 slots are being replaced at once;
 - SIGKILL of the leader's agent mid-update: the other manager leads within the lease TTL + 2 s and finishes it;
-- a history check over every state-log revision since the update began (the harness's etcd runs without
+- a history check over every state-log revision since the update began (the managed etcd members run without
   auto-compaction, etcd's default): no slot ever has two tasks desired `running` except a start-first overlap,
   and none outlives the transaction that records the new task healthy;
 - a leader stopped (SIGSTOP) past its TTL and continued (SIGCONT) cannot write: its commits fail the fence (counted
@@ -13,18 +14,15 @@ One formed cluster checks, in order:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from agent.state.etcd import EtcdStateLog
-from agent.state.etcdauth import ROOT
 from agent.state.nodes import NodeRecords
 from agent.state.records import TASKS
 from schemas.state import TaskRecord
@@ -91,26 +89,9 @@ def replacing(nodes: list[Node], old: str) -> int:
     )
 
 
-@pytest.fixture
-def root_log(cluster: Cluster) -> Iterator[list[EtcdStateLog]]:
-    """A holder for the test's root client of the cluster's etcd (made once the cluster is formed)."""
-    held: list[EtcdStateLog] = []
-    yield held
-    for log in held:
-        log.close()
-
-
-def open_root(dab: DabCluster, held: list[EtcdStateLog]) -> EtcdStateLog:
-    password = json.loads((dab.nodes[0].state_dir / "cluster-secrets.json").read_text())["etcd_root_password"]
-    endpoints = ["http://" + h for h in dab.cluster.etcd_state.removeprefix("etcd://").split(",")]
-    log = EtcdStateLog(endpoints, prefix=dab.prefix, user=ROOT, password=password)
-    held.append(log)
-    return log
-
-
 def history(log: EtcdStateLog, start: int, end: int) -> list[tuple[int, dict[str, TaskRecord]]]:
     """The task keys at every revision in (start, end] that changed one: a range read at each revision (etcd
-    keeps them all: the harness runs it without auto-compaction)."""
+    keeps them all: the managed members run without auto-compaction)."""
     out: list[tuple[int, dict[str, TaskRecord]]] = []
     last: dict[str, int] = {}
     for revision in range(start + 1, end + 1):
@@ -151,10 +132,10 @@ def metric(node: Node, name: str) -> float:
 
 
 def test_a_killed_leader_is_replaced_within_the_ttl_and_the_new_one_finishes_the_rolling_update(
-    cluster: Cluster, tmp_path: Any, root_log: list[EtcdStateLog]
+    cluster: Cluster, tmp_path: Any
 ) -> None:
-    with formed(cluster, tmp_path, managers=2) as dab:
-        log = open_root(dab, root_log)
+    with formed(cluster, tmp_path, managers=3) as dab:
+        log = dab.root_log()
         leaders = NodeRecords(log)
         deploy(dab, "1")
         dab.wait(lambda: sum(healthy_specs(dab.nodes).values()) == 6, timeout=120, what="6 healthy replicas")

@@ -1,5 +1,8 @@
-"""Node loss, pause, drain and a cut network on the harness (3 nodes, a real 3-member etcd), one formed cluster:
+"""Scheduling, node loss, pause, drain and a cut network on the harness (3 nodes), one cluster formed by `cluster init` (n1 the
+manager running the cluster's TLS etcd member, n2 and n3 workers):
 
+- `Replicas: 6` runs 2/2/2 and a global service one per node; `ps` on the manager shows every node's slots and a
+  changing command on a worker points at the managers;
 - pause: new slots avoid the paused node, its tasks stay;
 - drain: its replicated tasks run elsewhere, a start-first service never drops below its healthy count (all
   nodes polled every ~100 ms), its global task stops;
@@ -20,9 +23,8 @@ from typing import Any
 
 import pytest
 
-from agent.state.etcd import EtcdStateLog
-from agent.state.etcdauth import ROOT
 from agent.state.records import Records
+from schemas.state import STATE_SCHEMA, STATE_SCHEMA_OLDEST
 from tests.integration.conftest import SLEEPER
 from tests.support.cluster import Cluster, Node
 from tests.support.dabcluster import ENV, DabCluster, formed
@@ -53,9 +55,7 @@ class Checks:
 
     def __init__(self, dab: DabCluster) -> None:
         self.dab = dab
-        password = json.loads((dab.nodes[0].state_dir / "cluster-secrets.json").read_text())["etcd_root_password"]
-        endpoints = ["http://" + h for h in dab.cluster.etcd_state.removeprefix("etcd://").split(",")]
-        self.log = EtcdStateLog(endpoints, prefix=dab.prefix, user=ROOT, password=password)
+        self.log = dab.root_log()
         self.records = Records(self.log)
 
     def deploy(self, web: int) -> None:
@@ -113,9 +113,6 @@ class Checks:
         out = self.dab.nodes[0].dabctl("node", "update", node, *flags, env=ENV)
         assert out.returncode == 0, out.stderr
 
-    def close(self) -> None:
-        self.log.close()
-
 
 class Poller:
     """Polls `probe` every ~100 ms in a thread for the block; `samples` holds what it returned."""
@@ -144,11 +141,7 @@ class Poller:
 def checks(cluster: Cluster, tmp_path: Any) -> Iterator[Checks]:
     # The default resync (300 s): what moves replicas here is the product's own triggers, not a periodic pass.
     with formed(cluster, tmp_path, resync_interval=300) as dab:
-        c = Checks(dab)
-        try:
-            yield c
-        finally:
-            c.close()
+        yield Checks(dab)
 
 
 def test_pause_drain_kill_and_cut_move_replicas_and_leave_one_task_and_one_container_per_slot(checks: Checks) -> None:
@@ -158,6 +151,24 @@ def test_pause_drain_kill_and_cut_move_replicas_and_leave_one_task_and_one_conta
     dab.wait(lambda: checks.running("web") == {"n1": 2, "n2": 2, "n3": 2}, what="web 2/2/2")
     dab.wait(lambda: checks.running("mon") == {"n1": 1, "n2": 1, "n3": 1}, what="mon on every node")
     dab.wait(lambda: checks.healthy("api") == 3 and checks.running("api") == {"n1": 1, "n2": 1, "n3": 1}, what="api")
+    # Operating it: `ps` on the manager shows every node's slots; changing commands on a worker point at managers.
+    ps = n1.dabctl("ps", STACK, env=ENV)
+    assert ps.returncode == 0, ps.stderr
+    assert "NODE" in ps.stdout.splitlines()[0]
+    rows = [line.split() for line in ps.stdout.splitlines()[1:] if line.strip()]
+    assert {cell for row in rows for cell in row if cell in ("n1", "n2", "n3")} == {"n1", "n2", "n3"}
+    refused = n2.dabctl("reconcile", "--once", env=ENV)
+    assert refused.returncode == 1 and "run this on a manager" in refused.stderr, refused.stderr
+    assert n1.address in refused.stderr
+    # Guards: every node records the state schemas it reads; the same config everywhere narrows nothing.
+    inspect = n1.dabctl("node", "inspect", "n2", env=ENV)
+    assert inspect.returncode == 0, inspect.stderr
+    detail = json.loads(inspect.stdout)
+    assert (detail["status"]["schema_oldest"], detail["status"]["schema_version"]) == (
+        STATE_SCHEMA_OLDEST,
+        STATE_SCHEMA,
+    )
+    assert detail["narrows"] == []
 
     # pause: a scale-up places nothing on n2; what n2 runs stays.
     checks.node_update("n2", "--availability", "pause")

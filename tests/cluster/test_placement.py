@@ -20,6 +20,9 @@ from tests.support.registry import build_variant
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 PORT = 30080
+# The lightest container that runs until stopped: one shell waiting on one sleep (SLEEPER wakes every second: 300 of
+# those fork 300 times a second on a 2-core machine), ending at once on SIGTERM.
+IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 2147483647 & wait"]
 
 
 def sleeper(replicas: int, *constraints: str, max_per_node: int = 0, image: str = "") -> dict[str, Any]:
@@ -28,7 +31,7 @@ def sleeper(replicas: int, *constraints: str, max_per_node: int = 0, image: str 
         placement["MaxReplicasPerNode"] = max_per_node
     return {
         "Image": image,
-        "Command": SLEEPER,
+        "Command": IDLE,
         "StopGracePeriod": "1s",
         "Deploy": {"Replicas": replicas, "Placement": placement},
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.state.etcd import EtcdStateLog
+from agent.state.etcdcluster import follow_members
 from agent.state.log import Event, StateLogError, Unavailable, Watch
 from tests.statelog.conftest import collect
 from tests.support.etcd import EtcdServer, TlsFiles, free_port, make_tls
@@ -344,6 +345,21 @@ def test_a_keepalive_skips_a_silent_endpoint_well_within_a_short_lease(
     assert took < 3.0, f"keepalive took {took:.2f} s past a silent endpoint"
     assert took >= both.keepalive_timeout * 0.9  # it did try the silent one first
     log.revoke(lease)
+
+
+def test_a_client_follows_the_etcd_clusters_members(etcd_server: EtcdServer, logs: Callable[..., EtcdStateLog]) -> None:
+    """A client made with endpoints that are no longer members (or not yet all of them) is pointed at the members
+    etcd lists, and keeps working; a second look changes nothing."""
+    gone = dead_url()
+    log = logs([gone, etcd_server.url], prefix=prefix())
+    log.put("/a", b"1")  # through the live endpoint, after the dead one
+    assert follow_members(log) is True
+    assert log.endpoints == [etcd_server.url.rstrip("/")]
+    assert follow_members(log) is False
+    kv = log.get("/a")
+    assert kv is not None and kv.value == b"1"
+    assert log.use_endpoints([]) is False  # nothing listed: keep what it has
+    assert log.endpoints == [etcd_server.url.rstrip("/")]
 
 
 @pytest.mark.parametrize("kind", ["refused", "silent"])

@@ -122,6 +122,24 @@ def test_unknown_key_in_file_names_file_and_field(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_removed_cluster_insecure_is_refused_with_a_pointer_to_cluster_init(tmp_path: Path, value: str) -> None:
+    path = config_file(tmp_path, f"state_dir: /x\ncluster_insecure: {value}\n")
+    for where, call in (
+        (f"{path}: cluster_insecure: ", lambda: load_config(path, NO_FLAGS, environ={})),
+        (
+            "environment variable DABCTL_CLUSTER_INSECURE: ",
+            lambda: load_config(None, NO_FLAGS, environ={"DABCTL_CLUSTER_INSECURE": value}),
+        ),
+    ):
+        with pytest.raises(ConfigError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(where), message
+        assert "removed" in message and "`dabctl cluster init`" in message, message
+        assert "\n" not in message
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [

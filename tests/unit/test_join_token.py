@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from agent.node.join import ClusterSetupError, join_cluster
+from schemas.config import AgentConfig
 from schemas.join import InvalidToken, JoinToken, role_of, secret_digest
 
 
@@ -33,3 +37,12 @@ def test_the_role_is_the_one_whose_digest_matches() -> None:
     assert role_of(JoinToken.new(), worker.digest, manager.digest) is None
     assert role_of(worker, "", "") is None
     assert secret_digest(worker.secret) == worker.digest != worker.secret
+
+
+def test_a_token_without_a_ca_digest_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    # No join runs in plain HTTP: a token that names no CA (an earlier version's cluster) is refused on the joining
+    # node, with the way to a cluster that has one. The manager address is one nothing listens on.
+    cfg = AgentConfig(state_dir=str(tmp_path / "state"), node_name="n2")
+    with pytest.raises(ClusterSetupError, match=r"names no cluster CA.*`dabctl cluster init`"):
+        join_cluster(cfg, str(JoinToken.new()), "127.0.0.1:9", "127.0.0.1")
+    assert not (tmp_path / "state" / "cluster.json").exists()
