@@ -22,11 +22,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,101 +34,32 @@ from agent.state.etcdauth import ROOT
 from agent.state.etcdcluster import EtcdMembership
 from tests.integration.conftest import SLEEPER
 from tests.support.cluster import Cluster, Node
+from tests.support.dabcluster import TTL, DabCluster, formed
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 STACK = "shop"
-TTL = 6  # the cluster's lease TTL: a node is down this long after its agent dies
 CLUSTER_FILES = ("cluster.json", "cluster-secrets.json", "etcd", "pki")  # node-id stays: the same node joins again
 
 
-@dataclass
-class Formed:
-    """A cluster `cluster init` made on the harness's nodes: every node a manager running the stacks' source."""
+def states(dab: DabCluster, on: Node) -> dict[str, str]:
+    return {r["name"]: r["state"] for r in dab.nodes_json(on)}
 
-    cluster: Cluster
-    source: Path
-    tokens: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def nodes(self) -> list[Node]:
-        return self.cluster.nodes
+def leader_of(dab: DabCluster, on: Node) -> str | None:
+    return next((r["name"] for r in dab.nodes_json(on) if r["leader"]), None)
 
-    def start(self, node: Node) -> None:
-        config = {
-            "source": str(self.source),
-            "cluster_listen": f"{node.address}:9421",
-            "allow_empty": True,
-            "resync_interval": 5,
-        }
-        node.start_agent(config=config, ready=False)
-        wait_for(lambda: node.connects(node.address, 9421), timeout=60)
 
-    def join(self, node: Node, via: Node, role: str = "manager") -> None:
-        out = node.dabctl(
-            "cluster", "join", "--token", self.tokens[role], "--node-name", node.name, "--advertise-address",
-            node.address, f"{via.address}:9421",
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr + etcd_logs(self.nodes)
-
-    def nodes_json(self, on: Node) -> list[dict[str, Any]]:
-        out = on.dabctl("node", "ls", "--json")
-        assert out.returncode == 0, out.stderr
-        rows: list[dict[str, Any]] = json.loads(out.stdout)
-        return rows
-
-    def states(self, on: Node) -> dict[str, str]:
-        return {r["name"]: r["state"] for r in self.nodes_json(on)}
-
-    def leader(self, on: Node) -> str | None:
-        return next((r["name"] for r in self.nodes_json(on) if r["leader"]), None)
-
-    def deploy(self, web: int) -> None:
-        image = self.cluster.image
-        services = {
+def deploy(dab: DabCluster, web: int) -> None:
+    image = dab.cluster.image
+    dab.deploy(
+        STACK,
+        {
             "web": {"Image": image, "Command": SLEEPER, "StopGracePeriod": "1s", "Deploy": {"Replicas": web}},
             "mon": {"Image": image, "Command": SLEEPER, "StopGracePeriod": "1s", "Deploy": {"Mode": "global"}},
-        }
-        path = self.source / f"{STACK}.dab"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"Version": "0.1", "Services": services}))
-        tmp.rename(path)
-
-    def wait(self, condition: Callable[[], object], timeout: float = 90, what: str = "") -> None:
-        try:
-            wait_for(condition, timeout=timeout, interval=0.25)
-        except AssertionError:
-            logs = "\n".join(f"--- {n.name} agent log ---\n{n.agent.log()[-3000:]}" for n in self.nodes if n.agent)
-            raise AssertionError(f"{what or 'condition'} not met within {timeout} s\n{logs}") from None
-
-
-def form(cluster: Cluster, root: Path) -> Formed:
-    """`cluster init` on n1 (no --etcd: the etcd member dabctl runs, TLS), `cluster join` of n2 and n3 as managers,
-    an agent on every node, all up."""
-    source = root / "stacks"
-    source.mkdir()
-    source.chmod(0o755)
-    dab = Formed(cluster, source)
-    first = dab.nodes[0]
-    out = first.dabctl(
-        "cluster", "init", "--node-name", first.name, "--advertise-address", first.address, "--lease-ttl", str(TTL)
+        },
     )
-    assert out.returncode == 0, out.stderr
-    for role in ("worker", "manager"):
-        got = first.dabctl("cluster", "join-token", role, "-q")
-        assert got.returncode == 0, got.stderr
-        dab.tokens[role] = got.stdout.strip()
-    dab.start(first)
-    for node in dab.nodes[1:]:
-        dab.join(node, first)
-        dab.start(node)
-    dab.wait(lambda: set(dab.states(first).values()) == {"up"} and len(dab.states(first)) == 3, what="3 nodes up")
-    return dab
-
-
-def etcd_logs(nodes: list[Node]) -> str:
-    return "".join(f"\n--- etcd on {n.name}:\n{LocalMember(n.state_dir).log_tail(20)}" for n in nodes)
 
 
 def root_client(node: Node, endpoints: list[Node]) -> EtcdStateLog:
@@ -215,41 +143,33 @@ def passes(node: Node) -> float:
     )
 
 
-@pytest.fixture
-def managers(cluster: Cluster) -> Iterator[Cluster]:
-    """The cluster; afterwards no agent and no etcd member of the test runs, and their data is gone."""
-    yield cluster
-    for node in cluster.nodes:
-        node.stop_agent()
-        local = LocalMember(node.state_dir)
-        local.stop(timeout=5)
-        local.destroy()
+def test_a_killed_manager_and_a_recovered_quorum_loss_keep_every_container(cluster: Cluster, tmp_path: Path) -> None:
+    with formed(cluster, tmp_path, managers=3) as dab:
+        killed_and_recovered(dab, tmp_path)
 
 
-def test_a_killed_manager_and_a_recovered_quorum_loss_keep_every_container(managers: Cluster, tmp_path: Path) -> None:
+def killed_and_recovered(dab: DabCluster, tmp_path: Path) -> None:
     t_form = time.monotonic()
     say = lambda what: print(f"{time.monotonic() - t_form:6.1f} s {what}", flush=True)  # noqa: E731
-    dab = form(managers, tmp_path)
-    say("formed")
     n1, n2, n3 = dab.nodes
-    formed_s = time.monotonic() - t_form
-    dab.deploy(web=6)
+    formed_s = dab.seconds["total"]
+    deploy(dab, web=6)
     dab.wait(lambda: running(dab.nodes, "web") == {"n1": 2, "n2": 2, "n3": 2}, what="web 2/2/2")
     dab.wait(lambda: running(dab.nodes, "mon") == {"n1": 1, "n2": 1, "n3": 1}, what="mon on every node")
 
     say("deployed")
     # --- 1. a non-leader manager killed (agent and etcd member) --------------------------------------------------
-    leader = dab.leader(n1)
+    leader = leader_of(dab, n1)
     assert leader is not None
     victim = next(n for n in (n3, n2) if n.name != leader)
     live = [n for n in dab.nodes if n is not victim]
     on_victim = containers([victim])[victim.name]
     kill_manager(victim)
     killed_at = time.monotonic()
-    dab.wait(lambda: dab.states(live[0])[victim.name] == "down", timeout=TTL + 30, what=f"{victim.name} down")
+    dab.wait(lambda: states(dab, live[0])[victim.name] == "down", timeout=TTL + 30, what=f"{victim.name} down")
     down_s = time.monotonic() - killed_at
     say("victim down")
-    dab.deploy(web=8)  # the cluster keeps working: its slots and the new ones run on the other two nodes
+    deploy(dab, web=8)  # the cluster keeps working: its slots and the new ones run on the other two nodes
     dab.wait(lambda: sum(running(live, "web").values()) == 8, what="web scaled to 8 on the live nodes")
     scaled_s = time.monotonic() - killed_at
     assert containers([victim])[victim.name] == on_victim  # static stability: untouched, all still running
@@ -258,7 +178,7 @@ def test_a_killed_manager_and_a_recovered_quorum_loss_keep_every_container(manag
     pid_before = LocalMember(victim.state_dir).pid()
     assert pid_before is None
     dab.start(victim)
-    dab.wait(lambda: dab.states(live[0])[victim.name] == "up", what=f"{victim.name} up again")
+    dab.wait(lambda: states(dab, live[0])[victim.name] == "up", what=f"{victim.name} up again")
     assert LocalMember(victim.state_dir).pid() is not None
     say("victim up")
     ids = {n.name: node_id(n) for n in dab.nodes}
@@ -294,20 +214,20 @@ def test_a_killed_manager_and_a_recovered_quorum_loss_keep_every_container(manag
     assert containers(dab.nodes) == before  # no agent anywhere: every container still runs
     t1 = time.monotonic()
     recovered = survivor.dabctl("cluster", "recover")
-    assert recovered.returncode == 0, recovered.stderr + etcd_logs(dab.nodes)
+    assert recovered.returncode == 0, recovered.stderr + dab.etcd_logs()
     recover_s = time.monotonic() - t1
     assert voters(survivor, [survivor]) == [ids[survivor.name]]
     say("recovered")
     dab.start(survivor)
-    dab.wait(lambda: dab.leader(survivor) == survivor.name, what="the survivor leads the recovered cluster")
+    dab.wait(lambda: leader_of(dab, survivor) == survivor.name, what="the survivor leads the recovered cluster")
     assert containers(dab.nodes) == before, changes(before, containers(dab.nodes))  # down nodes held: nothing moved
     # The lost nodes come back as themselves (node-id kept), as workers: at once, no etcd member to add one by one.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda n: dab.join(n, survivor, "worker"), lost))
+        list(pool.map(lambda n: dab.join(n, "worker"), lost))
     for node in lost:
         dab.start(node)
     say("rejoined")
-    dab.wait(lambda: set(dab.states(survivor).values()) == {"up"}, what="every node up in the recovered cluster")
+    dab.wait(lambda: set(states(dab, survivor).values()) == {"up"}, what="every node up in the recovered cluster")
     assert voters(survivor, [survivor]) == [ids[survivor.name]]
     done = passes(survivor)
     dab.wait(
