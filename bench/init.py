@@ -541,6 +541,7 @@ def main() -> int:
     ca_ms = (time.perf_counter() - t) / 20 * 1000
     dab: dict[str, list[Run]] = {s: [] for s in shapes}
     sw: dict[str, list[Run]] = {s: [] for s in shapes}
+    failed: dict[str, list[str]] = {s: [] for s in shapes}
     loads: list[float] = []
     with Cluster(nodes=3) as cluster:
         desc = machine(cluster.nodes[0].engine)
@@ -555,6 +556,10 @@ def main() -> int:
                         agents: list[Agent] = []
                         try:
                             r = run_dabctl(cluster, work, managers, agents)
+                        except (RuntimeError, TimeoutError) as exc:  # counted and shown; the other runs go on
+                            failed[shape].append(str(exc).splitlines()[0][:300])
+                            log(f"run {i + 1} {SHAPES[shape]} dabctl FAILED: {failed[shape][-1]}")
+                            continue
                         finally:
                             teardown_dabctl(cluster, agents, args.keep_logs and args.keep_logs / f"run{i + 1}-{shape}")
                         dab[shape].append(r)
@@ -567,6 +572,7 @@ def main() -> int:
                     log(f"run {i + 1} {SHAPES[shape]} {who}: {r.total:.2f} s (load {loads[-1]:.1f})")
                     if args.verbose:
                         log("  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.at.items(), key=lambda kv: kv[1])))
+                        log("  CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in r.cpu.items()))
     load1 = os.getloadavg()
     print(f"\n{desc}")
     print(
@@ -578,6 +584,10 @@ def main() -> int:
     for shape in shapes:
         managers = shape == "managers"
         d, s = [r.total for r in dab[shape]], [r.total for r in sw[shape]]
+        for why in failed[shape]:
+            print(f"{SHAPES[shape]}: a dabctl run failed: {why}")
+        if not d:
+            continue
         ready = "3 up with certs, leader" + (", 3 voting etcd members" if managers else "")
         rows.append([SHAPES[shape], f"dabctl (ready: {ready})", stats(d), ratio(d, s)])
         rows += breakdown(dab[shape], managers)
