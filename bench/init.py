@@ -5,7 +5,7 @@ dockerd), in two shapes, each for both contenders:
 
 - "3 managers": n2 and n3 join as managers (dabctl: a 3-member etcd, the realistic HA shape; Swarm: 3 raft
   managers). Manager joins run one after the other for both contenders (dabctl's etcd admits one learner at a
-  time, and Swarm's docs add managers one at a time); each node's agent starts as soon as its own join returned.
+  time; Swarm gets the same sequence); each node's agent starts as soon as its own join returned.
 - "1 manager + 2 workers": n2 and n3 join as workers, both at once for both contenders.
 
 dabctl, the operator's way, with the etcd `cluster init` runs for you (no `--etcd`; the harness's own etcd is not
@@ -16,11 +16,13 @@ up, each with a certificate (its expiry shown), one of them the leader; and (3 m
 Swarm: `docker swarm init` on n1, `docker swarm join-token -q ROLE`, `docker swarm join --token ...` on n2 and n3
 (the docker CLI, as an operator runs it). Ready = `docker node ls` on n1: 3 nodes Ready (managers: Reachable).
 
-Clock: starts before `cluster init` / `swarm init` is launched; stops when the ready condition, polled every 100 ms
-from outside (the same records `node ls` reads, through n1's etcd member with n1's certificate; the engine's
-`GET /nodes` for Swarm), first holds; a final `dabctl node ls --json` / `docker node ls` confirms it. The dabctl
-breakdown comes from the same poller (files appearing in the nodes' state directories, etcd's member list, the
-state log's keys) and from the etcd members' own logs (when each peer became active, each member add/promote).
+Clock: starts before `cluster init` / `swarm init` is launched; stops when the ready condition, polled from outside
+(every 100 ms: the same records `node ls` reads, through n1's etcd member with n1's certificate; every 50 ms: the
+engine's `GET /nodes` for Swarm), first holds; a final `dabctl node ls --json` / `docker node ls` confirms it.
+The dabctl breakdown comes from the same poller (files appearing in the nodes' state directories, etcd's member
+list, the state log's keys), from n1's etcd log (when each peer became active, each member add/promote), and the
+CPU seconds each dabctl process on the path used (wait4 for the CLI; /proc for an agent, when its node was first
+seen up).
 
 Runs alternate (dabctl first in odd runs, Swarm first in even ones), each on a freshly reset harness: agents
 stopped, etcd members stopped and their data and the nodes' state directories removed, every node left the swarm
