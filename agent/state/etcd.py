@@ -47,7 +47,10 @@ class PermissionDenied(StateLogError):
     retryable = False
 
 
-_STALE_TOKEN = ("invalid auth token", "user name is empty", "auth token is expired")
+# A token etcd will not take any more: authenticate again and send the request again (it was not applied). "revision
+# of auth store is old": an auth change (another node's user or role, made by a concurrent join) landed between
+# the token check and the apply; etcd's own client refreshes its token on it too (clientv3 shouldRefreshToken).
+_STALE_TOKEN = ("invalid auth token", "user name is empty", "auth token is expired", "revision of auth store is old")
 
 
 def _b64(data: bytes) -> str:

@@ -12,7 +12,8 @@ import pytest
 
 from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
 from agent.node.etcdroles import LearnerClock, converge_members
-from agent.state.etcdcluster import MemberChangeRefused
+from agent.state.etcdcluster import RETRY_MAX, MemberChangeRefused, _retry
+from agent.state.log import StateLogError
 from reconcilers.etcdmembers import (
     LEARNER_GRACE,
     AddLearner,
@@ -255,3 +256,31 @@ def test_a_stale_learner_is_removed_once_the_clock_says_so() -> None:
     now[0] = LEARNER_GRACE
     assert converge_members(api, wanted, lambda found: ["id-a"], live={"a"}, clock=clock) == ["remove member b"]
     assert api.calls[-1] == "remove id-b"
+
+
+def test_a_refused_membership_change_is_tried_again_soon_after_etcd_would_take_it() -> None:
+    """A joining manager's promotion (or addition) succeeds at a moment etcd decides; the retry must not overshoot
+    it by a long back-off (it was 2 s: up to 1.9 s lost per manager join, bench/init.py). Simulated clock."""
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    for takes in (0.3, 1.0, 3.7):
+
+        def promote(takes: float = takes) -> dict[str, object]:
+            if clock[0] < takes:
+                raise StateLogError("etcdserver: can only promote a learner member which is in sync with leader")
+            return {}
+
+        clock[0] = 0.0
+        assert _retry(promote, "in sync with leader", timeout=60, clock=lambda: clock[0], sleep=sleep) == {}
+        assert clock[0] - takes <= RETRY_MAX
+
+    def refused() -> dict[str, object]:
+        raise StateLogError("etcdserver: unhealthy cluster")
+
+    clock[0] = 0.0
+    with pytest.raises(MemberChangeRefused, match="unhealthy"):
+        _retry(refused, "unhealthy cluster", timeout=5, clock=lambda: clock[0], sleep=sleep)
+    assert 4.5 <= clock[0] <= 5
