@@ -276,7 +276,8 @@ class LocalMember:
             if self.pid() is None:
                 code = self._child.returncode if self._child is not None else None
                 raise EtcdMemberError(
-                    f"etcd exited at start-up (exit status {code}); its log {self.log_file} ends:\n{self.log_tail()}"
+                    f"etcd exited at start-up (exit status {code}; {self._process_trace()}); its log {self.log_file} "
+                    f"ends:\n{self.log_tail()}"
                 )
             local = f"https://{host_port('127.0.0.1', spec.client_port)}"
             ok = (
@@ -289,6 +290,19 @@ class LocalMember:
                     f"etcd did not become ready within {timeout:.0f}s; its log {self.log_file} ends:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    def _process_trace(self) -> str:
+        """What is known of the member's process when it is not found running: for the error that says so."""
+        try:
+            recorded = self.pid_file.read_text().strip()
+        except OSError as exc:
+            return f"no pid file: {type(exc).__name__}"
+        try:
+            status = Path(f"/proc/{recorded}/stat").read_text().split(") ", 1)[-1][:1]
+            argv = Path(f"/proc/{recorded}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
+        except OSError:
+            return f"pid {recorded} gone"
+        return f"pid {recorded} state {status} command {argv!r}"
 
     def log_tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):
