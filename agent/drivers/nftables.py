@@ -32,6 +32,11 @@ from schemas.errors import DabctlError
 TABLE = "dabctl"
 CT_MARK = 0x00100000  # the conntrack mark bit of connections dabctl balanced
 ROUTE_LOCALNET = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
+# The one rule outside dabctl's table (in Docker's DOCKER-USER chain): accept connections dabctl balanced.
+FORWARD_ACCEPT = (
+    *("-m", "connmark", "--mark", f"{CT_MARK:#x}/{CT_MARK:#x}"),
+    *("-m", "comment", "--comment", "dabctl routing mesh", "-j", "ACCEPT"),
+)
 _IDENTITY = re.compile(r"^dabctl stack=(\S+) service=(\S+) target=(\d+)$")
 _NODE = re.compile(r"^dabctl owner=(\S+) route_localnet_was=(\d)$")
 
@@ -273,19 +278,7 @@ class NftRuleset:
 
     def _forward_accept(self, add: bool) -> None:
         """The one rule outside dabctl's table: accept marked connections in DOCKER-USER, where Docker has it."""
-        rule = [
-            "DOCKER-USER",
-            "-m",
-            "connmark",
-            "--mark",
-            f"{CT_MARK:#x}/{CT_MARK:#x}",
-            "-m",
-            "comment",
-            "--comment",
-            "dabctl routing mesh",
-            "-j",
-            "ACCEPT",
-        ]
+        rule = ["DOCKER-USER", *FORWARD_ACCEPT]
         code, listing = self.run.iptables("-S", "DOCKER-USER")
         if code != 0:
             return  # no Docker chain (or no iptables): Docker filters nothing, there is nothing to open

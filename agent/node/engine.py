@@ -376,6 +376,10 @@ class Engine:
         held |= set(migration_errors)
         balance, balancer_error = self._observe_balancer(desired, snapshot.ports)
         publishing = self.balancer is not None and balancer_error is None
+        # A cluster's published ports are the cluster's (one number on every node): the leader allocates and records
+        # them whatever its own node's ruleset says. A ruleset that cannot be read here leaves only this node's rules
+        # as they are, with the reason in the pass's errors, as on any other node.
+        allocating = publishing or (self.balancer is not None and self.cluster is not None)
         early_held = set(held)
         early = networks.plan(
             [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
@@ -388,7 +392,7 @@ class Engine:
             if name not in held
             for t in service_targets(stack)
         }
-        listening = self._listening(desired, held) if publishing else set()
+        listening = self._listening(desired, held) if allocating else set()
         programmed = {f.address for f in balance}
         local = [r for r in replicas if r.stack not in held and r.stack not in copies]
         nodes: tuple[NodeInfo, ...] = (single_node(self.node),)
@@ -409,7 +413,7 @@ class Engine:
                 scope=frozenset(in_scope),
                 pinned=frozenset(pinned.stacks),
                 lifted=pinned.lifted,
-                port_rules=self.ports if publishing else None,
+                port_rules=self.ports if allocating else None,
                 follow=follow,
                 refused=_refusals(snapshot, desired) if self.cluster is not None else {},
             ),

@@ -58,6 +58,7 @@ from agent.state.log import StateLocked, StateLogError, Unavailable
 from agent.state.membership import node_id
 from agent.state.records import INTENT_KEY, NODE, NODES, STACKS, Records
 from bundles import DesiredState, InvalidBundles
+from bundles.desired import service_targets
 from reconcilers.loadbalancer import PortRules
 from reconcilers.outcome import Outcome, one_line
 from reconcilers.services import Replica
@@ -87,6 +88,11 @@ def _listed(errors: Sequence[object], limit: int = 50) -> str:
     shown = " | ".join(str(e) for e in errors[:limit])
     more = len(errors) - limit
     return shown + (f" | and {more} more: run dabctl validate --config FILE on the source" if more > 0 else "")
+
+
+def _publishing(desired: DesiredState) -> set[str]:
+    """The stacks of `desired` with a published port."""
+    return {name for name, stack in desired.stacks.items() if any(t.service.ports for t in service_targets(stack))}
 
 
 def _stack_of_file(file: str) -> str:
@@ -632,6 +638,9 @@ class Agent:
                 if r.outcome is Outcome.FAILED:
                     stack = stack_of(r.action)
                     failed.setdefault(stack, f"{r.action}: {r.error}")
+            if plan.balancer_error:  # this node's ruleset stays as it is: each stack that publishes a port says why
+                for name in _publishing(plan.desired) & keys:
+                    failed.setdefault(name, f"published ports: {plan.balancer_error}")
             self._settle(keys, failed, desired)
             self._count_pass(keys, plan, report, failed=bool(failed))
             if not failed and not self.load_errors:

@@ -28,8 +28,9 @@ from agent.state.records import (
 from agent.state.sqlite import SqliteStateLog
 from bundles import DesiredState
 from bundles.policy import BindAllow, Policy, policy_record
+from reconcilers.loadbalancer import LoadBalancerReconciler, PortKey
 from schemas.state import LeaderRecord, NodeSpec, NodeStatus
-from tests.fakes import CountingLog, FakeRuntime, api_error
+from tests.fakes import CountingLog, FakeRuleset, FakeRuntime, api_error
 from tests.node.conftest import Clock, bundle, desired, service
 
 IDS = ("aaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbb", "ccccccccccccccccccccccccc")
@@ -620,3 +621,25 @@ def test_a_worker_whose_own_config_narrows_refuses_and_the_scheduler_places_else
         "node-2": [],
         "node-3": ["allow_bind_mounts: /srv (read-write) is not allowed by this node's config"],
     }
+
+
+def test_a_leader_whose_own_ruleset_cannot_be_read_still_publishes_the_clusters_ports(cluster: Cluster) -> None:
+    # The leader's node holds a table of another dabctl state (a leftover of an earlier install): its own rules stay
+    # as they are, but the port is the cluster's, allocated and recorded by the leader, and every other node
+    # publishes it (issue 19's routing-mesh check failed so when a test before it had left such a table on n1).
+    rulesets = [FakeRuleset() for _ in cluster.nodes]
+    for n, rules in zip(cluster.nodes, rulesets, strict=True):
+        n.engine.balancer = LoadBalancerReconciler(rules)
+        n.engine.listening = set
+    foreign = "nftables table ip dabctl belongs to another dabctl state (owner 0123456789abcdef)"
+    rulesets[0].unavailable = foreign
+    web = desired(web=bundle({"front": service(Ports=[{"Port": 8080, "PublishedPort": 30080}])}))
+
+    for n in cluster.nodes:
+        n.pass_(web if n is cluster.nodes[0] else NOTHING, check=False)
+    plan = cluster.nodes[0].engine.plan(web)
+
+    assert Records(cluster.log).ports() == {PortKey("web", "front", "tcp", 8080): 30080}
+    assert plan.balancer_error == foreign and f"published ports: {foreign}" in plan.errors
+    for rules in rulesets[1:]:
+        assert [f.port for f in rules.balance] == [30080], "every other node publishes the port"

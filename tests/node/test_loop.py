@@ -17,9 +17,10 @@ import pytest
 
 from agent.node.loop import Agent
 from agent.state.records import INTENT_KEY, NODES, STACKS, node_status_key
+from reconcilers.loadbalancer import LoadBalancerReconciler
 from schemas.config import AgentConfig
 from schemas.state import NodeSpec, NodeStatus, PassOutcome, StackRecord
-from tests.fakes import FakeRuntime, unreachable
+from tests.fakes import FakeRuleset, FakeRuntime, unreachable
 from tests.node.conftest import NODE, bundle, service
 
 WEB = bundle({"front": service(Deploy={"Replicas": 2})})
@@ -174,6 +175,20 @@ def test_an_engine_error_in_apply_requeues_only_the_failing_stack(agent: Agent, 
     assert set(agent.queue.pending()) == {"bad"}, "the good stack is done, the failing one waits its backoff"
     statuses = {s.stack: s.sync.status for s in agent.status().stacks}
     assert statuses == {"bad": "Failed", "web": "Synced"}
+
+
+def test_a_ruleset_that_cannot_be_read_fails_the_stacks_that_publish_and_says_why(agent: Agent, source: Path) -> None:
+    # Their ports stay as they are; the status and the log say so, rather than Synced with nothing published.
+    rules = FakeRuleset()
+    rules.unavailable = "a table ip dabctl exists that dabctl did not write (it records no owner)"
+    agent.engine.balancer = LoadBalancerReconciler(rules)
+    agent.engine.listening = set
+    write(source, "pub", bundle({"srv": service(Ports=[{"Port": 8080, "PublishedPort": 30080}])}))
+    agent.refresh_source()
+    assert drain(agent) == {"pub", "web"}
+    assert agent.pass_errors == {"pub": f"published ports: {rules.unavailable}"}
+    statuses = {s.stack: s.sync.status for s in agent.status().stacks}
+    assert statuses == {"pub": "Failed", "web": "Synced"}
 
 
 def test_a_waiting_rollout_requeues_the_stack_for_its_recheck(agent: Agent, source: Path) -> None:

@@ -68,6 +68,7 @@ import docker.errors
 import docker.types
 import yaml
 
+from agent.drivers import nftables
 from tests.support.dockerd import API_VERSION, HOST_ENGINE, NetnsDockerd, alive, mounts_under, umount
 from tests.support.etcd import CLIENT_PORT, EtcdCluster, EtcdMember
 from tests.support.netns import run_in
@@ -454,6 +455,18 @@ class Node:
 
     # --- reset ---
 
+    def _unpublish(self) -> None:
+        """Remove what published ports leave in the node's namespace when their agent is killed (nothing unpublishes
+        them): dabctl's nft table (a later agent, of another state, would find it foreign and publish nothing), the
+        route_localnet value found before it, and the DOCKER-USER accept."""
+        listing = self.sh("nft", "-j", "list", "table", "ip", nftables.TABLE)
+        if listing.returncode == 0:
+            was = nftables.parse(json.loads(listing.stdout)).route_localnet_was
+            self.sh("sysctl", "-qw", f"net.ipv4.conf.all.route_localnet={was}")
+            self.sh("nft", "delete", "table", "ip", nftables.TABLE)
+        while self.sh("iptables", "-w", "5", "-D", "DOCKER-USER", *nftables.FORWARD_ACCEPT).returncode == 0:
+            pass
+
     def reset(self) -> None:
         """Back to a fresh node: linked, engine up, no agent (its state removed), no containers, networks,
         volumes or Swarm. Pulled images stay, as in a real node's cache."""
@@ -465,6 +478,7 @@ class Node:
         self._agent_args, self._restart_agent = None, False
         if not self.engine.running:
             self.engine.start()
+        self._unpublish()
         api = self.client
         if api.info()["Swarm"]["LocalNodeState"] != "inactive":
             with contextlib.suppress(docker.errors.APIError):
