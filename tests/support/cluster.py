@@ -273,7 +273,7 @@ def _attach(slot: int, netns: str, link: str, address: str) -> None:
     _ip("-n", netns, "link", "set", "lo", "up")
 
 
-def _parallel(calls: Sequence[Callable[[], object]]) -> None:
+def parallel(calls: Sequence[Callable[[], object]]) -> None:
     """Run the calls in threads; raise the first failure after all have ended."""
     errors: list[BaseException] = []
 
@@ -483,7 +483,7 @@ class Node:
         if api.info()["Swarm"]["LocalNodeState"] != "inactive":
             with contextlib.suppress(docker.errors.APIError):
                 api.leave_swarm(force=True)
-        _parallel([partial(api.remove_container, c["Id"], force=True, v=True) for c in api.containers(all=True)])
+        parallel([partial(api.remove_container, c["Id"], force=True, v=True) for c in api.containers(all=True)])
         for net in api.networks():
             if net["Name"] not in ("bridge", "host", "none"):
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
@@ -574,7 +574,7 @@ class Cluster:
             calls.append(self._start_etcd)
         if self.with_registry:
             calls.append(self._start_registry)
-        _parallel(calls)
+        parallel(calls)
         self.image = self.publish(SAMPLE) if self.with_registry else SAMPLE
 
     def close(self) -> None:
@@ -594,7 +594,7 @@ class Cluster:
                 if self.registry is not None:
                     calls.append(self.registry.stop)
                 with contextlib.suppress(Exception):  # whatever one part fails to remove, the sweep takes
-                    _parallel(calls)
+                    parallel(calls)
                 sweep(self.slot)
             finally:
                 self._lock.close()
@@ -617,7 +617,7 @@ class Cluster:
         without agent, containers, networks, volumes or Swarm; every etcd member up and the keyspace empty; the
         registry up (what was pushed stays)."""
         self.ensure_rule()
-        _parallel([n.reset for n in self.nodes])
+        parallel([n.reset for n in self.nodes])
         if self.etcd is not None:
             self.etcd.restart_all()
             self.etcd.clear()
@@ -669,7 +669,7 @@ class Cluster:
                 )
                 for n in workers
             ]
-            _parallel(join)
+            parallel(join)
             swarm = Swarm(self)
             swarm.wait(lambda: len(swarm.ready_nodes()) == len(self.nodes), "every node Ready in the swarm")
             yield swarm
@@ -679,7 +679,7 @@ class Cluster:
                     manager.client.remove_service(svc["ID"])
             calls: list[Callable[[], object]] = [partial(n.client.leave_swarm, force=True) for n in workers]
             with contextlib.suppress(docker.errors.APIError):
-                _parallel(calls)
+                parallel(calls)
             with contextlib.suppress(docker.errors.APIError):
                 manager.client.leave_swarm(force=True)
 

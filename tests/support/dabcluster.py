@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -33,7 +32,7 @@ from agent.node.etcdmember import LocalMember
 from agent.pki.files import PkiPaths
 from agent.state.etcd import EtcdStateLog
 from agent.state.etcdauth import ROOT
-from tests.support.cluster import Cluster, Node
+from tests.support.cluster import Cluster, Node, parallel
 from tests.support.polling import wait_for
 
 # The environment `Node.dabctl` needs for cluster commands: nothing any more (the node's cluster.json names its
@@ -92,8 +91,8 @@ class DabCluster:
             count = len(self.managers)
             self.wait(lambda: len(self.membership(first)["state"].split(",")) == count, timeout=60, what="n1 follows")
         self.seconds["managers"] = time.monotonic() - t0 - self.seconds["init"]
-        _together([partial(self.join, n, "worker") for n in self.workers])
-        _together([partial(self.start, n, **agent_config) for n in self.nodes[1:]])
+        parallel([partial(self.join, n, "worker") for n in self.workers])
+        parallel([partial(self.start, n, **agent_config) for n in self.nodes[1:]])
         wait_for(lambda: len(self.up()) == len(self.nodes), timeout=60)
         self.seconds["total"] = time.monotonic() - t0
         print(
@@ -220,11 +219,11 @@ class DabCluster:
             with contextlib.suppress(Exception):
                 log.close()
         self._logs.clear()
-        _together([partial(_stop_agent, n) for n in self.nodes])
+        parallel([partial(_stop_agent, n) for n in self.nodes])
         for node in self.nodes:
             if node.is_cut:
                 node.heal()
-        _together([partial(forget, n) for n in self.nodes])
+        parallel([partial(forget, n) for n in self.nodes])
 
 
 def _stop_agent(node: Node) -> None:
@@ -252,25 +251,6 @@ def forget(node: Node) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-def _together(calls: list[Callable[[], object]]) -> None:
-    """Run `calls` in threads; the first error is raised once all have ended."""
-    errors: list[BaseException] = []
-
-    def run(call: Callable[[], object]) -> None:
-        try:
-            call()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 @contextlib.contextmanager
