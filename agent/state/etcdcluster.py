@@ -119,10 +119,18 @@ class EtcdMembership:
         tls = self.log.tls_args
         return {"ca_file": tls["ca_file"], "cert_file": tls["cert_file"], "key_file": tls["key_file"]}
 
-    def remove(self, member_id: str) -> None:
+    def remove(self, member_id: str, timeout: float = 30) -> None:
+        """Remove a member; waits (backoff) while etcd cannot take a change yet (right after another one, see
+        _ADD_LATER). A removal whose answer was lost is not sent again: the member is gone, which is done."""
+
+        def once() -> dict[str, Any]:
+            if all(m.id != member_id for m in self.members()):
+                return {}
+            return self.log._call("/cluster/member/remove", {"ID": member_id}, retry_reads=False)
+
         try:
-            self.log._call("/cluster/member/remove", {"ID": member_id}, retry_reads=False)
-        except StateLogError as exc:
+            _retry(once, (*_ADD_LATER, *_NO_ANSWER), timeout)
+        except MemberChangeRefused as exc:
             raise MemberChangeRefused(f"etcd refused to remove member {member_id}: {exc}") from None
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
 from agent.node.etcdroles import LearnerClock, converge_members
-from agent.state.etcdcluster import RETRY_MAX, MemberChangeRefused, _retry
+from agent.state.etcdcluster import RETRY_MAX, EtcdMembership, MemberChangeRefused, _retry
 from agent.state.log import StateLogError
 from reconcilers.etcdmembers import (
     LEARNER_GRACE,
@@ -284,3 +284,37 @@ def test_a_refused_membership_change_is_tried_again_soon_after_etcd_would_take_i
     with pytest.raises(MemberChangeRefused, match="unhealthy"):
         _retry(refused, "unhealthy cluster", timeout=5, clock=lambda: clock[0], sleep=sleep)
     assert 4.5 <= clock[0] <= 5
+
+
+class _Gateway:
+    """etcd's cluster calls: a member list, and removals refused `refusals` times with etcd's 5 s health rule."""
+
+    def __init__(self, refusals: int, refusal: str = "etcdserver: unhealthy cluster") -> None:
+        self.members = [{"ID": "1", "name": "a"}, {"ID": "2", "name": "b"}]
+        self.refusals = refusals
+        self.refusal = refusal
+        self.removes = 0
+
+    def _call(self, path: str, body: dict[str, object], retry_reads: bool = True) -> dict[str, object]:
+        if path == "/cluster/member/list":
+            return {"members": list(self.members)}
+        assert path == "/cluster/member/remove"
+        self.removes += 1
+        if self.refusals:
+            self.refusals -= 1
+            raise StateLogError(self.refusal)
+        self.members = [m for m in self.members if m["ID"] != body["ID"]]
+        return {}
+
+
+def test_a_removal_right_after_another_change_waits_for_etcd_to_take_it() -> None:
+    """A demotion right after a promotion: etcd refuses a member change until every voter has been connected 5 s
+    ("unhealthy cluster"); the removal is tried again, and a removed member is not removed twice."""
+    gateway = _Gateway(refusals=3)
+    EtcdMembership(gateway).remove("2", timeout=10)  # type: ignore[arg-type]
+    assert gateway.removes == 4 and [m["ID"] for m in gateway.members] == ["1"]
+    EtcdMembership(gateway).remove("2", timeout=10)  # type: ignore[arg-type]
+    assert gateway.removes == 4
+    other = _Gateway(refusals=1, refusal="etcdserver: re-configuration failed due to not enough started members")
+    with pytest.raises(MemberChangeRefused, match="refused to remove member 2"):
+        EtcdMembership(other).remove("2", timeout=10)  # type: ignore[arg-type]
