@@ -21,7 +21,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -779,24 +779,36 @@ def member_endpoints(tls: TlsFiles, state: str, first: str | None = None) -> str
     except StateLogError:
         return state
     hosts = [u.removeprefix("https://") for m in found if not m.learner for u in m.client_urls]
-    if not hosts:
-        return state
-    ordered = [first] if first in hosts else []
+    return _state_setting(hosts, first) if hosts else state
+
+
+def _state_setting(hosts: Sequence[str], first: str | None) -> str:
+    """`etcd://` with `hosts`, `first` (this node's own member) first when it is one of them."""
+    ordered = [first] if first is not None and first in hosts else []
     return "etcd://" + ",".join([*ordered, *(h for h in hosts if h not in ordered)])
+
+
+def _own_endpoint(cfg: AgentConfig) -> str | None:
+    """host:port of this node's etcd member's client port (None on a node that runs none)."""
+    spec = LocalMember(cfg.state_path).spec()
+    return host_port(spec.address, spec.client_port) if spec is not None else None
+
+
+def _keep_state(cfg: AgentConfig, member: ClusterMembership, fresh: str) -> None:
+    if fresh != member.state:
+        write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
+        log.info("etcd endpoints updated", extra={"state": fresh})
 
 
 def refresh_endpoints(cfg: AgentConfig) -> None:
     """A manager running an etcd member: bring cluster.json's endpoints up to the cluster's voting members (its
     own first), so that its agent fails over to every member, not only to those known when it joined."""
     member = membership(cfg.state_path)
-    spec = LocalMember(cfg.state_path).spec()
+    own = _own_endpoint(cfg)
     tls = node_tls(cfg)
-    if member is None or spec is None or tls is None:
+    if member is None or own is None or tls is None:
         return
-    fresh = member_endpoints(tls, member.state, host_port(spec.address, spec.client_port))
-    if fresh != member.state:
-        write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
-        log.info("etcd endpoints updated", extra={"state": fresh})
+    _keep_state(cfg, member, member_endpoints(tls, member.state, own))
 
 
 def follow_endpoints(cfg: AgentConfig, client: EtcdStateLog) -> bool:
@@ -807,13 +819,7 @@ def follow_endpoints(cfg: AgentConfig, client: EtcdStateLog) -> bool:
     if member is None or not member.etcd_tls or not follow_members(client):
         return False
     hosts = [e.removeprefix("https://").removeprefix("http://") for e in client.endpoints]
-    spec = LocalMember(cfg.state_path).spec()
-    own = host_port(spec.address, spec.client_port) if spec is not None else None
-    first = [own] if own in hosts else []
-    fresh = "etcd://" + ",".join([*first, *(h for h in hosts if h not in first)])
-    if fresh != member.state:
-        write_membership(cfg.state_path, member.model_copy(update={"state": fresh}))
-    log.info("etcd endpoints updated", extra={"state": fresh})
+    _keep_state(cfg, member, _state_setting(hosts, _own_endpoint(cfg)))
     return True
 
 
