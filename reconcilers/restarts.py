@@ -24,6 +24,14 @@ class RestartRecord:
     attempts: tuple[float, ...] = ()  # the most recent ones (enough for any Window and for the backoff clock)
     last_start: float | None = None
     total: int = 0  # restarts since the last reset: the backoff exponent, and the count without a Window
+    # The never-started container whose start was last tried (its id). Found still never started, its start failed:
+    # it is replaced rather than started again (a start the engine refuses, as containerd's "task already exists"
+    # after a dockerd restart, fails the same way every time).
+    tried: str = ""
+
+    def start_failed(self, container_id: str) -> bool:
+        """Whether a start was already tried on this never-started container."""
+        return bool(self.tried) and self.tried == container_id
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,12 @@ class Decision:
     reason: str = ""
 
 
-def decide(state: str, exit_code: int | None, policy: RestartPolicy, record: RestartRecord, now: float) -> Decision:
-    """What to do with an exited container of the current spec."""
+def decide(
+    state: str, exit_code: int | None, policy: RestartPolicy, record: RestartRecord, now: float, *, container: str = ""
+) -> Decision:
+    """What to do with an exited or never-started container (id `container`) of the current spec."""
     if state == "created":
-        return Decision("start", RestartRecord(record.attempts, now), reason="never started")
+        return Decision("start", RestartRecord(record.attempts, now, tried=container), reason="never started")
     if state != "exited":
         return Decision("leave")
     if policy.condition == "none" or (policy.condition == "on-failure" and exit_code == 0):

@@ -357,9 +357,10 @@ def plan_pass(
         for slot in sorted(d.slots, key=slot_order):
             new, old, duplicates = _pick(by_slot.pop((t.stack, t.name, slot), []), d)
             removes.extend(RemoveReplica(x, "duplicate in slot") for x in duplicates)
-            if new is not None and (new.state == "dead" or _stale_networks(new, t, network_ids)):
+            record = restart_records.get((t.stack, t.name, slot), restarts.RestartRecord())
+            if new is not None and (broken := _broken(new, t, network_ids, record)):
                 # Removed in the first phase: a network this pass removes must lose its containers first.
-                removes.append(RemoveReplica(new, "dead" if new.state == "dead" else "network gone or changed"))
+                removes.append(RemoveReplica(new, broken))
                 new = None
                 if old is None:
                     others.append(CreateReplica(t, slot, d.revision, "recreated"))
@@ -381,8 +382,7 @@ def plan_pass(
                 if new is None or new.state not in ("exited", "created") or (slot in batch and new.state != "created"):
                     continue
             assert new is not None
-            record = restart_records.get((t.stack, t.name, slot), restarts.RestartRecord())
-            decision = restarts.decide(new.state, new.exit_code, policy, record, now)
+            decision = restarts.decide(new.state, new.exit_code, policy, record, now, container=new.id)
             start = _follow(decision, new, t, out)
             if start is not None:
                 others.append(start)
@@ -405,6 +405,19 @@ def plan_pass(
     removes.extend(RemoveReplica(r, _why_unwanted(r, wanted_stacks, wanted_services)) for r in leftovers)
     out.actions = [*removes, *others]
     return out
+
+
+def _broken(
+    replica: Replica, target: ServiceTarget, network_ids: Mapping[str, str], record: restarts.RestartRecord
+) -> str | None:
+    """Why a container of the current spec must be replaced rather than started or kept, if it must."""
+    if replica.state == "dead":
+        return "dead"
+    if replica.state == "created" and record.start_failed(replica.id):
+        return "never started: its start failed"
+    if _stale_networks(replica, target, network_ids):
+        return "network gone or changed"
+    return None
 
 
 def _pick(replicas: Sequence[Replica], d: ServiceDesired) -> tuple[Replica | None, Replica | None, list[Replica]]:

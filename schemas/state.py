@@ -124,11 +124,13 @@ class RolloutRecord(Record):
 
 class RestartRecord(Record):
     """When a slot was restarted (epoch seconds): the most recent attempts, the last start, and the restarts
-    since the last reset (states written before `total` existed count their attempts)."""
+    since the last reset (states written before `total` existed count their attempts), and the never-started
+    container whose start was last tried."""
 
     attempts: tuple[float, ...] = ()
     last_start: float | None = None
     total: int = 0
+    tried: str = ""
 
 
 class TaskRecord(Record):

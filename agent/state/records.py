@@ -382,8 +382,10 @@ class Records:
         for (stack, service), ro in (rollouts or {}).items():
             ops.append(Put(f"{ROLLOUTS}{stack}/{service}", rollout_record(ro).model_dump_json().encode()))
         for (stack, service, slot), rr in (restarts or {}).items():
-            rec = state.RestartRecord(attempts=rr.attempts, last_start=rr.last_start, total=rr.total)
-            ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", rec.model_dump_json().encode()))
+            rec = state.RestartRecord(attempts=rr.attempts, last_start=rr.last_start, total=rr.total, tried=rr.tried)
+            # `tried` is written only while it names a container: otherwise the record keeps its earlier shape
+            unset = None if rr.tried else {"tried"}
+            ops.append(Put(f"{RESTARTS}{stack}/{service}/{slot}", rec.model_dump_json(exclude=unset).encode()))
         for r in new_revisions:
             ops.append(Put(f"{HISTORY}{r.stack}/{_stamp()}", self._store(r, written)))
             old = self.log.range(f"{HISTORY}{r.stack}/")
@@ -619,7 +621,7 @@ def _restarts(kvs: Sequence[KeyValue]) -> dict[tuple[str, str, str], RestartReco
     for kv in kvs:
         stack, service, slot = kv.key.removeprefix(RESTARTS).split("/", 2)
         rec = state.RestartRecord.model_validate_json(kv.value)
-        out[(stack, service, slot)] = RestartRecord(rec.attempts, rec.last_start, rec.total)
+        out[(stack, service, slot)] = RestartRecord(rec.attempts, rec.last_start, rec.total, rec.tried)
     return out
 
 

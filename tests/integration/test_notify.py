@@ -118,7 +118,8 @@ def test_one_signed_event_per_transition_none_for_a_repeat(ws: Workspace, receiv
         agent.post("/api/reconcile", json={"wait": False})
 
         ws.write("shop", _bundle("two"))
-        eventually(lambda: len(receiver.events()) == 4, agent)
+        # one thread delivers to each sink in turn: the Slack post follows the webhook's
+        eventually(lambda: len(receiver.events()) == 4 and len(receiver.events("/slack")) == 2, agent)
         events = receiver.events()
         assert [e["event"] for e in events] == ["rollout.started", "rollout.completed", "pass.failed", "pass.recovered"]
         for path, headers, body in receiver.posts:

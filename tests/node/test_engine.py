@@ -230,6 +230,33 @@ def test_an_exited_replica_is_restarted_with_backoff(engine: Engine, runtime: Fa
     assert texts(converge(engine, state)[0]) == ["~ web_front.1 start (exited (3); restart condition any)"]
 
 
+def test_a_container_whose_start_fails_twice_is_replaced_not_started_a_third_time(
+    engine: Engine, runtime: FakeRuntime
+) -> None:
+    """containerd can keep a task through a dockerd restart: every start of that container then answers "task
+    already exists". The first pass creates and starts; the next starts once more; the one after replaces it."""
+    state = desired(web=bundle({"front": service()}))
+    stuck = api_error(500, "Server Error", "task abc already exists: unknown", "/containers/abc/start")
+    runtime.fail("start_replica", stuck, times=2)
+
+    _, report = converge(engine, state)
+    assert report.count(Outcome.FAILED) == 1
+    [first] = runtime.containers.values()
+    assert first.state == "created"
+
+    plan, report = converge(engine, state)
+    assert texts(plan) == ["~ web_front.1 start (never started)"] and report.count(Outcome.FAILED) == 1
+
+    plan, report = converge(engine, state)
+    assert texts(plan) == [
+        "- web_front.1 remove (never started: its start failed)",
+        "+ web_front.1 create (recreated)",
+    ]
+    assert report.count(Outcome.FAILED) == 0 and running(runtime, "web_front") == ["web_front.1"]
+    assert first.id not in runtime.containers
+    assert converge(engine, state)[0].changes == 0
+
+
 def test_an_exit_under_on_failure_with_code_0_is_left_alone(engine: Engine, runtime: FakeRuntime) -> None:
     state = desired(web=bundle({"job": service(Deploy={"RestartPolicy": {"Condition": "on-failure"}})}))
     converge(engine, state)

@@ -75,7 +75,7 @@ def test_ports_rollouts_and_restarts_read_back_as_written(records: Records) -> N
     rollout = Rollout(
         target="v1-abc", state="paused", batch=("1", "2"), failed=(SlotFailure("1", "unhealthy"),), reason="unhealthy"
     )
-    restart = RestartRecord((1.0, 2.0), 2.0, 2)
+    restart = RestartRecord((1.0, 2.0), 2.0, 2, tried="c0ffee")
     records.commit_pass(
         [], [], [], None, rollouts={("web", "front"): rollout}, restarts={("web", "front", "1"): restart}
     )

@@ -380,3 +380,25 @@ def test_a_successor_created_but_never_started_in_a_recorded_batch_is_started() 
     starts = [a for a in out.actions if isinstance(a, StartReplica)]
     assert [a.replica.id for a in starts] == ["new"], out.actions
     assert not any(isinstance(a, RemoveReplica) and a.replica.id == "old" for a in out.actions)
+
+
+def test_a_never_started_container_is_started_once_then_replaced() -> None:
+    """The restart record names the never-started container a start was tried on: found still never started, its
+    start failed, and the same start would fail again (containerd's "task already exists"): it is replaced."""
+    from reconcilers.restarts import RestartRecord
+    from reconcilers.services import plan_pass
+
+    stuck = rep(WEB, "1", "created", cid="stuck")
+    first = plan_pass([want(WEB, "1")], [stuck], NETWORK_IDS, now=1000.0)
+    assert first.actions == [StartReplica(stuck, "never started")]
+    assert first.restarts[stuck.key] == RestartRecord((), 1000.0, tried="stuck")
+
+    again = plan_pass([want(WEB, "1")], [stuck], NETWORK_IDS, now=1001.0, restart_records=first.restarts)
+    assert again.actions == [
+        RemoveReplica(stuck, "never started: its start failed"),
+        CreateReplica(WEB, "1", REV, "recreated"),
+    ]
+    other = rep(WEB, "1", "created", cid="another")  # a record of another container says nothing about this one
+    assert plan([want(WEB, "1")], [other], NETWORK_IDS, restart_records=first.restarts) == [
+        StartReplica(other, "never started")
+    ]

@@ -169,6 +169,13 @@ def test_decide(state: str, exit_code: int | None, p: RestartPolicy, record: Res
     assert decide(state, exit_code, p, record, NOW) == expected
 
 
+def test_a_never_started_start_names_its_container() -> None:
+    d = decide("created", None, ANY, ago(), NOW, container="c1")
+    assert d == Decision("start", RestartRecord((), NOW, tried="c1"), reason="never started")
+    assert d.record is not None and d.record.start_failed("c1") and not d.record.start_failed("c2")
+    assert not RestartRecord().start_failed("")
+
+
 # More restarts than MaxAttempts within Window (ever, without one) -> give up, naming the count.
 GIVE_UPS: dict[str, tuple[RestartPolicy, RestartRecord, int]] = {
     "max-attempts-ever": (policy(MaxAttempts=3), ago(3000, 200, 10), 3),
