@@ -28,6 +28,7 @@ The root lives here, below every other layer, so that bundles, reconcilers and a
     │   ├── StateLocked         agent.state.log              terminal   another process holds the state
     │   ├── ReadOnly            agent.state.log              terminal   the state was opened for reading
     │   ├── PermissionDenied    agent.state.etcd             terminal   etcd auth: this node's user may not do that
+    │   ├── EtcdRefused         agent.state.etcd             retryable  etcd refused a call; `refusal` says why
     │   └── MemberChangeRefused agent.state.etcdcluster      terminal   etcd refused adding/promoting/removing a member
     ├── MembershipError         agent.state.membership       terminal   cluster.json or node-id cannot be used
     ├── InvalidToken            schemas.join                 terminal   a string that is not a join token

@@ -14,6 +14,7 @@ sent again. What the user's role does not allow is refused by etcd: `PermissionD
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import threading
 import time
@@ -47,10 +48,60 @@ class PermissionDenied(StateLogError):
     retryable = False
 
 
-# A token etcd will not take any more: authenticate again and send the request again (it was not applied). "revision
-# of auth store is old": an auth change (another node's user or role, made by a concurrent join) landed between
-# the token check and the apply; etcd's own client refreshes its token on it too (clientv3 shouldRefreshToken).
-_STALE_TOKEN = ("invalid auth token", "user name is empty", "auth token is expired", "revision of auth store is old")
+class Refusal(enum.Enum):
+    """What an etcd refusal means. The JSON gateway answers a gRPC status whose message is etcd's own error text
+    (its rpctypes, the same in 3.4 and 3.5); `refusal()` reads it once, here, and callers decide on this value."""
+
+    LEASE_NOT_FOUND = "lease not found"
+    # A token etcd will not take any more: authenticate again and send the request again (it was not applied).
+    # "revision of auth store is old": an auth change (another node's user or role, made by a concurrent join)
+    # landed between the token check and the apply; etcd's own client refreshes its token on it too (clientv3
+    # shouldRefreshToken).
+    STALE_TOKEN = "stale token"
+    PERMISSION = "permission denied"
+    COMPACTED = "compacted"
+    FUTURE_REVISION = "future revision"
+    LEARNER_NOT_IN_SYNC = "learner not in sync"  # a promotion before the learner caught up with the leader
+    NOT_A_LEARNER = "not a learner"  # a promotion of a voting member
+    TOO_MANY_LEARNERS = "too many learners"  # etcd takes one learner at a time
+    UNHEALTHY_CLUSTER = "unhealthy cluster"  # a member change within 5 s of a voter connecting (strict reconfig)
+    TIMED_OUT = "timed out"  # etcd's proposal timed out: it may or may not have been applied
+    LEADER_CHANGED = "leader changed"
+    OTHER = "other"
+
+
+# etcd's messages, in the order they are tested (a message that contains another comes first).
+_REFUSALS: tuple[tuple[str, Refusal], ...] = (
+    ("lease not found", Refusal.LEASE_NOT_FOUND),
+    ("invalid auth token", Refusal.STALE_TOKEN),
+    ("user name is empty", Refusal.STALE_TOKEN),
+    ("auth token is expired", Refusal.STALE_TOKEN),
+    ("revision of auth store is old", Refusal.STALE_TOKEN),
+    ("permission denied", Refusal.PERMISSION),
+    ("authentication failed", Refusal.PERMISSION),
+    ("compacted", Refusal.COMPACTED),
+    ("future revision", Refusal.FUTURE_REVISION),
+    ("can only promote a learner member which is in sync with leader", Refusal.LEARNER_NOT_IN_SYNC),
+    ("not in sync", Refusal.LEARNER_NOT_IN_SYNC),
+    ("can only promote a learner member", Refusal.NOT_A_LEARNER),
+    ("too many learner members", Refusal.TOO_MANY_LEARNERS),
+    ("unhealthy cluster", Refusal.UNHEALTHY_CLUSTER),
+    ("request timed out", Refusal.TIMED_OUT),
+    ("leader changed", Refusal.LEADER_CHANGED),
+)
+
+
+def refusal(message: str) -> Refusal:
+    """The meaning of etcd's refusal `message`."""
+    return next((kind for text, kind in _REFUSALS if text in message), Refusal.OTHER)
+
+
+class EtcdRefused(StateLogError):
+    """etcd answered with an error; `refusal` says which (the message is etcd's, for people)."""
+
+    def __init__(self, message: str, refusal: Refusal) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 def _b64(data: bytes) -> str:
@@ -179,7 +230,9 @@ class EtcdStateLog:
         headers = self._headers()
         try:
             return self._post(path, body, retry_reads, headers, timeout)
-        except _StaleToken:
+        except _StaleToken as exc:
+            if self._user is None:  # no credentials to renew: etcd wants a user (auth is on)
+                raise PermissionDenied(f"etcd refused a client without a user: {exc}") from None
             headers = {"Authorization": self._authenticate(stale=headers.get("Authorization"))}
             try:
                 return self._post(path, body, retry_reads, headers, timeout)
@@ -221,15 +274,16 @@ class EtcdStateLog:
             raise StateLogError(f"etcd answered {resp.status_code} without JSON: {resp.text[:200]}") from None
         if resp.status_code >= 400 or "error" in doc:
             message = str(doc.get("message") or doc.get("error") or resp.status_code)
-            if "lease not found" in message:
+            kind = refusal(message)
+            if kind is Refusal.LEASE_NOT_FOUND:
                 raise LeaseNotFound(message)
-            if any(stale in message for stale in _STALE_TOKEN):
+            if kind is Refusal.STALE_TOKEN:
                 raise _StaleToken(message)
-            if "permission denied" in message or "authentication failed" in message:
+            if kind is Refusal.PERMISSION:
                 raise PermissionDenied(f"etcd refused the request: {message}")
-            if "compacted" in message:
+            if kind is Refusal.COMPACTED:
                 raise Compacted(0)
-            raise StateLogError(f"etcd refused the request: {message}")
+            raise EtcdRefused(f"etcd refused the request: {message}", kind)
         return doc
 
     def _key(self, key: str) -> bytes:
@@ -271,8 +325,8 @@ class EtcdStateLog:
             body["revision"] = str(revision)
         try:
             doc = self._call("/kv/range", body)
-        except StateLogError as exc:
-            if revision and "future revision" in str(exc):
+        except EtcdRefused as exc:
+            if revision and exc.refusal is Refusal.FUTURE_REVISION:
                 raise StateLogError(f"cannot read revision {revision}: the log is not there yet") from None
             raise
         return [self._kv(kv) for kv in doc.get("kvs") or []]
@@ -395,7 +449,7 @@ class EtcdStateLog:
                 timeout=(self.timeout, self.watch_read_timeout),
             ) as resp:
                 if resp.status_code >= 400:
-                    if self._user is not None and any(t in resp.text for t in _STALE_TOKEN):
+                    if self._user is not None and refusal(resp.text) is Refusal.STALE_TOKEN:
                         self._authenticate(stale=headers.get("Authorization"))
                     raise requests.exceptions.ConnectionError(f"watch refused: {resp.status_code}")
                 for line in resp.iter_lines():
@@ -408,7 +462,7 @@ class EtcdStateLog:
                         raise Compacted(int(result["compact_revision"]))
                     if result.get("canceled"):
                         reason = str(result.get("cancel_reason", ""))
-                        if self._user is not None and any(t in reason for t in _STALE_TOKEN):
+                        if self._user is not None and refusal(reason) is Refusal.STALE_TOKEN:
                             self._authenticate(stale=headers.get("Authorization"))
                         raise requests.exceptions.ConnectionError(f"watch canceled: {result.get('cancel_reason')}")
                     events = result.get("events") or []

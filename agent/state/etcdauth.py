@@ -18,7 +18,6 @@ import secrets
 import string
 
 from agent.state.etcd import EtcdStateLog, PermissionDenied, _b64, prefix_end
-from agent.state.log import StateLogError
 from agent.state.records import node_prefix
 
 ROOT = "root"
@@ -64,12 +63,8 @@ class EtcdAuth:
         )
         try:
             probe._call("/auth/user/list", {})
-        except PermissionDenied:
+        except PermissionDenied:  # an anonymous client is refused only with auth on
             return True
-        except StateLogError as exc:
-            if "user name is empty" in str(exc) or "invalid auth token" in str(exc):
-                return True
-            raise
         finally:
             probe.close()
         return False

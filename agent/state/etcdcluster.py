@@ -8,21 +8,20 @@ status, and of a voting one a read (`ready`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any, TypedDict
 
-from agent.state.etcd import EtcdStateLog
+from agent.state.etcd import EtcdRefused, EtcdStateLog, Refusal
 from agent.state.log import StateLogError, Unavailable
 from reconcilers.etcdmembers import Member
 
-_PROMOTED = "can only promote a learner member"  # and it is not one (any more)
-# A loaded member timing out, or etcd's own proposal timing out: the change may or may not have happened, and
-# each call below checks before it is sent again.
-_NO_ANSWER = ("no etcd endpoint answers", "request timed out", "leader changed")
-_NOT_CAUGHT_UP = ("can only promote a learner member which is in sync with leader", "not in sync")
+# etcd's proposal timing out or its leader changing: the change may or may not have happened, and each call below
+# checks before it is sent again (as it does when no endpoint answered at all: Unavailable, always retried here).
+_NO_ANSWER = frozenset({Refusal.TIMED_OUT, Refusal.LEADER_CHANGED})
 # etcd admits one learner at a time, and (--strict-reconfig-check) adds a member only when every voting member has
 # been connected for its health interval (5 s): right after a promotion it answers "unhealthy cluster" for a while.
-_ADD_LATER = ("too many learner members", "unhealthy cluster")
+_ADD_LATER = frozenset({Refusal.TOO_MANY_LEARNERS, Refusal.UNHEALTHY_CLUSTER})
 
 
 class TlsArgs(TypedDict):
@@ -75,7 +74,7 @@ class EtcdMembership:
                     return {"member": {"ID": m.id, "name": m.name, "peerURLs": list(m.peer_urls), "isLearner": True}}
             return self.log._call("/cluster/member/add", body, retry_reads=False)
 
-        doc = _retry(once, (*_ADD_LATER, *_NO_ANSWER), timeout)
+        doc = _retry(once, _ADD_LATER | _NO_ANSWER, timeout)
         return _member(doc["member"])
 
     def promote(self, member_id: str, timeout: float = 60) -> None:
@@ -86,8 +85,8 @@ class EtcdMembership:
             leader = self._leader()
             try:
                 return leader._call("/cluster/member/promote", body, retry_reads=False)
-            except StateLogError as exc:
-                if _PROMOTED in str(exc) and not any(m in str(exc) for m in _NOT_CAUGHT_UP):
+            except EtcdRefused as exc:
+                if exc.refusal is Refusal.NOT_A_LEARNER:  # not one any more: promoted
                     return {}
                 raise
             finally:
@@ -95,7 +94,7 @@ class EtcdMembership:
                     leader.close()
 
         body = {"ID": member_id}
-        _retry(once, (*_NOT_CAUGHT_UP, *_NO_ANSWER), timeout)
+        _retry(once, {Refusal.LEARNER_NOT_IN_SYNC} | _NO_ANSWER, timeout)
 
     def _leader(self) -> EtcdStateLog:
         """A client of the leader (same credentials): etcd 3.4 forwards a promotion sent to a follower over the
@@ -129,7 +128,7 @@ class EtcdMembership:
             return self.log._call("/cluster/member/remove", {"ID": member_id}, retry_reads=False)
 
         try:
-            _retry(once, (*_ADD_LATER, *_NO_ANSWER), timeout)
+            _retry(once, _ADD_LATER | _NO_ANSWER, timeout)
         except MemberChangeRefused as exc:
             raise MemberChangeRefused(f"etcd refused to remove member {member_id}: {exc}") from None
 
@@ -144,19 +143,20 @@ RETRY_MAX = 0.25
 
 def _retry(
     call: Callable[[], dict[str, Any]],
-    transient: str | Sequence[str],
+    transient: AbstractSet[Refusal],
     timeout: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    marks = (transient,) if isinstance(transient, str) else tuple(transient)
+    """`call` until it answers, while it fails for a `transient` refusal or no endpoint answers, for `timeout`."""
     deadline = clock() + timeout
     delay = RETRY_FIRST
     while True:
         try:
             return call()
         except StateLogError as exc:
-            if not any(m in str(exc) for m in marks) or clock() + delay > deadline:
+            again = isinstance(exc, Unavailable) or (isinstance(exc, EtcdRefused) and exc.refusal in transient)
+            if not again or clock() + delay > deadline:
                 raise MemberChangeRefused(str(exc)) from None
         sleep(delay)
         delay = min(delay * 2, RETRY_MAX)

@@ -30,7 +30,7 @@ from agent.node.rollback import RollbackError
 from agent.private import PrivateFileRefused
 from agent.sources.packguard import PackRefused
 from agent.sources.source import SourceConfigError
-from agent.state.etcd import PermissionDenied
+from agent.state.etcd import EtcdRefused, PermissionDenied
 from agent.state.holder import Held
 from agent.state.log import Compacted, LeaseNotFound, ReadOnly, StateLocked, StateLogError, Unavailable
 from agent.state.membership import MembershipError
@@ -69,6 +69,7 @@ RETRYABLE: dict[type[DabctlError], bool] = {
     UnknownStack: False,
     PassNotRun: True,
     PermissionDenied: False,
+    EtcdRefused: True,
     MembershipError: False,
     InvalidToken: False,
     JoinRefused: False,

@@ -12,8 +12,8 @@ import pytest
 
 from agent.node.etcdmember import LocalMember, MemberSpec, etcd_argv
 from agent.node.etcdroles import LearnerClock, converge_members
+from agent.state.etcd import EtcdRefused, Refusal, refusal
 from agent.state.etcdcluster import RETRY_MAX, EtcdMembership, MemberChangeRefused, _retry
-from agent.state.log import StateLogError
 from reconcilers.etcdmembers import (
     LEARNER_GRACE,
     AddLearner,
@@ -201,6 +201,31 @@ def test_a_member_is_adopted_only_when_its_pid_is_etcd_on_this_data_directory(
     assert local.pid() is None and not local.pid_file.exists()
 
 
+def refused_by_etcd(message: str) -> EtcdRefused:
+    """What EtcdStateLog raises when etcd answers `message`."""
+    return EtcdRefused(f"etcd refused the request: {message}", refusal(message))
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("etcdserver: can only promote a learner member which is in sync with leader", Refusal.LEARNER_NOT_IN_SYNC),
+        ("etcdserver: can only promote a learner member", Refusal.NOT_A_LEARNER),
+        ("etcdserver: too many learner members in cluster", Refusal.TOO_MANY_LEARNERS),
+        ("etcdserver: unhealthy cluster", Refusal.UNHEALTHY_CLUSTER),
+        ("etcdserver: request timed out", Refusal.TIMED_OUT),
+        ("etcdserver: leader changed", Refusal.LEADER_CHANGED),
+        ("etcdserver: mvcc: required revision is a future revision", Refusal.FUTURE_REVISION),
+        ("etcdserver: revision of auth store is old", Refusal.STALE_TOKEN),
+        ("etcdserver: user name is empty", Refusal.STALE_TOKEN),
+        ("etcdserver: permission denied", Refusal.PERMISSION),
+        ("etcdserver: re-configuration failed due to not enough started members", Refusal.OTHER),
+    ],
+)
+def test_etcds_refusals_are_read_once_into_a_kind(message: str, kind: Refusal) -> None:
+    assert refusal(message) is kind
+
+
 class FakeMembers:
     """etcd's membership as a list; records the changes asked for; `not_caught_up` learners refuse promotion."""
 
@@ -270,19 +295,20 @@ def test_a_refused_membership_change_is_tried_again_soon_after_etcd_would_take_i
 
         def promote(takes: float = takes) -> dict[str, object]:
             if clock[0] < takes:
-                raise StateLogError("etcdserver: can only promote a learner member which is in sync with leader")
+                raise refused_by_etcd("etcdserver: can only promote a learner member which is in sync with leader")
             return {}
 
         clock[0] = 0.0
-        assert _retry(promote, "in sync with leader", timeout=60, clock=lambda: clock[0], sleep=sleep) == {}
+        not_in_sync = {Refusal.LEARNER_NOT_IN_SYNC}
+        assert _retry(promote, not_in_sync, timeout=60, clock=lambda: clock[0], sleep=sleep) == {}
         assert clock[0] - takes <= RETRY_MAX
 
     def refused() -> dict[str, object]:
-        raise StateLogError("etcdserver: unhealthy cluster")
+        raise refused_by_etcd("etcdserver: unhealthy cluster")
 
     clock[0] = 0.0
     with pytest.raises(MemberChangeRefused, match="unhealthy"):
-        _retry(refused, "unhealthy cluster", timeout=5, clock=lambda: clock[0], sleep=sleep)
+        _retry(refused, {Refusal.UNHEALTHY_CLUSTER}, timeout=5, clock=lambda: clock[0], sleep=sleep)
     assert 4.5 <= clock[0] <= 5
 
 
@@ -302,7 +328,7 @@ class _Gateway:
         self.removes += 1
         if self.refusals:
             self.refusals -= 1
-            raise StateLogError(self.refusal)
+            raise refused_by_etcd(self.refusal)
         self.members = [m for m in self.members if m["ID"] != body["ID"]]
         return {}
 
