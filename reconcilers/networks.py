@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -128,10 +128,19 @@ def conflicts(targets: Iterable[NetworkTarget], actual: Sequence[ObservedNetwork
     return problems
 
 
-def plan(targets: Sequence[NetworkTarget], actual: Sequence[ObservedNetwork], owner: str) -> list[NetworkAction]:
-    """Creates for missing or changed managed networks, removes for changed and orphaned ones (pure)."""
+def plan(
+    targets: Sequence[NetworkTarget],
+    actual: Sequence[ObservedNetwork],
+    owner: str,
+    *,
+    away: Collection[str] = frozenset(),
+) -> list[NetworkAction]:
+    """Creates for missing or changed managed networks, removes for changed and orphaned ones (pure).
+
+    Stacks in `away` have no replica on this node (a cluster runs them elsewhere): their networks are not made here,
+    and those made before are removed."""
     mine = {n.name: n for n in actual if n.owned_by(owner)}
-    wanted: dict[str, NetworkTarget] = {t.full_name: t for t in targets if not t.external}
+    wanted: dict[str, NetworkTarget] = {t.full_name: t for t in targets if not t.external and t.stack not in away}
     actions: list[NetworkAction] = []
     for name, t in sorted(wanted.items()):
         labels = network_labels(t, owner)
@@ -144,7 +153,8 @@ def plan(targets: Sequence[NetworkTarget], actual: Sequence[ObservedNetwork], ow
             actions.append(CreateNetwork(t.stack, request, "definition changed"))
     for name, n in sorted(mine.items()):
         if name not in wanted:
-            actions.append(RemoveNetwork(n.stack, n, "no longer in any bundle"))
+            reason = "no replica of its stack on this node" if n.stack in away else "no longer in any bundle"
+            actions.append(RemoveNetwork(n.stack, n, reason))
     return actions
 
 

@@ -440,13 +440,20 @@ class Engine:
         }
         # The node pass: this node's slots of the intent, its containers, networks and ruleset -> actions.
         # A blocked stack is left exactly as it is: neither its objects nor its targets enter planning.
+        wanted = intent.node_services(self.node)
+        # A cluster node makes the networks of the stacks it has a replica of (a slot assigned here, or a container
+        # still here): none of a stack's bridges, nor a subnet of the address pool, on nodes that run none of it.
+        here = {d.target.stack for d in wanted if d.slots} | {r.stack for r in replicas}
+        away = set(desired.stacks) - here if self.cluster is not None else set()
         net_actions = early
-        if held != early_held:  # the orchestrator held more: their networks are left as they are too
+        if held != early_held or away:  # the orchestrator held more: their networks are left as they are too
             net_actions = networks.plan(
-                [t for t in net_targets if t.stack not in held], self._live(observed_networks, held), self.owner
+                [t for t in net_targets if t.stack not in held],
+                self._live(observed_networks, held),
+                self.owner,
+                away=away,
             )
             network_ids = networks.kept_network_ids(observed_networks, net_actions, self.owner)
-        wanted = intent.node_services(self.node)
         for key, resolved in images.items():
             if resolved.note and key[0] not in held:
                 stacks[key[0]].notes.append(resolved.note)

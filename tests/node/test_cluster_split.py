@@ -643,3 +643,26 @@ def test_a_leader_whose_own_ruleset_cannot_be_read_still_publishes_the_clusters_
     assert plan.balancer_error == foreign and f"published ports: {foreign}" in plan.errors
     for rules in rulesets[1:]:
         assert [f.port for f in rules.balance] == [30080], "every other node publishes the port"
+
+
+def test_a_node_makes_the_networks_only_of_stacks_it_runs_a_replica_of(cluster: Cluster) -> None:
+    """No bridge, and no subnet of a node's address pool, for a stack that runs elsewhere; a node whose last
+    replica of a stack went elsewhere removes the stack's network once the replica is gone."""
+
+    def with_network() -> list[int]:
+        return [
+            i for i, n in enumerate(cluster.nodes) if "web_default" in {x.name for x in n.runtime.networks.values()}
+        ]
+
+    def running() -> list[int]:
+        return [i for i, n in enumerate(cluster.nodes) if n.running()]
+
+    one, three = (desired(web=bundle({"front": service(Deploy={"Replicas": r})})) for r in (1, 3))
+    cluster.converge(one)
+    assert len(running()) == 1 and with_network() == running()
+
+    cluster.converge(three)
+    assert running() == with_network() == [0, 1, 2]
+
+    cluster.converge(one)
+    assert len(running()) == 1 and with_network() == running()

@@ -129,6 +129,15 @@ def test_plan(
     assert plan(targets, actual, OWNER) == expected
 
 
+def test_a_stack_away_from_this_node_gets_no_network_and_loses_the_one_it_had() -> None:
+    """In a cluster, a node makes the networks of the stacks it runs a replica of."""
+    assert plan([DEFAULT, BACK], [], OWNER, away={"shop"}) == []
+    assert plan([DEFAULT, BACK], [], OWNER, away={"other"}) == [create(BACK), create(DEFAULT)]
+    assert plan([DEFAULT], [ours(DEFAULT), THEIRS], OWNER, away={"shop"}) == [
+        RemoveNetwork("shop", ours(DEFAULT), "no replica of its stack on this node")
+    ]
+
+
 @pytest.mark.parametrize(("targets", "actual", "expected"), list(PLAN_CASES.values()), ids=list(PLAN_CASES))
 def test_plan_removes_only_owned_networks(
     targets: Sequence[NetworkTarget], actual: Sequence[ObservedNetwork], expected: list[NetworkAction]
