@@ -284,6 +284,19 @@ def _checked(out: subprocess.CompletedProcess[str], what: str) -> subprocess.Com
     return out
 
 
+def join_all(join: Callable[[Node], None], nodes: tuple[Node, ...], *, one_at_a_time: bool) -> None:
+    """Join `nodes`: managers one after another (each adds a voting member, as Swarm's raft does), workers at once."""
+    if one_at_a_time:
+        for node in nodes:
+            join(node)
+        return
+    threads = [threading.Thread(target=join, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def dabctl_ready(managers: bool) -> Callable[[Membership, list[Any]], bool]:
     def ready(m: Membership, members: list[Any]) -> bool:
         if len(m.specs) != 3 or m.leader is None:
@@ -328,15 +341,7 @@ def run_dabctl(cluster: Cluster, work: Path, managers: bool, agents: list[Agent]
             agents.append(Agent(node, source))
             watch.pids[node.name] = agents[-1].proc.pid
 
-        if managers:
-            join(n2)
-            join(n3)
-        else:
-            threads = [threading.Thread(target=join, args=(n,)) for n in (n2, n3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        join_all(join, (n2, n3), one_at_a_time=managers)
         _wait(lambda: "ready" in watch.seen, "ready")
         t1 = watch.seen["ready"]
         # What the operator sees: `node ls` on n1 agrees.
@@ -440,15 +445,7 @@ def run_swarm(cluster: Cluster, managers: bool) -> Run:
         )  # fmt: skip
         at[f"{node.name} join exit"] = time.monotonic() - t0
 
-    if managers:
-        join(n2)
-        join(n3)
-    else:
-        threads = [threading.Thread(target=join, args=(n,)) for n in (n2, n3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    join_all(join, (n2, n3), one_at_a_time=managers)
     deadline = time.monotonic() + TIMEOUT
     while not swarm_ready(n1, managers):
         if time.monotonic() > deadline:
